@@ -1,0 +1,28 @@
+//! clawmesh-federation: what makes separate gateways one federation.
+//!
+//! - [`identity`]: the ed25519 device key and device id of every peer;
+//! - [`cert`] and [`endpoint`]: QUIC with certificates bound to device keys, mutual auth;
+//! - [`frame`] and [`wire`]: the postcard wire protocol, length-prefixed and bounded;
+//! - [`handshake`]: the hello exchange and join-token proofs;
+//! - [`rpc`]: request/reply streams and the handler interface of the method table;
+//! - [`mesh`]: membership, the full mesh of gateway links, redial and [`health`];
+//! - [`store`]: the SQLite state database; [`backoff`]: redial timing.
+//!
+//! This crate knows nothing of the CLI; the `clawmesh` binary builds on it.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod cert;
+pub mod endpoint;
+pub mod frame;
+pub mod handshake;
+pub mod health;
+pub mod identity;
+pub mod mesh;
+pub mod rpc;
+pub mod store;
+pub mod wire;
+
+/// This crate's version, reported to peers in the hello.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

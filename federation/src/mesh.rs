@@ -1,0 +1,1217 @@
+//! The gateway mesh: membership, one QUIC link per pair of gateways, redial, and health.
+//!
+//! Every gateway runs one [`Mesh`]. The primary admits a joining gateway that proves the join
+//! token, pins its key, and pushes the member list to every gateway; each gateway then dials
+//! every member it has no link to, so the gateways form a full mesh. Both sides of a pair may
+//! dial; when two links to the same peer process exist, both sides keep the one with the
+//! smaller (dialer key, link nonce), and a link from a restarted peer (new boot id) replaces
+//! the old one at once. Each link carries health pings as datagrams, request streams for the
+//! method table, and one event stream each way.
+//!
+//! Connections from operators and nodes arrive on the same endpoint; the mesh does the hello
+//! and hands them to the embedding service through [`Admission`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use quinn::{Connection, Endpoint, VarInt};
+use rand::RngExt as _;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backoff::Backoff;
+use crate::endpoint::{self, EndpointError};
+use crate::frame::{self, MAX_FRAME};
+use crate::handshake::{self, HandshakeError};
+use crate::health::{HealthConfig, PeerHealth, Status};
+use crate::identity::{DeviceId, DeviceIdentity, PublicKey};
+use crate::rpc::{self, Caller, CallerKind, Handler};
+use crate::store::{Store, StoreError};
+use crate::wire::{
+    Datagram, Event, GatewayHello, Hello, HelloReply, HelloRole, Member, Membership, Refusal,
+    RefusalCode, Welcome, PROTOCOL_VERSION,
+};
+
+/// How long a dial may take before it counts as failed: covers a QUIC handshake over the
+/// slowest WAN path with a lost packet or two.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections the endpoint holds before refusing new ones: a gateway serves a few dozen peer
+/// gateways and thousands of nodes and operators; beyond this a flood is refused, not queued.
+const MAX_CONNECTIONS: usize = 20_000;
+
+/// Events queued for one link's event stream. Events are rare (membership changes) and each
+/// membership event is a full snapshot, so a dropped one is repaired by the next.
+const EVENT_QUEUE: usize = 64;
+
+/// Redial backoff start and cap: quick to relink after a blip, never more than 30 s apart.
+const REDIAL_BASE: Duration = Duration::from_millis(200);
+const REDIAL_CAP: Duration = Duration::from_secs(30);
+
+/// QUIC close code for a deliberate close (shutdown, duplicate link).
+const CLOSE_NORMAL: u32 = 0;
+/// QUIC close code for a refused peer.
+const CLOSE_REFUSED: u32 = 1;
+
+/// Errors starting or running the mesh.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// Endpoint setup failed.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The state database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A hello failed.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// The peer at an address is not the one we expected.
+    #[error("peer at {addr} presented device {got}, but {name} is pinned to device {want}; refusing the link")]
+    KeyMismatch {
+        /// Where we dialed.
+        addr: SocketAddr,
+        /// The member we expected.
+        name: String,
+        /// Pinned key's device id.
+        want: String,
+        /// Presented key's device id.
+        got: String,
+    },
+    /// The acceptor did not prove it knows the join token.
+    #[error("{addr} did not prove it knows the join token; it may be an impostor, refusing to join")]
+    BadWelcomeProof {
+        /// Where we dialed.
+        addr: SocketAddr,
+    },
+    /// Configuration problem.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Static settings of this gateway's mesh.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// This gateway's name, unique in the federation.
+    pub name: String,
+    /// Region label shown in status.
+    pub region: Option<String>,
+    /// Whether this gateway is configured as the primary.
+    pub primary: bool,
+    /// The primary to join (first run of a remote), if any.
+    pub join: Option<SocketAddr>,
+    /// Federation join secret.
+    pub token: Option<String>,
+    /// Address other gateways should dial to reach this one.
+    pub advertise: String,
+    /// Health settings.
+    pub health: HealthConfig,
+    /// Software version string.
+    pub software: String,
+}
+
+/// What the embedding gateway decides for operators and nodes, and how it serves them.
+pub trait Admission: Send + Sync + 'static {
+    /// Decides on a non-gateway hello: the caller kind to attach to its requests, or a refusal.
+    fn admit(
+        &self,
+        key: &PublicKey,
+        remote: SocketAddr,
+        hello: &Hello,
+    ) -> Result<CallerKind, Refusal>;
+    /// Takes over an admitted operator or node connection (serving its requests).
+    fn connected(&self, conn: Connection, caller: Caller, hello: Hello);
+}
+
+/// One gateway as seen from here, for `gateway status`.
+#[derive(Debug, Clone)]
+pub struct GatewayStatus {
+    /// Name.
+    pub name: String,
+    /// Region.
+    pub region: Option<String>,
+    /// Device id.
+    pub device_id: DeviceId,
+    /// Whether it is the primary.
+    pub primary: bool,
+    /// Health verdict.
+    pub status: Status,
+    /// Median recent round trip (zero for self).
+    pub latency: Option<Duration>,
+    /// 99th percentile recent round trip.
+    pub latency_p99: Option<Duration>,
+    /// Last time it answered.
+    pub last_seen: Option<SystemTime>,
+    /// Address.
+    pub addr: String,
+    /// Software version, once known.
+    pub version: Option<String>,
+    /// Whether this row is the gateway answering.
+    pub is_self: bool,
+    /// Pings missed in a row.
+    pub missed: u32,
+    /// Last dial error, if the link is down.
+    pub last_error: Option<String>,
+}
+
+/// The federation as seen from this gateway.
+#[derive(Debug, Clone)]
+pub struct MeshStatus {
+    /// This gateway's name.
+    pub self_name: String,
+    /// The primary's name, if known.
+    pub primary: Option<String>,
+    /// Membership epoch.
+    pub epoch: u64,
+    /// Every gateway, self first.
+    pub gateways: Vec<GatewayStatus>,
+    /// Health settings in force.
+    pub health: HealthConfig,
+}
+
+struct Link {
+    id: u64,
+    conn: Connection,
+    peer_boot: u64,
+    /// (dialer key, nonce): the tie-break between two links of the same peer process.
+    order: (PublicKey, u64),
+    events: mpsc::Sender<Event>,
+}
+
+struct Peer {
+    health: PeerHealth,
+    link: Option<Link>,
+    software: Option<String>,
+    linked: watch::Sender<bool>,
+    dialing: bool,
+    last_error: Option<String>,
+}
+
+impl Peer {
+    fn new() -> Self {
+        Peer {
+            health: PeerHealth::default(),
+            link: None,
+            software: None,
+            linked: watch::channel(false).0,
+            dialing: false,
+            last_error: None,
+        }
+    }
+}
+
+struct State {
+    membership: Membership,
+    peers: HashMap<PublicKey, Peer>,
+    next_link_id: u64,
+    shutting_down: bool,
+}
+
+struct Inner {
+    cfg: MeshConfig,
+    key: PublicKey,
+    endpoint: Endpoint,
+    store: Store,
+    boot_id: u64,
+    handler: Arc<dyn Handler>,
+    admission: Arc<dyn Admission>,
+    state: Mutex<State>,
+    shutdown: watch::Sender<bool>,
+    fatal: watch::Sender<Option<String>>,
+}
+
+/// Handle to the running mesh; cheap to clone.
+#[derive(Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mesh")
+            .field("name", &self.inner.cfg.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Mesh {
+    /// Starts the mesh on an already bound endpoint: accept loop, dial loops, join.
+    pub fn start(
+        cfg: MeshConfig,
+        identity: &DeviceIdentity,
+        endpoint: Endpoint,
+        store: Store,
+        handler: Arc<dyn Handler>,
+        admission: Arc<dyn Admission>,
+    ) -> Result<Mesh, MeshError> {
+        if cfg.name.is_empty() {
+            return Err(MeshError::Config("gateway name must not be empty".into()));
+        }
+        let key = identity.public_key();
+        let mut membership = store.membership()?;
+        if cfg.primary {
+            let me = Member {
+                key,
+                name: cfg.name.clone(),
+                region: cfg.region.clone(),
+                addr: cfg.advertise.clone(),
+                primary: true,
+                joined_at_ms: membership
+                    .members
+                    .iter()
+                    .find(|m| m.key == key)
+                    .map(|m| m.joined_at_ms)
+                    .unwrap_or_else(now_ms),
+            };
+            let existing = membership.members.iter().position(|m| m.key == key);
+            let changed = match existing {
+                Some(i) => membership.members[i] != me,
+                None => true,
+            };
+            if let Some(other) = membership
+                .members
+                .iter()
+                .find(|m| m.key != key && m.name == cfg.name)
+            {
+                return Err(MeshError::Config(format!(
+                    "gateway name {} is already pinned to device {}; choose another --name",
+                    other.name,
+                    other.key.device_id().short()
+                )));
+            }
+            if changed {
+                membership.members.retain(|m| m.key != key);
+                for m in membership.members.iter_mut() {
+                    m.primary = false;
+                }
+                membership.members.insert(0, me);
+                membership.epoch += 1;
+                store.save_membership(&membership)?;
+            }
+        }
+        let mut peers = HashMap::new();
+        for m in &membership.members {
+            if m.key != key {
+                peers.insert(m.key, Peer::new());
+            }
+        }
+        let inner = Arc::new(Inner {
+            cfg,
+            key,
+            endpoint,
+            store,
+            boot_id: rand::rng().random(),
+            handler,
+            admission,
+            state: Mutex::new(State {
+                membership,
+                peers,
+                next_link_id: 1,
+                shutting_down: false,
+            }),
+            shutdown: watch::channel(false).0,
+            fatal: watch::channel(None).0,
+        });
+        let mesh = Mesh { inner };
+        let accept = mesh.clone();
+        tokio::spawn(async move { accept.accept_loop().await });
+        mesh.spawn_dial_loops();
+        let is_member = {
+            let st = mesh.state();
+            st.membership.members.iter().any(|m| m.key == key)
+        };
+        if let (Some(addr), false) = (mesh.inner.cfg.join, is_member) {
+            let join = mesh.clone();
+            tokio::spawn(async move { join.join_loop(addr).await });
+        }
+        Ok(mesh)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Critical sections never panic midway through an update; a poisoned lock still holds
+        // consistent data.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The endpoint's bound address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.endpoint.local_addr().ok()
+    }
+
+    /// This gateway's key.
+    pub fn key(&self) -> PublicKey {
+        self.inner.key
+    }
+
+    /// The settings the mesh runs with.
+    pub fn config(&self) -> &MeshConfig {
+        &self.inner.cfg
+    }
+
+    /// Becomes `Some(reason)` when the mesh cannot go on (e.g. the primary refused our join
+    /// for good): the gateway should exit with that message.
+    pub fn fatal(&self) -> watch::Receiver<Option<String>> {
+        self.inner.fatal.subscribe()
+    }
+
+    /// The live connection to the named gateway, for forwarding requests.
+    pub fn connection_to(&self, name: &str) -> Option<Connection> {
+        let st = self.state();
+        let key = st.membership.members.iter().find(|m| m.name == name)?.key;
+        st.peers.get(&key)?.link.as_ref().map(|l| l.conn.clone())
+    }
+
+    /// Every gateway and its health, self first.
+    pub fn status(&self) -> MeshStatus {
+        let cfg = &self.inner.cfg;
+        let st = self.state();
+        let mut gateways = Vec::new();
+        let mut any_down = false;
+        for m in &st.membership.members {
+            if m.key == self.inner.key {
+                continue;
+            }
+            let peer = st.peers.get(&m.key);
+            let status = peer
+                .map(|p| p.health.status(&cfg.health))
+                .unwrap_or(Status::Offline);
+            any_down |= status != Status::Healthy;
+            gateways.push(GatewayStatus {
+                name: m.name.clone(),
+                region: m.region.clone(),
+                device_id: m.key.device_id(),
+                primary: m.primary,
+                status,
+                latency: peer.and_then(|p| {
+                    p.health
+                        .is_link_up()
+                        .then(|| p.health.median_rtt())
+                        .flatten()
+                }),
+                latency_p99: peer.and_then(|p| p.health.p99_rtt()),
+                last_seen: peer.and_then(|p| p.health.last_seen()),
+                addr: m.addr.clone(),
+                version: peer.and_then(|p| p.software.clone()),
+                is_self: false,
+                missed: peer.map(|p| p.health.missed()).unwrap_or(0),
+                last_error: peer.and_then(|p| {
+                    if p.link.is_some() {
+                        None
+                    } else {
+                        p.last_error.clone()
+                    }
+                }),
+            });
+        }
+        let me = st.membership.members.iter().find(|m| m.key == self.inner.key);
+        let self_row = GatewayStatus {
+            name: cfg.name.clone(),
+            region: cfg.region.clone(),
+            device_id: self.inner.key.device_id(),
+            primary: me.map(|m| m.primary).unwrap_or(cfg.primary),
+            status: if any_down {
+                Status::Degraded
+            } else {
+                Status::Healthy
+            },
+            latency: Some(Duration::ZERO),
+            latency_p99: Some(Duration::ZERO),
+            last_seen: Some(SystemTime::now()),
+            addr: cfg.advertise.clone(),
+            version: Some(cfg.software.clone()),
+            is_self: true,
+            missed: 0,
+            last_error: None,
+        };
+        gateways.insert(0, self_row);
+        MeshStatus {
+            self_name: cfg.name.clone(),
+            primary: st
+                .membership
+                .members
+                .iter()
+                .find(|m| m.primary)
+                .map(|m| m.name.clone()),
+            epoch: st.membership.epoch,
+            gateways,
+            health: cfg.health,
+        }
+    }
+
+    /// Stops the mesh: tells every peer why, closes every link, waits briefly for the closes
+    /// to be delivered.
+    pub async fn shutdown(&self, reason: &str) {
+        let conns: Vec<Connection> = {
+            let mut st = self.state();
+            st.shutting_down = true;
+            st.peers
+                .values_mut()
+                .filter_map(|p| p.link.take().map(|l| l.conn))
+                .collect()
+        };
+        let _ = self.inner.shutdown.send(true);
+        for c in &conns {
+            c.close(VarInt::from_u32(CLOSE_NORMAL), reason.as_bytes());
+        }
+        self.inner
+            .endpoint
+            .close(VarInt::from_u32(CLOSE_NORMAL), reason.as_bytes());
+        // Bounded: the close frames go out in one round trip; a peer that is gone must not
+        // hold our exit.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.endpoint.wait_idle()).await;
+        info!(reason, "mesh stopped");
+    }
+
+    fn spawn_dial_loops(&self) {
+        let keys: Vec<PublicKey> = {
+            let mut st = self.state();
+            if st.shutting_down {
+                return;
+            }
+            let mut keys = Vec::new();
+            for (k, p) in st.peers.iter_mut() {
+                if !p.dialing {
+                    p.dialing = true;
+                    keys.push(*k);
+                }
+            }
+            keys
+        };
+        for k in keys {
+            let mesh = self.clone();
+            tokio::spawn(async move { mesh.dial_loop(k).await });
+        }
+    }
+
+    async fn dial_loop(&self, key: PublicKey) {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let mut backoff = Backoff::new(REDIAL_BASE, REDIAL_CAP);
+        let mut first = true;
+        let span = tracing::info_span!("dial", peer = %key.device_id().short());
+        async {
+            loop {
+                let (mut linked, addr, name) = {
+                    let st = self.state();
+                    let Some(peer) = st.peers.get(&key) else {
+                        return;
+                    };
+                    let Some(m) = st.membership.members.iter().find(|m| m.key == key) else {
+                        return;
+                    };
+                    (peer.linked.subscribe(), m.addr.clone(), m.name.clone())
+                };
+                // Wait until there is no link to this peer.
+                loop {
+                    if *shutdown.borrow() {
+                        return;
+                    }
+                    if !*linked.borrow_and_update() {
+                        break;
+                    }
+                    backoff.reset();
+                    first = false;
+                    tokio::select! {
+                        r = linked.changed() => if r.is_err() { return },
+                        _ = shutdown.changed() => return,
+                    }
+                }
+                if !first {
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_delay()) => {},
+                        _ = shutdown.changed() => return,
+                    }
+                    if *linked.borrow() {
+                        continue;
+                    }
+                }
+                first = false;
+                let target = match resolve(&addr).await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        self.set_last_error(&key, e.clone());
+                        debug!(%name, "cannot resolve {addr}: {e}");
+                        continue;
+                    }
+                };
+                match self.dial_gateway(target, Some((key, name.clone()))).await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        self.set_last_error(&key, e.to_string());
+                        debug!(%name, %target, "dial failed: {e}");
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn set_last_error(&self, key: &PublicKey, err: String) {
+        if let Some(p) = self.state().peers.get_mut(key) {
+            p.last_error = Some(err);
+        }
+    }
+
+    async fn join_loop(&self, addr: SocketAddr) {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let mut backoff = Backoff::new(REDIAL_BASE, REDIAL_CAP);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.dial_gateway(addr, None).await {
+                Ok(()) => {
+                    info!(%addr, "joined the federation");
+                    return;
+                }
+                Err(MeshError::Handshake(HandshakeError::Refused { refusal, .. }))
+                    if !refusal.retryable =>
+                {
+                    let msg = format!("join refused by {addr}: {}", refusal.message);
+                    warn!("{msg}");
+                    let _ = self.inner.fatal.send(Some(msg));
+                    return;
+                }
+                Err(e @ MeshError::BadWelcomeProof { .. }) => {
+                    warn!("{e}");
+                    let _ = self.inner.fatal.send(Some(e.to_string()));
+                    return;
+                }
+                Err(e) => warn!(%addr, "joining the federation: {e}; retrying"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {},
+                _ = shutdown.changed() => return,
+            }
+            // Joined meanwhile through another path (e.g. a member dial loop)?
+            let st = self.state();
+            if st.membership.members.iter().any(|m| m.key == self.inner.key) {
+                return;
+            }
+        }
+    }
+
+    /// Dials a gateway. `expected` is the member we think is there; `None` when joining.
+    async fn dial_gateway(
+        &self,
+        addr: SocketAddr,
+        expected: Option<(PublicKey, String)>,
+    ) -> Result<(), MeshError> {
+        let conn = endpoint::dial(&self.inner.endpoint, addr, DIAL_TIMEOUT).await?;
+        let Some(key) = endpoint::peer_key(&conn) else {
+            conn.close(VarInt::from_u32(CLOSE_REFUSED), b"no device key");
+            return Err(MeshError::Config(format!("{addr} presented no device key")));
+        };
+        if key == self.inner.key {
+            conn.close(VarInt::from_u32(CLOSE_REFUSED), b"self");
+            return Err(MeshError::Config(format!(
+                "{addr} is this gateway itself; check --join"
+            )));
+        }
+        if let Some((want, name)) = &expected {
+            if *want != key {
+                conn.close(VarInt::from_u32(CLOSE_REFUSED), b"unexpected device key");
+                return Err(MeshError::KeyMismatch {
+                    addr,
+                    name: name.clone(),
+                    want: want.device_id().short(),
+                    got: key.device_id().short(),
+                });
+            }
+        }
+        let known = self.state().peers.contains_key(&key);
+        let proof = match (&self.inner.cfg.token, known) {
+            (Some(t), false) => Some(handshake::join_proof(t, &self.inner.key, &key)),
+            _ => None,
+        };
+        let nonce: u64 = rand::rng().random();
+        let hello = handshake::hello(
+            &self.inner.cfg.software,
+            self.inner.boot_id,
+            HelloRole::Gateway(GatewayHello {
+                name: self.inner.cfg.name.clone(),
+                region: self.inner.cfg.region.clone(),
+                advertise: self.inner.cfg.advertise.clone(),
+                join_proof: proof,
+                primary: self.inner.cfg.primary,
+                link_nonce: nonce,
+            }),
+        );
+        let welcome = match handshake::send_hello(&conn, &hello).await {
+            Ok(w) => w,
+            Err(e) => {
+                conn.close(VarInt::from_u32(CLOSE_REFUSED), b"hello failed");
+                return Err(e.into());
+            }
+        };
+        if proof.is_some() {
+            let ok = match (&welcome.join_proof, &self.inner.cfg.token) {
+                (Some(p), Some(t)) => {
+                    handshake::proofs_equal(p, &handshake::welcome_proof(t, &self.inner.key, &key))
+                }
+                _ => false,
+            };
+            if !ok {
+                conn.close(VarInt::from_u32(CLOSE_REFUSED), b"bad welcome proof");
+                return Err(MeshError::BadWelcomeProof { addr });
+            }
+        }
+        if let Some(m) = welcome.membership.clone() {
+            self.adopt_membership(key, m);
+        }
+        self.install_link(
+            key,
+            conn,
+            welcome.boot_id,
+            (self.inner.key, nonce),
+            Some(welcome.software.clone()),
+        );
+        Ok(())
+    }
+
+    async fn accept_loop(&self) {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        loop {
+            let incoming = tokio::select! {
+                i = self.inner.endpoint.accept() => i,
+                _ = shutdown.changed() => return,
+            };
+            let Some(incoming) = incoming else { return };
+            if self.inner.endpoint.open_connections() >= MAX_CONNECTIONS {
+                warn!(remote = %incoming.remote_address(), "refusing connection: {MAX_CONNECTIONS} connections open");
+                incoming.refuse();
+                continue;
+            }
+            let mesh = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(%remote, "refused connection: TLS/QUIC handshake failed: {e}");
+                        return;
+                    }
+                };
+                mesh.handle_connection(conn).await;
+            });
+        }
+    }
+
+    async fn handle_connection(&self, conn: Connection) {
+        let remote = conn.remote_address();
+        let Some(key) = endpoint::peer_key(&conn) else {
+            warn!(%remote, "refused connection: no device certificate");
+            conn.close(VarInt::from_u32(CLOSE_REFUSED), b"device certificate required");
+            return;
+        };
+        let (hello, mut send) = match handshake::read_hello(&conn).await {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(%remote, device = %key.device_id().short(), "refused connection: {e}");
+                close_after_reply(conn, "bad hello").await;
+                return;
+            }
+        };
+        match &hello.role {
+            HelloRole::Gateway(g) => {
+                let g = g.clone();
+                self.accept_gateway(conn, send, key, &hello, g).await
+            }
+            _ => match self.inner.admission.admit(&key, remote, &hello) {
+                Ok(kind) => {
+                    let scopes = match &kind {
+                        CallerKind::Operator { scopes, .. } => scopes.clone(),
+                        _ => Vec::new(),
+                    };
+                    let welcome = self.welcome(None, None, scopes);
+                    if handshake::reply(&mut send, &HelloReply::Welcome(welcome))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let caller = Caller {
+                        key,
+                        kind,
+                        remote,
+                    };
+                    self.inner.admission.connected(conn, caller, hello);
+                }
+                Err(refusal) => {
+                    warn!(%remote, device = %key.device_id().short(), "refused: {}", refusal.message);
+                    let _ = handshake::reply(&mut send, &HelloReply::Refused(refusal)).await;
+                    close_after_reply(conn, "refused").await;
+                }
+            },
+        }
+    }
+
+    fn welcome(
+        &self,
+        join_proof: Option<[u8; 32]>,
+        membership: Option<Membership>,
+        scopes: Vec<String>,
+    ) -> Welcome {
+        Welcome {
+            version: PROTOCOL_VERSION,
+            software: self.inner.cfg.software.clone(),
+            boot_id: self.inner.boot_id,
+            name: self.inner.cfg.name.clone(),
+            region: self.inner.cfg.region.clone(),
+            join_proof,
+            membership,
+            scopes,
+        }
+    }
+
+    /// Decides on a gateway's hello. Only the primary admits new gateways.
+    fn admit_gateway(
+        &self,
+        key: PublicKey,
+        g: &GatewayHello,
+    ) -> Result<(Option<[u8; 32]>, bool), Refusal> {
+        let refuse = |code, message: String, retryable| Refusal {
+            code,
+            message,
+            retryable,
+        };
+        let mut st = self.state();
+        if st.shutting_down {
+            return Err(refuse(
+                RefusalCode::Unavailable,
+                "gateway is shutting down".into(),
+                true,
+            ));
+        }
+        if let Some(other) = st
+            .membership
+            .members
+            .iter()
+            .find(|m| m.name == g.name && m.key != key)
+        {
+            return Err(refuse(
+                RefusalCode::NameTaken,
+                format!(
+                    "gateway name {:?} is pinned to device {}, but this device is {}; if {} was rebuilt, remove it first with `clawmesh gateway forget {}` on the primary, or choose another --name",
+                    g.name,
+                    other.key.device_id().short(),
+                    key.device_id().short(),
+                    g.name,
+                    g.name
+                ),
+                false,
+            ));
+        }
+        let is_member = st.membership.members.iter().any(|m| m.key == key);
+        let welcome_proof = match (&g.join_proof, &self.inner.cfg.token) {
+            (Some(_), Some(t)) => Some(handshake::welcome_proof(t, &key, &self.inner.key)),
+            _ => None,
+        };
+        if is_member {
+            // Keep the member's address and labels current.
+            let mut changed = false;
+            if self.inner.cfg.primary {
+                if let Some(m) = st.membership.members.iter_mut().find(|m| m.key == key) {
+                    if m.addr != g.advertise || m.name != g.name || m.region != g.region {
+                        m.addr = g.advertise.clone();
+                        m.name = g.name.clone();
+                        m.region = g.region.clone();
+                        changed = true;
+                    }
+                }
+                if changed {
+                    st.membership.epoch += 1;
+                }
+            }
+            return Ok((welcome_proof, changed));
+        }
+        if !self.inner.cfg.primary {
+            let primary = st
+                .membership
+                .members
+                .iter()
+                .find(|m| m.primary)
+                .map(|m| format!("{} at {}", m.name, m.addr))
+                .unwrap_or_else(|| "the primary".into());
+            return Err(refuse(
+                RefusalCode::UnknownPeer,
+                format!(
+                    "device {} is not a member of this federation yet; join through {primary}",
+                    key.device_id().short()
+                ),
+                true,
+            ));
+        }
+        let Some(token) = &self.inner.cfg.token else {
+            return Err(refuse(
+                RefusalCode::BadToken,
+                "this primary has no join token configured (--token / CLAWMESH_TOKEN), so it admits no new gateways".into(),
+                false,
+            ));
+        };
+        let Some(proof) = &g.join_proof else {
+            return Err(refuse(
+                RefusalCode::BadToken,
+                "a join token is required to join this federation (--token or CLAWMESH_TOKEN)"
+                    .into(),
+                false,
+            ));
+        };
+        let want = handshake::join_proof(token, &key, &self.inner.key);
+        if !handshake::proofs_equal(proof, &want) {
+            return Err(refuse(
+                RefusalCode::BadToken,
+                "join token mismatch: the token given to this gateway is not the federation's"
+                    .into(),
+                false,
+            ));
+        }
+        st.membership.members.push(Member {
+            key,
+            name: g.name.clone(),
+            region: g.region.clone(),
+            addr: g.advertise.clone(),
+            primary: false,
+            joined_at_ms: now_ms(),
+        });
+        st.membership.epoch += 1;
+        st.peers.entry(key).or_insert_with(Peer::new);
+        info!(name = %g.name, device = %key.device_id().short(), "admitted new gateway; key pinned");
+        Ok((welcome_proof, true))
+    }
+
+    async fn accept_gateway(
+        &self,
+        conn: Connection,
+        mut send: quinn::SendStream,
+        key: PublicKey,
+        hello: &Hello,
+        g: GatewayHello,
+    ) {
+        let remote = conn.remote_address();
+        match self.admit_gateway(key, &g) {
+            Ok((proof, changed)) => {
+                if changed {
+                    if let Err(e) = self.persist_membership() {
+                        warn!("cannot persist membership: {e}");
+                        let _ = handshake::reply(
+                            &mut send,
+                            &HelloReply::Refused(Refusal {
+                                code: RefusalCode::Unavailable,
+                                message: format!("primary cannot persist membership: {e}"),
+                                retryable: true,
+                            }),
+                        )
+                        .await;
+                        close_after_reply(conn, "refused").await;
+                        return;
+                    }
+                }
+                let membership = self.state().membership.clone();
+                let welcome = self.welcome(proof, Some(membership), Vec::new());
+                if handshake::reply(&mut send, &HelloReply::Welcome(welcome))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                self.spawn_dial_loops();
+                self.install_link(
+                    key,
+                    conn,
+                    hello.boot_id,
+                    (key, g.link_nonce),
+                    Some(hello.software.clone()),
+                );
+                if changed {
+                    self.broadcast_membership();
+                }
+            }
+            Err(refusal) => {
+                warn!(%remote, name = %g.name, device = %key.device_id().short(), "refused gateway: {}", refusal.message);
+                let _ = handshake::reply(&mut send, &HelloReply::Refused(refusal)).await;
+                close_after_reply(conn, "refused").await;
+            }
+        }
+    }
+
+    fn persist_membership(&self) -> Result<(), StoreError> {
+        let m = self.state().membership.clone();
+        self.inner.store.save_membership(&m)
+    }
+
+    fn broadcast_membership(&self) {
+        let st = self.state();
+        let m = st.membership.clone();
+        for p in st.peers.values() {
+            if let Some(l) = &p.link {
+                if l.events.try_send(Event::Membership(m.clone())).is_err() {
+                    debug!("event queue full; membership will be resent on the next change");
+                }
+            }
+        }
+    }
+
+    /// Adopts a member list from `from` if it is the primary's and newer than ours.
+    fn adopt_membership(&self, from: PublicKey, m: Membership) {
+        if self.inner.cfg.primary {
+            return;
+        }
+        let adopted = {
+            let mut st = self.state();
+            let current_primary = st
+                .membership
+                .members
+                .iter()
+                .find(|x| x.primary)
+                .map(|x| x.key);
+            let sender_primary = m.members.iter().any(|x| x.key == from && x.primary);
+            let authoritative = match current_primary {
+                Some(p) => p == from || sender_primary,
+                None => sender_primary,
+            };
+            if !authoritative || m.epoch <= st.membership.epoch {
+                false
+            } else {
+                for mem in &m.members {
+                    if mem.key != self.inner.key {
+                        st.peers.entry(mem.key).or_insert_with(Peer::new);
+                    }
+                }
+                let keep: Vec<PublicKey> = m.members.iter().map(|x| x.key).collect();
+                let removed: Vec<PublicKey> = st
+                    .peers
+                    .keys()
+                    .filter(|k| !keep.contains(k))
+                    .copied()
+                    .collect();
+                for k in removed {
+                    if let Some(p) = st.peers.remove(&k) {
+                        if let Some(l) = p.link {
+                            l.conn
+                                .close(VarInt::from_u32(CLOSE_NORMAL), b"removed from federation");
+                        }
+                    }
+                }
+                st.membership = m;
+                true
+            }
+        };
+        if adopted {
+            if let Err(e) = self.persist_membership() {
+                warn!("cannot persist membership: {e}");
+            }
+            self.spawn_dial_loops();
+        }
+    }
+
+    fn install_link(
+        &self,
+        key: PublicKey,
+        conn: Connection,
+        peer_boot: u64,
+        order: (PublicKey, u64),
+        software: Option<String>,
+    ) {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let (id, name, is_primary_self) = {
+            let mut st = self.state();
+            let name = st
+                .membership
+                .members
+                .iter()
+                .find(|m| m.key == key)
+                .map(|m| m.name.clone())
+                .unwrap_or_else(|| key.device_id().short());
+            let id = st.next_link_id;
+            st.next_link_id += 1;
+            let shutting = st.shutting_down;
+            let Some(peer) = st.peers.get_mut(&key) else {
+                conn.close(VarInt::from_u32(CLOSE_REFUSED), b"not a member");
+                return;
+            };
+            if shutting {
+                conn.close(VarInt::from_u32(CLOSE_NORMAL), b"shutting down");
+                return;
+            }
+            if let Some(existing) = &peer.link {
+                if existing.conn.close_reason().is_none() {
+                    if existing.peer_boot == peer_boot {
+                        if existing.order <= order {
+                            debug!(%name, "duplicate link; keeping the existing one");
+                            conn.close(VarInt::from_u32(CLOSE_NORMAL), b"duplicate link");
+                            return;
+                        }
+                        debug!(%name, "duplicate link; replacing the existing one");
+                    } else {
+                        info!(%name, "peer restarted; replacing its old link");
+                    }
+                    existing
+                        .conn
+                        .close(VarInt::from_u32(CLOSE_NORMAL), b"duplicate link");
+                }
+            }
+            peer.link = Some(Link {
+                id,
+                conn: conn.clone(),
+                peer_boot,
+                order,
+                events: tx.clone(),
+            });
+            peer.health.link_up();
+            peer.software = software;
+            peer.last_error = None;
+            let _ = peer.linked.send(true);
+            (id, name, self.inner.cfg.primary)
+        };
+        info!(peer = %name, remote = %conn.remote_address(), "link up");
+        if is_primary_self {
+            let m = self.state().membership.clone();
+            let _ = tx.try_send(Event::Membership(m));
+        }
+        let mesh = self.clone();
+        let span = tracing::info_span!("link", peer = %name, link = id);
+        tokio::spawn(
+            async move {
+                mesh.run_link(key, id, conn, rx, name).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn run_link(
+        &self,
+        key: PublicKey,
+        id: u64,
+        conn: Connection,
+        mut events: mpsc::Receiver<Event>,
+        name: String,
+    ) {
+        let caller = Caller {
+            key,
+            kind: CallerKind::Gateway { name: name.clone() },
+            remote: conn.remote_address(),
+        };
+        let serve = tokio::spawn(rpc::serve(conn.clone(), caller, self.inner.handler.clone()));
+        let mut tick = tokio::time::interval(self.inner.cfg.health.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq: u64 = 0;
+        let mut event_stream: Option<quinn::SendStream> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    seq += 1;
+                    {
+                        let mut st = self.state();
+                        match st.peers.get_mut(&key) {
+                            Some(p) if p.link.as_ref().map(|l| l.id) == Some(id) => {
+                                p.health.ping_sent(seq, Instant::now());
+                            }
+                            _ => break,
+                        }
+                    }
+                    if let Ok(bytes) = frame::encode_datagram(&Datagram::Ping { seq }) {
+                        let _ = conn.send_datagram(bytes.into());
+                    }
+                }
+                dg = conn.read_datagram() => {
+                    let Ok(bytes) = dg else { break };
+                    match frame::decode_datagram::<Datagram>(&bytes) {
+                        Ok(Datagram::Ping { seq }) => {
+                            if let Ok(b) = frame::encode_datagram(&Datagram::Pong { seq }) {
+                                let _ = conn.send_datagram(b.into());
+                            }
+                        }
+                        Ok(Datagram::Pong { seq }) => {
+                            let mut st = self.state();
+                            if let Some(p) = st.peers.get_mut(&key) {
+                                if p.link.as_ref().map(|l| l.id) == Some(id) {
+                                    p.health.pong(seq, Instant::now());
+                                }
+                            }
+                        }
+                        Err(e) => debug!("bad datagram: {e}"),
+                    }
+                }
+                uni = conn.accept_uni() => {
+                    let Ok(recv) = uni else { break };
+                    let mesh = self.clone();
+                    tokio::spawn(async move { mesh.read_events(key, recv).await }.in_current_span());
+                }
+                ev = events.recv() => {
+                    let Some(ev) = ev else { break };
+                    if event_stream.is_none() {
+                        match conn.open_uni().await {
+                            Ok(s) => event_stream = Some(s),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Some(s) = event_stream.as_mut() {
+                        if let Err(e) = frame::write_frame(s, &ev, MAX_FRAME).await {
+                            debug!("event stream failed: {e}");
+                            break;
+                        }
+                    }
+                }
+                _ = conn.closed() => break,
+            }
+        }
+        serve.abort();
+        let reason = conn
+            .close_reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "link task ended".into());
+        let mut st = self.state();
+        if let Some(p) = st.peers.get_mut(&key) {
+            if p.link.as_ref().map(|l| l.id) == Some(id) {
+                p.link = None;
+                p.health.link_down();
+                p.last_error = Some(reason.clone());
+                let _ = p.linked.send(false);
+                info!(peer = %name, "link down: {reason}");
+            }
+        }
+    }
+
+    async fn read_events(&self, from: PublicKey, mut recv: quinn::RecvStream) {
+        loop {
+            match frame::read_frame::<_, Event>(&mut recv, MAX_FRAME).await {
+                Ok(Some(Event::Membership(m))) => self.adopt_membership(from, m),
+                Ok(Some(Event::Goodbye { reason })) => {
+                    info!("peer says goodbye: {reason}");
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    debug!("event stream error: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn close_after_reply(conn: Connection, reason: &str) {
+    // Give the refusal a moment to reach the dialer before the close frame overtakes it; the
+    // dialer normally closes first once it has read it.
+    let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+    conn.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
+}
+
+/// Resolves `host:port` (an IP literal or a DNS name) to one address.
+pub async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let mut it = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?;
+    it.next().ok_or_else(|| format!("{addr} resolves to no address"))
+}

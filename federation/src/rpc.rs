@@ -1,0 +1,240 @@
+//! Requests and replies over QUIC: one bidirectional stream per request.
+//!
+//! [`call`] is the client side; [`serve`] runs the server side of a connection, handing each
+//! request to a [`Handler`]. A stream per request means a slow invoke never blocks a status
+//! query behind it, and a vanished peer fails every pending call at once (the connection's
+//! error reaches each stream).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::Connection;
+use tracing::{debug, Instrument};
+
+use crate::frame::{self, FrameError, MAX_FRAME};
+use crate::identity::PublicKey;
+use crate::wire::{Request, Response, WireError};
+
+/// A boxed future returned by handlers.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Errors of a call.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The connection or stream failed (peer gone, reset).
+    #[error("connection to {peer} lost: {reason}")]
+    Transport {
+        /// Who.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The reply did not decode.
+    #[error("bad reply from {peer}: {source}")]
+    Frame {
+        /// Who.
+        peer: String,
+        /// Why.
+        source: FrameError,
+    },
+    /// No reply within the deadline.
+    #[error("no reply from {peer} within {timeout:?}")]
+    Timeout {
+        /// Who.
+        peer: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The remote answered with an error.
+    #[error("{0}")]
+    Remote(WireError),
+}
+
+impl CallError {
+    /// The error as the classic protocol shapes it, for relaying to the original caller.
+    pub fn to_wire(&self) -> WireError {
+        match self {
+            CallError::Remote(e) => e.clone(),
+            CallError::Timeout { .. } => {
+                let mut e = WireError::new("UNAVAILABLE", self.to_string());
+                e.retryable = true;
+                e
+            }
+            _ => {
+                let mut e = WireError::new("UNAVAILABLE", self.to_string());
+                e.retryable = true;
+                e
+            }
+        }
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A process-unique request id, for correlating replies and logs across hops.
+pub fn next_request_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Sends `method(params)` on a new stream and waits for the reply.
+pub async fn call(
+    conn: &Connection,
+    method: &str,
+    params: String,
+    hops: u8,
+    timeout: Duration,
+) -> Result<String, CallError> {
+    let req = Request {
+        id: next_request_id(),
+        method: method.to_string(),
+        params,
+        hops,
+    };
+    call_request(conn, req, timeout).await
+}
+
+/// Sends a prepared request and waits for the reply.
+pub async fn call_request(
+    conn: &Connection,
+    req: Request,
+    timeout: Duration,
+) -> Result<String, CallError> {
+    let peer = conn.remote_address().to_string();
+    let span = tracing::debug_span!("call", %peer, req_id = req.id, method = %req.method);
+    let fut = async {
+        let transport = |e: &dyn std::fmt::Display| CallError::Transport {
+            peer: peer.clone(),
+            reason: e.to_string(),
+        };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
+        frame::write_frame(&mut send, &req, MAX_FRAME)
+            .await
+            .map_err(|e| transport(&e))?;
+        send.finish().map_err(|e| transport(&e))?;
+        let resp: Option<Response> = frame::read_frame(&mut recv, MAX_FRAME)
+            .await
+            .map_err(|source| match source {
+                FrameError::Io(e) => transport(&e),
+                source => CallError::Frame {
+                    peer: peer.clone(),
+                    source,
+                },
+            })?;
+        let resp = resp.ok_or_else(|| transport(&"stream closed before the reply"))?;
+        if resp.id != req.id {
+            return Err(CallError::Frame {
+                peer: peer.clone(),
+                source: FrameError::Malformed(format!(
+                    "reply id {} for request {}",
+                    resp.id, req.id
+                )),
+            });
+        }
+        resp.result.map_err(CallError::Remote)
+    };
+    match tokio::time::timeout(timeout, fut.instrument(span)).await {
+        Ok(r) => r,
+        Err(_) => Err(CallError::Timeout {
+            peer: conn.remote_address().to_string(),
+            timeout,
+        }),
+    }
+}
+
+/// Who sent a request: known after the handshake, attached to every request it makes.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The key the peer proved.
+    pub key: PublicKey,
+    /// What it is.
+    pub kind: CallerKind,
+    /// Its address.
+    pub remote: std::net::SocketAddr,
+}
+
+/// The kind of peer behind a request.
+#[derive(Debug, Clone)]
+pub enum CallerKind {
+    /// A gateway of the federation (forwarded or internal requests).
+    Gateway {
+        /// Its name.
+        name: String,
+    },
+    /// An operator with granted scopes.
+    Operator {
+        /// Granted scopes.
+        scopes: Vec<String>,
+        /// Client name.
+        client: String,
+    },
+    /// A node host.
+    Node {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Serves requests: the gateway's method table implements this.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one request; the result becomes the reply.
+    fn handle(&self, caller: Caller, req: Request) -> BoxFuture<Result<String, WireError>>;
+}
+
+/// Serves every request stream of `conn` until it closes.
+pub async fn serve(conn: Connection, caller: Caller, handler: Arc<dyn Handler>) {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(peer = %caller.remote, "request loop ends: {e}");
+                return;
+            }
+        };
+        let caller = caller.clone();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let req: Request = match frame::read_frame(&mut recv, MAX_FRAME).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(peer = %caller.remote, "bad request frame: {e}");
+                    // Tell the peer what was wrong; id 0 since we could not read theirs.
+                    let resp = Response {
+                        id: 0,
+                        result: Err(WireError::new(
+                            "INVALID_REQUEST",
+                            format!("malformed request: {e}"),
+                        )),
+                    };
+                    let _ = frame::write_frame(&mut send, &resp, MAX_FRAME).await;
+                    let _ = send.finish();
+                    return;
+                }
+            };
+            let id = req.id;
+            let span = tracing::debug_span!("request", peer = %caller.remote, req_id = id, method = %req.method);
+            let result = handler.handle(caller, req).instrument(span).await;
+            let mut resp = Response { id, result };
+            let bytes = match frame::encode(&resp, MAX_FRAME) {
+                Ok(b) => b,
+                Err(e) => {
+                    resp.result = Err(WireError::new(
+                        "UNAVAILABLE",
+                        format!("reply could not be sent: {e}"),
+                    ));
+                    match frame::encode(&resp, MAX_FRAME) {
+                        Ok(b) => b,
+                        Err(_) => return,
+                    }
+                }
+            };
+
+            if send.write_all(&bytes).await.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+}
