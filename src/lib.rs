@@ -1,1 +1,26 @@
+//! clawmesh: one federation of AI-agent gateways across regions.
+//!
+//! The `clawmesh` binary is a thin shell over this library: [`cli`] parses and dispatches;
+//! [`gateway`] runs a gateway (mesh + [`methods`] table); [`client`] is the operator side the
+//! CLI uses; [`status`] renders the federation view; [`config`] reads `clawmesh.json`;
+//! [`state_dir`] finds the state dir and the running gateway; [`relay`] simulates WAN latency
+//! on loopback for [`demo`] and the tests.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod methods;
+pub mod relay;
+pub mod scopes;
+pub mod state_dir;
+pub mod status;
+
+/// Software version, reported in status and hellos.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Default port: the classic OpenClaw gateway's, UDP for QUIC (TCP for the WebSocket bridge).
+pub const DEFAULT_PORT: u16 = 18789;

@@ -67,8 +67,12 @@ pub fn device_cert(identity: &DeviceIdentity) -> Result<DeviceCert, CertError> {
 /// One DER TLV: tag, content, and the bytes after it.
 fn der_tlv(input: &[u8]) -> Result<(u8, &[u8], &[u8]), CertError> {
     let bad = CertError::NotDeviceCert("malformed DER");
-    let (&tag, rest) = input.split_first().ok_or(CertError::NotDeviceCert("truncated DER"))?;
-    let (&first, rest) = rest.split_first().ok_or(CertError::NotDeviceCert("truncated DER"))?;
+    let (&tag, rest) = input
+        .split_first()
+        .ok_or(CertError::NotDeviceCert("truncated DER"))?;
+    let (&first, rest) = rest
+        .split_first()
+        .ok_or(CertError::NotDeviceCert("truncated DER"))?;
     let (len, rest) = if first < 0x80 {
         (first as usize, rest)
     } else {
@@ -76,7 +80,9 @@ fn der_tlv(input: &[u8]) -> Result<(u8, &[u8], &[u8]), CertError> {
         if n == 0 || n > 4 || rest.len() < n {
             return Err(bad);
         }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
         (len, &rest[n..])
     };
     if rest.len() < len {
@@ -112,11 +118,15 @@ pub fn public_key_of(cert: &[u8]) -> Result<PublicKey, CertError> {
     }
     let (tag, spki, _) = der_tlv(rest)?;
     if tag != SEQ {
-        return Err(CertError::NotDeviceCert("SubjectPublicKeyInfo is not a SEQUENCE"));
+        return Err(CertError::NotDeviceCert(
+            "SubjectPublicKeyInfo is not a SEQUENCE",
+        ));
     }
     let (tag, alg, after) = der_tlv(spki)?;
     if tag != SEQ {
-        return Err(CertError::NotDeviceCert("AlgorithmIdentifier is not a SEQUENCE"));
+        return Err(CertError::NotDeviceCert(
+            "AlgorithmIdentifier is not a SEQUENCE",
+        ));
     }
     let (tag, oid, _) = der_tlv(alg)?;
     if tag != 0x06 || oid != OID_ED25519 {
@@ -153,7 +163,8 @@ impl DeviceKeyVerifier {
                 rustls::PeerIncompatible::NoSignatureSchemesInCommon,
             ));
         }
-        let key = public_key_of(cert.as_ref()).map_err(|e| rustls::Error::General(e.to_string()))?;
+        let key =
+            public_key_of(cert.as_ref()).map_err(|e| rustls::Error::General(e.to_string()))?;
         if key.verify(message, dss.signature()) {
             Ok(HandshakeSignatureValid::assertion())
         } else {

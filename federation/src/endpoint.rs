@@ -44,7 +44,9 @@ pub enum EndpointError {
         reason: String,
     },
     /// The dial did not complete in time.
-    #[error("no answer from {addr} within {timeout:?} (is a clawmesh peer listening on UDP there?)")]
+    #[error(
+        "no answer from {addr} within {timeout:?} (is a clawmesh peer listening on UDP there?)"
+    )]
     Timeout {
         /// Target.
         addr: SocketAddr,
@@ -154,9 +156,13 @@ pub fn client(
 ) -> Result<Endpoint, EndpointError> {
     let (_, client) = configs(identity, opts)?;
     let local: SocketAddr = if target.is_ipv6() {
-        "[::]:0".parse().map_err(|_| EndpointError::Tls("addr".into()))?
+        "[::]:0"
+            .parse()
+            .map_err(|_| EndpointError::Tls("addr".into()))?
     } else {
-        "0.0.0.0:0".parse().map_err(|_| EndpointError::Tls("addr".into()))?
+        "0.0.0.0:0"
+            .parse()
+            .map_err(|_| EndpointError::Tls("addr".into()))?
     };
     let mut ep = Endpoint::client(local).map_err(|source| EndpointError::Bind {
         addr: local,

@@ -40,8 +40,8 @@ pub enum FrameError {
 
 /// Encodes `msg` as one frame (length prefix included).
 pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> {
-    let mut out = postcard::to_extend(msg, vec![0u8; 4])
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let mut out =
+        postcard::to_extend(msg, vec![0u8; 4]).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = out.len() - 4;
     if len > max {
         return Err(FrameError::TooLarge { len, max });
@@ -155,6 +155,9 @@ mod tests {
             a: 1,
             b: "x".repeat(2000),
         };
-        assert!(matches!(encode(&big, 1024), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            encode(&big, 1024),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 }

@@ -77,21 +77,26 @@ pub fn welcome_proof(token: &str, dialer: &PublicKey, acceptor: &PublicKey) -> [
 
 /// Compares two proofs in constant time.
 pub fn proofs_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Compares two secrets in constant time (length leaks, content does not).
 pub fn secrets_equal(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
+        && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
 }
 
 /// Dialer side: sends `hello`, returns the acceptor's reply (a refusal is an error).
-pub async fn send_hello(conn: &Connection, hello: &Hello) -> Result<crate::wire::Welcome, HandshakeError> {
+pub async fn send_hello(
+    conn: &Connection,
+    hello: &Hello,
+) -> Result<crate::wire::Welcome, HandshakeError> {
     let peer = conn.remote_address().to_string();
     let transport = |e: &dyn std::fmt::Display| HandshakeError::Transport {
         peer: peer.clone(),
@@ -131,9 +136,7 @@ pub async fn send_hello(conn: &Connection, hello: &Hello) -> Result<crate::wire:
 ///
 /// Returns the hello and the stream to answer on. A bad hello is answered with a refusal
 /// before the error is returned, so the dialer sees why.
-pub async fn read_hello(
-    conn: &Connection,
-) -> Result<(Hello, quinn::SendStream), HandshakeError> {
+pub async fn read_hello(conn: &Connection) -> Result<(Hello, quinn::SendStream), HandshakeError> {
     let peer = conn.remote_address().to_string();
     let transport = |e: &dyn std::fmt::Display| HandshakeError::Transport {
         peer: peer.clone(),

@@ -183,7 +183,10 @@ mod tests {
         h.link_up();
         let t = Instant::now();
         h.ping_sent(1, t);
-        assert_eq!(h.pong(1, t + Duration::from_millis(5)), Some(Duration::from_millis(5)));
+        assert_eq!(
+            h.pong(1, t + Duration::from_millis(5)),
+            Some(Duration::from_millis(5))
+        );
         assert_eq!(h.status(&cfg), Status::Healthy);
         h.ping_sent(2, t);
         h.ping_sent(3, t);

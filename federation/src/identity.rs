@@ -60,10 +60,11 @@ pub struct PublicKey(pub [u8; 32]);
 impl PublicKey {
     /// Parses raw bytes, refusing anything that is not a valid ed25519 point.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, IdentityError> {
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| IdentityError::InvalidPublicKey(format!("{} bytes, want 32", bytes.len())))?;
-        VerifyingKey::from_bytes(&arr).map_err(|e| IdentityError::InvalidPublicKey(e.to_string()))?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| {
+            IdentityError::InvalidPublicKey(format!("{} bytes, want 32", bytes.len()))
+        })?;
+        VerifyingKey::from_bytes(&arr)
+            .map_err(|e| IdentityError::InvalidPublicKey(e.to_string()))?;
         Ok(PublicKey(arr))
     }
 
@@ -195,13 +196,14 @@ impl DeviceIdentity {
             Err(e) => return Err(e),
         }
         let identity = Self::ephemeral();
-        let pem = identity
-            .signing
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| IdentityError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+        let pem =
+            identity
+                .signing
+                .to_pkcs8_pem(LineEnding::LF)
+                .map_err(|e| IdentityError::Corrupt {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
         let mut file = match fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -303,7 +305,11 @@ mod tests {
         let state = dir.path().join("state");
         let (a, created) = DeviceIdentity::load_or_create(&state).unwrap();
         assert!(created);
-        let mode = fs::metadata(state.join(KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(state.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let (b, created) = DeviceIdentity::load_or_create(&state).unwrap();
         assert!(!created);
@@ -319,11 +325,17 @@ mod tests {
         let path = dir.path().join(KEY_FILE);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         let err = DeviceIdentity::load_or_create(dir.path()).unwrap_err();
-        assert!(matches!(err, IdentityError::InsecurePermissions { .. }), "{err}");
+        assert!(
+            matches!(err, IdentityError::InsecurePermissions { .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("chmod 600"));
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-        fs::write(&path, "-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
-            .unwrap();
+        fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
         let err = DeviceIdentity::load_or_create(dir.path()).unwrap_err();
         assert!(matches!(err, IdentityError::Corrupt { .. }), "{err}");
     }

@@ -50,6 +50,10 @@ const EVENT_QUEUE: usize = 64;
 const REDIAL_BASE: Duration = Duration::from_millis(200);
 const REDIAL_CAP: Duration = Duration::from_secs(30);
 
+/// How long the larger-keyed gateway of a new pair waits before dialing, so that usually only
+/// one of the two dials and no duplicate link is made.
+const FIRST_DIAL_GRACE: Duration = Duration::from_millis(300);
+
 /// QUIC close code for a deliberate close (shutdown, duplicate link).
 const CLOSE_NORMAL: u32 = 0;
 /// QUIC close code for a refused peer.
@@ -80,7 +84,9 @@ pub enum MeshError {
         got: String,
     },
     /// The acceptor did not prove it knows the join token.
-    #[error("{addr} did not prove it knows the join token; it may be an impostor, refusing to join")]
+    #[error(
+        "{addr} did not prove it knows the join token; it may be an impostor, refusing to join"
+    )]
     BadWelcomeProof {
         /// Where we dialed.
         addr: SocketAddr,
@@ -411,7 +417,11 @@ impl Mesh {
                 }),
             });
         }
-        let me = st.membership.members.iter().find(|m| m.key == self.inner.key);
+        let me = st
+            .membership
+            .members
+            .iter()
+            .find(|m| m.key == self.inner.key);
         let self_row = GatewayStatus {
             name: cfg.name.clone(),
             region: cfg.region.clone(),
@@ -523,6 +533,18 @@ impl Mesh {
                         _ = shutdown.changed() => return,
                     }
                 }
+                if first && self.inner.key > key {
+                    // When two gateways learn of each other at once, let the one with the
+                    // smaller key dial first; the other dials only if no link appears.
+                    tokio::select! {
+                        _ = tokio::time::sleep(FIRST_DIAL_GRACE) => {},
+                        _ = shutdown.changed() => return,
+                    }
+                    if *linked.borrow() {
+                        first = false;
+                        continue;
+                    }
+                }
                 if !first {
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_delay()) => {},
@@ -593,7 +615,12 @@ impl Mesh {
             }
             // Joined meanwhile through another path (e.g. a member dial loop)?
             let st = self.state();
-            if st.membership.members.iter().any(|m| m.key == self.inner.key) {
+            if st
+                .membership
+                .members
+                .iter()
+                .any(|m| m.key == self.inner.key)
+            {
                 return;
             }
         }
@@ -665,7 +692,7 @@ impl Mesh {
             }
         }
         if let Some(m) = welcome.membership.clone() {
-            self.adopt_membership(key, m);
+            self.adopt_membership(key, m, false);
         }
         self.install_link(
             key,
@@ -674,6 +701,8 @@ impl Mesh {
             (self.inner.key, nonce),
             Some(welcome.software.clone()),
         );
+        // Dial loops start after the link is installed, so none races this link.
+        self.spawn_dial_loops();
         Ok(())
     }
 
@@ -709,7 +738,10 @@ impl Mesh {
         let remote = conn.remote_address();
         let Some(key) = endpoint::peer_key(&conn) else {
             warn!(%remote, "refused connection: no device certificate");
-            conn.close(VarInt::from_u32(CLOSE_REFUSED), b"device certificate required");
+            conn.close(
+                VarInt::from_u32(CLOSE_REFUSED),
+                b"device certificate required",
+            );
             return;
         };
         let (hello, mut send) = match handshake::read_hello(&conn).await {
@@ -738,11 +770,7 @@ impl Mesh {
                     {
                         return;
                     }
-                    let caller = Caller {
-                        key,
-                        kind,
-                        remote,
-                    };
+                    let caller = Caller { key, kind, remote };
                     self.inner.admission.connected(conn, caller, hello);
                 }
                 Err(refusal) => {
@@ -923,7 +951,6 @@ impl Mesh {
                 {
                     return;
                 }
-                self.spawn_dial_loops();
                 self.install_link(
                     key,
                     conn,
@@ -931,6 +958,7 @@ impl Mesh {
                     (key, g.link_nonce),
                     Some(hello.software.clone()),
                 );
+                self.spawn_dial_loops();
                 if changed {
                     self.broadcast_membership();
                 }
@@ -961,7 +989,7 @@ impl Mesh {
     }
 
     /// Adopts a member list from `from` if it is the primary's and newer than ours.
-    fn adopt_membership(&self, from: PublicKey, m: Membership) {
+    fn adopt_membership(&self, from: PublicKey, m: Membership, spawn_dials: bool) {
         if self.inner.cfg.primary {
             return;
         }
@@ -1009,7 +1037,9 @@ impl Mesh {
             if let Err(e) = self.persist_membership() {
                 warn!("cannot persist membership: {e}");
             }
-            self.spawn_dial_loops();
+            if spawn_dials {
+                self.spawn_dial_loops();
+            }
         }
     }
 
@@ -1184,7 +1214,7 @@ impl Mesh {
     async fn read_events(&self, from: PublicKey, mut recv: quinn::RecvStream) {
         loop {
             match frame::read_frame::<_, Event>(&mut recv, MAX_FRAME).await {
-                Ok(Some(Event::Membership(m))) => self.adopt_membership(from, m),
+                Ok(Some(Event::Membership(m))) => self.adopt_membership(from, m, true),
                 Ok(Some(Event::Goodbye { reason })) => {
                     info!("peer says goodbye: {reason}");
                 }
@@ -1213,5 +1243,6 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr, String> {
     let mut it = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| format!("cannot resolve {addr}: {e}"))?;
-    it.next().ok_or_else(|| format!("{addr} resolves to no address"))
+    it.next()
+        .ok_or_else(|| format!("{addr} resolves to no address"))
 }

@@ -114,15 +114,16 @@ pub async fn call_request(
             .await
             .map_err(|e| transport(&e))?;
         send.finish().map_err(|e| transport(&e))?;
-        let resp: Option<Response> = frame::read_frame(&mut recv, MAX_FRAME)
-            .await
-            .map_err(|source| match source {
-                FrameError::Io(e) => transport(&e),
-                source => CallError::Frame {
-                    peer: peer.clone(),
-                    source,
-                },
-            })?;
+        let resp: Option<Response> =
+            frame::read_frame(&mut recv, MAX_FRAME)
+                .await
+                .map_err(|source| match source {
+                    FrameError::Io(e) => transport(&e),
+                    source => CallError::Frame {
+                        peer: peer.clone(),
+                        source,
+                    },
+                })?;
         let resp = resp.ok_or_else(|| transport(&"stream closed before the reply"))?;
         if resp.id != req.id {
             return Err(CallError::Frame {

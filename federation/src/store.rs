@@ -189,7 +189,8 @@ impl Store {
     pub fn save_membership(&self, m: &Membership) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.sql(e))?;
-        tx.execute("DELETE FROM members", []).map_err(|e| self.sql(e))?;
+        tx.execute("DELETE FROM members", [])
+            .map_err(|e| self.sql(e))?;
         for mem in &m.members {
             tx.execute(
                 "INSERT INTO members(public_key, name, region, addr, is_primary, joined_at_ms)

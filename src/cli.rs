@@ -1,0 +1,263 @@
+//! The `clawmesh` command line: parsing and dispatch to the subcommands.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::client::{self, ClientError, Target};
+use crate::config::FileConfig;
+use crate::gateway::{self, Bind, GatewaySettings, RunFlags};
+use crate::state_dir;
+
+/// Exit code when `--check` finds a gateway that is not healthy.
+pub const EXIT_UNHEALTHY: i32 = 1;
+/// Exit code for errors (unreachable gateway, bad input, refused request).
+pub const EXIT_ERROR: i32 = 2;
+
+/// clawmesh: one federation of AI-agent gateways across regions, over QUIC.
+#[derive(Debug, Parser)]
+#[command(name = "clawmesh", version, about, long_about = None)]
+pub struct Cli {
+    /// State dir (key, config, database); else CLAWMESH_STATE_DIR, else ~/.clawmesh.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Log filter (e.g. debug, clawmesh_federation=trace); else RUST_LOG.
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run or inspect gateways.
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
+    /// This peer's device identity.
+    #[command(subcommand)]
+    Identity(IdentityCmd),
+    /// Start a Tokyo / Beijing / Frankfurt federation on this machine and show it working.
+    Demo(DemoArgs),
+}
+
+/// `clawmesh identity ...`
+#[derive(Debug, Subcommand)]
+pub enum IdentityCmd {
+    /// Print the device id and public key (creating the key on first use).
+    Show {
+        /// Print JSON: {"deviceId","publicKey"}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `clawmesh gateway ...`
+#[derive(Debug, Subcommand)]
+pub enum GatewayCmd {
+    /// Run a gateway (primary or remote) in the foreground.
+    Run(RunArgs),
+    /// Show this gateway, or with --all every gateway of the federation.
+    Status(StatusArgs),
+    /// Call any operator method on a gateway.
+    Call(CallArgs),
+}
+
+/// Flags of `gateway run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Gateway name, unique in the federation (config: gateway.nodeName; default: hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Region label shown in status (e.g. ap-northeast-1).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Listen on: loopback, lan, tailnet, or an IP address.
+    #[arg(long, value_name = "WHERE")]
+    pub bind: Option<Bind>,
+    /// UDP port for QUIC (default 18789; 0 picks a free one).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Address other gateways dial to reach this one (host:port), if not the bound one.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Run as the primary (the default when there is nothing to join).
+    #[arg(long, conflicts_with = "join")]
+    pub primary: bool,
+    /// Join the federation whose primary is at this URL (config: gateway.primaryUrl).
+    #[arg(long, value_name = "quic://HOST:PORT")]
+    pub join: Option<String>,
+    /// Federation join secret (config: gateway.authToken).
+    #[arg(long, env = "CLAWMESH_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Milliseconds between health pings (config: gateway.failover.healthCheckInterval).
+    #[arg(long, value_name = "MS")]
+    pub health_interval: Option<u64>,
+    /// Missed pings before a gateway is offline (config: gateway.failover.unhealthyThreshold).
+    #[arg(long, value_name = "N")]
+    pub unhealthy_threshold: Option<u32>,
+}
+
+/// Where a CLI command sends its request.
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// A gateway elsewhere (quic://host:port) instead of the local one.
+    #[arg(long, value_name = "quic://HOST:PORT")]
+    pub url: Option<String>,
+    /// Operator token for --url (else CLAWMESH_TOKEN).
+    #[arg(long)]
+    pub token: Option<String>,
+}
+
+/// Flags of `gateway status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Every gateway of the federation, not only this one.
+    #[arg(long)]
+    pub all: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 1 when any gateway shown is not healthy (for cron and monitoring).
+    #[arg(long)]
+    pub check: bool,
+    #[command(flatten)]
+    /// Target.
+    pub target: TargetArgs,
+}
+
+/// Flags of `gateway call`.
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// Method name (health, status, gateway.status, ...).
+    pub method: String,
+    /// Params as a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub params: String,
+    /// Print the raw JSON result.
+    #[arg(long)]
+    pub json: bool,
+    /// Milliseconds to wait for the reply.
+    #[arg(long, default_value_t = 30_000)]
+    pub timeout: u64,
+    #[command(flatten)]
+    /// Target.
+    pub target: TargetArgs,
+}
+
+/// Flags of `demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Milliseconds between health pings in the demo federation.
+    #[arg(long, default_value_t = 500)]
+    pub health_interval: u64,
+}
+
+fn init_logging(filter: Option<&str>, default: &str) {
+    let filter = filter
+        .map(str::to_string)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| default.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> Result<i32> {
+    let state_dir = state_dir::resolve(cli.state_dir.as_deref())?;
+    match cli.command {
+        Command::Gateway(GatewayCmd::Run(a)) => {
+            init_logging(cli.log.as_deref(), "info");
+            let file = FileConfig::load(&state_dir)?;
+            let flags = RunFlags {
+                name: a.name,
+                region: a.region,
+                bind: a.bind,
+                port: a.port,
+                advertise: a.advertise,
+                primary: a.primary,
+                join: a.join,
+                token: a.token,
+                health_interval: a.health_interval,
+                unhealthy_threshold: a.unhealthy_threshold,
+            };
+            let settings = GatewaySettings::resolve(state_dir, flags, &file)?;
+            gateway::run(settings).await?;
+            Ok(0)
+        }
+        Command::Gateway(GatewayCmd::Status(a)) => {
+            init_logging(cli.log.as_deref(), "warn");
+            let target = Target::from_flags(a.target.url, a.target.token, &state_dir);
+            let doc = call(
+                &target,
+                "gateway.status",
+                json!({"all": a.all}),
+                Duration::from_secs(10),
+            )
+            .await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", crate::status::render_table(&doc));
+            }
+            if a.check && !crate::status::all_healthy(&doc) {
+                return Ok(EXIT_UNHEALTHY);
+            }
+            Ok(0)
+        }
+        Command::Gateway(GatewayCmd::Call(a)) => {
+            init_logging(cli.log.as_deref(), "warn");
+            let params: Value = serde_json::from_str(&a.params)
+                .with_context(|| format!("--params is not valid JSON: {}", a.params))?;
+            let target = Target::from_flags(a.target.url, a.target.token, &state_dir);
+            let doc = call(&target, &a.method, params, Duration::from_millis(a.timeout)).await?;
+            if a.json {
+                println!("{}", serde_json::to_string(&doc)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            }
+            Ok(0)
+        }
+        Command::Identity(IdentityCmd::Show { json }) => {
+            init_logging(cli.log.as_deref(), "warn");
+            let (id, _) =
+                clawmesh_federation::identity::DeviceIdentity::load_or_create(&state_dir)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"deviceId": id.device_id().to_string(), "publicKey": id.public_key().to_base64url()})
+                );
+            } else {
+                println!("device id:  {}", id.device_id());
+                println!("public key: {}", id.public_key().to_base64url());
+                println!(
+                    "key file:   {}",
+                    state_dir
+                        .join(clawmesh_federation::identity::KEY_FILE)
+                        .display()
+                );
+            }
+            Ok(0)
+        }
+        Command::Demo(a) => {
+            init_logging(cli.log.as_deref(), "warn");
+            crate::demo::run(a.health_interval).await?;
+            Ok(0)
+        }
+    }
+}
+
+async fn call(target: &Target, method: &str, params: Value, timeout: Duration) -> Result<Value> {
+    client::call_once(target, method, params, timeout)
+        .await
+        .map_err(|e| match e {
+            ClientError::Remote(w) => anyhow!("{}: {}", w.code, w.message),
+            ClientError::Transport(e) => e,
+        })
+}

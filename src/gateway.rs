@@ -1,0 +1,426 @@
+//! `clawmesh gateway run`: a gateway process.
+//!
+//! Resolves its settings (flags over `clawmesh.json` over defaults), takes the state-dir lock,
+//! loads or creates the device key, opens the state database, binds QUIC, starts the mesh and
+//! the method table, publishes `gateway.json` for the local CLI, and runs until SIGINT/SIGTERM
+//! (links closed with a reason, runtime file removed) or a fatal join refusal.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clawmesh_discovery::PeerUrl;
+use clawmesh_federation::endpoint::{self, TransportOptions};
+use clawmesh_federation::handshake;
+use clawmesh_federation::health::HealthConfig;
+use clawmesh_federation::identity::{DeviceIdentity, PublicKey};
+use clawmesh_federation::mesh::{Admission, Mesh, MeshConfig};
+use clawmesh_federation::rpc::{self, Caller, CallerKind};
+use clawmesh_federation::store::Store;
+use clawmesh_federation::wire::{Hello, HelloRole, Refusal, RefusalCode};
+use quinn::Connection;
+use tracing::{info, warn};
+
+use crate::config::FileConfig;
+use crate::methods::Methods;
+use crate::scopes;
+use crate::state_dir::{DirLock, Runtime};
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bind {
+    /// 127.0.0.1 only (the default, as for the classic gateway).
+    Loopback,
+    /// Every interface.
+    Lan,
+    /// The machine's Tailscale address (100.64.0.0/10).
+    Tailnet,
+    /// One address.
+    Ip(IpAddr),
+}
+
+impl std::str::FromStr for Bind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "loopback" => Ok(Bind::Loopback),
+            "lan" => Ok(Bind::Lan),
+            "tailnet" => Ok(Bind::Tailnet),
+            ip => ip.parse().map(Bind::Ip).map_err(|_| {
+                format!("--bind takes loopback, lan, tailnet or an IP address, not {ip:?}")
+            }),
+        }
+    }
+}
+
+/// Command-line flags of `gateway run` (None = not given).
+#[derive(Debug, Clone, Default)]
+pub struct RunFlags {
+    /// `--name`.
+    pub name: Option<String>,
+    /// `--region`.
+    pub region: Option<String>,
+    /// `--bind`.
+    pub bind: Option<Bind>,
+    /// `--port`.
+    pub port: Option<u16>,
+    /// `--advertise`.
+    pub advertise: Option<String>,
+    /// `--primary`.
+    pub primary: bool,
+    /// `--join`.
+    pub join: Option<String>,
+    /// `--token` / `CLAWMESH_TOKEN`.
+    pub token: Option<String>,
+    /// `--health-interval` (ms).
+    pub health_interval: Option<u64>,
+    /// `--unhealthy-threshold`.
+    pub unhealthy_threshold: Option<u32>,
+}
+
+/// Everything a gateway runs with, after merging flags, file and defaults.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// State dir.
+    pub state_dir: PathBuf,
+    /// Name.
+    pub name: String,
+    /// Region.
+    pub region: Option<String>,
+    /// Listen address.
+    pub bind: Bind,
+    /// UDP port (0 = any).
+    pub port: u16,
+    /// Advertised address override.
+    pub advertise: Option<String>,
+    /// Configured as primary.
+    pub primary: bool,
+    /// Primary to join.
+    pub join: Option<PeerUrl>,
+    /// Federation join secret.
+    pub token: Option<String>,
+    /// Extra operator token (`gateway.auth.token`).
+    pub operator_token: Option<String>,
+    /// Health settings.
+    pub health: HealthConfig,
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into())
+}
+
+impl GatewaySettings {
+    /// Merges flags over the config file over defaults; reports unknown config keys.
+    pub fn resolve(state_dir: PathBuf, flags: RunFlags, file: &FileConfig) -> Result<Self> {
+        for k in &file.unknown {
+            warn!(
+                "unknown key {k} in {} (ignored)",
+                file.path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+        }
+        let mode = file.str("gateway.mode")?;
+        if let Some(m) = &mode {
+            if !["remote", "primary", "local"].contains(&m.as_str()) {
+                bail!("gateway.mode must be \"primary\" or \"remote\", not {m:?}");
+            }
+        }
+        let join = match flags.join.clone() {
+            Some(j) => Some(j),
+            None => file.first_str(&["gateway.primaryUrl"])?,
+        };
+        if flags.primary && flags.join.is_some() {
+            bail!("--primary and --join exclude each other: a primary is joined, it does not join");
+        }
+        let primary = flags.primary || (join.is_none() && mode.as_deref() != Some("remote"));
+        if mode.as_deref() == Some("remote") && !flags.primary && join.is_none() {
+            bail!("gateway.mode is \"remote\" but no primary is given: set gateway.primaryUrl or pass --join quic://host:port");
+        }
+        let join = match (primary, join) {
+            (false, Some(j)) => Some(PeerUrl::parse(&j, crate::DEFAULT_PORT)?),
+            _ => None,
+        };
+        let token = flags
+            .token
+            .clone()
+            .or(file.first_str(&["gateway.authToken", "gateway.remote.authToken"])?);
+        let interval = flags
+            .health_interval
+            .or(file.first_u64(&["gateway.failover.healthCheckInterval"])?)
+            .unwrap_or(10_000);
+        if interval < 10 {
+            bail!("health interval must be at least 10 ms, not {interval}");
+        }
+        let threshold = match flags.unhealthy_threshold {
+            Some(t) => u64::from(t),
+            None => file
+                .first_u64(&["gateway.failover.unhealthyThreshold"])?
+                .unwrap_or(3),
+        };
+        if threshold == 0 || threshold > 1000 {
+            bail!("unhealthy threshold must be between 1 and 1000, not {threshold}");
+        }
+        let port = match flags.port {
+            Some(p) => p,
+            None => match file.first_u64(&["gateway.port", "gateway.remote.listenPort"])? {
+                Some(p) => {
+                    u16::try_from(p).map_err(|_| anyhow!("gateway.port {p} is not a port"))?
+                }
+                None => crate::DEFAULT_PORT,
+            },
+        };
+        let bind = match flags.bind.clone() {
+            Some(b) => b,
+            None => match file.str("gateway.bind")? {
+                Some(b) => b.parse().map_err(|e: String| anyhow!(e))?,
+                None => Bind::Loopback,
+            },
+        };
+        Ok(GatewaySettings {
+            state_dir,
+            name: flags
+                .name
+                .clone()
+                .or(file.first_str(&["gateway.nodeName", "gateway.name"])?)
+                .unwrap_or_else(hostname),
+            region: flags.region.clone().or(file.str("gateway.region")?),
+            bind,
+            port,
+            advertise: flags.advertise.clone().or(file.str("gateway.advertise")?),
+            primary,
+            join,
+            token,
+            operator_token: file.str("gateway.auth.token")?,
+            health: HealthConfig {
+                interval: Duration::from_millis(interval),
+                unhealthy_threshold: threshold as u32,
+            },
+        })
+    }
+}
+
+fn interface_addrs() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|s| s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())))
+        .collect()
+}
+
+fn is_tailnet(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            o[0] == 100 && (64..128).contains(&o[1])
+        }
+        IpAddr::V6(_) => false,
+    }
+}
+
+fn bind_ip(bind: &Bind) -> Result<IpAddr> {
+    Ok(match bind {
+        Bind::Loopback => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        Bind::Lan => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Bind::Ip(ip) => *ip,
+        Bind::Tailnet => interface_addrs()
+            .into_iter()
+            .find(is_tailnet)
+            .ok_or_else(|| anyhow!("--bind tailnet: this machine has no Tailscale address (100.64.0.0/10); is tailscale up?"))?,
+    })
+}
+
+fn default_advertise(bound: SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let ip = interface_addrs()
+        .into_iter()
+        .find(|ip| !ip.is_loopback())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    SocketAddr::new(ip, bound.port()).to_string()
+}
+
+/// Decides on operators and nodes that dial this gateway.
+struct GatewayAdmission {
+    own_key: PublicKey,
+    tokens: Vec<String>,
+    methods: Methods,
+}
+
+impl Admission for GatewayAdmission {
+    fn admit(
+        &self,
+        key: &PublicKey,
+        _remote: SocketAddr,
+        hello: &Hello,
+    ) -> Result<CallerKind, Refusal> {
+        match &hello.role {
+            HelloRole::Operator(op) => {
+                let all = || {
+                    scopes::ALL
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                };
+                if *key == self.own_key {
+                    return Ok(CallerKind::Operator {
+                        scopes: all(),
+                        client: op.client.clone(),
+                    });
+                }
+                let Some(token) = &op.token else {
+                    return Err(Refusal {
+                        code: RefusalCode::BadToken,
+                        message: "operator token required: pass --token (or CLAWMESH_TOKEN), or run the CLI on the gateway's machine with its state dir".into(),
+                        retryable: false,
+                    });
+                };
+                if !self
+                    .tokens
+                    .iter()
+                    .any(|t| handshake::secrets_equal(t, token))
+                {
+                    return Err(Refusal {
+                        code: RefusalCode::BadToken,
+                        message: "unauthorized: gateway token mismatch".into(),
+                        retryable: false,
+                    });
+                }
+                let scopes = if op.scopes.is_empty() {
+                    all()
+                } else {
+                    op.scopes
+                        .iter()
+                        .filter(|s| scopes::ALL.contains(&s.as_str()))
+                        .cloned()
+                        .collect()
+                };
+                Ok(CallerKind::Operator {
+                    scopes,
+                    client: op.client.clone(),
+                })
+            }
+            HelloRole::Node(_) => Err(Refusal {
+                code: RefusalCode::Unavailable,
+                message: "this gateway does not host nodes yet".into(),
+                retryable: true,
+            }),
+            HelloRole::Gateway(_) => Err(Refusal {
+                code: RefusalCode::BadHello,
+                message: "gateway hellos are handled by the mesh".into(),
+                retryable: false,
+            }),
+        }
+    }
+
+    fn connected(&self, conn: Connection, caller: Caller, _hello: Hello) {
+        let methods = Arc::new(self.methods.clone());
+        tokio::spawn(rpc::serve(conn, caller, methods));
+    }
+}
+
+/// Runs a gateway until a signal or a fatal error.
+pub async fn run(s: GatewaySettings) -> Result<()> {
+    std::fs::create_dir_all(&s.state_dir)
+        .with_context(|| format!("creating state dir {}", s.state_dir.display()))?;
+    let _lock = DirLock::acquire(&s.state_dir)?;
+    let (identity, created) = DeviceIdentity::load_or_create(&s.state_dir)?;
+    if created {
+        info!(device = %identity.device_id(), "created device key in {}", s.state_dir.display());
+    }
+    let store = Store::open(&s.state_dir)?;
+    let ip = bind_ip(&s.bind)?;
+    let bind_addr = SocketAddr::new(ip, s.port);
+    let ep = endpoint::bind(&identity, bind_addr, &TransportOptions::default())?;
+    let bound = ep.local_addr().context("reading the bound address")?;
+    let advertise = s
+        .advertise
+        .clone()
+        .unwrap_or_else(|| default_advertise(bound));
+    let join = match &s.join {
+        Some(u) => Some(
+            clawmesh_federation::mesh::resolve(&u.authority())
+                .await
+                .map_err(|e| anyhow!("--join {u}: {e}"))?,
+        ),
+        None => None,
+    };
+    let methods = Methods::new();
+    let mut tokens: Vec<String> = s.token.iter().cloned().collect();
+    tokens.extend(s.operator_token.iter().cloned());
+    let admission = Arc::new(GatewayAdmission {
+        own_key: identity.public_key(),
+        tokens,
+        methods: methods.clone(),
+    });
+    let cfg = MeshConfig {
+        name: s.name.clone(),
+        region: s.region.clone(),
+        primary: s.primary,
+        join,
+        token: s.token.clone(),
+        advertise: advertise.clone(),
+        health: s.health,
+        software: crate::VERSION.to_string(),
+    };
+    let mesh = Mesh::start(
+        cfg,
+        &identity,
+        ep,
+        store,
+        Arc::new(methods.clone()),
+        admission,
+    )?;
+    methods.set_mesh(mesh.clone());
+    let local = if bound.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), bound.port())
+    } else {
+        bound
+    };
+    Runtime {
+        pid: std::process::id(),
+        name: s.name.clone(),
+        quic: local.to_string(),
+        advertise: advertise.clone(),
+        started_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        version: crate::VERSION.to_string(),
+    }
+    .write(&s.state_dir)?;
+    info!(
+        name = %s.name,
+        role = if s.primary { "primary" } else { "remote" },
+        quic = %bound,
+        advertise = %advertise,
+        device = %identity.device_id(),
+        "gateway ready"
+    );
+    let mut fatal = mesh.fatal();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let outcome: Result<&str> = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok("SIGINT"),
+        _ = sigterm.recv() => Ok("SIGTERM"),
+        r = fatal.changed() => match (r, fatal.borrow().clone()) {
+            (Ok(()), Some(msg)) => Err(anyhow!(msg)),
+            _ => Ok("mesh stopped"),
+        },
+    };
+    let reason = match &outcome {
+        Ok(sig) => format!("gateway {} shutting down ({sig})", s.name),
+        Err(e) => format!("gateway {} stopping: {e}", s.name),
+    };
+    info!("{reason}");
+    mesh.shutdown(&reason).await;
+    Runtime::remove(&s.state_dir);
+    outcome.map(|_| ())
+}

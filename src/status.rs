@@ -1,0 +1,178 @@
+//! The federation status view: the JSON of `gateway status --json` and the table people read.
+//!
+//! The gateway builds the JSON from its mesh; the CLI renders whatever JSON it received, so
+//! the table is the same whether it came from the local gateway or one reached with `--url`.
+
+use std::time::{Duration, SystemTime};
+
+use clawmesh_federation::mesh::MeshStatus;
+use serde_json::{json, Value};
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The JSON document of `gateway status --json`.
+pub fn to_json(s: &MeshStatus, all: bool) -> Value {
+    let gateways: Vec<Value> = s
+        .gateways
+        .iter()
+        .filter(|g| all || g.is_self)
+        .map(|g| {
+            json!({
+                "name": g.name,
+                "region": g.region,
+                "deviceId": g.device_id.to_string(),
+                "role": if g.primary { "primary" } else { "remote" },
+                "status": g.status.as_str(),
+                "latencyMs": g.latency.map(ms),
+                "lastSeen": g.last_seen.map(rfc3339),
+                "addr": g.addr,
+                "version": g.version,
+                "isSelf": g.is_self,
+                "latencyP99Ms": g.latency_p99.map(ms),
+                "missedPings": g.missed,
+                "lastError": g.last_error,
+            })
+        })
+        .collect();
+    json!({
+        "self": s.self_name,
+        "primary": s.primary,
+        "gateways": gateways,
+        "epoch": s.epoch,
+        "healthIntervalMs": s.health.interval.as_millis() as u64,
+        "unhealthyThreshold": s.health.unhealthy_threshold,
+    })
+}
+
+/// Whether every gateway in a status document is healthy (for `--check`).
+pub fn all_healthy(doc: &Value) -> bool {
+    doc["gateways"]
+        .as_array()
+        .map(|gs| gs.iter().all(|g| g["status"] == "healthy"))
+        .unwrap_or(false)
+}
+
+fn ago(rfc: &str, now: SystemTime) -> String {
+    let Ok(t) = humantime::parse_rfc3339_weak(rfc) else {
+        return rfc.to_string();
+    };
+    let d = now.duration_since(t).unwrap_or_default().as_secs();
+    if d < 1 {
+        "just now".into()
+    } else if d < 120 {
+        format!("{d}s ago")
+    } else if d < 7200 {
+        format!("{}m ago", d / 60)
+    } else if d < 172_800 {
+        format!("{}h ago", d / 3600)
+    } else {
+        format!("{}d ago", d / 86400)
+    }
+}
+
+fn latency_text(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 10.0 => format!("{x:.0}ms"),
+        Some(x) if x >= 1.0 => format!("{x:.1}ms"),
+        Some(x) => format!("{x:.2}ms"),
+        None => "-".into(),
+    }
+}
+
+/// Renders the status document as the table of seeds/003: name (region), role, status,
+/// latency, last seen.
+pub fn render_table(doc: &Value) -> String {
+    let now = SystemTime::now();
+    let mut rows: Vec<[String; 6]> = vec![[
+        "GATEWAY".into(),
+        "ROLE".into(),
+        "STATUS".into(),
+        "LATENCY".into(),
+        "LAST SEEN".into(),
+        "ADDRESS".into(),
+    ]];
+    for g in doc["gateways"].as_array().into_iter().flatten() {
+        let name = g["name"].as_str().unwrap_or("?");
+        let label = match g["region"].as_str() {
+            Some(r) => format!("{name} ({r})"),
+            None => name.to_string(),
+        };
+        let label = if g["isSelf"] == true {
+            format!("{label} *")
+        } else {
+            label
+        };
+        let status = g["status"].as_str().unwrap_or("?");
+        let mark = match status {
+            "healthy" => "✓",
+            "degraded" => "!",
+            _ => "✗",
+        };
+        let last_seen = match g["lastSeen"].as_str() {
+            _ if g["isSelf"] == true => "-".to_string(),
+            Some(t) => ago(t, now),
+            None => "never".into(),
+        };
+        rows.push([
+            label,
+            g["role"].as_str().unwrap_or("?").to_string(),
+            format!("{mark} {status}"),
+            if status == "offline" {
+                "-".into()
+            } else {
+                latency_text(&g["latencyMs"])
+            },
+            last_seen,
+            g["addr"].as_str().unwrap_or("").to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Federation: {} gateways, primary {}, seen from {}\n",
+        doc["gateways"].as_array().map(|g| g.len()).unwrap_or(0),
+        doc["primary"].as_str().unwrap_or("(unknown)"),
+        doc["self"].as_str().unwrap_or("?"),
+    ));
+    for r in &rows {
+        let mut line = String::from("  ");
+        for (c, cell) in r.iter().enumerate() {
+            line.push_str(cell);
+            if c + 1 < r.len() {
+                let pad = widths[c] - cell.chars().count() + 2;
+                line.push_str(&" ".repeat(pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_has_the_seed_columns() {
+        let doc = json!({"self":"tokyo","primary":"tokyo","gateways":[
+            {"name":"tokyo","region":"ap-northeast-1","role":"primary","status":"healthy","latencyMs":0.0,"lastSeen":"2026-01-01T00:00:00Z","addr":"127.0.0.1:1","isSelf":true},
+            {"name":"frankfurt","region":null,"role":"remote","status":"offline","latencyMs":null,"lastSeen":"2020-01-01T00:00:00Z","addr":"127.0.0.1:2","isSelf":false},
+            {"name":"beijing","region":"cn-north-1","role":"remote","status":"healthy","latencyMs":45.3,"lastSeen":null,"addr":"127.0.0.1:3","isSelf":false}
+        ]});
+        let t = render_table(&doc);
+        assert!(t.contains("tokyo (ap-northeast-1) *"), "{t}");
+        assert!(t.contains("✗ offline"), "{t}");
+        assert!(t.contains("45ms"), "{t}");
+        assert!(t.contains("d ago"), "{t}");
+        assert!(!all_healthy(&doc));
+    }
+}
