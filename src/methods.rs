@@ -106,10 +106,8 @@ impl Methods {
                     scopes: granted, ..
                 },
                 Access::Scope(required),
-            ) => {
-                if !scopes::satisfies(granted, required) {
-                    return Err(scopes::missing(required));
-                }
+            ) if !scopes::satisfies(granted, required) => {
+                return Err(scopes::missing(required));
             }
             _ => {}
         }

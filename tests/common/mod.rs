@@ -1,0 +1,193 @@
+//! Test harness: real `clawmesh` processes on 127.0.0.1, each with its own state dir.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_clawmesh");
+
+/// A gateway process; killed when dropped.
+pub struct Gw {
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Gw {
+    /// Starts `clawmesh --state-dir DIR gateway run ARGS...`, logging to DIR.log.
+    pub fn spawn(dir: &Path, args: &[&str]) -> Gw {
+        std::fs::create_dir_all(dir).unwrap();
+        let log = dir.with_extension("log");
+        let f = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("--state-dir")
+            .arg(dir)
+            .args(["gateway", "run", "--port", "0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("CLAWMESH_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(f))
+            .spawn()
+            .unwrap();
+        Gw {
+            dir: dir.to_path_buf(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    /// Waits for `gateway.json` of this process; returns the QUIC address.
+    pub fn wait_ready(&mut self) -> String {
+        let pid = self.child.as_ref().unwrap().id();
+        let ok = wait_until(Duration::from_secs(15), || {
+            std::fs::read_to_string(self.dir.join("gateway.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .map(|v| v["pid"] == pid)
+                .unwrap_or(false)
+        });
+        assert!(
+            ok,
+            "gateway in {} did not start:\n{}",
+            self.dir.display(),
+            self.log_text()
+        );
+        self.addr()
+    }
+
+    /// The QUIC address from `gateway.json`.
+    pub fn addr(&self) -> String {
+        let t = std::fs::read_to_string(self.dir.join("gateway.json")).unwrap();
+        let v: Value = serde_json::from_str(&t).unwrap();
+        v["quic"].as_str().unwrap().to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit.
+    pub fn term(&mut self) -> ExitStatus {
+        let mut c = self.child.take().unwrap();
+        nix_kill(c.id(), "TERM");
+        wait_child(&mut c, Duration::from_secs(10))
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let c = self.child.as_mut().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                self.child = None;
+                return Some(s);
+            }
+            if start.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn nix_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+fn wait_child(c: &mut Child, timeout: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(s)) = c.try_wait() {
+            return s;
+        }
+        if start.elapsed() > timeout {
+            let _ = c.kill();
+            return c.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `f` every 50 ms until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs the CLI with a state dir.
+pub fn cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--state-dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("CLAWMESH_TOKEN")
+        .output()
+        .unwrap()
+}
+
+/// `gateway status --all --json` of the gateway in `dir`, if it answers.
+pub fn status(dir: &Path) -> Option<Value> {
+    let out = cli(dir, &["gateway", "status", "--all", "--json"]);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The status row of gateway `name` in a status document.
+pub fn row<'a>(doc: &'a Value, name: &str) -> Option<&'a Value> {
+    doc["gateways"]
+        .as_array()?
+        .iter()
+        .find(|g| g["name"] == name)
+}
+
+/// Whether `dir`'s gateway sees every one of `names` healthy with a measured latency.
+pub fn sees_healthy(dir: &Path, names: &[&str]) -> bool {
+    let Some(doc) = status(dir) else { return false };
+    names.iter().all(|n| {
+        row(&doc, n)
+            .map(|g| g["status"] == "healthy" && g["latencyMs"].is_number())
+            .unwrap_or(false)
+    }) && doc["gateways"].as_array().map(|g| g.len()) == Some(names.len())
+}
