@@ -318,11 +318,7 @@ async fn quic_rpc() -> Result<Case> {
         },
         remote: pair.server_conn.remote_address(),
     };
-    let serve = tokio::spawn(rpc::serve(
-        pair.server_conn.clone(),
-        caller,
-        Arc::new(Echo),
-    ));
+    let serve = tokio::spawn(rpc::serve(pair.server_conn.clone(), caller, Arc::new(Echo)));
     let mut rtts = Vec::with_capacity(N);
     for i in 0..WARMUP + N {
         let t = Instant::now();
@@ -638,7 +634,11 @@ fn mesh_complete(doc: &Value, n: usize) -> bool {
 async fn bench_idle_rss(bin: &Path) -> Result<()> {
     let root = tempfile::tempdir()?;
     let mut primary = spawn_gateway(bin, root.path(), "a", &["--primary"])?;
-    let rt = wait_runtime_file(&mut primary, &root.path().join("a"), Duration::from_secs(10))?;
+    let rt = wait_runtime_file(
+        &mut primary,
+        &root.path().join("a"),
+        Duration::from_secs(10),
+    )?;
     let quic = rt["quic"]
         .as_str()
         .ok_or_else(|| anyhow!("gateway.json has no quic address: {rt}"))?;
@@ -706,7 +706,10 @@ async fn bench_idle_rss(bin: &Path) -> Result<()> {
     );
     println!("| process | VmRSS MB | RssAnon MB | RssFile MB | Pss MB | VmHWM MB | threads |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (name, m) in rows.iter().chain([("`sleep 30` (baseline)", sleep_mem)].iter()) {
+    for (name, m) in rows
+        .iter()
+        .chain([("`sleep 30` (baseline)", sleep_mem)].iter())
+    {
         println!(
             "| {name} | {} | {} | {} | {} | {} | {} |",
             mb(m.rss),
@@ -722,7 +725,11 @@ async fn bench_idle_rss(bin: &Path) -> Result<()> {
     println!(
         "\nLargest gateway VmRSS: {} MB (goal < 15 MB: {}).",
         mb(max_rss),
-        if max_rss < 15 * 1024 { "met" } else { "NOT met" }
+        if max_rss < 15 * 1024 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     println!("\nHealth-ping RTT as the primary's mesh measured it (window of the last pings):\n");
     println!("| link | latencyMs (median) | latencyP99Ms |");
@@ -819,7 +826,11 @@ async fn bench_start(bin: &Path) -> Result<()> {
     let dir = root.path().join("warm");
     let mut gw = spawn_gateway(bin, root.path(), "warm", &["--primary"])?;
     wait_runtime_file(&mut gw, &dir, Duration::from_secs(10))?;
-    first_status(&dir, Duration::from_secs(10)).await?.0.close().await;
+    first_status(&dir, Duration::from_secs(10))
+        .await?
+        .0
+        .close()
+        .await;
     let target = Target::Local(dir.clone());
     let (mut connect, mut call, mut close) = (vec![], vec![], vec![]);
     for _ in 0..STARTS {
@@ -856,14 +867,23 @@ async fn bench_start(bin: &Path) -> Result<()> {
     );
     println!("| what | n | p50 ms | mean ms | max ms |");
     println!("|---|---:|---:|---:|---:|");
-    println!("{}", row("spawn + wait `/bin/true` (baseline)", true_floor)?);
     println!(
         "{}",
-        row("spawn + wait `clawmesh --version` (baseline)", version_floor)?
+        row("spawn + wait `/bin/true` (baseline)", true_floor)?
     );
     println!(
         "{}",
-        row("cold start (fresh state dir): gateway.json written", cold_file)?
+        row(
+            "spawn + wait `clawmesh --version` (baseline)",
+            version_floor
+        )?
+    );
+    println!(
+        "{}",
+        row(
+            "cold start (fresh state dir): gateway.json written",
+            cold_file
+        )?
     );
     println!(
         "{}",
@@ -940,6 +960,9 @@ fn main() -> Result<()> {
     rt.block_on(bench_idle_rss(&bin))?;
     eprintln!("start-to-ready ...");
     rt.block_on(bench_start(&bin))?;
-    println!("\nTotal benchmark time: {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "\nTotal benchmark time: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

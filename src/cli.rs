@@ -41,8 +41,183 @@ pub enum Command {
     /// This peer's device identity.
     #[command(subcommand)]
     Identity(IdentityCmd),
+    /// Run a node host: the hands that run approved commands for the gateway.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Nodes attached to a gateway: status, describe, invoke.
+    #[command(subcommand)]
+    Nodes(NodesCmd),
+    /// Device pairing on a gateway: list, approve, reject, revoke.
+    #[command(subcommand)]
+    Devices(DevicesCmd),
+    /// Exec approvals of a node: what system.run may run there.
+    #[command(subcommand)]
+    Approvals(ApprovalsCmd),
     /// Start a Tokyo / Beijing / Frankfurt federation on this machine and show it working.
     Demo(DemoArgs),
+}
+
+/// `clawmesh node ...`
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Connect to a gateway and serve its commands (waits for pairing approval if needed).
+    Run(NodeRunArgs),
+}
+
+/// Flags of `node run`.
+#[derive(Debug, Args)]
+pub struct NodeRunArgs {
+    /// Gateway to attach to (quic://host:port); repeat for fallbacks, tried in order
+    /// (config: node.gateways or gateway.remote.url).
+    #[arg(long = "gateway", value_name = "quic://HOST:PORT")]
+    pub gateways: Vec<String>,
+    /// Display name (config: node.name; default: hostname).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Gateway token, if the gateway asks for one (config: gateway.remote.token).
+    #[arg(long, env = "CLAWMESH_NODE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Label KEY=VALUE, e.g. region=fra; repeatable (config: node.labels).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Override the exec approvals level: deny, allowlist or full (full: a lab, not production).
+    #[arg(long)]
+    pub security: Option<String>,
+}
+
+/// `clawmesh nodes ...`
+#[derive(Debug, Subcommand)]
+pub enum NodesCmd {
+    /// Known, paired and connected nodes.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
+    /// Everything the gateway knows about one node.
+    Describe {
+        /// Node id, name, IP or id prefix.
+        node: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
+    /// Run a command on a node (system.run, system.which, ...).
+    Invoke {
+        /// Node id, name, IP or id prefix.
+        #[arg(long)]
+        node: String,
+        /// Command, e.g. system.which.
+        #[arg(long)]
+        command: String,
+        /// Command params as JSON, e.g. '{"bins":["sh"]}'.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// Milliseconds before the gateway gives up (and tells the node to cancel).
+        #[arg(long, default_value_t = 30_000)]
+        timeout: u64,
+        /// Print {"ok","nodeId","command","payload"}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
+}
+
+/// `clawmesh devices ...`
+#[derive(Debug, Subcommand)]
+pub enum DevicesCmd {
+    /// Pending and paired devices.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
+    /// Approve a pending device (request id, device id, name, or id prefix).
+    Approve {
+        /// Which.
+        selector: String,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
+    /// Reject a pending device.
+    Reject {
+        /// Which.
+        selector: String,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
+    /// Revoke a paired device; it is disconnected at once.
+    Revoke {
+        /// Which.
+        selector: String,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
+}
+
+/// `clawmesh approvals ...`
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCmd {
+    /// Show a node's exec approvals file.
+    Get {
+        /// Node id, name, IP or id prefix.
+        #[arg(long)]
+        node: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
+    /// Set a node's exec security level (deny, allowlist, full).
+    Set {
+        /// Node id, name, IP or id prefix.
+        #[arg(long)]
+        node: String,
+        /// deny, allowlist or full.
+        #[arg(long)]
+        security: String,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
+    /// Allow a program (absolute path or glob such as /usr/bin/*) on a node.
+    Allow {
+        /// Node id, name, IP or id prefix.
+        #[arg(long)]
+        node: String,
+        /// Absolute path or glob.
+        pattern: String,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
+    /// Remove a pattern from a node's allowlist.
+    Deny {
+        /// Node id, name, IP or id prefix.
+        #[arg(long)]
+        node: String,
+        /// The pattern to remove.
+        pattern: String,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
 }
 
 /// `clawmesh identity ...`
@@ -245,6 +420,25 @@ pub async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Node(NodeCmd::Run(a)) => {
+            init_logging(cli.log.as_deref(), "info");
+            let file = FileConfig::load(&state_dir)?;
+            let settings = crate::node_cli::node_settings(state_dir, a, &file)?;
+            crate::node_run::run(settings).await?;
+            Ok(0)
+        }
+        Command::Nodes(cmd) => {
+            init_logging(cli.log.as_deref(), "warn");
+            crate::node_cli::nodes(cmd, &state_dir).await
+        }
+        Command::Devices(cmd) => {
+            init_logging(cli.log.as_deref(), "warn");
+            crate::node_cli::devices(cmd, &state_dir).await
+        }
+        Command::Approvals(cmd) => {
+            init_logging(cli.log.as_deref(), "warn");
+            crate::node_cli::approvals(cmd, &state_dir).await
+        }
         Command::Demo(a) => {
             init_logging(cli.log.as_deref(), "warn");
             crate::demo::run(a.health_interval).await?;
@@ -253,10 +447,17 @@ pub async fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-async fn call(target: &Target, method: &str, params: Value, timeout: Duration) -> Result<Value> {
+/// Calls one method, turning a gateway error into a message with its classic code.
+pub async fn call(
+    target: &Target,
+    method: &str,
+    params: Value,
+    timeout: Duration,
+) -> Result<Value> {
     client::call_once(target, method, params, timeout)
         .await
         .map_err(|e| match e {
+            ClientError::Remote(w) if w.message.starts_with(&w.code) => anyhow!("{}", w.message),
             ClientError::Remote(w) => anyhow!("{}: {}", w.code, w.message),
             ClientError::Transport(e) => e,
         })

@@ -17,14 +17,16 @@ use clawmesh_federation::handshake;
 use clawmesh_federation::health::HealthConfig;
 use clawmesh_federation::identity::{DeviceIdentity, PublicKey};
 use clawmesh_federation::mesh::{Admission, Mesh, MeshConfig};
+use clawmesh_federation::pairing::{Admission as PairingDecision, Registry};
 use clawmesh_federation::rpc::{self, Caller, CallerKind};
 use clawmesh_federation::store::Store;
-use clawmesh_federation::wire::{Hello, HelloRole, Refusal, RefusalCode};
+use clawmesh_federation::wire::{Hello, HelloRole, NodeHello, Refusal, RefusalCode};
 use quinn::Connection;
 use tracing::{info, warn};
 
 use crate::config::FileConfig;
 use crate::methods::Methods;
+use crate::nodes::{NodeInfo, NodeLink, NodeRegistry};
 use crate::scopes;
 use crate::state_dir::{DirLock, Runtime};
 
@@ -257,11 +259,69 @@ struct GatewayAdmission {
     methods: Methods,
 }
 
+impl GatewayAdmission {
+    fn admit_node(
+        &self,
+        key: &PublicKey,
+        remote: SocketAddr,
+        hello: &NodeHello,
+    ) -> Result<CallerKind, Refusal> {
+        if let Some(t) = &hello.token {
+            if !self.tokens.is_empty()
+                && !self.tokens.iter().any(|x| handshake::secrets_equal(x, t))
+            {
+                return Err(Refusal {
+                    code: RefusalCode::BadToken,
+                    message: "unauthorized: gateway token mismatch".into(),
+                    retryable: false,
+                });
+            }
+        }
+        let decision = self
+            .methods
+            .pairing()
+            .admit(
+                key,
+                &hello.name,
+                "node",
+                &remote.to_string(),
+                &hello.platform,
+            )
+            .map_err(|e| Refusal {
+                code: RefusalCode::Unavailable,
+                message: format!("pairing registry unavailable: {e}"),
+                retryable: true,
+            })?;
+        match decision {
+            PairingDecision::Paired(_) => Ok(CallerKind::Node {
+                name: hello.name.clone(),
+            }),
+            PairingDecision::Pending(p) => {
+                info!(
+                    device = %p.device_id,
+                    name = %p.name,
+                    request = %p.request_id,
+                    "pairing request pending; approve with `clawmesh devices approve {}`",
+                    p.request_id
+                );
+                Err(Refusal {
+                    code: RefusalCode::PairingRequired,
+                    message: format!(
+                        "pairing required: device is not approved yet; on the gateway run `clawmesh devices approve {}` (fingerprint {}) (requestId: {})",
+                        p.request_id, p.fingerprint, p.request_id
+                    ),
+                    retryable: true,
+                })
+            }
+        }
+    }
+}
+
 impl Admission for GatewayAdmission {
     fn admit(
         &self,
         key: &PublicKey,
-        _remote: SocketAddr,
+        remote: SocketAddr,
         hello: &Hello,
     ) -> Result<CallerKind, Refusal> {
         match &hello.role {
@@ -310,11 +370,7 @@ impl Admission for GatewayAdmission {
                     client: op.client.clone(),
                 })
             }
-            HelloRole::Node(_) => Err(Refusal {
-                code: RefusalCode::Unavailable,
-                message: "this gateway does not host nodes yet".into(),
-                retryable: true,
-            }),
+            HelloRole::Node(n) => self.admit_node(key, remote, n),
             HelloRole::Gateway(_) => Err(Refusal {
                 code: RefusalCode::BadHello,
                 message: "gateway hellos are handled by the mesh".into(),
@@ -323,9 +379,40 @@ impl Admission for GatewayAdmission {
         }
     }
 
-    fn connected(&self, conn: Connection, caller: Caller, _hello: Hello) {
+    fn connected(&self, conn: Connection, caller: Caller, hello: Hello) {
         let methods = Arc::new(self.methods.clone());
-        tokio::spawn(rpc::serve(conn, caller, methods));
+        match (&caller.kind, hello.role) {
+            (CallerKind::Node { .. }, HelloRole::Node(n)) => {
+                let info = NodeInfo {
+                    node_id: caller.key.device_id(),
+                    key: caller.key,
+                    name: n.name.clone(),
+                    remote: caller.remote.to_string(),
+                    platform: n.platform,
+                    version: hello.software,
+                    // Bounded: a node declares a handful of commands and labels.
+                    commands: n.commands.into_iter().take(256).collect(),
+                    labels: n.labels.into_iter().take(64).collect(),
+                    connected_at: std::time::SystemTime::now(),
+                };
+                let node_id = info.node_id;
+                let registry = self.methods.nodes().clone();
+                let session = registry.attach(info, NodeLink::Quic(conn.clone()));
+                info!(node = %n.name, device = %node_id.short(), remote = %caller.remote, "node attached");
+                tokio::spawn(async move {
+                    rpc::serve(conn.clone(), caller, methods).await;
+                    registry.detach(&node_id, session);
+                    let reason = conn
+                        .close_reason()
+                        .map(|r| r.to_string())
+                        .unwrap_or_default();
+                    info!(node = %n.name, "node detached: {reason}");
+                });
+            }
+            _ => {
+                tokio::spawn(rpc::serve(conn, caller, methods));
+            }
+        }
     }
 }
 
@@ -339,6 +426,7 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         info!(device = %identity.device_id(), "created device key in {}", s.state_dir.display());
     }
     let store = Store::open(&s.state_dir)?;
+    let pairing = Registry::open(store.clone())?;
     let ip = bind_ip(&s.bind)?;
     let bind_addr = SocketAddr::new(ip, s.port);
     let ep = endpoint::bind(&identity, bind_addr, &TransportOptions::default())?;
@@ -355,7 +443,7 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         ),
         None => None,
     };
-    let methods = Methods::new();
+    let methods = Methods::new(pairing, Arc::new(NodeRegistry::default()));
     let mut tokens: Vec<String> = s.token.iter().cloned().collect();
     tokens.extend(s.operator_token.iter().cloned());
     let admission = Arc::new(GatewayAdmission {

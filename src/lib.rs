@@ -4,7 +4,8 @@
 //! [`gateway`] runs a gateway (mesh + [`methods`] table); [`client`] is the operator side the
 //! CLI uses; [`status`] renders the federation view; [`config`] reads `clawmesh.json`;
 //! [`state_dir`] finds the state dir and the running gateway; [`relay`] simulates WAN latency
-//! on loopback for [`demo`] and the tests.
+//! on loopback for [`demo`] and the tests. [`nodes`] is the gateway's registry of attached
+//! nodes; [`node_run`] is the node host process, serving the commands of [`node_host`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -14,6 +15,10 @@ pub mod config;
 pub mod demo;
 pub mod gateway;
 pub mod methods;
+pub mod node_cli;
+pub mod node_host;
+pub mod node_run;
+pub mod nodes;
 pub mod relay;
 pub mod scopes;
 pub mod state_dir;

@@ -122,9 +122,14 @@ pub struct DirLock {
 }
 
 impl DirLock {
-    /// Takes the lock, or explains who holds it.
+    /// Takes the gateway lock, or explains who holds it.
     pub fn acquire(dir: &Path) -> Result<DirLock> {
-        let path = dir.join(LOCK_FILE);
+        Self::acquire_named(dir, LOCK_FILE, "gateway")
+    }
+
+    /// Takes the lock file `name` for a `what` (gateway, node host).
+    pub fn acquire_named(dir: &Path, name: &str, what: &str) -> Result<DirLock> {
+        let path = dir.join(name);
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -135,11 +140,15 @@ impl DirLock {
         match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(flock) => Ok(DirLock { _flock: flock }),
             Err((_, _)) => {
-                let who = Runtime::read(dir)
-                    .map(|r| format!(" (gateway {} pid {})", r.name, r.pid))
-                    .unwrap_or_default();
+                let who = if name == LOCK_FILE {
+                    Runtime::read(dir)
+                        .map(|r| format!(" (gateway {} pid {})", r.name, r.pid))
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                };
                 Err(anyhow!(
-                    "another gateway is already running with state dir {}{who}; use another --state-dir",
+                    "another {what} is already running with state dir {}{who}; use another --state-dir",
                     dir.display()
                 ))
             }

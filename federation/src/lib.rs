@@ -6,6 +6,7 @@
 //! - [`handshake`]: the hello exchange and join-token proofs;
 //! - [`rpc`]: request/reply streams and the handler interface of the method table;
 //! - [`mesh`]: membership, the full mesh of gateway links, redial and [`health`];
+//! - [`pairing`]: the registry of approved and pending devices;
 //! - [`store`]: the SQLite state database; [`backoff`]: redial timing.
 //!
 //! This crate knows nothing of the CLI; the `clawmesh` binary builds on it.
@@ -20,6 +21,7 @@ pub mod handshake;
 pub mod health;
 pub mod identity;
 pub mod mesh;
+pub mod pairing;
 pub mod rpc;
 pub mod store;
 pub mod wire;

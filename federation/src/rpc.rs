@@ -217,7 +217,16 @@ pub async fn serve(conn: Connection, caller: Caller, handler: Arc<dyn Handler>) 
             };
             let id = req.id;
             let span = tracing::debug_span!("request", peer = %caller.remote, req_id = id, method = %req.method);
-            let result = handler.handle(caller, req).instrument(span).await;
+            // A caller that gives up (timeout, cancel) stops the stream: drop the handler, which
+            // cancels its work (a running command's process group is killed).
+            let stopped = send.stopped();
+            let result = tokio::select! {
+                r = handler.handle(caller, req).instrument(span) => r,
+                _ = stopped => {
+                    debug!(req_id = id, "request cancelled by the caller");
+                    return;
+                }
+            };
             let mut resp = Response { id, result };
             let bytes = match frame::encode(&resp, MAX_FRAME) {
                 Ok(b) => b,

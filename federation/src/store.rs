@@ -120,6 +120,15 @@ impl Store {
         }
     }
 
+    /// Runs `f` on the connection (for modules that keep their own tables, such as pairing).
+    pub fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn();
+        f(&mut conn).map_err(|e| self.sql(e))
+    }
+
     /// Reads a metadata value.
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.conn()

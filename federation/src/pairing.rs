@@ -1,0 +1,523 @@
+//! The pairing registry: which devices may attach as nodes, and who is waiting.
+//!
+//! A device the gateway does not know becomes a *pending request* when it connects; an operator
+//! approves, rejects or later revokes it (`clawmesh devices ...`). The registry lives in the
+//! state database, so it survives restarts and crashes (each change is one transaction).
+//! Pending requests expire [`PENDING_TTL`] after the device last retried. The shapes follow the
+//! classic OpenClaw protocol's `device.pair.*` records.
+
+use std::time::{Duration, SystemTime};
+
+use rand::RngExt as _;
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use crate::identity::{DeviceId, PublicKey};
+use crate::store::{Store, StoreError};
+
+/// How long a pending request lives after the device's last retry (the classic
+/// `DEVICE_PAIRING_PENDING_TTL_MS`).
+pub const PENDING_TTL: Duration = Duration::from_secs(300);
+
+/// Most pending requests kept: a flood of unknown devices cannot grow the table without bound;
+/// beyond this the oldest request is dropped.
+pub const MAX_PENDING: usize = 1024;
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum PairingError {
+    /// Nothing matches the selector.
+    #[error("no device or pending request matches {0:?} (see `clawmesh devices list`)")]
+    NotFound(String),
+    /// Several devices match.
+    #[error(
+        "{selector:?} matches several devices: {candidates}; use the full device id or request id"
+    )]
+    Ambiguous {
+        /// What was asked.
+        selector: String,
+        /// What matched.
+        candidates: String,
+    },
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A device waiting for approval.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingRequest {
+    /// Request id (UUID), what `devices approve` takes.
+    pub request_id: String,
+    /// Device id (hex).
+    pub device_id: String,
+    /// Public key, base64url.
+    pub public_key: String,
+    /// Name the device gave.
+    pub name: String,
+    /// Role asked for (`node`, `operator`).
+    pub role: String,
+    /// Where it connected from.
+    pub addr: String,
+    /// Platform it reported.
+    pub platform: String,
+    /// First request time, RFC 3339.
+    pub requested_at: String,
+    /// Last retry time, RFC 3339.
+    pub refreshed_at: String,
+    /// Key fingerprint to compare with `clawmesh identity show` on the device.
+    pub fingerprint: String,
+    #[serde(skip)]
+    refreshed_ms: u64,
+}
+
+/// An approved device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PairedDevice {
+    /// Device id (hex).
+    pub device_id: String,
+    /// Public key, base64url.
+    pub public_key: String,
+    /// Name.
+    pub name: String,
+    /// Approved role.
+    pub role: String,
+    /// Platform.
+    pub platform: String,
+    /// Approval time, RFC 3339.
+    pub approved_at: String,
+    /// Key fingerprint.
+    pub fingerprint: String,
+}
+
+/// What the registry says about a connecting device.
+#[derive(Debug, Clone)]
+pub enum Admission {
+    /// Paired: let it in.
+    Paired(PairedDevice),
+    /// Not paired: this request waits for an operator.
+    Pending(PendingRequest),
+}
+
+/// Both lists, for `devices list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    /// Waiting devices, oldest first.
+    pub pending: Vec<PendingRequest>,
+    /// Approved devices.
+    pub paired: Vec<PairedDevice>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// A short, readable key fingerprint: the device id's first 16 hex characters in groups of 4.
+pub fn fingerprint(key: &PublicKey) -> String {
+    let id = key.device_id().to_string();
+    id.as_bytes()
+        .chunks(4)
+        .take(4)
+        .map(|c| String::from_utf8_lossy(c).to_string())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn uuid_v4() -> String {
+    let mut b: [u8; 16] = rand::rng().random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS paired_devices (
+    public_key BLOB PRIMARY KEY,
+    device_id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    approved_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_devices (
+    request_id TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    device_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    addr TEXT NOT NULL,
+    platform TEXT NOT NULL,
+    requested_at_ms INTEGER NOT NULL,
+    refreshed_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pending_by_key ON pending_devices(public_key, role);
+";
+
+/// The registry over a state database.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    store: Store,
+}
+
+type PendingRow = (String, Vec<u8>, String, String, String, String, i64, i64);
+
+impl Registry {
+    /// Opens the registry, creating its tables if needed.
+    pub fn open(store: Store) -> Result<Registry, PairingError> {
+        store.with_conn(|c| c.execute_batch(SCHEMA))?;
+        Ok(Registry { store })
+    }
+
+    fn key_of(bytes: &[u8]) -> Option<PublicKey> {
+        PublicKey::from_bytes(bytes).ok()
+    }
+
+    fn pending_from(row: PendingRow) -> Option<PendingRequest> {
+        let (request_id, key, name, role, addr, platform, requested, refreshed) = row;
+        let key = Self::key_of(&key)?;
+        Some(PendingRequest {
+            request_id,
+            device_id: key.device_id().to_string(),
+            public_key: key.to_base64url(),
+            name,
+            role,
+            addr,
+            platform,
+            requested_at: rfc3339(requested.max(0) as u64),
+            refreshed_at: rfc3339(refreshed.max(0) as u64),
+            fingerprint: fingerprint(&key),
+            refreshed_ms: refreshed.max(0) as u64,
+        })
+    }
+
+    /// Looks a device up when it connects: paired devices get in; others get (or refresh) a
+    /// pending request.
+    pub fn admit(
+        &self,
+        key: &PublicKey,
+        name: &str,
+        role: &str,
+        addr: &str,
+        platform: &str,
+    ) -> Result<Admission, PairingError> {
+        if let Some(p) = self.paired(key)? {
+            if p.role == role {
+                return Ok(Admission::Paired(p));
+            }
+        }
+        let now = now_ms();
+        let cutoff = now.saturating_sub(PENDING_TTL.as_millis() as u64) as i64;
+        let kb = key.0.to_vec();
+        let device_id = key.device_id().to_string();
+        let row = self.store.with_conn(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM pending_devices WHERE refreshed_at_ms < ?1", [cutoff])?;
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT request_id FROM pending_devices WHERE public_key = ?1 AND role = ?2",
+                    params![kb, role],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let request_id = match existing {
+                Some(id) => {
+                    tx.execute(
+                        "UPDATE pending_devices SET refreshed_at_ms = ?2, name = ?3, addr = ?4, platform = ?5 WHERE request_id = ?1",
+                        params![id, now as i64, name, addr, platform],
+                    )?;
+                    id
+                }
+                None => {
+                    let id = uuid_v4();
+                    tx.execute(
+                        "INSERT INTO pending_devices(request_id, public_key, device_id, name, role, addr, platform, requested_at_ms, refreshed_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                        params![id, kb, device_id, name, role, addr, platform, now as i64],
+                    )?;
+                    tx.execute(
+                        "DELETE FROM pending_devices WHERE request_id IN (
+                            SELECT request_id FROM pending_devices ORDER BY refreshed_at_ms DESC LIMIT -1 OFFSET ?1)",
+                        [MAX_PENDING as i64],
+                    )?;
+                    id
+                }
+            };
+            let row = tx.query_row(
+                "SELECT request_id, public_key, name, role, addr, platform, requested_at_ms, refreshed_at_ms
+                 FROM pending_devices WHERE request_id = ?1",
+                [&request_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
+            )?;
+            tx.commit()?;
+            Ok(row)
+        })?;
+        Self::pending_from(row)
+            .map(Admission::Pending)
+            .ok_or_else(|| PairingError::NotFound(device_id))
+    }
+
+    /// The paired record of a key, if any.
+    pub fn paired(&self, key: &PublicKey) -> Result<Option<PairedDevice>, PairingError> {
+        let kb = key.0.to_vec();
+        let row: Option<(String, String, String, i64)> = self.store.with_conn(|c| {
+            c.query_row(
+                "SELECT name, role, platform, approved_at_ms FROM paired_devices WHERE public_key = ?1",
+                [kb],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+        })?;
+        Ok(row.map(|(name, role, platform, at)| PairedDevice {
+            device_id: key.device_id().to_string(),
+            public_key: key.to_base64url(),
+            name,
+            role,
+            platform,
+            approved_at: rfc3339(at.max(0) as u64),
+            fingerprint: fingerprint(key),
+        }))
+    }
+
+    /// Pending (unexpired) and paired devices.
+    pub fn list(&self) -> Result<Listing, PairingError> {
+        let cutoff = now_ms().saturating_sub(PENDING_TTL.as_millis() as u64);
+        let (pending_rows, paired_rows) = self.store.with_conn(|c| {
+            let mut stmt = c.prepare(
+                "SELECT request_id, public_key, name, role, addr, platform, requested_at_ms, refreshed_at_ms
+                 FROM pending_devices WHERE refreshed_at_ms >= ?1 ORDER BY requested_at_ms",
+            )?;
+            let pending: Vec<PendingRow> = stmt
+                .query_map([cutoff as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut stmt = c.prepare(
+                "SELECT public_key, name, role, platform, approved_at_ms FROM paired_devices ORDER BY approved_at_ms",
+            )?;
+            let paired: Vec<(Vec<u8>, String, String, String, i64)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                .collect::<Result<_, _>>()?;
+            Ok((pending, paired))
+        })?;
+        let pending = pending_rows
+            .into_iter()
+            .filter_map(Self::pending_from)
+            .collect();
+        let paired = paired_rows
+            .into_iter()
+            .filter_map(|(k, name, role, platform, at)| {
+                let key = Self::key_of(&k)?;
+                Some(PairedDevice {
+                    device_id: key.device_id().to_string(),
+                    public_key: key.to_base64url(),
+                    name,
+                    role,
+                    platform,
+                    approved_at: rfc3339(at.max(0) as u64),
+                    fingerprint: fingerprint(&key),
+                })
+            })
+            .collect();
+        Ok(Listing { pending, paired })
+    }
+
+    fn find_pending(&self, selector: &str) -> Result<PendingRequest, PairingError> {
+        let all = self.list()?.pending;
+        pick(
+            selector,
+            all,
+            |p| {
+                [&p.request_id, &p.device_id, &p.name]
+                    .iter()
+                    .any(|f| f.as_str() == selector)
+            },
+            |p| p.device_id.starts_with(selector) || p.request_id.starts_with(selector),
+            |p| format!("{} ({})", p.name, &p.device_id[..12]),
+        )
+    }
+
+    fn find_paired(&self, selector: &str) -> Result<PairedDevice, PairingError> {
+        let all = self.list()?.paired;
+        pick(
+            selector,
+            all,
+            |p| p.device_id == selector || p.name == selector,
+            |p| p.device_id.starts_with(selector),
+            |p| format!("{} ({})", p.name, &p.device_id[..12]),
+        )
+    }
+
+    /// Approves a pending request (by request id, device id, name, or id prefix).
+    pub fn approve(&self, selector: &str) -> Result<PairedDevice, PairingError> {
+        let p = self.find_pending(selector)?;
+        let key = PublicKey::from_base64(&p.public_key)
+            .map_err(|_| PairingError::NotFound(selector.to_string()))?;
+        let now = now_ms();
+        self.store.with_conn(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO paired_devices(public_key, device_id, name, role, platform, approved_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(public_key) DO UPDATE SET name = excluded.name, role = excluded.role,
+                    platform = excluded.platform, approved_at_ms = excluded.approved_at_ms",
+                params![key.0.to_vec(), p.device_id, p.name, p.role, p.platform, now as i64],
+            )?;
+            tx.execute("DELETE FROM pending_devices WHERE public_key = ?1", [key.0.to_vec()])?;
+            tx.commit()
+        })?;
+        self.paired(&key)?
+            .ok_or_else(|| PairingError::NotFound(selector.to_string()))
+    }
+
+    /// Rejects a pending request; the device may ask again later.
+    pub fn reject(&self, selector: &str) -> Result<PendingRequest, PairingError> {
+        let p = self.find_pending(selector)?;
+        self.store.with_conn(|c| {
+            c.execute(
+                "DELETE FROM pending_devices WHERE request_id = ?1",
+                [&p.request_id],
+            )
+        })?;
+        Ok(p)
+    }
+
+    /// Revokes a paired device: it must be approved again to attach.
+    pub fn revoke(&self, selector: &str) -> Result<PairedDevice, PairingError> {
+        let p = self.find_paired(selector)?;
+        self.store.with_conn(|c| {
+            c.execute(
+                "DELETE FROM paired_devices WHERE device_id = ?1",
+                [&p.device_id],
+            )
+        })?;
+        Ok(p)
+    }
+
+    /// Whether a device id is paired (for quick checks on live sessions).
+    pub fn is_paired(&self, id: &DeviceId) -> Result<bool, PairingError> {
+        let s = id.to_string();
+        Ok(self
+            .store
+            .with_conn(|c| {
+                c.query_row(
+                    "SELECT 1 FROM paired_devices WHERE device_id = ?1",
+                    [s],
+                    |_| Ok(()),
+                )
+                .optional()
+            })?
+            .is_some())
+    }
+}
+
+fn pick<T>(
+    selector: &str,
+    all: Vec<T>,
+    exact: impl Fn(&T) -> bool,
+    prefix: impl Fn(&T) -> bool,
+    show: impl Fn(&T) -> String,
+) -> Result<T, PairingError> {
+    let selector = selector.trim();
+    let (mut exact_hits, rest): (Vec<T>, Vec<T>) = all.into_iter().partition(|t| exact(t));
+    if exact_hits.len() == 1 {
+        return exact_hits
+            .pop()
+            .ok_or_else(|| PairingError::NotFound(selector.into()));
+    }
+    if exact_hits.len() > 1 {
+        return Err(PairingError::Ambiguous {
+            selector: selector.into(),
+            candidates: exact_hits.iter().map(&show).collect::<Vec<_>>().join(", "),
+        });
+    }
+    if selector.len() < 6 {
+        return Err(PairingError::NotFound(selector.into()));
+    }
+    let mut hits: Vec<T> = rest.into_iter().filter(|t| prefix(t)).collect();
+    match hits.len() {
+        1 => hits
+            .pop()
+            .ok_or_else(|| PairingError::NotFound(selector.into())),
+        0 => Err(PairingError::NotFound(selector.into())),
+        _ => Err(PairingError::Ambiguous {
+            selector: selector.into(),
+            candidates: hits.iter().map(&show).collect::<Vec<_>>().join(", "),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::DeviceIdentity;
+
+    #[test]
+    fn pending_approve_reject_revoke_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(Store::open(dir.path()).unwrap()).unwrap();
+        let k1 = DeviceIdentity::ephemeral().public_key();
+        let k2 = DeviceIdentity::ephemeral().public_key();
+        let Admission::Pending(p1) = reg
+            .admit(&k1, "node-a", "node", "127.0.0.1:1", "linux")
+            .unwrap()
+        else {
+            panic!("new device must be pending")
+        };
+        // A retry reuses the same request.
+        let Admission::Pending(again) = reg
+            .admit(&k1, "node-a", "node", "127.0.0.1:1", "linux")
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(p1.request_id, again.request_id);
+        let Admission::Pending(p2) = reg
+            .admit(&k2, "node-b", "node", "127.0.0.1:2", "linux")
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(reg.list().unwrap().pending.len(), 2);
+        assert!(matches!(
+            reg.approve("nope-nope"),
+            Err(PairingError::NotFound(_))
+        ));
+        let d = reg.approve(&p1.request_id).unwrap();
+        assert_eq!(d.name, "node-a");
+        assert!(matches!(
+            reg.admit(&k1, "node-a", "node", "x", "linux").unwrap(),
+            Admission::Paired(_)
+        ));
+        reg.reject("node-b").unwrap();
+        assert!(reg.list().unwrap().pending.is_empty());
+        let _ = p2;
+        // Survives a reopen.
+        drop(reg);
+        let reg = Registry::open(Store::open(dir.path()).unwrap()).unwrap();
+        assert!(reg.is_paired(&k1.device_id()).unwrap());
+        let r = reg.revoke(&k1.device_id().to_string()[..10]).unwrap();
+        assert_eq!(r.name, "node-a");
+        assert!(!reg.is_paired(&k1.device_id()).unwrap());
+        assert!(matches!(
+            reg.admit(&k1, "node-a", "node", "x", "linux").unwrap(),
+            Admission::Pending(_)
+        ));
+    }
+}

@@ -1,0 +1,298 @@
+//! `clawmesh node run`: the node host process.
+//!
+//! It connects to a gateway over QUIC with its device key and serves the gateway's command
+//! requests (`system.run`, `system.which`, `system.execApprovals.get/set`). An unknown device
+//! becomes a pending pairing request on the gateway; the node keeps retrying (1 s, 2 s, ...
+//! capped at 5 s while waiting for approval) and starts serving by itself once approved. With
+//! several gateways it moves to the next when the current one is unreachable or drops it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clawmesh_discovery::PeerUrl;
+use clawmesh_federation::backoff::Backoff;
+use clawmesh_federation::endpoint::{self, TransportOptions};
+use clawmesh_federation::handshake::{self, HandshakeError};
+use clawmesh_federation::identity::DeviceIdentity;
+use clawmesh_federation::rpc::{self, BoxFuture, Caller, CallerKind, Handler};
+use clawmesh_federation::wire::{HelloRole, NodeHello, RefusalCode, Request, WireError};
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::node_host::approvals::{ExecApprovals, Security, SetParams};
+use crate::node_host::exec::{self, ExecLimits, RunParams};
+use crate::node_host::which::{self, WhichParams};
+
+/// Commands a clawmesh node offers.
+pub const COMMANDS: &[&str] = &[
+    "system.run",
+    "system.which",
+    "system.execApprovals.get",
+    "system.execApprovals.set",
+];
+
+/// How long a connect attempt may take before the next gateway is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings of a node host.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// State dir (key, exec approvals).
+    pub state_dir: PathBuf,
+    /// Gateways to try, in order.
+    pub gateways: Vec<PeerUrl>,
+    /// Display name.
+    pub name: String,
+    /// Gateway token, if the gateway asks for one.
+    pub token: Option<String>,
+    /// Labels such as `region=fra`.
+    pub labels: Vec<(String, String)>,
+    /// `--security` override of the exec approvals level (a lab's `full`).
+    pub security: Option<Security>,
+}
+
+/// Serves the gateway's requests on a node.
+#[derive(Clone)]
+pub struct NodeHandler {
+    inner: Arc<NodeInner>,
+}
+
+struct NodeInner {
+    approvals: ExecApprovals,
+    limits: ExecLimits,
+}
+
+impl NodeHandler {
+    /// A handler over the node's state dir.
+    pub fn new(settings: &NodeSettings) -> Self {
+        NodeHandler {
+            inner: Arc::new(NodeInner {
+                approvals: ExecApprovals::new(&settings.state_dir, settings.security)
+                    .with_node_name(settings.name.clone()),
+                limits: ExecLimits::default(),
+            }),
+        }
+    }
+
+    async fn run(&self, method: &str, params: Value) -> Result<Value, WireError> {
+        let err = |code: &str, msg: String| WireError::new(code, msg);
+        let to_json = |v: Result<Value, serde_json::Error>| {
+            v.map_err(|e| err("UNAVAILABLE", format!("encoding the result: {e}")))
+        };
+        match method {
+            "system.run" => {
+                let p = RunParams::from_value(params).map_err(|e| err(e.code(), e.to_string()))?;
+                let r = exec::system_run(
+                    p,
+                    &self.inner.approvals,
+                    &self.inner.limits,
+                    std::future::pending(),
+                )
+                .await
+                .map_err(|e| err(e.code(), e.to_string()))?;
+                to_json(serde_json::to_value(r))
+            }
+            "system.which" => {
+                let p =
+                    WhichParams::from_value(params).map_err(|e| err(e.code(), e.to_string()))?;
+                let r = which::which(&p).map_err(|e| err(e.code(), e.to_string()))?;
+                to_json(serde_json::to_value(r))
+            }
+            "system.execApprovals.get" => {
+                let r = self
+                    .inner
+                    .approvals
+                    .get()
+                    .map_err(|e| err(e.code(), e.to_string()))?;
+                to_json(serde_json::to_value(r))
+            }
+            "system.execApprovals.set" => {
+                let p = SetParams::from_value(params).map_err(|e| err(e.code(), e.to_string()))?;
+                let r = self
+                    .inner
+                    .approvals
+                    .set(p)
+                    .map_err(|e| err(e.code(), e.to_string()))?;
+                to_json(serde_json::to_value(r))
+            }
+            other => Err(err(
+                "UNAVAILABLE",
+                format!("command not advertised by this node: {other}"),
+            )),
+        }
+    }
+}
+
+impl Handler for NodeHandler {
+    fn handle(&self, caller: Caller, req: Request) -> BoxFuture<Result<String, WireError>> {
+        // Handler futures are 'static: they hold their own reference to the shared state.
+        let h = self.clone();
+        Box::pin(async move {
+            if !matches!(caller.kind, CallerKind::Gateway { .. }) {
+                return Err(WireError::new(
+                    "INVALID_REQUEST",
+                    "only the gateway may invoke commands",
+                ));
+            }
+            let params: Value = if req.params.trim().is_empty() {
+                Value::Object(Default::default())
+            } else {
+                serde_json::from_str(&req.params).map_err(|e| {
+                    WireError::new("INVALID_REQUEST", format!("invalid params: {e}"))
+                })?
+            };
+            info!(req_id = req.id, command = %req.method, "invoke");
+            h.run(&req.method, params).await.map(|v| v.to_string())
+        })
+    }
+}
+
+/// Runs the node host until SIGINT/SIGTERM, or a refusal no retry can fix.
+pub async fn run(s: NodeSettings) -> Result<()> {
+    if s.gateways.is_empty() {
+        return Err(anyhow!(
+            "no gateway to connect to: pass --gateway quic://host:port (or set node.gateways / gateway.remote.url in clawmesh.json)"
+        ));
+    }
+    std::fs::create_dir_all(&s.state_dir)
+        .with_context(|| format!("creating state dir {}", s.state_dir.display()))?;
+    let _lock = crate::state_dir::DirLock::acquire_named(&s.state_dir, "node.lock", "node host")?;
+    let (identity, _) = DeviceIdentity::load_or_create(&s.state_dir)?;
+    info!(device = %identity.device_id(), name = %s.name, "node host starting");
+    let handler: Arc<dyn Handler> = Arc::new(NodeHandler::new(&s));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = sigterm.recv() => "SIGTERM",
+        }
+    };
+    tokio::pin!(stop);
+    // Retry pacing: 1 s doubling to 30 s when gateways are unreachable; at most 5 s while
+    // waiting for an operator's approval, so the node attaches soon after it.
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut pairing_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
+    let mut idx = 0usize;
+    let mut last_request: Option<String> = None;
+    loop {
+        let url = &s.gateways[idx % s.gateways.len()];
+        let attempt = tokio::select! {
+            r = session(&s, &identity, url, handler.clone()) => r,
+            sig = &mut stop => {
+                info!("node host stopping ({sig})");
+                return Ok(());
+            }
+        };
+        let delay = match attempt {
+            Ok(()) => {
+                // Attached, served, then lost the gateway: try it again first, quickly.
+                backoff.reset();
+                pairing_backoff.reset();
+                Duration::from_millis(200)
+            }
+            Err(SessionError::Refused {
+                code: RefusalCode::PairingRequired,
+                message,
+            }) => {
+                let req = message
+                    .split("requestId: ")
+                    .nth(1)
+                    .map(|r| r.trim_end_matches(')').to_string());
+                if req != last_request {
+                    warn!("{message}");
+                    last_request = req;
+                }
+                pairing_backoff.next_delay()
+            }
+            Err(SessionError::Refused {
+                code: RefusalCode::BadToken,
+                message,
+            }) => {
+                return Err(anyhow!("gateway {url} refused this node: {message}"));
+            }
+            Err(e) => {
+                warn!(gateway = %url, "{e}");
+                idx += 1;
+                if idx % s.gateways.len() == 0 {
+                    backoff.next_delay()
+                } else {
+                    Duration::from_millis(100)
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {},
+            sig = &mut stop => {
+                info!("node host stopping ({sig})");
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{message}")]
+    Refused { code: RefusalCode, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One attachment to one gateway: connect, hello, serve until the connection ends.
+async fn session(
+    s: &NodeSettings,
+    identity: &DeviceIdentity,
+    url: &PeerUrl,
+    handler: Arc<dyn Handler>,
+) -> Result<(), SessionError> {
+    let addr = clawmesh_federation::mesh::resolve(&url.authority())
+        .await
+        .map_err(SessionError::Other)?;
+    let ep = endpoint::client(identity, addr, &TransportOptions::default())
+        .map_err(|e| SessionError::Other(e.to_string()))?;
+    let conn = endpoint::dial(&ep, addr, CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| SessionError::Other(format!("cannot reach gateway {url}: {e}")))?;
+    let hello = handshake::hello(
+        crate::VERSION,
+        0,
+        HelloRole::Node(NodeHello {
+            name: s.name.clone(),
+            token: s.token.clone(),
+            commands: COMMANDS.iter().map(|c| c.to_string()).collect(),
+            labels: s.labels.clone(),
+            platform: std::env::consts::OS.to_string(),
+        }),
+    );
+    let welcome = match handshake::send_hello(&conn, &hello).await {
+        Ok(w) => w,
+        Err(HandshakeError::Refused { refusal, .. }) => {
+            conn.close(0u32.into(), b"refused");
+            return Err(SessionError::Refused {
+                code: refusal.code,
+                message: refusal.message,
+            });
+        }
+        Err(e) => return Err(SessionError::Other(e.to_string())),
+    };
+    info!(gateway = %welcome.name, %url, "attached; serving commands");
+    let caller = Caller {
+        key: endpoint::peer_key(&conn)
+            .ok_or_else(|| SessionError::Other("no gateway key".into()))?,
+        kind: CallerKind::Gateway {
+            name: welcome.name.clone(),
+        },
+        remote: conn.remote_address(),
+    };
+    rpc::serve(conn.clone(), caller, handler).await;
+    let reason = conn
+        .close_reason()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| "connection ended".into());
+    warn!(gateway = %welcome.name, "detached: {reason}");
+    ep.close(0u32.into(), b"bye");
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! The gateway's registry of attached nodes, and invoking commands on them.
+//!
+//! A node session is one interface whatever the transport: today native QUIC, with the classic
+//! WebSocket bridge to come. The registry, node selection and invoke error mapping do not know
+//! which transport a node uses.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use clawmesh_federation::identity::{DeviceId, PublicKey};
+use clawmesh_federation::rpc::{self, CallError};
+use clawmesh_federation::wire::{Request, WireError};
+use quinn::{Connection, VarInt};
+use serde_json::{json, Value};
+
+/// A node's transport-specific session.
+#[derive(Debug, Clone)]
+pub enum NodeLink {
+    /// A `clawmesh node run` over QUIC.
+    Quic(Connection),
+}
+
+impl NodeLink {
+    /// Transport name, as shown in `nodes status`.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            NodeLink::Quic(_) => "quic",
+        }
+    }
+
+    /// Closes the session with a reason the node logs.
+    pub fn close(&self, reason: &str) {
+        match self {
+            NodeLink::Quic(c) => c.close(VarInt::from_u32(4001), reason.as_bytes()),
+        }
+    }
+
+    /// Runs `command` on the node; the result is the command's payload as JSON text.
+    pub async fn invoke(
+        &self,
+        command: &str,
+        params: &Value,
+        timeout: Duration,
+    ) -> Result<String, CallError> {
+        match self {
+            NodeLink::Quic(conn) => {
+                let req = Request {
+                    id: rpc::next_request_id(),
+                    method: command.to_string(),
+                    params: params.to_string(),
+                    hops: 0,
+                };
+                rpc::call_request(conn, req, timeout).await
+            }
+        }
+    }
+}
+
+/// What a node told us about itself, plus where it is.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// Device id.
+    pub node_id: DeviceId,
+    /// Device key.
+    pub key: PublicKey,
+    /// Display name.
+    pub name: String,
+    /// Address it connected from.
+    pub remote: String,
+    /// Platform.
+    pub platform: String,
+    /// Software version.
+    pub version: String,
+    /// Commands it offers.
+    pub commands: Vec<String>,
+    /// Labels.
+    pub labels: Vec<(String, String)>,
+    /// When this session began.
+    pub connected_at: SystemTime,
+}
+
+struct Entry {
+    info: NodeInfo,
+    link: NodeLink,
+    session: u64,
+}
+
+/// Connected nodes, by device id.
+#[derive(Default)]
+pub struct NodeRegistry {
+    nodes: Mutex<HashMap<DeviceId, Entry>>,
+    next: AtomicU64,
+}
+
+impl NodeRegistry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Entry>> {
+        // Updates are single inserts/removes; a poisoned map is still consistent.
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session; a previous session of the same node is closed (superseded).
+    pub fn attach(&self, info: NodeInfo, link: NodeLink) -> u64 {
+        let session = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let old = self.lock().insert(
+            info.node_id,
+            Entry {
+                info,
+                link,
+                session,
+            },
+        );
+        if let Some(old) = old {
+            old.link.close("superseded by a new session");
+        }
+        session
+    }
+
+    /// Removes a session if it is still the current one.
+    pub fn detach(&self, node: &DeviceId, session: u64) {
+        let mut nodes = self.lock();
+        if nodes.get(node).map(|e| e.session) == Some(session) {
+            nodes.remove(node);
+        }
+    }
+
+    /// Disconnects a node at once (revoked).
+    pub fn disconnect(&self, node: &DeviceId, reason: &str) -> bool {
+        match self.lock().remove(node) {
+            Some(e) => {
+                e.link.close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A connected node's info and link.
+    pub fn get(&self, node: &DeviceId) -> Option<(NodeInfo, NodeLink)> {
+        self.lock()
+            .get(node)
+            .map(|e| (e.info.clone(), e.link.clone()))
+    }
+
+    /// Every connected node.
+    pub fn list(&self) -> Vec<(NodeInfo, &'static str)> {
+        self.lock()
+            .values()
+            .map(|e| (e.info.clone(), e.link.transport()))
+            .collect()
+    }
+}
+
+/// The IP part of `host:port`.
+pub fn ip_of(addr: &str) -> String {
+    addr.parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|_| addr.to_string())
+}
+
+/// Picks the entry a selector means: exact node id, then IP, then name, then an id prefix of
+/// at least 6 characters; connected entries win ties (the classic CLI's order).
+pub fn resolve<'a>(selector: &str, entries: &'a [Value]) -> Result<&'a Value, WireError> {
+    let sel = selector.trim();
+    let norm = |s: &str| s.trim().to_lowercase();
+    let tiers: [&dyn Fn(&Value) -> bool; 4] = [
+        &|e: &Value| e["nodeId"] == sel,
+        &|e: &Value| e["remoteIp"] == sel,
+        &|e: &Value| e["displayName"].as_str().map(norm) == Some(norm(sel)),
+        &|e: &Value| {
+            sel.len() >= 6
+                && e["nodeId"]
+                    .as_str()
+                    .map(|id| id.starts_with(sel))
+                    .unwrap_or(false)
+        },
+    ];
+    for tier in tiers {
+        let hits: Vec<&Value> = entries.iter().filter(|e| tier(e)).collect();
+        let connected: Vec<&Value> = hits
+            .iter()
+            .copied()
+            .filter(|e| e["connected"] == true)
+            .collect();
+        let pool = if connected.is_empty() {
+            hits
+        } else {
+            connected
+        };
+        match pool.len() {
+            0 => continue,
+            1 => return Ok(pool[0]),
+            _ => {
+                let names: Vec<String> = pool
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{} ({})",
+                            e["displayName"].as_str().unwrap_or("?"),
+                            e["nodeId"]
+                                .as_str()
+                                .map(|s| &s[..s.len().min(12)])
+                                .unwrap_or("?")
+                        )
+                    })
+                    .collect();
+                return Err(WireError::new(
+                    "INVALID_REQUEST",
+                    format!(
+                        "node {sel:?} is ambiguous: {}; use the node id",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    let mut e = WireError::new(
+        "INVALID_REQUEST",
+        format!("unknown node: {sel} (see `clawmesh nodes status`)"),
+    );
+    e.details = Some(json!({"code": "UNKNOWN_NODE", "node": sel}).to_string());
+    Err(e)
+}
+
+/// Maps a failed invoke to the classic error the operator sees.
+pub fn invoke_error(err: CallError, node: &str, timeout: Duration) -> WireError {
+    match err {
+        CallError::Timeout { .. } => {
+            let mut e = WireError::new(
+                "UNAVAILABLE",
+                format!(
+                    "TIMEOUT: node invoke timed out after {} ms (node {node} was told to cancel)",
+                    timeout.as_millis()
+                ),
+            );
+            e.details = Some(
+                json!({"nodeError":{"code":"TIMEOUT","message":"node invoke timed out"},"nodeCommandDispatched":true})
+                    .to_string(),
+            );
+            e.retryable = true;
+            e
+        }
+        CallError::Remote(n) => {
+            let mut e = WireError::new(
+                if n.code == "INVALID_REQUEST" {
+                    "INVALID_REQUEST"
+                } else {
+                    "UNAVAILABLE"
+                },
+                format!("{}: {}", n.code, n.message),
+            );
+            e.details = Some(
+                json!({"nodeError":{"code":n.code,"message":n.message},"nodeCommandDispatched":true}).to_string(),
+            );
+            e
+        }
+        other => {
+            let mut e = WireError::new(
+                "UNAVAILABLE",
+                format!("node {node} disconnected during the invoke: {other}"),
+            );
+            e.details = Some(
+                json!({"nodeError":{"code":"NOT_CONNECTED","message":other.to_string()},"nodeCommandDispatched":true})
+                    .to_string(),
+            );
+            e
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_order_and_errors() {
+        let entries = vec![
+            json!({"nodeId":"aaaaaa111111","displayName":"Web-1","remoteIp":"10.0.0.1","connected":false}),
+            json!({"nodeId":"aaaaaa222222","displayName":"web-1","remoteIp":"10.0.0.2","connected":true}),
+            json!({"nodeId":"bbbbbb333333","displayName":"db","remoteIp":"10.0.0.3","connected":true}),
+        ];
+        assert_eq!(
+            resolve("bbbbbb333333", &entries).unwrap()["displayName"],
+            "db"
+        );
+        assert_eq!(
+            resolve("10.0.0.1", &entries).unwrap()["nodeId"],
+            "aaaaaa111111"
+        );
+        // Name match prefers the connected one.
+        assert_eq!(
+            resolve("WEB-1", &entries).unwrap()["nodeId"],
+            "aaaaaa222222"
+        );
+        assert!(resolve("aaaaaa", &entries).is_ok()); // prefix: connected wins
+        assert!(resolve("bbb", &entries).is_err()); // too short for a prefix
+        let e = resolve("nope", &entries).unwrap_err();
+        assert!(e.message.contains("unknown node"));
+    }
+}
