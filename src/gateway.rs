@@ -16,6 +16,7 @@ use clawmesh_federation::endpoint::{self, TransportOptions};
 use clawmesh_federation::handshake;
 use clawmesh_federation::health::HealthConfig;
 use clawmesh_federation::identity::{DeviceIdentity, PublicKey};
+use clawmesh_federation::liveness;
 use clawmesh_federation::mesh::{Admission, Mesh, MeshConfig};
 use clawmesh_federation::pairing::{Admission as PairingDecision, Registry};
 use clawmesh_federation::rpc::{self, Caller, CallerKind};
@@ -257,6 +258,7 @@ struct GatewayAdmission {
     own_key: PublicKey,
     tokens: Vec<String>,
     methods: Methods,
+    health: HealthConfig,
 }
 
 impl GatewayAdmission {
@@ -399,8 +401,15 @@ impl Admission for GatewayAdmission {
                 let registry = self.methods.nodes().clone();
                 let session = registry.attach(info, NodeLink::Quic(conn.clone()));
                 info!(node = %n.name, device = %node_id.short(), remote = %caller.remote, "node attached");
+                let health = self.health;
                 tokio::spawn(async move {
-                    rpc::serve(conn.clone(), caller, methods).await;
+                    // Serve the node's own requests while pinging it: a node that stops
+                    // answering is closed, which fails its pending invokes at once.
+                    let live = liveness::Liveness::default();
+                    tokio::join!(
+                        rpc::serve(conn.clone(), caller, methods),
+                        liveness::monitor(conn.clone(), health, live),
+                    );
                     registry.detach(&node_id, session);
                     let reason = conn
                         .close_reason()
@@ -450,6 +459,7 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         own_key: identity.public_key(),
         tokens,
         methods: methods.clone(),
+        health: s.health,
     });
     let cfg = MeshConfig {
         name: s.name.clone(),

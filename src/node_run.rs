@@ -216,7 +216,7 @@ pub async fn run(s: NodeSettings) -> Result<()> {
             Err(e) => {
                 warn!(gateway = %url, "{e}");
                 idx += 1;
-                if idx % s.gateways.len() == 0 {
+                if idx.is_multiple_of(s.gateways.len()) {
                     backoff.next_delay()
                 } else {
                     Duration::from_millis(100)
@@ -287,7 +287,10 @@ async fn session(
         },
         remote: conn.remote_address(),
     };
-    rpc::serve(conn.clone(), caller, handler).await;
+    tokio::join!(
+        rpc::serve(conn.clone(), caller, handler),
+        clawmesh_federation::liveness::answer(conn.clone()),
+    );
     let reason = conn
         .close_reason()
         .map(|r| r.to_string())

@@ -8,10 +8,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Largest frame on a control or request stream: operator requests and replies are small JSON
-/// documents; 1 MiB leaves room for big node outputs (capped at 1 MiB per stream by the node
-/// host, plus framing) while keeping a hostile peer's cost bounded.
-pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+/// Largest frame on a control or request stream. Most are small JSON documents; the big ones
+/// are `system.run` results: 1 MiB of stdout and 1 MiB of stderr that JSON escaping can grow
+/// up to six-fold, returned once as a value and once as text (the classic `payloadJSON`).
+/// 32 MiB covers that worst case, near the classic gateway's 25 MiB `maxPayload`. Memory is
+/// only committed as bytes actually arrive (see [`read_frame`]), so the bound costs nothing
+/// for small frames.
+pub const MAX_FRAME: usize = 32 * 1024 * 1024;
 
 /// Largest hello frame: read before the peer is authenticated, so kept small.
 pub const MAX_HELLO_FRAME: usize = 16 * 1024;
@@ -84,14 +87,13 @@ where
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Truncated
-        } else {
-            FrameError::Io(e)
-        }
-    })?;
+    // Grow the buffer as bytes arrive instead of trusting the announced length: a peer that
+    // announces 32 MiB and sends nothing costs us nothing.
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    let got = (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if got < len {
+        return Err(FrameError::Truncated);
+    }
     postcard::from_bytes(&body)
         .map(Some)
         .map_err(|e| FrameError::Malformed(e.to_string()))

@@ -20,6 +20,7 @@ pub mod frame;
 pub mod handshake;
 pub mod health;
 pub mod identity;
+pub mod liveness;
 pub mod mesh;
 pub mod pairing;
 pub mod rpc;

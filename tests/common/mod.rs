@@ -21,6 +21,13 @@ pub struct Gw {
 impl Gw {
     /// Starts `clawmesh --state-dir DIR gateway run ARGS...`, logging to DIR.log.
     pub fn spawn(dir: &Path, args: &[&str]) -> Gw {
+        let mut full = vec!["gateway", "run", "--port", "0"];
+        full.extend_from_slice(args);
+        Self::spawn_cmd(dir, &full)
+    }
+
+    /// Starts `clawmesh --state-dir DIR ARGS...` (any subcommand), logging to DIR.log.
+    pub fn spawn_cmd(dir: &Path, args: &[&str]) -> Gw {
         std::fs::create_dir_all(dir).unwrap();
         let log = dir.with_extension("log");
         let f = File::options()
@@ -31,7 +38,6 @@ impl Gw {
         let child = Command::new(BIN)
             .arg("--state-dir")
             .arg(dir)
-            .args(["gateway", "run", "--port", "0"])
             .args(args)
             .env("RUST_LOG", "info")
             .env_remove("CLAWMESH_TOKEN")
@@ -190,4 +196,52 @@ pub fn sees_healthy(dir: &Path, names: &[&str]) -> bool {
             .map(|g| g["status"] == "healthy" && g["latencyMs"].is_number())
             .unwrap_or(false)
     }) && doc["gateways"].as_array().map(|g| g.len()) == Some(names.len())
+}
+
+/// A free UDP port on 127.0.0.1 (for gateways that must come back on the same port).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs the CLI and parses its stdout as JSON (panics with stderr on failure).
+pub fn cli_json(dir: &Path, args: &[&str]) -> Value {
+    let out = cli(dir, args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Whether any process command line contains `marker`.
+pub fn process_running(marker: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .any(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // Zombies are dead already.
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('Z'))
+                .unwrap_or(false);
+            !zombie
+                && String::from_utf8_lossy(&cmd)
+                    .replace('\0', " ")
+                    .contains(marker)
+        })
 }

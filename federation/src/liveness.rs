@@ -1,0 +1,94 @@
+//! Liveness of a single connection (a node's): datagram pings, and a close after too many
+//! misses, so a peer that vanished without a word (SIGKILL, power loss, cable cut) is noticed
+//! within interval × (threshold + 1) and every request pending on it fails at once, instead of
+//! waiting for QUIC's 30 s idle timeout.
+//!
+//! The gateway mesh runs the same ping protocol inside its link task; this module is for
+//! connections outside the mesh.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, VarInt};
+
+use crate::frame;
+use crate::health::{HealthConfig, PeerHealth, Status};
+use crate::wire::Datagram;
+
+/// QUIC close code used when a peer stops answering pings.
+pub const CLOSE_UNRESPONSIVE: u32 = 4002;
+
+/// Shared view of one monitored connection's health (latency for status tables).
+#[derive(Debug, Clone, Default)]
+pub struct Liveness {
+    inner: Arc<Mutex<PeerHealth>>,
+}
+
+impl Liveness {
+    /// Median recent round trip.
+    pub fn latency(&self) -> Option<Duration> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .median_rtt()
+    }
+}
+
+/// Pings the peer every interval and closes the connection when it misses `threshold` in a
+/// row. Returns when the connection is closed (by either side).
+pub async fn monitor(conn: Connection, cfg: HealthConfig, live: Liveness) {
+    {
+        live.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .link_up();
+    }
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                seq += 1;
+                let offline = {
+                    let mut h = live.inner.lock().unwrap_or_else(|p| p.into_inner());
+                    h.ping_sent(seq, Instant::now());
+                    h.status(&cfg) == Status::Offline
+                };
+                if offline {
+                    let msg = format!("no answer to {} pings", cfg.unhealthy_threshold);
+                    conn.close(VarInt::from_u32(CLOSE_UNRESPONSIVE), msg.as_bytes());
+                    return;
+                }
+                if let Ok(b) = frame::encode_datagram(&Datagram::Ping { seq }) {
+                    let _ = conn.send_datagram(b.into());
+                }
+            }
+            dg = conn.read_datagram() => {
+                let Ok(bytes) = dg else { return };
+                match frame::decode_datagram::<Datagram>(&bytes) {
+                    Ok(Datagram::Pong { seq }) => {
+                        live.inner.lock().unwrap_or_else(|p| p.into_inner()).pong(seq, Instant::now());
+                    }
+                    Ok(Datagram::Ping { seq }) => {
+                        if let Ok(b) = frame::encode_datagram(&Datagram::Pong { seq }) {
+                            let _ = conn.send_datagram(b.into());
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Answers the peer's pings until the connection closes.
+pub async fn answer(conn: Connection) {
+    while let Ok(bytes) = conn.read_datagram().await {
+        if let Ok(Datagram::Ping { seq }) = frame::decode_datagram::<Datagram>(&bytes) {
+            if let Ok(b) = frame::encode_datagram(&Datagram::Pong { seq }) {
+                let _ = conn.send_datagram(b.into());
+            }
+        }
+    }
+}
