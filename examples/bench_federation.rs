@@ -146,15 +146,54 @@ impl Flavour {
     }
 }
 
+/// How many round trips, and how far apart.
+#[derive(Clone, Copy)]
+struct Plan {
+    n: usize,
+    warmup: usize,
+    /// Pause before each round trip: zero for back-to-back, else it lets every thread go idle
+    /// in between, as the mesh's health pings (one a second) do.
+    gap: Duration,
+}
+
+/// Back-to-back round trips.
+const HOT: Plan = Plan {
+    n: N,
+    warmup: WARMUP,
+    gap: Duration::ZERO,
+};
+
+/// Round trips 20 ms apart.
+const SPARSE: Plan = Plan {
+    n: 100,
+    warmup: 5,
+    gap: Duration::from_millis(20),
+};
+
+impl Plan {
+    async fn pause(&self) {
+        if !self.gap.is_zero() {
+            tokio::time::sleep(self.gap).await;
+        }
+    }
+}
+
 /// Samples of one case, plus round trips that never came back.
 struct Case {
     name: &'static str,
     rtts: Vec<Duration>,
     lost: usize,
+    /// UDP datagrams sent by both sides per measured round trip.
+    packets: f64,
+}
+
+/// UDP datagrams both ends of a QUIC connection have sent so far.
+fn packets_sent(pair: &QuicPair) -> u64 {
+    pair.conn.stats().udp_tx.datagrams + pair.server_conn.stats().udp_tx.datagrams
 }
 
 /// Raw UDP echo on loopback: the floor every QUIC figure is compared with.
-async fn udp_echo() -> Result<Case> {
+async fn udp_echo(plan: Plan) -> Result<Case> {
     let server = UdpSocket::bind("127.0.0.1:0").await?;
     let server_addr = server.local_addr()?;
     let echo = tokio::spawn(async move {
@@ -168,9 +207,10 @@ async fn udp_echo() -> Result<Case> {
     let client = UdpSocket::bind("127.0.0.1:0").await?;
     client.connect(server_addr).await?;
     let mut buf = [0u8; 2048];
-    let mut rtts = Vec::with_capacity(N);
+    let mut rtts = Vec::with_capacity(plan.n);
     let mut lost = 0;
-    for i in 0..(WARMUP + N) as u64 {
+    for i in 0..(plan.warmup + plan.n) as u64 {
+        plan.pause().await;
         let msg = i.to_be_bytes();
         let t = Instant::now();
         client.send(&msg).await?;
@@ -191,7 +231,7 @@ async fn udp_echo() -> Result<Case> {
                 continue;
             }
         }
-        if i >= WARMUP as u64 {
+        if i >= plan.warmup as u64 {
             rtts.push(rtt);
         }
     }
@@ -200,6 +240,7 @@ async fn udp_echo() -> Result<Case> {
         name: "raw UDP echo (baseline)",
         rtts,
         lost,
+        packets: 2.0,
     })
 }
 
@@ -257,7 +298,7 @@ impl QuicPair {
 }
 
 /// Datagram Ping/Pong, answered the way `Mesh::run_link` answers them.
-async fn quic_datagrams() -> Result<Case> {
+async fn quic_datagrams(plan: Plan) -> Result<Case> {
     let pair = quic_pair().await?;
     let server_conn = pair.server_conn.clone();
     let pong = tokio::spawn(async move {
@@ -270,9 +311,14 @@ async fn quic_datagrams() -> Result<Case> {
         }
     });
     let conn = &pair.conn;
-    let mut rtts = Vec::with_capacity(N);
+    let mut rtts = Vec::with_capacity(plan.n);
     let mut lost = 0;
-    for seq in 0..(WARMUP + N) as u64 {
+    let mut sent_before = 0;
+    for seq in 0..(plan.warmup + plan.n) as u64 {
+        plan.pause().await;
+        if seq == plan.warmup as u64 {
+            sent_before = packets_sent(&pair);
+        }
         let t = Instant::now();
         let ping = frame::encode_datagram(&Datagram::Ping { seq })?;
         conn.send_datagram(ping.into())?;
@@ -295,16 +341,18 @@ async fn quic_datagrams() -> Result<Case> {
                 continue;
             }
         }
-        if seq >= WARMUP as u64 {
+        if seq >= plan.warmup as u64 {
             rtts.push(rtt);
         }
     }
+    let packets = (packets_sent(&pair) - sent_before) as f64 / plan.n as f64;
     pong.abort();
     pair.close().await;
     Ok(Case {
         name: "QUIC datagram Ping/Pong",
         rtts,
         lost,
+        packets,
     })
 }
 
@@ -320,7 +368,11 @@ async fn quic_rpc() -> Result<Case> {
     };
     let serve = tokio::spawn(rpc::serve(pair.server_conn.clone(), caller, Arc::new(Echo)));
     let mut rtts = Vec::with_capacity(N);
+    let mut sent_before = 0;
     for i in 0..WARMUP + N {
+        if i == WARMUP {
+            sent_before = packets_sent(&pair);
+        }
         let t = Instant::now();
         let reply = rpc::call(&pair.conn, "bench.echo", PARAMS.to_string(), 0, RTT_TIMEOUT).await?;
         let rtt = t.elapsed();
@@ -331,12 +383,14 @@ async fn quic_rpc() -> Result<Case> {
             rtts.push(rtt);
         }
     }
+    let packets = (packets_sent(&pair) - sent_before) as f64 / N as f64;
     serve.abort();
     pair.close().await;
     Ok(Case {
         name: "QUIC rpc::call (stream per request)",
         rtts,
         lost: 0,
+        packets,
     })
 }
 
@@ -357,7 +411,11 @@ async fn quic_stream() -> Result<Case> {
     });
     let (mut send, mut recv) = pair.conn.open_bi().await?;
     let mut rtts = Vec::with_capacity(N);
+    let mut sent_before = 0;
     for i in 0..(WARMUP + N) as u64 {
+        if i == WARMUP as u64 {
+            sent_before = packets_sent(&pair);
+        }
         let req = Request {
             id: i,
             method: "bench.echo".into(),
@@ -379,6 +437,7 @@ async fn quic_stream() -> Result<Case> {
             rtts.push(rtt);
         }
     }
+    let packets = (packets_sent(&pair) - sent_before) as f64 / N as f64;
     let _ = send.finish();
     echo.abort();
     pair.close().await;
@@ -386,48 +445,68 @@ async fn quic_stream() -> Result<Case> {
         name: "QUIC frames on one long-lived stream",
         rtts,
         lost: 0,
+        packets,
     })
 }
 
-fn bench_links(flavour: Flavour) -> Result<Vec<Case>> {
+/// Back-to-back cases, then sparse ones.
+fn bench_links(flavour: Flavour) -> Result<(Vec<Case>, Vec<Case>)> {
     let rt = flavour.runtime()?;
     rt.block_on(async {
         // Spawned, so that on multi_thread the measuring task runs on a worker like gateway
         // tasks do, not on the thread inside block_on.
         tokio::spawn(async {
-            Ok::<_, anyhow::Error>(vec![
-                udp_echo().await?,
-                quic_datagrams().await?,
+            let hot = vec![
+                udp_echo(HOT).await?,
+                quic_datagrams(HOT).await?,
                 quic_rpc().await?,
                 quic_stream().await?,
-            ])
+            ];
+            let sparse = vec![udp_echo(SPARSE).await?, quic_datagrams(SPARSE).await?];
+            Ok::<_, anyhow::Error>((hot, sparse))
         })
         .await?
     })
 }
 
-fn print_links(flavour: Flavour, cases: Vec<Case>) -> Result<()> {
-    println!("\n### Link round trips, tokio {}\n", flavour.name());
-    println!("N = {N} sequential round trips per row after {WARMUP} warm-up, 127.0.0.1, µs.\n");
-    println!("| case | p50 µs | p99 µs | mean µs | max µs | lost | p50 vs UDP | p99 vs UDP |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+fn print_links(flavour: Flavour, plan: Plan, cases: Vec<Case>) -> Result<()> {
+    if plan.gap.is_zero() {
+        println!("\n### Link round trips, tokio {}\n", flavour.name());
+        println!(
+            "N = {} back-to-back round trips per row after {} warm-up, 127.0.0.1, µs.\n",
+            plan.n, plan.warmup
+        );
+    } else {
+        println!(
+            "\nSparse: N = {} round trips {} ms apart (threads idle in between, as with health \
+             pings), tokio {}, µs.\n",
+            plan.n,
+            plan.gap.as_millis(),
+            flavour.name()
+        );
+    }
+    println!(
+        "| case | p50 µs | p99 µs | mean µs | max µs | lost | packets/RT | p50 vs UDP | p99 vs UDP |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut base: Option<(Duration, Duration)> = None;
     for c in cases {
         let s = stats(c.rtts)?;
         let (b50, b99) = *base.get_or_insert((s.p50, s.p99));
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {} | {} |",
             c.name,
             us(s.p50),
             us(s.p99),
             us(s.mean),
             us(s.max),
             c.lost,
+            c.packets,
             ratio(s.p50, b50),
             ratio(s.p99, b99),
         );
-        if s.n != N {
-            println!("| (only {} samples) | | | | | | | |", s.n);
+        if s.n != plan.n {
+            println!("| (only {} samples) | | | | | | | | |", s.n);
         }
     }
     Ok(())
@@ -941,7 +1020,7 @@ async fn bench_start(bin: &Path) -> Result<()> {
 fn main() -> Result<()> {
     let started = Instant::now();
     let bin = clawmesh_bin()?;
-    println!("## Gateway links (issue 2): raw results\n");
+    println!("# bench_federation\n");
     println!(
         "binary: {}; logical CPUs: {}",
         bin.display(),
@@ -950,8 +1029,9 @@ fn main() -> Result<()> {
 
     for flavour in [Flavour::CurrentThread, Flavour::MultiThread] {
         eprintln!("link round trips, {} ...", flavour.name());
-        let cases = bench_links(flavour)?;
-        print_links(flavour, cases)?;
+        let (hot, sparse) = bench_links(flavour)?;
+        print_links(flavour, HOT, hot)?;
+        print_links(flavour, SPARSE, sparse)?;
     }
 
     // Driver for the process benchmarks: one thread; the gateways run their own runtimes.

@@ -240,6 +240,14 @@ pub enum GatewayCmd {
     Status(StatusArgs),
     /// Call any operator method on a gateway.
     Call(CallArgs),
+    /// Remove a gateway from the federation (on the primary): forgets its pinned key.
+    Forget {
+        /// Gateway name.
+        name: String,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
 }
 
 /// Flags of `gateway run`.
@@ -397,6 +405,23 @@ pub async fn run(cli: Cli) -> Result<i32> {
             } else {
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             }
+            Ok(0)
+        }
+        Command::Gateway(GatewayCmd::Forget { name, target: t }) => {
+            init_logging(cli.log.as_deref(), "warn");
+            let target = Target::from_flags(t.url, t.token, &state_dir);
+            let doc = call(
+                &target,
+                "gateway.forget",
+                json!({"name": name}),
+                Duration::from_secs(10),
+            )
+            .await?;
+            println!(
+                "forgot gateway {} (device {}); it can rejoin with the token",
+                doc["name"].as_str().unwrap_or("?"),
+                doc["deviceId"].as_str().unwrap_or("?")
+            );
             Ok(0)
         }
         Command::Identity(IdentityCmd::Show { json }) => {

@@ -41,6 +41,7 @@ const TABLE: &[(&str, Access)] = &[
     ("status", Access::Scope(scopes::READ)),
     ("gateway.status", Access::Scope(scopes::READ)),
     ("gateway.identity", Access::Scope(scopes::READ)),
+    ("gateway.forget", Access::Scope(scopes::ADMIN)),
     ("node.list", Access::Scope(scopes::READ)),
     ("node.describe", Access::Scope(scopes::READ)),
     ("node.invoke", Access::Scope(scopes::WRITE)),
@@ -174,6 +175,11 @@ impl Methods {
                     "publicKey": mesh.key().to_base64url(),
                     "name": mesh.config().name,
                 }))
+            }
+            "gateway.forget" => {
+                let name = str_param(&params, "name", method)?;
+                let m = self.mesh()?.forget(name).map_err(|e| bad(e.to_string()))?;
+                Ok(json!({"name": m.name, "deviceId": m.key.device_id().to_string()}))
             }
             "node.list" => Ok(json!({"ts": now_ms(), "nodes": self.node_entries()?})),
             "node.describe" => {

@@ -235,6 +235,24 @@ fn wrong_token_changed_key_and_missing_token_are_refused_and_the_mesh_is_undistu
         impostor.log_text()
     );
 
+    // After `gateway forget` on the primary, the rebuilt gateway can join under that name.
+    let out = cli(&t, &["gateway", "forget", "beijing"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b3 = tmp.path().join("beijing3");
+    let mut rebuilt = spawn(
+        &b3,
+        &["--name", "beijing", "--join", &join, "--token", "right"],
+    );
+    rebuilt.wait_ready();
+    assert!(wait_until(Duration::from_secs(15), || sees_healthy(
+        &b3,
+        &["tokyo", "frankfurt", "beijing"]
+    )));
+
     // The mesh is undisturbed.
     assert!(
         sees_healthy(&f, &["tokyo", "frankfurt"]) || {
@@ -245,6 +263,7 @@ fn wrong_token_changed_key_and_missing_token_are_refused_and_the_mesh_is_undistu
     let d = status(&t).unwrap();
     assert_eq!(row(&d, "frankfurt").unwrap()["status"], "healthy");
     assert!(row(&d, "bad").is_none() && row(&d, "none").is_none());
+    drop(rebuilt);
     drop(frankfurt);
     drop(tokyo);
 }

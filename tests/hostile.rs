@@ -15,14 +15,21 @@ use clawmesh_federation::rpc::{self, CallError};
 use clawmesh_federation::wire::{HelloReply, HelloRole, OperatorHello, RefusalCode};
 use common::*;
 
-async fn operator(
-    addr: std::net::SocketAddr,
-    token: Option<&str>,
-) -> (
+type Session = (
     quinn::Endpoint,
     quinn::Connection,
     Result<(), HandshakeError>,
-) {
+);
+
+async fn operator(addr: std::net::SocketAddr, token: Option<&str>) -> Session {
+    operator_scoped(addr, token, vec![]).await
+}
+
+async fn operator_scoped(
+    addr: std::net::SocketAddr,
+    token: Option<&str>,
+    scopes: Vec<String>,
+) -> Session {
     let id = DeviceIdentity::ephemeral();
     let ep = endpoint::client(&id, addr, &TransportOptions::default()).unwrap();
     let conn = endpoint::dial(&ep, addr, Duration::from_secs(5))
@@ -34,7 +41,7 @@ async fn operator(
         HelloRole::Operator(OperatorHello {
             client: "hostile-test".into(),
             token: token.map(str::to_string),
-            scopes: vec![],
+            scopes,
         }),
     );
     let r = handshake::send_hello(&conn, &hello).await.map(|_| ());
@@ -211,6 +218,46 @@ async fn hostile_peers_are_refused_and_the_mesh_is_undisturbed() {
         .await
         .unwrap();
     assert!(ok.contains("\"ok\":true"));
+
+    // An operator holding only operator.read is refused writes, naming the missing scope.
+    let (_ep, conn, r) = operator_scoped(addr, Some("tok"), vec!["operator.read".into()]).await;
+    r.unwrap();
+    assert!(rpc::call(
+        &conn,
+        "gateway.status",
+        "{}".into(),
+        0,
+        Duration::from_secs(5)
+    )
+    .await
+    .is_ok());
+    match rpc::call(
+        &conn,
+        "node.invoke",
+        r#"{"nodeId":"x","command":"system.which"}"#.into(),
+        0,
+        Duration::from_secs(5),
+    )
+    .await
+    {
+        Err(CallError::Remote(e)) => {
+            assert_eq!(e.code, "FORBIDDEN");
+            assert_eq!(e.message, "missing scope: operator.write");
+        }
+        other => panic!("{other:?}"),
+    }
+    match rpc::call(
+        &conn,
+        "device.pair.list",
+        "{}".into(),
+        0,
+        Duration::from_secs(5),
+    )
+    .await
+    {
+        Err(CallError::Remote(e)) => assert_eq!(e.message, "missing scope: operator.pairing"),
+        other => panic!("{other:?}"),
+    }
 
     // The gateway is alive, logged its refusals, and the mesh is still healthy.
     let log = tokyo.log_text();

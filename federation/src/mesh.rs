@@ -368,6 +368,41 @@ impl Mesh {
         self.inner.fatal.subscribe()
     }
 
+    /// Removes a gateway from the federation (primary only): its pinned key is forgotten, its
+    /// links are closed, and every gateway adopts the new member list. A rebuilt gateway with a
+    /// new key can then join under the same name with the token.
+    pub fn forget(&self, name: &str) -> Result<Member, MeshError> {
+        if !self.inner.cfg.primary {
+            return Err(MeshError::Config(
+                "only the primary can forget a gateway; run this on the primary".into(),
+            ));
+        }
+        let removed = {
+            let mut st = self.state();
+            let Some(pos) = st.membership.members.iter().position(|m| m.name == name) else {
+                return Err(MeshError::Config(format!(
+                    "no gateway named {name:?} in this federation"
+                )));
+            };
+            if st.membership.members[pos].key == self.inner.key {
+                return Err(MeshError::Config("the primary cannot forget itself".into()));
+            }
+            let m = st.membership.members.remove(pos);
+            st.membership.epoch += 1;
+            if let Some(p) = st.peers.remove(&m.key) {
+                if let Some(l) = p.link {
+                    l.conn
+                        .close(VarInt::from_u32(CLOSE_REFUSED), b"removed from federation");
+                }
+            }
+            m
+        };
+        self.persist_membership()?;
+        self.broadcast_membership();
+        info!(name, device = %removed.key.device_id().short(), "gateway forgotten");
+        Ok(removed)
+    }
+
     /// The live connection to the named gateway, for forwarding requests.
     pub fn connection_to(&self, name: &str) -> Option<Connection> {
         let st = self.state();
