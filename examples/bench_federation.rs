@@ -1017,14 +1017,22 @@ async fn bench_start(bin: &Path) -> Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
 fn main() -> Result<()> {
     let started = Instant::now();
     let bin = clawmesh_bin()?;
     println!("# bench_federation\n");
     println!(
-        "binary: {}; logical CPUs: {}",
+        "binary: {}; logical CPUs: {}; load average at start: {}",
         bin.display(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
     );
 
     for flavour in [Flavour::CurrentThread, Flavour::MultiThread] {
@@ -1041,8 +1049,10 @@ fn main() -> Result<()> {
     eprintln!("start-to-ready ...");
     rt.block_on(bench_start(&bin))?;
     println!(
-        "\nTotal benchmark time: {:.1} s",
-        started.elapsed().as_secs_f64()
+        "\nTotal benchmark time: {:.1} s; load average at end: {} (other work on this machine \
+         skews every figure above)",
+        started.elapsed().as_secs_f64(),
+        loadavg()
     );
     Ok(())
 }

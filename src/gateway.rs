@@ -18,7 +18,7 @@ use clawmesh_federation::health::HealthConfig;
 use clawmesh_federation::identity::{DeviceIdentity, PublicKey};
 use clawmesh_federation::liveness;
 use clawmesh_federation::mesh::{Admission, Mesh, MeshConfig};
-use clawmesh_federation::pairing::{Admission as PairingDecision, Registry};
+use clawmesh_federation::pairing::{Admission as PairingDecision, DeviceMeta, Registry};
 use clawmesh_federation::rpc::{self, Caller, CallerKind};
 use clawmesh_federation::store::Store;
 use clawmesh_federation::wire::{Hello, HelloRole, NodeHello, Refusal, RefusalCode};
@@ -383,11 +383,11 @@ impl Admission for GatewayAdmission {
 
     fn connected(&self, conn: Connection, caller: Caller, hello: Hello) {
         let methods = Arc::new(self.methods.clone());
-        match (&caller.kind, hello.role) {
-            (CallerKind::Node { .. }, HelloRole::Node(n)) => {
+        match (&caller.kind, hello.role, caller.key) {
+            (CallerKind::Node { .. }, HelloRole::Node(n), Some(key)) => {
                 let info = NodeInfo {
-                    node_id: caller.key.device_id(),
-                    key: caller.key,
+                    node_id: key.device_id(),
+                    key,
                     name: n.name.clone(),
                     remote: caller.remote.to_string(),
                     platform: n.platform,

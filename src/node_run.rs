@@ -280,8 +280,7 @@ async fn session(
     };
     info!(gateway = %welcome.name, %url, "attached; serving commands");
     let caller = Caller {
-        key: endpoint::peer_key(&conn)
-            .ok_or_else(|| SessionError::Other("no gateway key".into()))?,
+        key: endpoint::peer_key(&conn),
         kind: CallerKind::Gateway {
             name: welcome.name.clone(),
         },

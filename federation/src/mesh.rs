@@ -805,7 +805,11 @@ impl Mesh {
                     {
                         return;
                     }
-                    let caller = Caller { key, kind, remote };
+                    let caller = Caller {
+                        key: Some(key),
+                        kind,
+                        remote,
+                    };
                     self.inner.admission.connected(conn, caller, hello);
                 }
                 Err(refusal) => {
@@ -1161,7 +1165,7 @@ impl Mesh {
         name: String,
     ) {
         let caller = Caller {
-            key,
+            key: Some(key),
             kind: CallerKind::Gateway { name: name.clone() },
             remote: conn.remote_address(),
         };

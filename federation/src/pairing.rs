@@ -44,6 +44,25 @@ pub enum PairingError {
     Store(#[from] StoreError),
 }
 
+/// What a connecting device says about itself (native hello or classic `connect`).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceMeta {
+    /// Display name.
+    pub name: String,
+    /// Role asked for (`node`, `operator`).
+    pub role: String,
+    /// Where it connected from.
+    pub addr: String,
+    /// Platform (`linux`).
+    pub platform: String,
+    /// Device family (`Linux`), classic clients only.
+    pub device_family: String,
+    /// Client id (`node-host`, `clawmesh-node`).
+    pub client_id: String,
+    /// Client mode (`node`, `cli`).
+    pub client_mode: String,
+}
+
 /// A device waiting for approval.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -68,6 +87,26 @@ pub struct PendingRequest {
     pub refreshed_at: String,
     /// Key fingerprint to compare with `clawmesh identity show` on the device.
     pub fingerprint: String,
+    /// Classic: display name.
+    pub display_name: String,
+    /// Classic: device family.
+    pub device_family: String,
+    /// Classic: client id.
+    pub client_id: String,
+    /// Classic: client mode.
+    pub client_mode: String,
+    /// Classic: roles asked for.
+    pub roles: Vec<String>,
+    /// Classic: scopes asked for.
+    pub scopes: Vec<String>,
+    /// Classic: never a silent (auto) approval here.
+    pub silent: bool,
+    /// Classic: not a repair of an existing pairing.
+    pub is_repair: bool,
+    /// Classic: last request time, ms since the epoch.
+    pub ts: u64,
+    /// Classic: the address it connected from.
+    pub remote_ip: String,
     #[serde(skip)]
     refreshed_ms: u64,
 }
@@ -90,6 +129,26 @@ pub struct PairedDevice {
     pub approved_at: String,
     /// Key fingerprint.
     pub fingerprint: String,
+    /// Classic: display name.
+    pub display_name: String,
+    /// Classic: device family.
+    pub device_family: String,
+    /// Classic: client id.
+    pub client_id: String,
+    /// Classic: client mode.
+    pub client_mode: String,
+    /// Classic: approved roles.
+    pub roles: Vec<String>,
+    /// Classic: approved scopes.
+    pub scopes: Vec<String>,
+    /// Classic: who approved (`owner`).
+    pub approved_via: String,
+    /// Classic: approval time in ms.
+    pub approved_at_ms: u64,
+    /// Classic: creation time in ms.
+    pub created_at_ms: u64,
+    /// Classic: tokens held (values never listed).
+    pub tokens: Vec<serde_json::Value>,
 }
 
 /// What the registry says about a connecting device.
@@ -132,7 +191,8 @@ pub fn fingerprint(key: &PublicKey) -> String {
         .join(":")
 }
 
-fn uuid_v4() -> String {
+/// A random UUID (version 4), as the classic protocol uses for request ids and nonces.
+pub fn uuid_v4() -> String {
     let mut b: [u8; 16] = rand::rng().random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
@@ -154,7 +214,8 @@ CREATE TABLE IF NOT EXISTS paired_devices (
     name TEXT NOT NULL,
     role TEXT NOT NULL,
     platform TEXT NOT NULL,
-    approved_at_ms INTEGER NOT NULL
+    approved_at_ms INTEGER NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS pending_devices (
     request_id TEXT PRIMARY KEY,
@@ -165,7 +226,15 @@ CREATE TABLE IF NOT EXISTS pending_devices (
     addr TEXT NOT NULL,
     platform TEXT NOT NULL,
     requested_at_ms INTEGER NOT NULL,
-    refreshed_at_ms INTEGER NOT NULL
+    refreshed_at_ms INTEGER NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS device_tokens (
+    device_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    token TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (device_id, role)
 );
 CREATE INDEX IF NOT EXISTS pending_by_key ON pending_devices(public_key, role);
 ";
@@ -176,7 +245,20 @@ pub struct Registry {
     store: Store,
 }
 
-type PendingRow = (String, Vec<u8>, String, String, String, String, i64, i64);
+type PendingRow = (String, Vec<u8>, String, String, String, String, i64, i64, String);
+
+fn meta_json(m: &DeviceMeta) -> String {
+    serde_json::json!({
+        "deviceFamily": m.device_family,
+        "clientId": m.client_id,
+        "clientMode": m.client_mode,
+    })
+    .to_string()
+}
+
+fn meta_field(meta: &serde_json::Value, key: &str) -> String {
+    meta.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_string()
+}
 
 impl Registry {
     /// Opens the registry, creating its tables if needed.
@@ -190,33 +272,113 @@ impl Registry {
     }
 
     fn pending_from(row: PendingRow) -> Option<PendingRequest> {
-        let (request_id, key, name, role, addr, platform, requested, refreshed) = row;
+        let (request_id, key, name, role, addr, platform, requested, refreshed, meta) = row;
         let key = Self::key_of(&key)?;
+        let meta: serde_json::Value = serde_json::from_str(&meta).unwrap_or_default();
         Some(PendingRequest {
             request_id,
             device_id: key.device_id().to_string(),
             public_key: key.to_base64url(),
+            display_name: name.clone(),
             name,
+            roles: vec![role.clone()],
+            scopes: Vec::new(),
             role,
+            remote_ip: addr.clone(),
             addr,
             platform,
             requested_at: rfc3339(requested.max(0) as u64),
             refreshed_at: rfc3339(refreshed.max(0) as u64),
             fingerprint: fingerprint(&key),
             refreshed_ms: refreshed.max(0) as u64,
+            device_family: meta_field(&meta, "deviceFamily"),
+            client_id: meta_field(&meta, "clientId"),
+            client_mode: meta_field(&meta, "clientMode"),
+            silent: false,
+            is_repair: false,
+            ts: refreshed.max(0) as u64,
         })
+    }
+
+    fn paired_from(
+        key: &PublicKey,
+        name: String,
+        role: String,
+        platform: String,
+        at: i64,
+        meta: &str,
+        tokens: Vec<serde_json::Value>,
+    ) -> PairedDevice {
+        let meta: serde_json::Value = serde_json::from_str(meta).unwrap_or_default();
+        let at = at.max(0) as u64;
+        PairedDevice {
+            device_id: key.device_id().to_string(),
+            public_key: key.to_base64url(),
+            display_name: name.clone(),
+            name,
+            roles: vec![role.clone()],
+            scopes: Vec::new(),
+            role,
+            platform,
+            approved_at: rfc3339(at),
+            fingerprint: fingerprint(key),
+            device_family: meta_field(&meta, "deviceFamily"),
+            client_id: meta_field(&meta, "clientId"),
+            client_mode: meta_field(&meta, "clientMode"),
+            approved_via: "owner".into(),
+            approved_at_ms: at,
+            created_at_ms: at,
+            tokens,
+        }
+    }
+
+    fn token_summaries(&self, device_id: &str) -> Result<Vec<serde_json::Value>, PairingError> {
+        let rows: Vec<(String, i64)> = self.store.with_conn(|c| {
+            let mut stmt =
+                c.prepare("SELECT role, created_at_ms FROM device_tokens WHERE device_id = ?1")?;
+            let rows = stmt
+                .query_map([device_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(|(role, at)| serde_json::json!({"role": role, "scopes": [], "createdAtMs": at}))
+            .collect())
+    }
+
+    /// The device token of a paired device for `role`, issued on approval (32 random bytes,
+    /// base64url): what classic clients present on later connects.
+    pub fn device_token(&self, device_id: &DeviceId, role: &str) -> Result<Option<(String, u64)>, PairingError> {
+        let id = device_id.to_string();
+        let row: Option<(String, i64)> = self.store.with_conn(|c| {
+            c.query_row(
+                "SELECT token, created_at_ms FROM device_tokens WHERE device_id = ?1 AND role = ?2",
+                params![id, role],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })?;
+        Ok(row.map(|(t, at)| (t, at.max(0) as u64)))
+    }
+
+    fn issue_token(c: &rusqlite::Transaction<'_>, device_id: &str, role: &str, now: u64) -> rusqlite::Result<()> {
+        use base64::Engine as _;
+        let bytes: [u8; 32] = rand::rng().random();
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        c.execute(
+            "INSERT INTO device_tokens(device_id, role, token, created_at_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(device_id, role) DO UPDATE SET token = excluded.token, created_at_ms = excluded.created_at_ms",
+            params![device_id, role, token, now as i64],
+        )?;
+        Ok(())
     }
 
     /// Looks a device up when it connects: paired devices get in; others get (or refresh) a
     /// pending request.
-    pub fn admit(
-        &self,
-        key: &PublicKey,
-        name: &str,
-        role: &str,
-        addr: &str,
-        platform: &str,
-    ) -> Result<Admission, PairingError> {
+    pub fn admit(&self, key: &PublicKey, m: &DeviceMeta) -> Result<Admission, PairingError> {
+        let (name, role, addr, platform) = (m.name.as_str(), m.role.as_str(), m.addr.as_str(), m.platform.as_str());
+        let meta = meta_json(m);
         if let Some(p) = self.paired(key)? {
             if p.role == role {
                 return Ok(Admission::Paired(p));
@@ -239,17 +401,17 @@ impl Registry {
             let request_id = match existing {
                 Some(id) => {
                     tx.execute(
-                        "UPDATE pending_devices SET refreshed_at_ms = ?2, name = ?3, addr = ?4, platform = ?5 WHERE request_id = ?1",
-                        params![id, now as i64, name, addr, platform],
+                        "UPDATE pending_devices SET refreshed_at_ms = ?2, name = ?3, addr = ?4, platform = ?5, meta = ?6 WHERE request_id = ?1",
+                        params![id, now as i64, name, addr, platform, meta],
                     )?;
                     id
                 }
                 None => {
                     let id = uuid_v4();
                     tx.execute(
-                        "INSERT INTO pending_devices(request_id, public_key, device_id, name, role, addr, platform, requested_at_ms, refreshed_at_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
-                        params![id, kb, device_id, name, role, addr, platform, now as i64],
+                        "INSERT INTO pending_devices(request_id, public_key, device_id, name, role, addr, platform, requested_at_ms, refreshed_at_ms, meta)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+                        params![id, kb, device_id, name, role, addr, platform, now as i64, meta],
                     )?;
                     tx.execute(
                         "DELETE FROM pending_devices WHERE request_id IN (
@@ -260,10 +422,10 @@ impl Registry {
                 }
             };
             let row = tx.query_row(
-                "SELECT request_id, public_key, name, role, addr, platform, requested_at_ms, refreshed_at_ms
+                "SELECT request_id, public_key, name, role, addr, platform, requested_at_ms, refreshed_at_ms, meta
                  FROM pending_devices WHERE request_id = ?1",
                 [&request_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)),
             )?;
             tx.commit()?;
             Ok(row)
@@ -276,23 +438,21 @@ impl Registry {
     /// The paired record of a key, if any.
     pub fn paired(&self, key: &PublicKey) -> Result<Option<PairedDevice>, PairingError> {
         let kb = key.0.to_vec();
-        let row: Option<(String, String, String, i64)> = self.store.with_conn(|c| {
+        let row: Option<(String, String, String, i64, String)> = self.store.with_conn(|c| {
             c.query_row(
-                "SELECT name, role, platform, approved_at_ms FROM paired_devices WHERE public_key = ?1",
+                "SELECT name, role, platform, approved_at_ms, meta FROM paired_devices WHERE public_key = ?1",
                 [kb],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
         })?;
-        Ok(row.map(|(name, role, platform, at)| PairedDevice {
-            device_id: key.device_id().to_string(),
-            public_key: key.to_base64url(),
-            name,
-            role,
-            platform,
-            approved_at: rfc3339(at.max(0) as u64),
-            fingerprint: fingerprint(key),
-        }))
+        match row {
+            Some((name, role, platform, at, meta)) => {
+                let tokens = self.token_summaries(&key.device_id().to_string())?;
+                Ok(Some(Self::paired_from(key, name, role, platform, at, &meta, tokens)))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Pending (unexpired) and paired devices.
@@ -300,19 +460,19 @@ impl Registry {
         let cutoff = now_ms().saturating_sub(PENDING_TTL.as_millis() as u64);
         let (pending_rows, paired_rows) = self.store.with_conn(|c| {
             let mut stmt = c.prepare(
-                "SELECT request_id, public_key, name, role, addr, platform, requested_at_ms, refreshed_at_ms
+                "SELECT request_id, public_key, name, role, addr, platform, requested_at_ms, refreshed_at_ms, meta
                  FROM pending_devices WHERE refreshed_at_ms >= ?1 ORDER BY requested_at_ms",
             )?;
             let pending: Vec<PendingRow> = stmt
                 .query_map([cutoff as i64], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
                 })?
                 .collect::<Result<_, _>>()?;
             let mut stmt = c.prepare(
-                "SELECT public_key, name, role, platform, approved_at_ms FROM paired_devices ORDER BY approved_at_ms",
+                "SELECT public_key, name, role, platform, approved_at_ms, meta FROM paired_devices ORDER BY approved_at_ms",
             )?;
-            let paired: Vec<(Vec<u8>, String, String, String, i64)> = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+            let paired: Vec<(Vec<u8>, String, String, String, i64, String)> = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
                 .collect::<Result<_, _>>()?;
             Ok((pending, paired))
         })?;
@@ -320,21 +480,12 @@ impl Registry {
             .into_iter()
             .filter_map(Self::pending_from)
             .collect();
-        let paired = paired_rows
-            .into_iter()
-            .filter_map(|(k, name, role, platform, at)| {
-                let key = Self::key_of(&k)?;
-                Some(PairedDevice {
-                    device_id: key.device_id().to_string(),
-                    public_key: key.to_base64url(),
-                    name,
-                    role,
-                    platform,
-                    approved_at: rfc3339(at.max(0) as u64),
-                    fingerprint: fingerprint(&key),
-                })
-            })
-            .collect();
+        let mut paired = Vec::new();
+        for (k, name, role, platform, at, meta) in paired_rows {
+            let Some(key) = Self::key_of(&k) else { continue };
+            let tokens = self.token_summaries(&key.device_id().to_string())?;
+            paired.push(Self::paired_from(&key, name, role, platform, at, &meta, tokens));
+        }
         Ok(Listing { pending, paired })
     }
 
@@ -370,15 +521,20 @@ impl Registry {
         let key = PublicKey::from_base64(&p.public_key)
             .map_err(|_| PairingError::NotFound(selector.to_string()))?;
         let now = now_ms();
+        let meta = serde_json::json!({
+            "deviceFamily": p.device_family, "clientId": p.client_id, "clientMode": p.client_mode,
+        })
+        .to_string();
         self.store.with_conn(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO paired_devices(public_key, device_id, name, role, platform, approved_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO paired_devices(public_key, device_id, name, role, platform, approved_at_ms, meta)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(public_key) DO UPDATE SET name = excluded.name, role = excluded.role,
-                    platform = excluded.platform, approved_at_ms = excluded.approved_at_ms",
-                params![key.0.to_vec(), p.device_id, p.name, p.role, p.platform, now as i64],
+                    platform = excluded.platform, approved_at_ms = excluded.approved_at_ms, meta = excluded.meta",
+                params![key.0.to_vec(), p.device_id, p.name, p.role, p.platform, now as i64, meta],
             )?;
+            Self::issue_token(&tx, &p.device_id, &p.role, now)?;
             tx.execute("DELETE FROM pending_devices WHERE public_key = ?1", [key.0.to_vec()])?;
             tx.commit()
         })?;
@@ -402,10 +558,10 @@ impl Registry {
     pub fn revoke(&self, selector: &str) -> Result<PairedDevice, PairingError> {
         let p = self.find_paired(selector)?;
         self.store.with_conn(|c| {
-            c.execute(
-                "DELETE FROM paired_devices WHERE device_id = ?1",
-                [&p.device_id],
-            )
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM paired_devices WHERE device_id = ?1", [&p.device_id])?;
+            tx.execute("DELETE FROM device_tokens WHERE device_id = ?1", [&p.device_id])?;
+            tx.commit()
         })?;
         Ok(p)
     }
@@ -468,6 +624,16 @@ mod tests {
     use super::*;
     use crate::identity::DeviceIdentity;
 
+    fn meta(name: &str, addr: &str) -> DeviceMeta {
+        DeviceMeta {
+            name: name.into(),
+            role: "node".into(),
+            addr: addr.into(),
+            platform: "linux".into(),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn pending_approve_reject_revoke_and_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -475,21 +641,21 @@ mod tests {
         let k1 = DeviceIdentity::ephemeral().public_key();
         let k2 = DeviceIdentity::ephemeral().public_key();
         let Admission::Pending(p1) = reg
-            .admit(&k1, "node-a", "node", "127.0.0.1:1", "linux")
+            .admit(&k1, &meta("node-a", "127.0.0.1:1"))
             .unwrap()
         else {
             panic!("new device must be pending")
         };
         // A retry reuses the same request.
         let Admission::Pending(again) = reg
-            .admit(&k1, "node-a", "node", "127.0.0.1:1", "linux")
+            .admit(&k1, &meta("node-a", "127.0.0.1:1"))
             .unwrap()
         else {
             panic!()
         };
         assert_eq!(p1.request_id, again.request_id);
         let Admission::Pending(p2) = reg
-            .admit(&k2, "node-b", "node", "127.0.0.1:2", "linux")
+            .admit(&k2, &meta("node-b", "127.0.0.1:2"))
             .unwrap()
         else {
             panic!()
@@ -501,8 +667,11 @@ mod tests {
         ));
         let d = reg.approve(&p1.request_id).unwrap();
         assert_eq!(d.name, "node-a");
+        let (tok, _) = reg.device_token(&k1.device_id(), "node").unwrap().unwrap();
+        assert_eq!(tok.len(), 43);
+        assert_eq!(d.tokens.len(), 1);
         assert!(matches!(
-            reg.admit(&k1, "node-a", "node", "x", "linux").unwrap(),
+            reg.admit(&k1, &meta("node-a", "x")).unwrap(),
             Admission::Paired(_)
         ));
         reg.reject("node-b").unwrap();
@@ -515,8 +684,9 @@ mod tests {
         let r = reg.revoke(&k1.device_id().to_string()[..10]).unwrap();
         assert_eq!(r.name, "node-a");
         assert!(!reg.is_paired(&k1.device_id()).unwrap());
+        assert!(reg.device_token(&k1.device_id(), "node").unwrap().is_none());
         assert!(matches!(
-            reg.admit(&k1, "node-a", "node", "x", "linux").unwrap(),
+            reg.admit(&k1, &meta("node-a", "x")).unwrap(),
             Admission::Pending(_)
         ));
     }

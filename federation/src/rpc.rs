@@ -148,8 +148,9 @@ pub async fn call_request(
 /// Who sent a request: known after the handshake, attached to every request it makes.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// The key the peer proved.
-    pub key: PublicKey,
+    /// The key the peer proved (None for a classic operator that authenticated with a shared
+    /// token and no device identity).
+    pub key: Option<PublicKey>,
     /// What it is.
     pub kind: CallerKind,
     /// Its address.
