@@ -284,10 +284,15 @@ impl GatewayAdmission {
             .pairing()
             .admit(
                 key,
-                &hello.name,
-                "node",
-                &remote.to_string(),
-                &hello.platform,
+                &DeviceMeta {
+                    name: hello.name.clone(),
+                    role: "node".into(),
+                    addr: remote.to_string(),
+                    platform: hello.platform.clone(),
+                    client_id: "clawmesh-node".into(),
+                    client_mode: "node".into(),
+                    ..Default::default()
+                },
             )
             .map_err(|e| Refusal {
                 code: RefusalCode::Unavailable,
