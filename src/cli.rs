@@ -283,6 +283,16 @@ pub struct RunArgs {
     /// Missed pings before a gateway is offline (config: gateway.failover.unhealthyThreshold).
     #[arg(long, value_name = "N")]
     pub unhealthy_threshold: Option<u32>,
+    /// `auto`: serve the classic bridge over wss:// with a self-signed certificate kept in the
+    /// state dir (its SHA-256 fingerprint is printed and shown by `gateway status`).
+    #[arg(long, value_name = "auto", conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub tls: Option<String>,
+    /// PEM certificate chain for wss:// (config: gateway.tls.cert).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for wss:// (config: gateway.tls.key).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Where a CLI command sends its request.
@@ -369,6 +379,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 token: a.token,
                 health_interval: a.health_interval,
                 unhealthy_threshold: a.unhealthy_threshold,
+                tls: match (a.tls.as_deref(), a.tls_cert, a.tls_key) {
+                    (Some("auto"), _, _) => Some(crate::bridge::tls::TlsSource::Auto),
+                    (Some(other), _, _) => {
+                        return Err(anyhow!("--tls takes `auto` (or use --tls-cert and --tls-key), not {other:?}"))
+                    }
+                    (None, Some(cert), Some(key)) => Some(crate::bridge::tls::TlsSource::Files { cert, key }),
+                    _ => None,
+                },
             };
             let settings = GatewaySettings::resolve(state_dir, flags, &file)?;
             gateway::run(settings).await?;

@@ -81,6 +81,8 @@ pub struct RunFlags {
     pub health_interval: Option<u64>,
     /// `--unhealthy-threshold`.
     pub unhealthy_threshold: Option<u32>,
+    /// `--tls auto` or `--tls-cert` + `--tls-key`.
+    pub tls: Option<crate::bridge::tls::TlsSource>,
 }
 
 /// Everything a gateway runs with, after merging flags, file and defaults.
@@ -108,6 +110,8 @@ pub struct GatewaySettings {
     pub operator_token: Option<String>,
     /// Health settings.
     pub health: HealthConfig,
+    /// TLS for the classic bridge (`wss://`), if any.
+    pub tls: Option<crate::bridge::tls::TlsSource>,
 }
 
 fn hostname() -> String {
@@ -206,8 +210,62 @@ impl GatewaySettings {
                 interval: Duration::from_millis(interval),
                 unhealthy_threshold: threshold as u32,
             },
+            tls: match flags.tls.clone() {
+                Some(t) => Some(t),
+                None => tls_from_file(file)?,
+            },
         })
     }
+}
+
+fn tls_from_file(file: &FileConfig) -> Result<Option<crate::bridge::tls::TlsSource>> {
+    use crate::bridge::tls::TlsSource;
+    for prefix in ["gateway.tls", "gateway.remote.tls"] {
+        let enabled = file.bool(&format!("{prefix}.enabled"))?;
+        if enabled == Some(false) {
+            continue;
+        }
+        let cert = file.str(&format!("{prefix}.cert"))?;
+        let key = file.str(&format!("{prefix}.key"))?;
+        match (cert, key) {
+            (Some(c), Some(k)) => {
+                return Ok(Some(TlsSource::Files {
+                    cert: c.into(),
+                    key: k.into(),
+                }))
+            }
+            (None, None) if enabled == Some(true) => return Ok(Some(TlsSource::Auto)),
+            (None, None) => {}
+            _ => bail!("{prefix}: give both cert and key, or neither"),
+        }
+    }
+    if file.bool("gateway.tls.auto")? == Some(true) {
+        return Ok(Some(TlsSource::Auto));
+    }
+    Ok(None)
+}
+
+/// Binds UDP (QUIC) and TCP (classic bridge) on the same port; with port 0, finds one that is
+/// free for both.
+fn bind_both(ip: IpAddr, port: u16) -> Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let attempts = if port == 0 { 20 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = std::net::UdpSocket::bind(SocketAddr::new(ip, port))
+            .with_context(|| format!("cannot bind UDP {ip}:{port} (QUIC)"))?;
+        let p = udp.local_addr()?.port();
+        match std::net::TcpListener::bind(SocketAddr::new(ip, p)) {
+            Ok(tcp) => {
+                tcp.set_nonblocking(true)?;
+                return Ok((udp, tcp));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(anyhow!(
+        "cannot bind TCP {ip}:{port} for the classic WebSocket bridge: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
 }
 
 fn interface_addrs() -> Vec<IpAddr> {
@@ -401,6 +459,11 @@ impl Admission for GatewayAdmission {
                     commands: n.commands.into_iter().take(256).collect(),
                     labels: n.labels.into_iter().take(64).collect(),
                     connected_at: std::time::SystemTime::now(),
+                    client_id: "clawmesh-node".into(),
+                    client_mode: "node".into(),
+                    device_family: String::new(),
+                    caps: Vec::new(),
+                    path_env: None,
                 };
                 let node_id = info.node_id;
                 let registry = self.methods.nodes().clone();
@@ -442,9 +505,13 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     let store = Store::open(&s.state_dir)?;
     let pairing = Registry::open(store.clone())?;
     let ip = bind_ip(&s.bind)?;
-    let bind_addr = SocketAddr::new(ip, s.port);
-    let ep = endpoint::bind(&identity, bind_addr, &TransportOptions::default())?;
+    let (udp, tcp) = bind_both(ip, s.port)?;
+    let ep = endpoint::from_socket(&identity, udp, &TransportOptions::default())?;
     let bound = ep.local_addr().context("reading the bound address")?;
+    let tls = match &s.tls {
+        Some(src) => Some(crate::bridge::tls::load(src, &s.state_dir)?),
+        None => None,
+    };
     let advertise = s
         .advertise
         .clone()
@@ -485,6 +552,33 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         admission,
     )?;
     methods.set_mesh(mesh.clone());
+    // The classic WebSocket bridge on the same port, TCP.
+    let (bridge_stop, bridge_rx) = tokio::sync::watch::channel(None);
+    let mut secrets: Vec<String> = s.token.iter().cloned().collect();
+    secrets.extend(s.operator_token.iter().cloned());
+    let bridge = Arc::new(crate::bridge::Bridge::new(methods.clone(), secrets, bridge_rx));
+    let tcp = tokio::net::TcpListener::from_std(tcp).context("TCP listener")?;
+    let ws_scheme = if tls.is_some() { "wss" } else { "ws" };
+    let ws_host = if bound.ip().is_unspecified() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        bound.ip()
+    };
+    let ws_url = format!("{ws_scheme}://{}", SocketAddr::new(ws_host, bound.port()));
+    let fingerprint = tls.as_ref().map(|t| t.fingerprint.clone());
+    methods.set_front_doors(serde_json::json!({"wsUrl": ws_url, "tlsFingerprint": fingerprint}));
+    let bridge_task = match tls {
+        Some(t) => {
+            info!(fingerprint = %t.fingerprint, "classic bridge on wss://{bound} (pin it with --tls-fingerprint {})", t.fingerprint);
+            tokio::spawn(crate::bridge::serve_tls(tcp, t.config, bridge))
+        }
+        None => {
+            if !ip.is_loopback() {
+                warn!("classic bridge on plain ws://{bound}: classic clients refuse ws:// to public hosts; use --tls auto or --tls-cert/--tls-key");
+            }
+            tokio::spawn(crate::bridge::serve_plain(tcp, bridge))
+        }
+    };
     let local = if bound.ip().is_unspecified() {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), bound.port())
     } else {
@@ -495,6 +589,8 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         name: s.name.clone(),
         quic: local.to_string(),
         advertise: advertise.clone(),
+        ws: ws_url.clone(),
+        tls_fingerprint: fingerprint.clone(),
         started_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         version: crate::VERSION.to_string(),
     }
@@ -523,6 +619,8 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         Err(e) => format!("gateway {} stopping: {e}", s.name),
     };
     info!("{reason}");
+    let _ = bridge_stop.send(Some(reason.clone()));
+    let _ = tokio::time::timeout(Duration::from_secs(2), bridge_task).await;
     mesh.shutdown(&reason).await;
     Runtime::remove(&s.state_dir);
     outcome.map(|_| ())

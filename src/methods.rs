@@ -66,6 +66,7 @@ pub struct Methods {
 
 struct Inner {
     mesh: OnceLock<Mesh>,
+    front_doors: OnceLock<Value>,
     nodes: Arc<NodeRegistry>,
     pairing: Registry,
     started: Instant,
@@ -101,6 +102,7 @@ impl Methods {
         Methods {
             inner: Arc::new(Inner {
                 mesh: OnceLock::new(),
+                front_doors: OnceLock::new(),
                 nodes,
                 pairing,
                 started: Instant::now(),
@@ -112,6 +114,11 @@ impl Methods {
     /// Attaches the running mesh.
     pub fn set_mesh(&self, mesh: Mesh) {
         let _ = self.inner.mesh.set(mesh);
+    }
+
+    /// Records where the classic bridge listens (URL, TLS fingerprint), for status.
+    pub fn set_front_doors(&self, v: Value) {
+        let _ = self.inner.front_doors.set(v);
     }
 
     /// The node registry.
@@ -166,7 +173,15 @@ impl Methods {
             "health" => self.health(),
             "status" | "gateway.status" => {
                 let all = params.get("all").and_then(Value::as_bool).unwrap_or(true);
-                Ok(crate::status::to_json(&self.mesh()?.status(), all))
+                let mut doc = crate::status::to_json(&self.mesh()?.status(), all);
+                if let (Some(extra), Some(gws)) = (self.inner.front_doors.get(), doc["gateways"].as_array_mut()) {
+                    for g in gws.iter_mut().filter(|g| g["isSelf"] == true) {
+                        g["wsUrl"] = extra["wsUrl"].clone();
+                        g["tlsFingerprint"] = extra["tlsFingerprint"].clone();
+                    }
+                }
+                doc["nodes"] = json!(self.inner.nodes.list().len());
+                Ok(doc)
             }
             "gateway.identity" => {
                 let mesh = self.mesh()?;
@@ -245,8 +260,9 @@ impl Methods {
                     }
                     ("system.execApprovals.set", p)
                 };
+                let key = clawmesh_federation::pairing::uuid_v4();
                 let r = self
-                    .invoke_on(&sel, command, inner, DEFAULT_INVOKE_TIMEOUT)
+                    .invoke_on(&sel, command, inner, DEFAULT_INVOKE_TIMEOUT, &key)
                     .await?;
                 Ok(r["payload"].clone())
             }
@@ -272,8 +288,12 @@ impl Methods {
                 "displayName": info.name,
                 "platform": info.platform,
                 "version": info.version,
-                "caps": [],
+                "caps": info.caps,
                 "commands": info.commands,
+                "clientId": info.client_id,
+                "clientMode": info.client_mode,
+                "deviceFamily": info.device_family,
+                "pathEnv": info.path_env,
                 "remoteIp": nodes::ip_of(&info.remote),
                 "paired": paired.iter().any(|p| p.device_id == id),
                 "connected": true,
@@ -295,6 +315,9 @@ impl Methods {
                 "nodeId": p.device_id,
                 "displayName": p.name,
                 "platform": p.platform,
+                "clientId": p.client_id,
+                "clientMode": p.client_mode,
+                "deviceFamily": p.device_family,
                 "caps": [],
                 "commands": [],
                 "paired": true,
@@ -327,9 +350,11 @@ impl Methods {
                 }
             },
         };
+        // Classic clients must send one; it reaches the node unchanged.
+        let key = str_param(&params, "idempotencyKey", "node.invoke")?.to_string();
         let inner = params.get("params").cloned().unwrap_or(Value::Null);
         let inner = if inner.is_null() { json!({}) } else { inner };
-        self.invoke_on(&sel, &command, inner, timeout).await
+        self.invoke_on(&sel, &command, inner, timeout, &key).await
     }
 
     async fn invoke_on(
@@ -338,6 +363,7 @@ impl Methods {
         command: &str,
         params: Value,
         timeout: Duration,
+        idempotency_key: &str,
     ) -> Result<Value, WireError> {
         let entries = self.node_entries()?;
         let entry = nodes::resolve(sel, &entries)?;
@@ -370,7 +396,7 @@ impl Methods {
         }
         let started = Instant::now();
         let span = tracing::info_span!("invoke", node = %name, %command);
-        match tracing::Instrument::instrument(link.invoke(command, &params, timeout), span).await {
+        match tracing::Instrument::instrument(link.invoke(command, &params, timeout, idempotency_key), span).await {
             Ok(text) => {
                 let payload: Value =
                     serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
@@ -388,6 +414,12 @@ impl Methods {
             }
             Err(e) => Err(nodes::invoke_error(e, &name, timeout)),
         }
+    }
+
+    /// The `health` document (for `GET /healthz`), or a not-ready note.
+    pub fn dispatch_health(&self) -> Value {
+        self.health()
+            .unwrap_or_else(|e| json!({"ok": false, "error": e.message}))
     }
 
     fn health(&self) -> Result<Value, WireError> {

@@ -20,6 +20,8 @@ use serde_json::{json, Value};
 pub enum NodeLink {
     /// A `clawmesh node run` over QUIC.
     Quic(Connection),
+    /// A classic `openclaw node run` over the WebSocket bridge.
+    Classic(crate::bridge::classic_node::ClassicLink),
 }
 
 impl NodeLink {
@@ -27,6 +29,7 @@ impl NodeLink {
     pub fn transport(&self) -> &'static str {
         match self {
             NodeLink::Quic(_) => "quic",
+            NodeLink::Classic(_) => "ws",
         }
     }
 
@@ -34,6 +37,7 @@ impl NodeLink {
     pub fn close(&self, reason: &str) {
         match self {
             NodeLink::Quic(c) => c.close(VarInt::from_u32(4001), reason.as_bytes()),
+            NodeLink::Classic(l) => l.close(reason),
         }
     }
 
@@ -43,8 +47,10 @@ impl NodeLink {
         command: &str,
         params: &Value,
         timeout: Duration,
+        idempotency_key: &str,
     ) -> Result<String, CallError> {
         match self {
+            NodeLink::Classic(l) => l.invoke(command, params, timeout, idempotency_key).await,
             NodeLink::Quic(conn) => {
                 let req = Request {
                     id: rpc::next_request_id(),
@@ -79,6 +85,16 @@ pub struct NodeInfo {
     pub labels: Vec<(String, String)>,
     /// When this session began.
     pub connected_at: SystemTime,
+    /// Client id (`clawmesh-node`, classic `node-host`).
+    pub client_id: String,
+    /// Client mode (`node`).
+    pub client_mode: String,
+    /// Device family (classic), e.g. `Linux`.
+    pub device_family: String,
+    /// Declared capabilities (classic).
+    pub caps: Vec<String>,
+    /// The node's PATH, if it said.
+    pub path_env: Option<String>,
 }
 
 struct Entry {

@@ -47,6 +47,12 @@ pub struct Runtime {
     pub quic: String,
     /// Address the gateway advertises to peers.
     pub advertise: String,
+    /// Classic WebSocket bridge URL.
+    #[serde(default)]
+    pub ws: String,
+    /// SHA-256 of the bridge's TLS certificate, when it serves wss://.
+    #[serde(default)]
+    pub tls_fingerprint: Option<String>,
     /// Start time, RFC 3339.
     pub started_at: String,
     /// Software version.

@@ -148,6 +148,28 @@ pub fn bind(
     Ok(ep)
 }
 
+/// A QUIC endpoint over an already bound UDP socket (so the caller can pick a port that is
+/// free for TCP too).
+pub fn from_socket(
+    identity: &DeviceIdentity,
+    socket: std::net::UdpSocket,
+    opts: &TransportOptions,
+) -> Result<Endpoint, EndpointError> {
+    let addr = socket
+        .local_addr()
+        .map_err(|source| EndpointError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+    let (server, client) = configs(identity, opts)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| EndpointError::Tls("no async runtime for QUIC".into()))?;
+    let mut ep = Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+        .map_err(|source| EndpointError::Bind { addr, source })?;
+    ep.set_default_client_config(client);
+    Ok(ep)
+}
+
 /// Binds a client-only endpoint on an ephemeral loopback or wildcard port.
 pub fn client(
     identity: &DeviceIdentity,

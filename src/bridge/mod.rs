@@ -1,0 +1,160 @@
+//! The classic OpenClaw WebSocket bridge: the gateway's second front door.
+//!
+//! It listens on TCP at the gateway's port (the classic 18789) and speaks the classic protocol
+//! at any path (the node host may add a context path): challenge, `connect` with device
+//! signatures and tokens, pairing, `hello-ok`, ticks, and requests. Operators' requests go to
+//! the same method table as native QUIC requests; classic node hosts become nodes in the same
+//! registry as native ones. `GET /healthz` answers on the same port. Optional TLS (`wss://`).
+
+pub mod classic_node;
+pub mod connect;
+pub mod frames;
+pub mod outbox;
+pub mod session;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::connect_info::Connected;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
+use axum::serve::IncomingStream;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::methods::Methods;
+
+/// Largest frame after `hello-ok` (classic `policy.maxPayload`, 25 MiB).
+pub const MAX_PAYLOAD: usize = 26_214_400;
+
+/// WebSocket read buffer per connection: a few KiB, not tungstenite's 128 KiB, so one gateway
+/// holds tens of thousands of idle node sockets. Larger frames still arrive; the buffer grows
+/// for them and shrinks back.
+const READ_BUFFER: usize = 4 * 1024;
+
+/// Classic connections a gateway holds before it answers 503: far above the 10 000 idle
+/// nodes it is built for, well below what would exhaust memory or file descriptors.
+const MAX_CONNECTIONS: usize = 50_000;
+
+/// Shared state of the bridge.
+pub struct Bridge {
+    /// The gateway's method table (and through it the node and pairing registries).
+    pub methods: Methods,
+    /// Shared secrets a classic client may present (gateway token, join token).
+    pub secrets: Vec<String>,
+    /// Becomes `Some(reason)` when the gateway stops: sessions send `shutdown` and close.
+    pub shutdown: watch::Receiver<Option<String>>,
+    /// Start time, for `uptimeMs`.
+    pub started: Instant,
+    connections: AtomicUsize,
+}
+
+impl Bridge {
+    /// A bridge over the gateway's method table.
+    pub fn new(methods: Methods, secrets: Vec<String>, shutdown: watch::Receiver<Option<String>>) -> Self {
+        Bridge {
+            methods,
+            secrets,
+            shutdown,
+            started: Instant::now(),
+            connections: AtomicUsize::new(0),
+        }
+    }
+
+    fn features_methods(&self) -> Vec<&'static str> {
+        let mut m = crate::methods::method_names();
+        m.extend(["node.invoke.result", "node.event", "node.skills.update", "node.pluginTools.update", "node.runnerInventory.update"]);
+        m
+    }
+}
+
+async fn healthz(State(bridge): State<Arc<Bridge>>) -> impl IntoResponse {
+    let ok = bridge.methods.dispatch_health();
+    (StatusCode::OK, Json(ok))
+}
+
+/// The client's address, for both the plain and the TLS listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+impl Connected<IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, tls::TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, tls::TlsListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+async fn upgrade(
+    State(bridge): State<Arc<Bridge>>,
+    ConnectInfo(Peer(remote)): ConnectInfo<Peer>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Ok(ws) = ws else {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            Json(json!({"error": "this is a clawmesh gateway: connect with a WebSocket client (classic OpenClaw protocol), or GET /healthz"})),
+        )
+            .into_response();
+    };
+    if bridge.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+    }
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_message_size(MAX_PAYLOAD)
+        .max_frame_size(MAX_PAYLOAD)
+        .on_upgrade(move |socket| async move {
+            bridge.connections.fetch_add(1, Ordering::Relaxed);
+            session::run(socket, remote, bridge.clone()).await;
+            bridge.connections.fetch_sub(1, Ordering::Relaxed);
+        })
+}
+
+fn router(bridge: Arc<Bridge>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .fallback(get(upgrade))
+        .with_state(bridge)
+}
+
+/// Serves plain `ws://` on `listener` until the shutdown signal.
+pub async fn serve_plain(listener: TcpListener, bridge: Arc<Bridge>) -> std::io::Result<()> {
+    let mut stop = bridge.shutdown.clone();
+    axum::serve(listener, router(bridge).into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+            // Let sessions send `shutdown` and close first.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        })
+        .await
+}
+
+/// Serves `wss://` on `listener` with `config` until the shutdown signal.
+pub async fn serve_tls(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    bridge: Arc<Bridge>,
+) -> std::io::Result<()> {
+    let mut stop = bridge.shutdown.clone();
+    let tls = tls::TlsListener::new(listener, config)?;
+    axum::serve(tls, router(bridge).into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        })
+        .await
+}
