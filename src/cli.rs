@@ -382,9 +382,13 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 tls: match (a.tls.as_deref(), a.tls_cert, a.tls_key) {
                     (Some("auto"), _, _) => Some(crate::bridge::tls::TlsSource::Auto),
                     (Some(other), _, _) => {
-                        return Err(anyhow!("--tls takes `auto` (or use --tls-cert and --tls-key), not {other:?}"))
+                        return Err(anyhow!(
+                            "--tls takes `auto` (or use --tls-cert and --tls-key), not {other:?}"
+                        ))
                     }
-                    (None, Some(cert), Some(key)) => Some(crate::bridge::tls::TlsSource::Files { cert, key }),
+                    (None, Some(cert), Some(key)) => {
+                        Some(crate::bridge::tls::TlsSource::Files { cert, key })
+                    }
                     _ => None,
                 },
             };

@@ -556,7 +556,11 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     let (bridge_stop, bridge_rx) = tokio::sync::watch::channel(None);
     let mut secrets: Vec<String> = s.token.iter().cloned().collect();
     secrets.extend(s.operator_token.iter().cloned());
-    let bridge = Arc::new(crate::bridge::Bridge::new(methods.clone(), secrets, bridge_rx));
+    let bridge = Arc::new(crate::bridge::Bridge::new(
+        methods.clone(),
+        secrets,
+        bridge_rx,
+    ));
     let tcp = tokio::net::TcpListener::from_std(tcp).context("TCP listener")?;
     let ws_scheme = if tls.is_some() { "wss" } else { "ws" };
     let ws_host = if bound.ip().is_unspecified() {

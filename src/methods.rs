@@ -174,7 +174,9 @@ impl Methods {
             "status" | "gateway.status" => {
                 let all = params.get("all").and_then(Value::as_bool).unwrap_or(true);
                 let mut doc = crate::status::to_json(&self.mesh()?.status(), all);
-                if let (Some(extra), Some(gws)) = (self.inner.front_doors.get(), doc["gateways"].as_array_mut()) {
+                if let (Some(extra), Some(gws)) =
+                    (self.inner.front_doors.get(), doc["gateways"].as_array_mut())
+                {
                     for g in gws.iter_mut().filter(|g| g["isSelf"] == true) {
                         g["wsUrl"] = extra["wsUrl"].clone();
                         g["tlsFingerprint"] = extra["tlsFingerprint"].clone();
@@ -396,7 +398,12 @@ impl Methods {
         }
         let started = Instant::now();
         let span = tracing::info_span!("invoke", node = %name, %command);
-        match tracing::Instrument::instrument(link.invoke(command, &params, timeout, idempotency_key), span).await {
+        match tracing::Instrument::instrument(
+            link.invoke(command, &params, timeout, idempotency_key),
+            span,
+        )
+        .await
+        {
             Ok(text) => {
                 let payload: Value =
                     serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));

@@ -155,17 +155,20 @@ pub fn from_socket(
     socket: std::net::UdpSocket,
     opts: &TransportOptions,
 ) -> Result<Endpoint, EndpointError> {
-    let addr = socket
-        .local_addr()
-        .map_err(|source| EndpointError::Bind {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source,
-        })?;
+    let addr = socket.local_addr().map_err(|source| EndpointError::Bind {
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        source,
+    })?;
     let (server, client) = configs(identity, opts)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| EndpointError::Tls("no async runtime for QUIC".into()))?;
-    let mut ep = Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
-        .map_err(|source| EndpointError::Bind { addr, source })?;
+    let mut ep = Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )
+    .map_err(|source| EndpointError::Bind { addr, source })?;
     ep.set_default_client_config(client);
     Ok(ep)
 }

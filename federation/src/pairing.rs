@@ -245,7 +245,17 @@ pub struct Registry {
     store: Store,
 }
 
-type PendingRow = (String, Vec<u8>, String, String, String, String, i64, i64, String);
+type PendingRow = (
+    String,
+    Vec<u8>,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    String,
+);
 
 fn meta_json(m: &DeviceMeta) -> String {
     serde_json::json!({
@@ -257,7 +267,10 @@ fn meta_json(m: &DeviceMeta) -> String {
 }
 
 fn meta_field(meta: &serde_json::Value, key: &str) -> String {
-    meta.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_string()
+    meta.get(key)
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string()
 }
 
 impl Registry {
@@ -349,7 +362,11 @@ impl Registry {
 
     /// The device token of a paired device for `role`, issued on approval (32 random bytes,
     /// base64url): what classic clients present on later connects.
-    pub fn device_token(&self, device_id: &DeviceId, role: &str) -> Result<Option<(String, u64)>, PairingError> {
+    pub fn device_token(
+        &self,
+        device_id: &DeviceId,
+        role: &str,
+    ) -> Result<Option<(String, u64)>, PairingError> {
         let id = device_id.to_string();
         let row: Option<(String, i64)> = self.store.with_conn(|c| {
             c.query_row(
@@ -362,7 +379,12 @@ impl Registry {
         Ok(row.map(|(t, at)| (t, at.max(0) as u64)))
     }
 
-    fn issue_token(c: &rusqlite::Transaction<'_>, device_id: &str, role: &str, now: u64) -> rusqlite::Result<()> {
+    fn issue_token(
+        c: &rusqlite::Transaction<'_>,
+        device_id: &str,
+        role: &str,
+        now: u64,
+    ) -> rusqlite::Result<()> {
         use base64::Engine as _;
         let bytes: [u8; 32] = rand::rng().random();
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
@@ -377,7 +399,12 @@ impl Registry {
     /// Looks a device up when it connects: paired devices get in; others get (or refresh) a
     /// pending request.
     pub fn admit(&self, key: &PublicKey, m: &DeviceMeta) -> Result<Admission, PairingError> {
-        let (name, role, addr, platform) = (m.name.as_str(), m.role.as_str(), m.addr.as_str(), m.platform.as_str());
+        let (name, role, addr, platform) = (
+            m.name.as_str(),
+            m.role.as_str(),
+            m.addr.as_str(),
+            m.platform.as_str(),
+        );
         let meta = meta_json(m);
         if let Some(p) = self.paired(key)? {
             if p.role == role {
@@ -449,7 +476,9 @@ impl Registry {
         match row {
             Some((name, role, platform, at, meta)) => {
                 let tokens = self.token_summaries(&key.device_id().to_string())?;
-                Ok(Some(Self::paired_from(key, name, role, platform, at, &meta, tokens)))
+                Ok(Some(Self::paired_from(
+                    key, name, role, platform, at, &meta, tokens,
+                )))
             }
             None => Ok(None),
         }
@@ -482,9 +511,13 @@ impl Registry {
             .collect();
         let mut paired = Vec::new();
         for (k, name, role, platform, at, meta) in paired_rows {
-            let Some(key) = Self::key_of(&k) else { continue };
+            let Some(key) = Self::key_of(&k) else {
+                continue;
+            };
             let tokens = self.token_summaries(&key.device_id().to_string())?;
-            paired.push(Self::paired_from(&key, name, role, platform, at, &meta, tokens));
+            paired.push(Self::paired_from(
+                &key, name, role, platform, at, &meta, tokens,
+            ));
         }
         Ok(Listing { pending, paired })
     }
@@ -559,8 +592,14 @@ impl Registry {
         let p = self.find_paired(selector)?;
         self.store.with_conn(|c| {
             let tx = c.transaction()?;
-            tx.execute("DELETE FROM paired_devices WHERE device_id = ?1", [&p.device_id])?;
-            tx.execute("DELETE FROM device_tokens WHERE device_id = ?1", [&p.device_id])?;
+            tx.execute(
+                "DELETE FROM paired_devices WHERE device_id = ?1",
+                [&p.device_id],
+            )?;
+            tx.execute(
+                "DELETE FROM device_tokens WHERE device_id = ?1",
+                [&p.device_id],
+            )?;
             tx.commit()
         })?;
         Ok(p)
@@ -640,24 +679,16 @@ mod tests {
         let reg = Registry::open(Store::open(dir.path()).unwrap()).unwrap();
         let k1 = DeviceIdentity::ephemeral().public_key();
         let k2 = DeviceIdentity::ephemeral().public_key();
-        let Admission::Pending(p1) = reg
-            .admit(&k1, &meta("node-a", "127.0.0.1:1"))
-            .unwrap()
-        else {
+        let Admission::Pending(p1) = reg.admit(&k1, &meta("node-a", "127.0.0.1:1")).unwrap() else {
             panic!("new device must be pending")
         };
         // A retry reuses the same request.
-        let Admission::Pending(again) = reg
-            .admit(&k1, &meta("node-a", "127.0.0.1:1"))
-            .unwrap()
+        let Admission::Pending(again) = reg.admit(&k1, &meta("node-a", "127.0.0.1:1")).unwrap()
         else {
             panic!()
         };
         assert_eq!(p1.request_id, again.request_id);
-        let Admission::Pending(p2) = reg
-            .admit(&k2, &meta("node-b", "127.0.0.1:2"))
-            .unwrap()
-        else {
+        let Admission::Pending(p2) = reg.admit(&k2, &meta("node-b", "127.0.0.1:2")).unwrap() else {
             panic!()
         };
         assert_eq!(reg.list().unwrap().pending.len(), 2);

@@ -38,7 +38,10 @@ impl ClassicLink {
         }
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Result<String, WireError>>>> {
+    fn pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Result<String, WireError>>>>
+    {
         // Single inserts and removes: a poisoned map is still consistent.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -64,7 +67,11 @@ impl ClassicLink {
             }
             p.insert(id.clone(), tx);
         }
-        let params_json = if params.is_null() { Value::Null } else { json!(params.to_string()) };
+        let params_json = if params.is_null() {
+            Value::Null
+        } else {
+            json!(params.to_string())
+        };
         let sent = self.out.text(frames::event(
             "node.invoke.request",
             json!({
@@ -117,13 +124,21 @@ impl ClassicLink {
         let result = if ok {
             match params.get("payloadJSON").and_then(Value::as_str) {
                 Some(s) => Ok(s.to_string()),
-                None => Ok(params.get("payload").cloned().unwrap_or(Value::Null).to_string()),
+                None => Ok(params
+                    .get("payload")
+                    .cloned()
+                    .unwrap_or(Value::Null)
+                    .to_string()),
             }
         } else {
             let e = params.get("error").cloned().unwrap_or(Value::Null);
             Err(WireError::new(
-                e.get("code").and_then(Value::as_str).unwrap_or("UNAVAILABLE"),
-                e.get("message").and_then(Value::as_str).unwrap_or("node error"),
+                e.get("code")
+                    .and_then(Value::as_str)
+                    .unwrap_or("UNAVAILABLE"),
+                e.get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("node error"),
             ))
         };
         let _ = tx.send(result);

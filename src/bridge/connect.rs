@@ -96,7 +96,12 @@ fn invalid(msg: impl Into<String>) -> Reject {
 
 fn strings(v: Option<&Value>) -> Vec<String> {
     v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).take(512).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .take(512)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -115,7 +120,12 @@ pub struct Gate<'a> {
 }
 
 /// Authenticates a `connect` request's params against the challenge nonce.
-pub fn authenticate(gate: &Gate<'_>, params: &Value, nonce: &str, remote: SocketAddr) -> Result<Authed, Reject> {
+pub fn authenticate(
+    gate: &Gate<'_>,
+    params: &Value,
+    nonce: &str,
+    remote: SocketAddr,
+) -> Result<Authed, Reject> {
     if !params.is_object() {
         return Err(invalid("invalid connect params: must be object"));
     }
@@ -123,7 +133,9 @@ pub fn authenticate(gate: &Gate<'_>, params: &Value, nonce: &str, remote: Socket
     let min = params.get("minProtocol").and_then(Value::as_u64);
     let max = params.get("maxProtocol").and_then(Value::as_u64);
     let (Some(min), Some(max)) = (min, max) else {
-        return Err(invalid("invalid connect params: must have required property 'minProtocol' and 'maxProtocol'"));
+        return Err(invalid(
+            "invalid connect params: must have required property 'minProtocol' and 'maxProtocol'",
+        ));
     };
     if !(min <= PROTOCOL && PROTOCOL <= max) {
         return Err(reject(
@@ -144,9 +156,12 @@ pub fn authenticate(gate: &Gate<'_>, params: &Value, nonce: &str, remote: Socket
     // Client fields.
     let client = params.get("client").cloned().unwrap_or(Value::Null);
     let field = |k: &str| client.get(k).and_then(Value::as_str).map(str::to_string);
-    let (Some(client_id), Some(client_mode), Some(version), Some(platform)) =
-        (field("id"), field("mode"), field("version"), field("platform"))
-    else {
+    let (Some(client_id), Some(client_mode), Some(version), Some(platform)) = (
+        field("id"),
+        field("mode"),
+        field("version"),
+        field("platform"),
+    ) else {
         return Err(invalid(
             "invalid connect params: client must have required properties 'id', 'mode', 'version', 'platform'",
         ));
@@ -177,7 +192,11 @@ pub fn authenticate(gate: &Gate<'_>, params: &Value, nonce: &str, remote: Socket
             &client_mode,
             role,
             &scopes,
-            token.as_deref().or(device_token.as_deref()).or(bootstrap.as_deref()).unwrap_or(""),
+            token
+                .as_deref()
+                .or(device_token.as_deref())
+                .or(bootstrap.as_deref())
+                .unwrap_or(""),
             nonce,
             &platform,
             &device_family,
@@ -189,7 +208,11 @@ pub fn authenticate(gate: &Gate<'_>, params: &Value, nonce: &str, remote: Socket
     match (&device, shared_ok) {
         (None, _) if role == Role::Node => {
             return Err(reject(
-                err_with("NOT_PAIRED", "device identity required", json!({"code":"DEVICE_IDENTITY_REQUIRED"})),
+                err_with(
+                    "NOT_PAIRED",
+                    "device identity required",
+                    json!({"code":"DEVICE_IDENTITY_REQUIRED"}),
+                ),
                 1008,
             ))
         }
@@ -198,7 +221,11 @@ pub fn authenticate(gate: &Gate<'_>, params: &Value, nonce: &str, remote: Socket
             return Err(match &offered {
                 Some(_) => token_mismatch(),
                 None => reject(
-                    err_with("NOT_PAIRED", "device identity required", json!({"code":"DEVICE_IDENTITY_REQUIRED"})),
+                    err_with(
+                        "NOT_PAIRED",
+                        "device identity required",
+                        json!({"code":"DEVICE_IDENTITY_REQUIRED"}),
+                    ),
                     1008,
                 ),
             })
@@ -275,13 +302,19 @@ pub fn authenticate(gate: &Gate<'_>, params: &Value, nonce: &str, remote: Socket
                             close_reason: format!("{msg} (requestId: {})", p.request_id),
                         });
                     }
-                    Err(e) => return Err(reject(WireError::new("UNAVAILABLE", e.to_string()), 1013)),
+                    Err(e) => {
+                        return Err(reject(WireError::new("UNAVAILABLE", e.to_string()), 1013))
+                    }
                 }
             }
         }
     }
     let device_token = match &device {
-        Some(key) => gate.pairing.device_token(&key.device_id(), role.as_str()).ok().flatten(),
+        Some(key) => gate
+            .pairing
+            .device_token(&key.device_id(), role.as_str())
+            .ok()
+            .flatten(),
         None => None,
     };
     let granted = match role {
@@ -313,7 +346,10 @@ pub fn authenticate(gate: &Gate<'_>, params: &Value, nonce: &str, remote: Socket
         display_name,
         caps: strings(params.get("caps")),
         commands: strings(params.get("commands")),
-        path_env: params.get("pathEnv").and_then(Value::as_str).map(str::to_string),
+        path_env: params
+            .get("pathEnv")
+            .and_then(Value::as_str)
+            .map(str::to_string),
     })
 }
 
@@ -329,7 +365,14 @@ fn token_mismatch() -> Reject {
 }
 
 fn device_error(message: &str, code: &str, reason: &str) -> Reject {
-    reject(err_with("INVALID_REQUEST", message, json!({"code": code, "reason": reason})), 1008)
+    reject(
+        err_with(
+            "INVALID_REQUEST",
+            message,
+            json!({"code": code, "reason": reason}),
+        ),
+        1008,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -345,25 +388,53 @@ fn verify_device(
     device_family: &str,
     now_ms: i64,
 ) -> Result<PublicKey, Reject> {
-    let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").trim().to_string();
+    let s = |k: &str| {
+        d.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
     let pk_text = s("publicKey");
     let key = decode_base64_lenient(&pk_text)
         .and_then(|b| PublicKey::from_bytes(&b).ok())
-        .ok_or_else(|| device_error("device public key invalid", "DEVICE_AUTH_PUBLIC_KEY_INVALID", "device-public-key"))?;
+        .ok_or_else(|| {
+            device_error(
+                "device public key invalid",
+                "DEVICE_AUTH_PUBLIC_KEY_INVALID",
+                "device-public-key",
+            )
+        })?;
     let claimed = DeviceId::parse(&s("id"));
     if claimed != Some(key.device_id()) {
-        return Err(device_error("device identity mismatch", "DEVICE_AUTH_DEVICE_ID_MISMATCH", "device-id-mismatch"));
+        return Err(device_error(
+            "device identity mismatch",
+            "DEVICE_AUTH_DEVICE_ID_MISMATCH",
+            "device-id-mismatch",
+        ));
     }
     let signed_at = d.get("signedAt").and_then(Value::as_i64).unwrap_or(-1);
     if signed_at < 0 || (now_ms - signed_at).abs() > MAX_SKEW_MS {
-        return Err(device_error("device signature expired", "DEVICE_AUTH_SIGNATURE_EXPIRED", "device-signature-stale"));
+        return Err(device_error(
+            "device signature expired",
+            "DEVICE_AUTH_SIGNATURE_EXPIRED",
+            "device-signature-stale",
+        ));
     }
     let dn = s("nonce");
     if dn.is_empty() {
-        return Err(device_error("device nonce required", "DEVICE_AUTH_NONCE_REQUIRED", "device-nonce-missing"));
+        return Err(device_error(
+            "device nonce required",
+            "DEVICE_AUTH_NONCE_REQUIRED",
+            "device-nonce-missing",
+        ));
     }
     if dn != nonce {
-        return Err(device_error("device nonce mismatch", "DEVICE_AUTH_NONCE_MISMATCH", "device-nonce-mismatch"));
+        return Err(device_error(
+            "device nonce mismatch",
+            "DEVICE_AUTH_NONCE_MISMATCH",
+            "device-nonce-mismatch",
+        ));
     }
     let sig = decode_base64_lenient(&s("signature")).unwrap_or_default();
     let id = key.device_id().to_string();
@@ -377,11 +448,18 @@ fn verify_device(
     if key.verify(v3.as_bytes(), &sig) {
         return Ok(key);
     }
-    let v2 = format!("v2|{id}|{client_id}|{client_mode}|{}|{joined}|{signed_at}|{token}|{nonce}", role.as_str());
+    let v2 = format!(
+        "v2|{id}|{client_id}|{client_mode}|{}|{joined}|{signed_at}|{token}|{nonce}",
+        role.as_str()
+    );
     if key.verify(v2.as_bytes(), &sig) {
         return Ok(key);
     }
-    Err(device_error("device signature invalid", "DEVICE_AUTH_SIGNATURE_INVALID", "device-signature"))
+    Err(device_error(
+        "device signature invalid",
+        "DEVICE_AUTH_SIGNATURE_INVALID",
+        "device-signature",
+    ))
 }
 
 #[cfg(test)]
@@ -412,10 +490,15 @@ mod tests {
         let reg = Registry::open(Store::open(dir.path()).unwrap()).unwrap();
         let secrets = vec!["tok".to_string()];
         let now = 1_800_000_000_000;
-        let gate = Gate { secrets: &secrets, pairing: &reg, now_ms: now };
+        let gate = Gate {
+            secrets: &secrets,
+            pairing: &reg,
+            now_ms: now,
+        };
         let id = DeviceIdentity::ephemeral();
         let remote: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let r = authenticate(&gate, &node_connect(&id, "n-1", now, "tok"), "n-1", remote).unwrap_err();
+        let r =
+            authenticate(&gate, &node_connect(&id, "n-1", now, "tok"), "n-1", remote).unwrap_err();
         assert_eq!(r.error.code, "NOT_PAIRED");
         assert!(r.close_reason.contains("requestId"));
         reg.approve(&id.device_id().to_string()).unwrap();
@@ -429,20 +512,41 @@ mod tests {
         let ok = authenticate(&gate, &p, "n-3", remote).unwrap();
         assert_eq!(ok.method, "device-token");
         // Replayed nonce, stale time, bad signature, wrong token.
-        let e = authenticate(&gate, &node_connect(&id, "n-4", now, "tok"), "n-5", remote).unwrap_err();
+        let e =
+            authenticate(&gate, &node_connect(&id, "n-4", now, "tok"), "n-5", remote).unwrap_err();
         assert!(e.error.message.contains("nonce mismatch"));
-        let e = authenticate(&gate, &node_connect(&id, "n-6", now - 200_000, "tok"), "n-6", remote).unwrap_err();
+        let e = authenticate(
+            &gate,
+            &node_connect(&id, "n-6", now - 200_000, "tok"),
+            "n-6",
+            remote,
+        )
+        .unwrap_err();
         assert!(e.error.message.contains("expired"));
         let mut p = node_connect(&id, "n-7", now, "tok");
         p["device"]["signature"] = json!(b64(&[0u8; 64]));
-        assert!(authenticate(&gate, &p, "n-7", remote).unwrap_err().error.message.contains("signature invalid"));
-        let e = authenticate(&gate, &node_connect(&id, "n-8", now, "nope"), "n-8", remote).unwrap_err();
-        assert!(e.error.message.contains("token mismatch"), "{}", e.error.message);
+        assert!(authenticate(&gate, &p, "n-7", remote)
+            .unwrap_err()
+            .error
+            .message
+            .contains("signature invalid"));
+        let e =
+            authenticate(&gate, &node_connect(&id, "n-8", now, "nope"), "n-8", remote).unwrap_err();
+        assert!(
+            e.error.message.contains("token mismatch"),
+            "{}",
+            e.error.message
+        );
         // Protocol mismatch closes 1002.
         let mut p = node_connect(&id, "n-9", now, "tok");
         p["minProtocol"] = json!(5);
         p["maxProtocol"] = json!(5);
-        assert_eq!(authenticate(&gate, &p, "n-9", remote).unwrap_err().close_code, 1002);
+        assert_eq!(
+            authenticate(&gate, &p, "n-9", remote)
+                .unwrap_err()
+                .close_code,
+            1002
+        );
     }
 
     #[test]
@@ -450,7 +554,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::open(Store::open(dir.path()).unwrap()).unwrap();
         let secrets = vec!["tok".to_string()];
-        let gate = Gate { secrets: &secrets, pairing: &reg, now_ms: 0 };
+        let gate = Gate {
+            secrets: &secrets,
+            pairing: &reg,
+            now_ms: 0,
+        };
         let remote: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let p = json!({"minProtocol":4,"maxProtocol":4,"client":{"id":"cli","mode":"cli","version":"x","platform":"linux"},
             "role":"operator","scopes":["operator.read","operator.write"],"auth":{"token":"tok"}});
@@ -458,12 +566,28 @@ mod tests {
         assert_eq!(ok.scopes, vec!["operator.read", "operator.write"]);
         let mut bad = p.clone();
         bad["auth"]["token"] = json!("no");
-        assert!(authenticate(&gate, &bad, "n", remote).unwrap_err().error.message.starts_with("unauthorized: gateway token mismatch"));
+        assert!(authenticate(&gate, &bad, "n", remote)
+            .unwrap_err()
+            .error
+            .message
+            .starts_with("unauthorized: gateway token mismatch"));
         let mut none = p.clone();
         none["auth"] = json!({});
-        assert_eq!(authenticate(&gate, &none, "n", remote).unwrap_err().error.message, "device identity required");
+        assert_eq!(
+            authenticate(&gate, &none, "n", remote)
+                .unwrap_err()
+                .error
+                .message,
+            "device identity required"
+        );
         let mut role = p.clone();
         role["role"] = json!("worker");
-        assert_eq!(authenticate(&gate, &role, "n", remote).unwrap_err().error.message, "invalid role");
+        assert_eq!(
+            authenticate(&gate, &role, "n", remote)
+                .unwrap_err()
+                .error
+                .message,
+            "invalid role"
+        );
     }
 }

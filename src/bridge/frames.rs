@@ -21,8 +21,16 @@ pub struct Inbound {
 /// The error object of a `res` frame: `code` and `message` always non-empty.
 pub fn error_object(e: &WireError) -> Value {
     let mut obj = Map::new();
-    let code = if e.code.is_empty() { "UNAVAILABLE" } else { &e.code };
-    let message = if e.message.is_empty() { "error" } else { &e.message };
+    let code = if e.code.is_empty() {
+        "UNAVAILABLE"
+    } else {
+        &e.code
+    };
+    let message = if e.message.is_empty() {
+        "error"
+    } else {
+        &e.message
+    };
     obj.insert("code".into(), json!(code));
     obj.insert("message".into(), json!(message));
     if let Some(d) = &e.details {
@@ -51,7 +59,9 @@ pub fn res_err(id: &Value, e: &WireError) -> String {
 /// An event; `seq` only on broadcast-style events.
 pub fn event(name: &str, payload: Value, seq: Option<u64>) -> String {
     match seq {
-        Some(s) => json!({"type": "event", "event": name, "payload": payload, "seq": s}).to_string(),
+        Some(s) => {
+            json!({"type": "event", "event": name, "payload": payload, "seq": s}).to_string()
+        }
         None => json!({"type": "event", "event": name, "payload": payload}).to_string(),
     }
 }

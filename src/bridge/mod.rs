@@ -22,10 +22,10 @@ use axum::extract::connect_info::Connected;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
-use axum::serve::IncomingStream;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -60,7 +60,11 @@ pub struct Bridge {
 
 impl Bridge {
     /// A bridge over the gateway's method table.
-    pub fn new(methods: Methods, secrets: Vec<String>, shutdown: watch::Receiver<Option<String>>) -> Self {
+    pub fn new(
+        methods: Methods,
+        secrets: Vec<String>,
+        shutdown: watch::Receiver<Option<String>>,
+    ) -> Self {
         Bridge {
             methods,
             secrets,
@@ -72,7 +76,13 @@ impl Bridge {
 
     fn features_methods(&self) -> Vec<&'static str> {
         let mut m = crate::methods::method_names();
-        m.extend(["node.invoke.result", "node.event", "node.skills.update", "node.pluginTools.update", "node.runnerInventory.update"]);
+        m.extend([
+            "node.invoke.result",
+            "node.event",
+            "node.skills.update",
+            "node.pluginTools.update",
+            "node.runnerInventory.update",
+        ]);
         m
     }
 }
@@ -134,13 +144,16 @@ fn router(bridge: Arc<Bridge>) -> Router {
 /// Serves plain `ws://` on `listener` until the shutdown signal.
 pub async fn serve_plain(listener: TcpListener, bridge: Arc<Bridge>) -> std::io::Result<()> {
     let mut stop = bridge.shutdown.clone();
-    axum::serve(listener, router(bridge).into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(async move {
-            let _ = stop.changed().await;
-            // Let sessions send `shutdown` and close first.
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        })
-        .await
+    axum::serve(
+        listener,
+        router(bridge).into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop.changed().await;
+        // Let sessions send `shutdown` and close first.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    })
+    .await
 }
 
 /// Serves `wss://` on `listener` with `config` until the shutdown signal.
@@ -151,10 +164,13 @@ pub async fn serve_tls(
 ) -> std::io::Result<()> {
     let mut stop = bridge.shutdown.clone();
     let tls = tls::TlsListener::new(listener, config)?;
-    axum::serve(tls, router(bridge).into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(async move {
-            let _ = stop.changed().await;
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        })
-        .await
+    axum::serve(
+        tls,
+        router(bridge).into_make_service_with_connect_info::<Peer>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop.changed().await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    })
+    .await
 }

@@ -65,7 +65,9 @@ fn now_ms() -> u64 {
 pub async fn run(socket: WebSocket, remote: SocketAddr, bridge: Arc<Bridge>) {
     let conn_id = uuid_v4();
     let span = tracing::info_span!("ws", %remote, conn = %&conn_id[..8]);
-    serve(socket, remote, bridge, conn_id).instrument(span).await
+    serve(socket, remote, bridge, conn_id)
+        .instrument(span)
+        .await
 }
 
 async fn serve(socket: WebSocket, remote: SocketAddr, bridge: Arc<Bridge>, conn_id: String) {
@@ -83,7 +85,10 @@ async fn serve(socket: WebSocket, remote: SocketAddr, bridge: Arc<Bridge>, conn_
                 Outbound::Ping => sink.send(Message::Ping(Default::default())).await,
                 Outbound::Close(code, reason) => {
                     let _ = sink
-                        .send(Message::Close(Some(CloseFrame { code, reason: reason.into() })))
+                        .send(Message::Close(Some(CloseFrame {
+                            code,
+                            reason: reason.into(),
+                        })))
                         .await;
                     break;
                 }
@@ -143,14 +148,19 @@ async fn serve(socket: WebSocket, remote: SocketAddr, bridge: Arc<Bridge>, conn_
                 caps: authed.caps.clone(),
                 path_env: authed.path_env.clone(),
             };
-            let session = bridge.methods.nodes().attach(info, NodeLink::Classic(link.clone()));
+            let session = bridge
+                .methods
+                .nodes()
+                .attach(info, NodeLink::Classic(link.clone()));
             Some((key.device_id(), session, link))
         }
         _ => None,
     };
 
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + TICK_INTERVAL, TICK_INTERVAL);
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + TICK_INTERVAL, TICK_INTERVAL);
+    let mut ping =
+        tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
     let mut shutdown = bridge.shutdown.clone();
     let mut seq: u64 = 0;
     let mut last_inbound = Instant::now();
@@ -302,7 +312,10 @@ async fn handshake(
     if frame.kind.as_deref() != Some("req") || frame.method.as_deref() != Some("connect") {
         let msg = "invalid handshake: first request must be connect";
         if frame.kind.as_deref() == Some("req") {
-            out.text(frames::res_err(&id, &WireError::new("INVALID_REQUEST", msg)));
+            out.text(frames::res_err(
+                &id,
+                &WireError::new("INVALID_REQUEST", msg),
+            ));
         }
         out.close(1008, msg);
         return None;
@@ -351,8 +364,16 @@ const EVENTS: &[&str] = &[
 ];
 
 /// Requests from a node host.
-fn node_request(method: &str, params: &Value, authed: &Authed, link: Option<&ClassicLink>) -> Result<Value, WireError> {
-    let node_id = authed.device.map(|k| k.device_id().to_string()).unwrap_or_default();
+fn node_request(
+    method: &str,
+    params: &Value,
+    authed: &Authed,
+    link: Option<&ClassicLink>,
+) -> Result<Value, WireError> {
+    let node_id = authed
+        .device
+        .map(|k| k.device_id().to_string())
+        .unwrap_or_default();
     match method {
         "node.invoke.result" => {
             if let Some(n) = params.get("nodeId").and_then(Value::as_str) {
@@ -361,7 +382,11 @@ fn node_request(method: &str, params: &Value, authed: &Authed, link: Option<&Cla
                 }
             }
             let handled = link.map(|l| l.resolve(params)).unwrap_or(false);
-            Ok(if handled { json!({"ok": true}) } else { json!({"ok": true, "ignored": true}) })
+            Ok(if handled {
+                json!({"ok": true})
+            } else {
+                json!({"ok": true, "ignored": true})
+            })
         }
         "node.event" => Ok(json!({
             "ok": true,
@@ -373,6 +398,9 @@ fn node_request(method: &str, params: &Value, authed: &Authed, link: Option<&Cla
         "node.skills.update" => Ok(json!({"nodeId": node_id, "skills": []})),
         "node.pluginTools.update" => Ok(json!({"nodeId": node_id, "tools": []})),
         "node.runnerInventory.update" => Ok(json!({"nodeId": node_id})),
-        other => Err(WireError::new("INVALID_REQUEST", format!("unknown method: {other}"))),
+        other => Err(WireError::new(
+            "INVALID_REQUEST",
+            format!("unknown method: {other}"),
+        )),
     }
 }

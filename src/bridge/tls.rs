@@ -46,7 +46,10 @@ pub fn colon_form(hex: &str) -> String {
         .join(":")
 }
 
-fn read_pem(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+fn read_pem(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     use rustls::pki_types::pem::PemObject;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("reading certificate {}", cert.display()))?
@@ -55,7 +58,8 @@ fn read_pem(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, Pr
     if certs.is_empty() {
         return Err(anyhow!("{} holds no certificate", cert.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading private key {}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading private key {}", key.display()))?;
     Ok((certs, key))
 }
 
@@ -68,7 +72,11 @@ fn generate(dir: &Path) -> Result<(PathBuf, PathBuf)> {
         return Ok((cert_path, key_path));
     }
     std::fs::create_dir_all(dir)?;
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     if let Ok(h) = nix::unistd::gethostname() {
         if let Ok(h) = h.into_string() {
             names.push(h);
@@ -76,11 +84,17 @@ fn generate(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     }
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = rcgen::CertificateParams::new(names)?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, "clawmesh gateway");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "clawmesh gateway");
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2124, 1, 1);
     let cert = params.self_signed(&key)?;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)?;
     f.write_all(key.serialize_pem().as_bytes())?;
     f.sync_all()?;
     std::fs::write(&cert_path, cert.pem())?;
@@ -95,11 +109,13 @@ pub fn load(source: &TlsSource, state_dir: &Path) -> Result<LoadedTls> {
     };
     let (certs, key) = read_pem(&cert, &key)?;
     let fingerprint = hex::encode(Sha256::digest(certs[0].as_ref()));
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("certificate and key do not match")?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("certificate and key do not match")?;
     Ok(LoadedTls {
         config: Arc::new(config),
         fingerprint,
