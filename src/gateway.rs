@@ -493,8 +493,24 @@ impl Admission for GatewayAdmission {
     }
 }
 
+/// Raises the open-files soft limit to the hard limit: a gateway holds one socket per classic
+/// node, and the common default of 1024 would cap it far below the tens of thousands it is
+/// built for.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
+                Err(e) => warn!("cannot raise the open-files limit from {soft}: {e}"),
+            }
+        }
+    }
+}
+
 /// Runs a gateway until a signal or a fatal error.
 pub async fn run(s: GatewaySettings) -> Result<()> {
+    raise_nofile_limit();
     std::fs::create_dir_all(&s.state_dir)
         .with_context(|| format!("creating state dir {}", s.state_dir.display()))?;
     let _lock = DirLock::acquire(&s.state_dir)?;
