@@ -360,7 +360,7 @@ async fn quic_datagrams(plan: Plan) -> Result<Case> {
 async fn quic_rpc() -> Result<Case> {
     let pair = quic_pair().await?;
     let caller = Caller {
-        key: DeviceIdentity::ephemeral().public_key(),
+        key: Some(DeviceIdentity::ephemeral().public_key()),
         kind: CallerKind::Gateway {
             name: "bench".into(),
         },
