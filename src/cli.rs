@@ -90,6 +90,9 @@ pub struct NodeRunArgs {
 pub enum NodesCmd {
     /// Known, paired and connected nodes.
     Status {
+        /// Every node of the federation, with the gateway it is attached to.
+        #[arg(long)]
+        all: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -108,11 +111,15 @@ pub enum NodesCmd {
         /// Target.
         target: TargetArgs,
     },
-    /// Run a command on a node (system.run, system.which, ...).
+    /// Run a command on a node (system.run, system.which, ...), on any gateway of the federation.
     Invoke {
-        /// Node id, name, IP or id prefix.
+        /// Node id, name, IP, id prefix, gateway/name, or label=value (one healthy match;
+        /// with --all every match; `*` with --all is every node).
         #[arg(long)]
         node: String,
+        /// Run on every matching node and print one result per node.
+        #[arg(long)]
+        all: bool,
         /// Command, e.g. system.which.
         #[arg(long)]
         command: String,
@@ -337,6 +344,9 @@ pub struct CallArgs {
     /// Milliseconds to wait for the reply.
     #[arg(long, default_value_t = 30_000)]
     pub timeout: u64,
+    /// Run the method on this gateway of the federation (routed over the mesh).
+    #[arg(long, value_name = "NAME")]
+    pub gateway: Option<String>,
     #[command(flatten)]
     /// Target.
     pub target: TargetArgs,
@@ -421,7 +431,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let params: Value = serde_json::from_str(&a.params)
                 .with_context(|| format!("--params is not valid JSON: {}", a.params))?;
             let target = Target::from_flags(a.target.url, a.target.token, &state_dir);
-            let doc = call(&target, &a.method, params, Duration::from_millis(a.timeout)).await?;
+            let (method, params) = match &a.gateway {
+                Some(g) => (
+                    "gateway.call".to_string(),
+                    json!({"gateway": g, "method": a.method, "params": params, "timeoutMs": a.timeout}),
+                ),
+                None => (a.method.clone(), params),
+            };
+            let doc = call(&target, &method, params, Duration::from_millis(a.timeout) + Duration::from_secs(5)).await?;
             if a.json {
                 println!("{}", serde_json::to_string(&doc)?);
             } else {

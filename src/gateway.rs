@@ -112,6 +112,8 @@ pub struct GatewaySettings {
     pub health: HealthConfig,
     /// TLS for the classic bridge (`wss://`), if any.
     pub tls: Option<crate::bridge::tls::TlsSource>,
+    /// Gateway serving work for offline gateways (`gateway.failover.fallbackNode`).
+    pub fallback: Option<String>,
 }
 
 fn hostname() -> String {
@@ -210,6 +212,7 @@ impl GatewaySettings {
                 interval: Duration::from_millis(interval),
                 unhealthy_threshold: threshold as u32,
             },
+            fallback: file.str("gateway.failover.fallbackNode")?,
             tls: match flags.tls.clone() {
                 Some(t) => Some(t),
                 None => tls_from_file(file)?,
@@ -508,6 +511,63 @@ fn raise_nofile_limit() {
     }
 }
 
+/// Keeps the federation in step with this gateway: announces the attached nodes whenever they
+/// change, and disconnects devices revoked on other gateways.
+fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods, region: Option<String>) {
+    let (m, registry) = (mesh.clone(), methods.nodes().clone());
+    let mut changes = registry.changes();
+    tokio::spawn(async move {
+        loop {
+            // Coalesce bursts (hundreds of nodes reconnecting after a restart) into one
+            // announcement per 50 ms.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let summaries = registry
+                .list()
+                .into_iter()
+                .map(|(info, transport)| {
+                    let mut labels = info.labels.clone();
+                    if let Some(r) = &region {
+                        if !labels.iter().any(|(k, _)| k == "region") {
+                            labels.push(("region".into(), r.clone()));
+                        }
+                    }
+                    clawmesh_federation::directory::NodeSummary {
+                        id: info.node_id,
+                        name: info.name,
+                        labels,
+                        commands: info.commands,
+                        transport: transport.to_string(),
+                        platform: info.platform,
+                        ip: crate::nodes::ip_of(&info.remote),
+                        version: info.version,
+                    }
+                })
+                .collect();
+            m.set_local_nodes(summaries);
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut notices = mesh.notices();
+    let registry = methods.nodes().clone();
+    tokio::spawn(async move {
+        loop {
+            match notices.recv().await {
+                Ok(clawmesh_federation::mesh::MeshNotice::Revoked(id)) => {
+                    if registry.disconnect(&id, "device removed") {
+                        info!(device = %id.short(), "disconnected a node revoked elsewhere in the federation");
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!("missed {n} federation notices");
+                }
+                Err(_) => return,
+            }
+        }
+    });
+}
+
 /// Runs a gateway until a signal or a fatal error.
 pub async fn run(s: GatewaySettings) -> Result<()> {
     raise_nofile_limit();
@@ -568,6 +628,11 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         admission,
     )?;
     methods.set_mesh(mesh.clone());
+    mesh.attach_pairing(methods.pairing().clone());
+    if let Some(f) = &s.fallback {
+        methods.set_fallback(f.clone());
+    }
+    spawn_federation_tasks(&mesh, &methods, s.region.clone());
     // The classic WebSocket bridge on the same port, TCP.
     let (bridge_stop, bridge_rx) = tokio::sync::watch::channel(None);
     let mut secrets: Vec<String> = s.token.iter().cloned().collect();

@@ -12,6 +12,7 @@ use clawmesh_federation::mesh::Mesh;
 use clawmesh_federation::pairing::{PairingError, Registry};
 use clawmesh_federation::rpc::{BoxFuture, Caller, CallerKind, Handler};
 use clawmesh_federation::wire::{Request, WireError};
+use futures_util::StreamExt as _;
 use serde_json::{json, Value};
 
 use crate::nodes::{self, NodeRegistry};
@@ -25,6 +26,14 @@ const MAX_PARAMS: usize = 1024 * 1024;
 /// may be given up to 10 minutes, never forever.
 const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_INVOKE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Extra wait for a forwarded invoke's answer beyond the node timeout: one intercontinental
+/// round trip with room to spare.
+const FORWARD_MARGIN: Duration = Duration::from_secs(3);
+
+/// Invokes in flight during a fan-out (`node.invoke` with `all`): enough to reach 100 nodes in
+/// a couple of round trips without opening hundreds of streams at once.
+const FANOUT_CONCURRENCY: usize = 64;
 
 /// Who may call a method.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +51,7 @@ const TABLE: &[(&str, Access)] = &[
     ("gateway.status", Access::Scope(scopes::READ)),
     ("gateway.identity", Access::Scope(scopes::READ)),
     ("gateway.forget", Access::Scope(scopes::ADMIN)),
+    ("gateway.call", Access::Any),
     ("node.list", Access::Scope(scopes::READ)),
     ("node.describe", Access::Scope(scopes::READ)),
     ("node.invoke", Access::Scope(scopes::WRITE)),
@@ -66,6 +76,7 @@ pub struct Methods {
 
 struct Inner {
     mesh: OnceLock<Mesh>,
+    fallback: OnceLock<String>,
     front_doors: OnceLock<Value>,
     nodes: Arc<NodeRegistry>,
     pairing: Registry,
@@ -102,6 +113,7 @@ impl Methods {
         Methods {
             inner: Arc::new(Inner {
                 mesh: OnceLock::new(),
+                fallback: OnceLock::new(),
                 front_doors: OnceLock::new(),
                 nodes,
                 pairing,
@@ -114,6 +126,12 @@ impl Methods {
     /// Attaches the running mesh.
     pub fn set_mesh(&self, mesh: Mesh) {
         let _ = self.inner.mesh.set(mesh);
+    }
+
+    /// The gateway that serves work addressed to an offline gateway
+    /// (`gateway.failover.fallbackNode`; `primary` means the current primary).
+    pub fn set_fallback(&self, gateway: String) {
+        let _ = self.inner.fallback.set(gateway);
     }
 
     /// Records where the classic bridge listens (URL, TLS fingerprint), for status.
@@ -154,6 +172,12 @@ impl Methods {
         method: &str,
         params: Value,
     ) -> Result<Value, WireError> {
+        Self::check_access(caller, method)?;
+        self.run_method(caller, method, params).await
+    }
+
+    /// Role and scope check for `method`, the same for every front door.
+    fn check_access(caller: &Caller, method: &str) -> Result<(), WireError> {
         let Some((_, access)) = TABLE.iter().find(|(n, _)| *n == method) else {
             return Err(bad(format!("unknown method: {method}")));
         };
@@ -169,7 +193,12 @@ impl Methods {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    async fn run_method(&self, caller: &Caller, method: &str, params: Value) -> Result<Value, WireError> {
         match method {
+            "gateway.call" => Box::pin(self.gateway_call(caller, params)).await,
             "health" => self.health(),
             "status" | "gateway.status" => {
                 let all = params.get("all").and_then(Value::as_bool).unwrap_or(true);
@@ -198,15 +227,21 @@ impl Methods {
                 let m = self.mesh()?.forget(name).map_err(|e| bad(e.to_string()))?;
                 Ok(json!({"name": m.name, "deviceId": m.key.device_id().to_string()}))
             }
-            "node.list" => Ok(json!({"ts": now_ms(), "nodes": self.node_entries()?})),
+            "node.list" => {
+                let all = params.get("all").and_then(Value::as_bool).unwrap_or(false);
+                Ok(json!({"ts": now_ms(), "nodes": self.node_entries(all)?}))
+            }
             "node.describe" => {
                 let sel = str_param(&params, "nodeId", method)?;
-                let entries = self.node_entries()?;
+                let entries = self.node_entries(true)?;
                 let mut e = nodes::resolve(sel, &entries)?.clone();
                 e["ts"] = json!(now_ms());
                 Ok(e)
             }
-            "node.invoke" => self.node_invoke(params).await,
+            "node.invoke" => {
+                let forwarded = matches!(caller.kind, CallerKind::Gateway { .. });
+                self.node_invoke(params, forwarded).await
+            }
             "device.pair.list" => {
                 serde_json::to_value(self.inner.pairing.list().map_err(pairing_err)?)
                     .map_err(|e| WireError::new("UNAVAILABLE", e.to_string()))
@@ -230,6 +265,7 @@ impl Methods {
                 }
                 let device = self.inner.pairing.approve(sel).map_err(pairing_err)?;
                 tracing::info!(device = %device.device_id, name = %device.name, "device approved");
+                self.publish_pairing(&device.public_key);
                 Ok(json!({"requestId": sel, "device": device}))
             }
             "device.pair.reject" => {
@@ -240,6 +276,7 @@ impl Methods {
             "device.pair.remove" => {
                 let sel = str_param(&params, "deviceId", method)?;
                 let d = self.inner.pairing.revoke(sel).map_err(pairing_err)?;
+                self.publish_pairing(&d.public_key);
                 let disconnected = clawmesh_federation::identity::DeviceId::parse(&d.device_id)
                     .map(|id| self.inner.nodes.disconnect(&id, "device removed"))
                     .unwrap_or(false);
@@ -272,19 +309,42 @@ impl Methods {
         }
     }
 
-    /// Every node this gateway knows: paired node devices and connected nodes.
-    fn node_entries(&self) -> Result<Vec<Value>, WireError> {
+    /// Sends one device's pairing decision to every gateway of the federation.
+    fn publish_pairing(&self, public_key: &str) {
+        let (Some(mesh), Ok(key)) = (
+            self.inner.mesh.get(),
+            clawmesh_federation::identity::PublicKey::from_base64(public_key),
+        ) else {
+            return;
+        };
+        match self.inner.pairing.record(&key) {
+            Ok(Some(r)) => mesh.publish_pairing(vec![r]),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("cannot share the pairing decision: {e}"),
+        }
+    }
+
+    /// Nodes this gateway can name: its own (connected here, or paired and attached nowhere
+    /// it knows of) and, for the federation view, every other gateway's announced nodes.
+    fn node_entries(&self, federation: bool) -> Result<Vec<Value>, WireError> {
         let gateway = self.gateway_name();
         let connected = self.inner.nodes.list();
         let paired = self.inner.pairing.list().map_err(pairing_err)?.paired;
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let region = self.inner.mesh.get().and_then(|m| m.config().region.clone());
         for (info, transport) in &connected {
             let id = info.node_id.to_string();
-            let labels: serde_json::Map<String, Value> = info
+            seen.insert(id.clone());
+            let mut labels: serde_json::Map<String, Value> = info
                 .labels
                 .iter()
                 .map(|(k, v)| (k.clone(), json!(v)))
                 .collect();
+            // A node's region defaults to its gateway's.
+            if let Some(r) = &region {
+                labels.entry("region").or_insert_with(|| json!(r));
+            }
             out.push(json!({
                 "nodeId": id,
                 "displayName": info.name,
@@ -302,15 +362,54 @@ impl Methods {
                 "connectedAtMs": info.connected_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
                 "transport": transport,
                 "gateway": gateway,
+                "gatewayStatus": "healthy",
+                "gatewayLatencyMs": 0.0,
+                "local": true,
                 "labels": labels,
                 "approvalState": "approved",
             }));
         }
+        if federation {
+            if let Some(mesh) = self.inner.mesh.get() {
+                let latency: std::collections::HashMap<String, Option<f64>> = mesh
+                    .status()
+                    .gateways
+                    .iter()
+                    .map(|g| (g.name.clone(), g.latency.map(|d| d.as_secs_f64() * 1000.0)))
+                    .collect();
+                for r in mesh.remote_nodes() {
+                    for n in &r.nodes {
+                        let id = n.id.to_string();
+                        if !seen.insert(id.clone()) {
+                            continue;
+                        }
+                        let labels: serde_json::Map<String, Value> =
+                            n.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+                        out.push(json!({
+                            "nodeId": id,
+                            "displayName": n.name,
+                            "platform": n.platform,
+                            "version": n.version,
+                            "caps": [],
+                            "commands": n.commands,
+                            "remoteIp": n.ip,
+                            "paired": true,
+                            "connected": r.status != clawmesh_federation::health::Status::Offline,
+                            "transport": n.transport,
+                            "gateway": r.gateway,
+                            "gatewayStatus": r.status.as_str(),
+                            "gatewayLastSeen": r.last_seen.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                            "gatewayLatencyMs": latency.get(&r.gateway).cloned().flatten(),
+                            "local": false,
+                            "labels": labels,
+                            "approvalState": "approved",
+                        }));
+                    }
+                }
+            }
+        }
         for p in paired.iter().filter(|p| p.role == "node") {
-            if connected
-                .iter()
-                .any(|(i, _)| i.node_id.to_string() == p.device_id)
-            {
+            if seen.contains(&p.device_id) {
                 continue;
             }
             out.push(json!({
@@ -325,7 +424,8 @@ impl Methods {
                 "paired": true,
                 "connected": false,
                 "transport": null,
-                "gateway": gateway,
+                "gateway": if federation { Value::Null } else { json!(gateway) },
+                "local": false,
                 "approvedAt": p.approved_at,
                 "approvalState": "approved",
             }));
@@ -333,7 +433,57 @@ impl Methods {
         Ok(out)
     }
 
-    async fn node_invoke(&self, params: Value) -> Result<Value, WireError> {
+    /// The nodes a selector means: `id`, `name`, `ip`, id prefix, `gateway/name`, or
+    /// `label=value` (one healthy match, local first, then the nearest gateway; with `all`,
+    /// every connected match; `*` with `all` is every connected node).
+    fn select<'a>(&self, sel: &str, entries: &'a [Value], all: bool) -> Result<Vec<&'a Value>, WireError> {
+        let sel = sel.trim();
+        let live = |e: &&Value| e["connected"] == true;
+        let rank = |e: &&Value| {
+            let local = if e["local"] == true { 0 } else { 1 };
+            let lat = e["gatewayLatencyMs"].as_f64().unwrap_or(f64::MAX);
+            (local, (lat * 1000.0) as u64)
+        };
+        if all && sel == "*" {
+            return Ok(entries.iter().filter(live).collect());
+        }
+        if let Some((k, v)) = sel.split_once('=').filter(|_| !sel.contains('/')) {
+            let mut hits: Vec<&Value> = entries
+                .iter()
+                .filter(live)
+                .filter(|e| e["labels"][k.trim()] == v.trim())
+                .collect();
+            if hits.is_empty() {
+                return Err(bad(format!("no connected node has the label {k}={v} (see `clawmesh nodes status --all`)")));
+            }
+            hits.sort_by_key(rank);
+            if !all {
+                hits.truncate(1);
+            }
+            return Ok(hits);
+        }
+        if let Some((gw, name)) = sel.split_once('/') {
+            let scoped: Vec<Value> = entries
+                .iter()
+                .filter(|e| e["gateway"] == gw)
+                .cloned()
+                .collect();
+            if scoped.is_empty() {
+                return Err(bad(format!("no node attached to gateway {gw:?} (see `clawmesh nodes status --all`)")));
+            }
+            let one = nodes::resolve(name, &scoped)?;
+            let id = one["nodeId"].clone();
+            return Ok(entries.iter().filter(|e| e["nodeId"] == id).take(1).collect());
+        }
+        let one = nodes::resolve(sel, entries)?;
+        if all {
+            let id = one["nodeId"].clone();
+            return Ok(entries.iter().filter(|e| e["nodeId"] == id).collect());
+        }
+        Ok(vec![one])
+    }
+
+    async fn node_invoke(&self, params: Value, forwarded: bool) -> Result<Value, WireError> {
         let sel = str_param(&params, "nodeId", "node.invoke")?.to_string();
         let command = str_param(&params, "command", "node.invoke")?.to_string();
         if command.starts_with("system.execApprovals.") {
@@ -356,7 +506,37 @@ impl Methods {
         let key = str_param(&params, "idempotencyKey", "node.invoke")?.to_string();
         let inner = params.get("params").cloned().unwrap_or(Value::Null);
         let inner = if inner.is_null() { json!({}) } else { inner };
-        self.invoke_on(&sel, &command, inner, timeout, &key).await
+        let all = params.get("all").and_then(Value::as_bool).unwrap_or(false);
+        let entries = self.node_entries(!forwarded)?;
+        let targets: Vec<Value> = self.select(&sel, &entries, all)?.into_iter().cloned().collect();
+        if !all {
+            let target = targets.into_iter().next().ok_or_else(|| bad(format!("unknown node: {sel}")))?;
+            return self.invoke_entry(&target, &command, inner, timeout, &key, forwarded).await;
+        }
+        // Fan-out: one result per node, at most FANOUT_CONCURRENCY in flight.
+        let results = futures_util::stream::iter(targets.into_iter().map(|t| {
+            let (command, inner, key) = (command.clone(), inner.clone(), key.clone());
+            async move {
+                let r = self.invoke_entry(&t, &command, inner, timeout, &key, forwarded).await;
+                let mut row = json!({"nodeId": t["nodeId"], "displayName": t["displayName"], "gateway": t["gateway"]});
+                match r {
+                    Ok(v) => {
+                        row["ok"] = json!(true);
+                        row["payload"] = v["payload"].clone();
+                    }
+                    Err(e) => {
+                        row["ok"] = json!(false);
+                        row["error"] = json!({"code": e.code, "message": e.message});
+                    }
+                }
+                row
+            }
+        }))
+        .buffer_unordered(FANOUT_CONCURRENCY)
+        .collect::<Vec<Value>>()
+        .await;
+        let failed = results.iter().filter(|r| r["ok"] != true).count();
+        Ok(json!({"ok": true, "command": command, "count": results.len(), "failed": failed, "results": results}))
     }
 
     async fn invoke_on(
@@ -367,8 +547,23 @@ impl Methods {
         timeout: Duration,
         idempotency_key: &str,
     ) -> Result<Value, WireError> {
-        let entries = self.node_entries()?;
-        let entry = nodes::resolve(sel, &entries)?;
+        let entries = self.node_entries(true)?;
+        let target = self.select(sel, &entries, false)?.into_iter().next().cloned();
+        let target = target.ok_or_else(|| bad(format!("unknown node: {sel}")))?;
+        self.invoke_entry(&target, command, params, timeout, idempotency_key, false).await
+    }
+
+    /// Runs `command` on the node `entry` names: here if it is attached here, else forwarded
+    /// once over QUIC to the gateway holding it (never further).
+    async fn invoke_entry(
+        &self,
+        entry: &Value,
+        command: &str,
+        params: Value,
+        timeout: Duration,
+        idempotency_key: &str,
+        forwarded: bool,
+    ) -> Result<Value, WireError> {
         let node_id = entry["nodeId"].as_str().unwrap_or_default().to_string();
         let name = entry["displayName"]
             .as_str()
@@ -376,6 +571,12 @@ impl Methods {
             .to_string();
         let link = clawmesh_federation::identity::DeviceId::parse(&node_id)
             .and_then(|id| self.inner.nodes.get(&id));
+        let holder = entry["gateway"].as_str().unwrap_or_default().to_string();
+        if link.is_none() && !forwarded && !holder.is_empty() && holder != self.gateway_name() {
+            return self
+                .forward_invoke(entry, &holder, &node_id, &name, command, params, timeout, idempotency_key)
+                .await;
+        }
         let Some((info, link)) = link else {
             let mut e = WireError::new(
                 "UNAVAILABLE",
@@ -427,6 +628,131 @@ impl Methods {
     pub fn dispatch_health(&self) -> Value {
         self.health()
             .unwrap_or_else(|e| json!({"ok": false, "error": e.message}))
+    }
+
+    /// `gateway.call {gateway, method, params}`: runs any method on the named gateway. Scopes
+    /// are checked here, where the caller entered; the target trusts its federation peer. Work
+    /// for an offline gateway goes to the fallback gateway when one is configured.
+    async fn gateway_call(&self, caller: &Caller, params: Value) -> Result<Value, WireError> {
+        let target = str_param(&params, "gateway", "gateway.call")?.to_string();
+        let method = str_param(&params, "method", "gateway.call")?.to_string();
+        if method == "gateway.call" {
+            return Err(bad("gateway.call cannot call gateway.call"));
+        }
+        let inner = params.get("params").cloned().unwrap_or_else(|| json!({}));
+        Self::check_access(caller, &method)?;
+        let me = self.gateway_name();
+        if target == me {
+            return Box::pin(self.run_method(caller, &method, inner)).await;
+        }
+        let mesh = self.mesh()?;
+        let timeout = Duration::from_millis(params.get("timeoutMs").and_then(Value::as_u64).unwrap_or(30_000))
+            .min(MAX_INVOKE_TIMEOUT);
+        let status = mesh.status();
+        let Some(row) = status.gateways.iter().find(|g| g.name == target) else {
+            return Err(bad(format!("no gateway named {target:?} in this federation (see `clawmesh gateway status --all`)")));
+        };
+        let served_by = match mesh.connection_to(&target) {
+            Some(_) if row.status != clawmesh_federation::health::Status::Offline => target.clone(),
+            _ => {
+                let seen = row
+                    .last_seen
+                    .map(|t| humantime::format_rfc3339_millis(t).to_string())
+                    .unwrap_or_else(|| "never".into());
+                let fallback = match self.inner.fallback.get().map(String::as_str) {
+                    Some("primary") => status.primary.clone(),
+                    Some(f) => Some(f.to_string()),
+                    None => None,
+                };
+                match fallback.filter(|f| *f != target) {
+                    Some(f) => {
+                        tracing::info!(offline = %target, fallback = %f, %method, "gateway offline; using the fallback");
+                        f
+                    }
+                    None => {
+                        let mut e = WireError::new(
+                            "UNAVAILABLE",
+                            format!("gateway {target} is offline (last seen {seen}) and no fallback is configured (gateway.failover.fallbackNode)"),
+                        );
+                        e.details = Some(json!({"code":"GATEWAY_OFFLINE","gateway":target,"lastSeen":seen}).to_string());
+                        e.retryable = true;
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let mut result = if served_by == me {
+            Box::pin(self.run_method(caller, &method, inner)).await?
+        } else {
+            let conn = mesh.connection_to(&served_by).ok_or_else(|| {
+                WireError::new("UNAVAILABLE", format!("gateway {served_by} is not reachable from {me}"))
+            })?;
+            let text = clawmesh_federation::rpc::call(&conn, &method, inner.to_string(), 1, timeout + FORWARD_MARGIN)
+                .await
+                .map_err(|e| e.to_wire())?;
+            serde_json::from_str(&text)
+                .map_err(|e| WireError::new("UNAVAILABLE", format!("bad reply from gateway {served_by}: {e}")))?
+        };
+        if served_by != target {
+            if let Value::Object(m) = &mut result {
+                m.insert("servedBy".into(), json!(served_by));
+                m.insert("fallbackFor".into(), json!(target));
+            }
+        }
+        Ok(result)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_invoke(
+        &self,
+        entry: &Value,
+        holder: &str,
+        node_id: &str,
+        name: &str,
+        command: &str,
+        params: Value,
+        timeout: Duration,
+        idempotency_key: &str,
+    ) -> Result<Value, WireError> {
+        let mesh = self.mesh()?;
+        let Some(conn) = mesh.connection_to(holder) else {
+            let seen = entry["gatewayLastSeen"].as_str().unwrap_or("never");
+            let mut e = WireError::new(
+                "UNAVAILABLE",
+                format!("node {name} is attached to gateway {holder}, which is offline (last seen {seen})"),
+            );
+            e.details = Some(json!({"code":"GATEWAY_OFFLINE","gateway":holder,"lastSeen":entry["gatewayLastSeen"]}).to_string());
+            e.retryable = true;
+            return Err(e);
+        };
+        let req = json!({
+            "nodeId": node_id,
+            "command": command,
+            "params": params,
+            "timeoutMs": timeout.as_millis() as u64,
+            "idempotencyKey": idempotency_key,
+        });
+        let span = tracing::info_span!("forward", gateway = %holder, node = %name, %command);
+        // The holder enforces `timeout`; allow one more round trip for its answer.
+        let wait = timeout + FORWARD_MARGIN;
+        match tracing::Instrument::instrument(
+            clawmesh_federation::rpc::call(&conn, "node.invoke", req.to_string(), 1, wait),
+            span,
+        )
+        .await
+        {
+            Ok(text) => serde_json::from_str(&text)
+                .map_err(|e| WireError::new("UNAVAILABLE", format!("bad reply from gateway {holder}: {e}"))),
+            Err(clawmesh_federation::rpc::CallError::Remote(e)) => Err(e),
+            Err(e) => {
+                let mut w = WireError::new(
+                    "UNAVAILABLE",
+                    format!("gateway {holder} (holding node {name}) did not answer: {e}"),
+                );
+                w.retryable = true;
+                Err(w)
+            }
+        }
     }
 
     fn health(&self) -> Result<Value, WireError> {

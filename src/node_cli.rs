@@ -114,8 +114,8 @@ fn table(header: &[&str]) -> Table {
 /// `clawmesh nodes ...`
 pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
     match cmd {
-        NodesCmd::Status { json, target: t } => {
-            let doc = call(&target(t, state_dir), "node.list", json!({}), CALL_TIMEOUT).await?;
+        NodesCmd::Status { all, json, target: t } => {
+            let doc = call(&target(t, state_dir), "node.list", json!({"all": all}), CALL_TIMEOUT).await?;
             let nodes = doc["nodes"].as_array().cloned().unwrap_or_default();
             let paired = nodes.iter().filter(|n| n["paired"] == true).count();
             let connected = nodes.iter().filter(|n| n["connected"] == true).count();
@@ -142,7 +142,7 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                     nodes.len()
                 );
                 if !nodes.is_empty() {
-                    let mut t = table(&["Node", "IP", "Status", "Gateway", "Transport"]);
+                    let mut t = table(&["Node", "IP", "Status", "Gateway", "Transport", "Labels"]);
                     for n in &nodes {
                         let mut status = Vec::new();
                         status.push(if n["paired"] == true {
@@ -161,6 +161,10 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                             status.join(" · "),
                             n["gateway"].as_str().unwrap_or("-").to_string(),
                             n["transport"].as_str().unwrap_or("-").to_string(),
+                            n["labels"]
+                                .as_object()
+                                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(","))
+                                .unwrap_or_default(),
                         ]);
                     }
                     println!("{t}");
@@ -211,6 +215,7 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
         }
         NodesCmd::Invoke {
             node,
+            all,
             command,
             params,
             timeout,
@@ -225,6 +230,7 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                 "params": params,
                 "timeoutMs": timeout,
                 "idempotencyKey": format!("{:032x}", rand::random::<u128>()),
+                "all": all,
             });
             // The gateway enforces `timeout`; wait a little longer for its answer.
             let doc = call(
@@ -234,6 +240,21 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                 Duration::from_millis(timeout) + Duration::from_secs(5),
             )
             .await?;
+            if all {
+                if json {
+                    println!("{}", serde_json::to_string(&doc)?);
+                } else {
+                    for r in doc["results"].as_array().into_iter().flatten() {
+                        let who = format!("{}/{}", r["gateway"].as_str().unwrap_or("?"), r["displayName"].as_str().unwrap_or("?"));
+                        if r["ok"] == true {
+                            println!("{who}: {}", serde_json::to_string(&r["payload"])?);
+                        } else {
+                            println!("{who}: error: {}", r["error"]["message"].as_str().unwrap_or("?"));
+                        }
+                    }
+                }
+                return Ok(if doc["failed"].as_u64().unwrap_or(0) > 0 { crate::cli::EXIT_ERROR } else { 0 });
+            }
             if json {
                 println!(
                     "{}",

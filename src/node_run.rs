@@ -177,8 +177,11 @@ pub async fn run(s: NodeSettings) -> Result<()> {
     let mut pairing_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
     let mut idx = 0usize;
     let mut last_request: Option<String> = None;
+    // The configured gateways first, then the ones the federation tells us about.
+    let mut gateways = s.gateways.clone();
     loop {
-        let url = &s.gateways[idx % s.gateways.len()];
+        let url = gateways[idx % gateways.len()].clone();
+        let url = &url;
         let attempt = tokio::select! {
             r = session(&s, &identity, url, handler.clone()) => r,
             sig = &mut stop => {
@@ -187,11 +190,19 @@ pub async fn run(s: NodeSettings) -> Result<()> {
             }
         };
         let delay = match attempt {
-            Ok(()) => {
-                // Attached, served, then lost the gateway: try it again first, quickly.
+            Ok(learned) => {
+                for u in learned {
+                    if !gateways.iter().any(|g| g.authority() == u.authority()) {
+                        info!(gateway = %u, "learned another gateway of the federation");
+                        gateways.push(u);
+                    }
+                }
+                // Attached, served, then lost the gateway: move to the next one at once (a
+                // dead gateway would cost a dial timeout), coming back round to it later.
                 backoff.reset();
                 pairing_backoff.reset();
-                Duration::from_millis(200)
+                idx += 1;
+                Duration::from_millis(100)
             }
             Err(SessionError::Refused {
                 code: RefusalCode::PairingRequired,
@@ -216,7 +227,7 @@ pub async fn run(s: NodeSettings) -> Result<()> {
             Err(e) => {
                 warn!(gateway = %url, "{e}");
                 idx += 1;
-                if idx.is_multiple_of(s.gateways.len()) {
+                if idx.is_multiple_of(gateways.len()) {
                     backoff.next_delay()
                 } else {
                     Duration::from_millis(100)
@@ -247,7 +258,7 @@ async fn session(
     identity: &DeviceIdentity,
     url: &PeerUrl,
     handler: Arc<dyn Handler>,
-) -> Result<(), SessionError> {
+) -> Result<Vec<PeerUrl>, SessionError> {
     let addr = clawmesh_federation::mesh::resolve(&url.authority())
         .await
         .map_err(SessionError::Other)?;
@@ -286,9 +297,21 @@ async fn session(
         },
         remote: conn.remote_address(),
     };
+    let learned: Vec<PeerUrl> = welcome
+        .membership
+        .iter()
+        .flat_map(|m| m.members.iter())
+        .filter_map(|m| PeerUrl::parse(&m.addr, crate::DEFAULT_PORT).ok())
+        .collect();
+    // Ping the gateway at half its health interval; two misses in a row mean it is gone, so
+    // the node moves on within about two of the gateway's intervals.
+    let health = clawmesh_federation::health::HealthConfig {
+        interval: Duration::from_millis((welcome.health_interval_ms / 2).max(50)),
+        unhealthy_threshold: 2,
+    };
     tokio::join!(
         rpc::serve(conn.clone(), caller, handler),
-        clawmesh_federation::liveness::answer(conn.clone()),
+        clawmesh_federation::liveness::monitor(conn.clone(), health, Default::default()),
     );
     let reason = conn
         .close_reason()
@@ -296,5 +319,5 @@ async fn session(
         .unwrap_or_else(|| "connection ended".into());
     warn!(gateway = %welcome.name, "detached: {reason}");
     ep.close(0u32.into(), b"bye");
-    Ok(())
+    Ok(learned)
 }

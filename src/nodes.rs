@@ -104,16 +104,35 @@ struct Entry {
 }
 
 /// Connected nodes, by device id.
-#[derive(Default)]
 pub struct NodeRegistry {
     nodes: Mutex<HashMap<DeviceId, Entry>>,
     next: AtomicU64,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for NodeRegistry {
+    fn default() -> Self {
+        NodeRegistry {
+            nodes: Mutex::default(),
+            next: AtomicU64::new(0),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl NodeRegistry {
     fn lock(&self) -> MutexGuard<'_, HashMap<DeviceId, Entry>> {
         // Updates are single inserts/removes; a poisoned map is still consistent.
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bumped on every attach and detach, so the gateway can announce its nodes.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
     }
 
     /// Registers a session; a previous session of the same node is closed (superseded).
@@ -130,6 +149,7 @@ impl NodeRegistry {
         if let Some(old) = old {
             old.link.close("superseded by a new session");
         }
+        self.changed();
         session
     }
 
@@ -138,14 +158,18 @@ impl NodeRegistry {
         let mut nodes = self.lock();
         if nodes.get(node).map(|e| e.session) == Some(session) {
             nodes.remove(node);
+            drop(nodes);
+            self.changed();
         }
     }
 
     /// Disconnects a node at once (revoked).
     pub fn disconnect(&self, node: &DeviceId, reason: &str) -> bool {
-        match self.lock().remove(node) {
+        let removed = self.lock().remove(node);
+        match removed {
             Some(e) => {
                 e.link.close(reason);
+                self.changed();
                 true
             }
             None => false,

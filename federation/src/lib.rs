@@ -6,7 +6,8 @@
 //! - [`handshake`]: the hello exchange and join-token proofs;
 //! - [`rpc`]: request/reply streams and the handler interface of the method table;
 //! - [`mesh`]: membership, the full mesh of gateway links, redial and [`health`];
-//! - [`pairing`]: the registry of approved and pending devices;
+//! - [`pairing`]: the registry of approved and pending devices, replicated between gateways;
+//! - [`directory`]: which node is attached to which gateway;
 //! - [`store`]: the SQLite state database; [`backoff`]: redial timing.
 //!
 //! This crate knows nothing of the CLI; the `clawmesh` binary builds on it.
@@ -15,6 +16,7 @@
 
 pub mod backoff;
 pub mod cert;
+pub mod directory;
 pub mod endpoint;
 pub mod frame;
 pub mod handshake;

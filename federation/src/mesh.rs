@@ -18,10 +18,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use quinn::{Connection, Endpoint, VarInt};
 use rand::RngExt as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
+use crate::directory::{NodeDirectory, NodeSummary, MAX_NODES_PER_GATEWAY};
+use crate::pairing::{PairingRecord, Registry};
 use crate::endpoint::{self, EndpointError};
 use crate::frame::{self, MAX_FRAME};
 use crate::handshake::{self, HandshakeError};
@@ -130,6 +132,30 @@ pub trait Admission: Send + Sync + 'static {
     fn connected(&self, conn: Connection, caller: Caller, hello: Hello);
 }
 
+/// Things other gateways told us that the embedding gateway must act on.
+#[derive(Debug, Clone)]
+pub enum MeshNotice {
+    /// A device was revoked elsewhere: disconnect it here too.
+    Revoked(DeviceId),
+}
+
+/// Notices buffered for a slow subscriber; older ones are dropped (the subscriber then
+/// re-checks the registry).
+const NOTICE_QUEUE: usize = 256;
+
+/// The nodes of one other gateway, as it last announced them.
+#[derive(Debug, Clone)]
+pub struct RemoteNodes {
+    /// Gateway name.
+    pub gateway: String,
+    /// Its health as seen from here.
+    pub status: Status,
+    /// When it last answered.
+    pub last_seen: Option<SystemTime>,
+    /// Its nodes.
+    pub nodes: Vec<NodeSummary>,
+}
+
 /// One gateway as seen from here, for `gateway status`.
 #[derive(Debug, Clone)]
 pub struct GatewayStatus {
@@ -189,6 +215,7 @@ struct Peer {
     health: PeerHealth,
     link: Option<Link>,
     software: Option<String>,
+    nodes: NodeDirectory,
     linked: watch::Sender<bool>,
     dialing: bool,
     last_error: Option<String>,
@@ -200,6 +227,10 @@ impl Peer {
             health: PeerHealth::default(),
             link: None,
             software: None,
+            nodes: NodeDirectory {
+                version: 0,
+                nodes: Vec::new(),
+            },
             linked: watch::channel(false).0,
             dialing: false,
             last_error: None,
@@ -209,6 +240,7 @@ impl Peer {
 
 struct State {
     membership: Membership,
+    local_nodes: NodeDirectory,
     peers: HashMap<PublicKey, Peer>,
     next_link_id: u64,
     shutting_down: bool,
@@ -225,6 +257,8 @@ struct Inner {
     state: Mutex<State>,
     shutdown: watch::Sender<bool>,
     fatal: watch::Sender<Option<String>>,
+    pairing: std::sync::OnceLock<Registry>,
+    notices: broadcast::Sender<MeshNotice>,
 }
 
 /// Handle to the running mesh; cheap to clone.
@@ -319,12 +353,18 @@ impl Mesh {
             admission,
             state: Mutex::new(State {
                 membership,
+                local_nodes: NodeDirectory {
+                    version: 0,
+                    nodes: Vec::new(),
+                },
                 peers,
                 next_link_id: 1,
                 shutting_down: false,
             }),
             shutdown: watch::channel(false).0,
             fatal: watch::channel(None).0,
+            pairing: std::sync::OnceLock::new(),
+            notices: broadcast::channel(NOTICE_QUEUE).0,
         });
         let mesh = Mesh { inner };
         let accept = mesh.clone();
@@ -366,6 +406,65 @@ impl Mesh {
     /// for good): the gateway should exit with that message.
     pub fn fatal(&self) -> watch::Receiver<Option<String>> {
         self.inner.fatal.subscribe()
+    }
+
+    /// Shares the pairing registry with the federation: decisions made here are sent to every
+    /// gateway, and theirs are merged here (newest wins).
+    pub fn attach_pairing(&self, registry: Registry) {
+        let _ = self.inner.pairing.set(registry);
+    }
+
+    /// Notices from the federation (revocations) for the embedding gateway to act on.
+    pub fn notices(&self) -> broadcast::Receiver<MeshNotice> {
+        self.inner.notices.subscribe()
+    }
+
+    /// Sends pairing decisions made here to every linked gateway.
+    pub fn publish_pairing(&self, records: Vec<PairingRecord>) {
+        self.broadcast(Event::PairingSync(records));
+    }
+
+    /// Replaces the list of nodes attached here and announces it to every gateway.
+    pub fn set_local_nodes(&self, mut nodes: Vec<NodeSummary>) {
+        nodes.truncate(MAX_NODES_PER_GATEWAY);
+        let dir = {
+            let mut st = self.state();
+            st.local_nodes.version += 1;
+            st.local_nodes.nodes = nodes;
+            st.local_nodes.clone()
+        };
+        self.broadcast(Event::NodeDirectory(dir));
+    }
+
+    /// The nodes of every other gateway, as last announced, with that gateway's health.
+    pub fn remote_nodes(&self) -> Vec<RemoteNodes> {
+        let cfg = &self.inner.cfg;
+        let st = self.state();
+        st.membership
+            .members
+            .iter()
+            .filter(|m| m.key != self.inner.key)
+            .filter_map(|m| {
+                let p = st.peers.get(&m.key)?;
+                Some(RemoteNodes {
+                    gateway: m.name.clone(),
+                    status: p.health.status(&cfg.health),
+                    last_seen: p.health.last_seen(),
+                    nodes: p.nodes.nodes.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn broadcast(&self, ev: Event) {
+        let st = self.state();
+        for p in st.peers.values() {
+            if let Some(l) = &p.link {
+                if l.events.try_send(ev.clone()).is_err() {
+                    debug!("event queue full; the peer gets a full update on its next link");
+                }
+            }
+        }
     }
 
     /// Removes a gateway from the federation (primary only): its pinned key is forgotten, its
@@ -798,7 +897,10 @@ impl Mesh {
                         CallerKind::Operator { scopes, .. } => scopes.clone(),
                         _ => Vec::new(),
                     };
-                    let welcome = self.welcome(None, None, scopes);
+                    // Nodes learn every gateway of the federation, to fail over to.
+                    let membership = matches!(kind, CallerKind::Node { .. })
+                        .then(|| self.state().membership.clone());
+                    let welcome = self.welcome(None, membership, scopes);
                     if handshake::reply(&mut send, &HelloReply::Welcome(welcome))
                         .await
                         .is_err()
@@ -836,6 +938,7 @@ impl Mesh {
             join_proof,
             membership,
             scopes,
+            health_interval_ms: self.inner.cfg.health.interval.as_millis() as u64,
         }
     }
 
@@ -1146,6 +1249,17 @@ impl Mesh {
             let m = self.state().membership.clone();
             let _ = tx.try_send(Event::Membership(m));
         }
+        let dir = self.state().local_nodes.clone();
+        let _ = tx.try_send(Event::NodeDirectory(dir));
+        if let Some(reg) = self.inner.pairing.get() {
+            match reg.records() {
+                Ok(r) if !r.is_empty() => {
+                    let _ = tx.try_send(Event::PairingSync(r));
+                }
+                Ok(_) => {}
+                Err(e) => warn!("cannot read pairing records to share: {e}"),
+            }
+        }
         let mesh = self.clone();
         let span = tracing::info_span!("link", peer = %name, link = id);
         tokio::spawn(
@@ -1178,14 +1292,22 @@ impl Mesh {
             tokio::select! {
                 _ = tick.tick() => {
                     seq += 1;
-                    {
+                    let unresponsive = {
                         let mut st = self.state();
                         match st.peers.get_mut(&key) {
                             Some(p) if p.link.as_ref().map(|l| l.id) == Some(id) => {
                                 p.health.ping_sent(seq, Instant::now());
+                                p.health.status(&self.inner.cfg.health) == Status::Offline
                             }
                             _ => break,
                         }
+                    };
+                    if unresponsive {
+                        // Offline by missed pings: close the link so every request pending on
+                        // it fails now, and let the dial loops find the peer again.
+                        let msg = format!("no answer to {} pings", self.inner.cfg.health.unhealthy_threshold);
+                        conn.close(VarInt::from_u32(crate::liveness::CLOSE_UNRESPONSIVE), msg.as_bytes());
+                        break;
                     }
                     if let Ok(bytes) = frame::encode_datagram(&Datagram::Ping { seq }) {
                         let _ = conn.send_datagram(bytes.into());
@@ -1257,12 +1379,40 @@ impl Mesh {
                 Ok(Some(Event::Goodbye { reason })) => {
                     info!("peer says goodbye: {reason}");
                 }
+                Ok(Some(Event::NodeDirectory(mut dir))) => {
+                    dir.nodes.truncate(MAX_NODES_PER_GATEWAY);
+                    if let Some(p) = self.state().peers.get_mut(&from) {
+                        p.nodes = dir;
+                    }
+                }
+                Ok(Some(Event::PairingSync(records))) => self.merge_pairing(&records),
                 Ok(None) => return,
                 Err(e) => {
                     debug!("event stream error: {e}");
                     return;
                 }
             }
+        }
+    }
+}
+
+impl Mesh {
+    fn merge_pairing(&self, records: &[PairingRecord]) {
+        let Some(reg) = self.inner.pairing.get() else {
+            return;
+        };
+        match reg.apply(records) {
+            Ok(changed) => {
+                for r in changed {
+                    if r.approved {
+                        info!(device = %r.key.device_id().short(), name = %r.name, "pairing approved elsewhere in the federation");
+                    } else {
+                        info!(device = %r.key.device_id().short(), "pairing revoked elsewhere in the federation");
+                        let _ = self.inner.notices.send(MeshNotice::Revoked(r.key.device_id()));
+                    }
+                }
+            }
+            Err(e) => warn!("cannot merge pairing records: {e}"),
         }
     }
 }

@@ -8,6 +8,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use std::collections::HashMap;
+
 use rand::RngExt as _;
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
@@ -22,6 +24,10 @@ pub const PENDING_TTL: Duration = Duration::from_secs(300);
 /// Most pending requests kept: a flood of unknown devices cannot grow the table without bound;
 /// beyond this the oldest request is dropped.
 pub const MAX_PENDING: usize = 1024;
+
+/// Most records taken from one exchange: far above any real fleet's devices; a peer cannot
+/// make us write without bound.
+pub const MAX_SYNC_RECORDS: usize = 100_000;
 
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +67,28 @@ pub struct DeviceMeta {
     pub client_id: String,
     /// Client mode (`node`, `cli`).
     pub client_mode: String,
+}
+
+/// One device's pairing state, as gateways exchange it so that a device approved (or revoked)
+/// on any gateway is approved (or revoked) on all: the newest change wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PairingRecord {
+    /// The device key.
+    pub key: PublicKey,
+    /// Paired (true) or revoked (false).
+    pub approved: bool,
+    /// When this state was decided (ms since the epoch): the newest wins.
+    pub changed_at_ms: u64,
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: String,
+    /// Platform.
+    pub platform: String,
+    /// Classic metadata (JSON text).
+    pub meta: String,
+    /// Device token for the role and its issue time, so the device can use it on any gateway.
+    pub token: Option<(String, u64)>,
 }
 
 /// A device waiting for approval.
@@ -237,6 +265,10 @@ CREATE TABLE IF NOT EXISTS device_tokens (
     PRIMARY KEY (device_id, role)
 );
 CREATE INDEX IF NOT EXISTS pending_by_key ON pending_devices(public_key, role);
+CREATE TABLE IF NOT EXISTS revoked_devices (
+    public_key BLOB PRIMARY KEY,
+    revoked_at_ms INTEGER NOT NULL
+);
 ";
 
 /// The registry over a state database.
@@ -569,6 +601,7 @@ impl Registry {
             )?;
             Self::issue_token(&tx, &p.device_id, &p.role, now)?;
             tx.execute("DELETE FROM pending_devices WHERE public_key = ?1", [key.0.to_vec()])?;
+            tx.execute("DELETE FROM revoked_devices WHERE public_key = ?1", [key.0.to_vec()])?;
             tx.commit()
         })?;
         self.paired(&key)?
@@ -596,6 +629,13 @@ impl Registry {
                 "DELETE FROM paired_devices WHERE device_id = ?1",
                 [&p.device_id],
             )?;
+            if let Ok(key) = PublicKey::from_base64(&p.public_key) {
+                tx.execute(
+                    "INSERT INTO revoked_devices(public_key, revoked_at_ms) VALUES (?1, ?2)
+                     ON CONFLICT(public_key) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms",
+                    params![key.0.to_vec(), now_ms().max(1) as i64],
+                )?;
+            }
             tx.execute(
                 "DELETE FROM device_tokens WHERE device_id = ?1",
                 [&p.device_id],
@@ -603,6 +643,110 @@ impl Registry {
             tx.commit()
         })?;
         Ok(p)
+    }
+
+    /// The pairing record of one key (paired or revoked), to send to the other gateways.
+    pub fn record(&self, key: &PublicKey) -> Result<Option<PairingRecord>, PairingError> {
+        Ok(self.records()?.into_iter().find(|r| r.key == *key))
+    }
+
+    /// Every paired and revoked device, for a full exchange when two gateways link.
+    pub fn records(&self) -> Result<Vec<PairingRecord>, PairingError> {
+        type Row = (Vec<u8>, String, String, String, i64, String, Option<String>, Option<i64>);
+        let (paired, revoked): (Vec<Row>, Vec<(Vec<u8>, i64)>) = self.store.with_conn(|c| {
+            let mut stmt = c.prepare(
+                "SELECT p.public_key, p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.token, t.created_at_ms
+                 FROM paired_devices p LEFT JOIN device_tokens t ON t.device_id = p.device_id AND t.role = p.role",
+            )?;
+            let paired = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut stmt = c.prepare("SELECT public_key, revoked_at_ms FROM revoked_devices")?;
+            let revoked = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((paired, revoked))
+        })?;
+        let mut out = Vec::new();
+        for (k, name, role, platform, at, meta, token, token_at) in paired {
+            let Some(key) = Self::key_of(&k) else { continue };
+            out.push(PairingRecord {
+                key,
+                approved: true,
+                changed_at_ms: at.max(0) as u64,
+                name,
+                role,
+                platform,
+                meta,
+                token: token.map(|t| (t, token_at.unwrap_or(0).max(0) as u64)),
+            });
+        }
+        for (k, at) in revoked {
+            let Some(key) = Self::key_of(&k) else { continue };
+            out.push(PairingRecord {
+                key,
+                approved: false,
+                changed_at_ms: at.max(0) as u64,
+                name: String::new(),
+                role: String::new(),
+                platform: String::new(),
+                meta: "{}".into(),
+                token: None,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Merges records from another gateway: for each device the newest decision wins.
+    /// Returns the records that changed something here (callers disconnect revoked devices).
+    pub fn apply(&self, records: &[PairingRecord]) -> Result<Vec<PairingRecord>, PairingError> {
+        let mine: HashMap<PublicKey, PairingRecord> =
+            self.records()?.into_iter().map(|r| (r.key, r)).collect();
+        let mut changed = Vec::new();
+        for r in records.iter().take(MAX_SYNC_RECORDS) {
+            if let Some(m) = mine.get(&r.key) {
+                // Newest wins; on a tie a revocation wins (fail closed).
+                let newer = r.changed_at_ms > m.changed_at_ms
+                    || (r.changed_at_ms == m.changed_at_ms && !r.approved && m.approved);
+                if !newer {
+                    continue;
+                }
+            }
+            let kb = r.key.0.to_vec();
+            let id = r.key.device_id().to_string();
+            self.store.with_conn(|c| {
+                let tx = c.transaction()?;
+                if r.approved {
+                    tx.execute(
+                        "INSERT INTO paired_devices(public_key, device_id, name, role, platform, approved_at_ms, meta)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                         ON CONFLICT(public_key) DO UPDATE SET name = excluded.name, role = excluded.role,
+                            platform = excluded.platform, approved_at_ms = excluded.approved_at_ms, meta = excluded.meta",
+                        params![kb, id, r.name, r.role, r.platform, r.changed_at_ms as i64, r.meta],
+                    )?;
+                    if let Some((token, at)) = &r.token {
+                        tx.execute(
+                            "INSERT INTO device_tokens(device_id, role, token, created_at_ms) VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT(device_id, role) DO UPDATE SET token = excluded.token, created_at_ms = excluded.created_at_ms",
+                            params![id, r.role, token, *at as i64],
+                        )?;
+                    }
+                    tx.execute("DELETE FROM revoked_devices WHERE public_key = ?1", [&kb])?;
+                    tx.execute("DELETE FROM pending_devices WHERE public_key = ?1", [&kb])?;
+                } else {
+                    tx.execute("DELETE FROM paired_devices WHERE public_key = ?1", [&kb])?;
+                    tx.execute("DELETE FROM device_tokens WHERE device_id = ?1", [&id])?;
+                    tx.execute(
+                        "INSERT INTO revoked_devices(public_key, revoked_at_ms) VALUES (?1, ?2)
+                         ON CONFLICT(public_key) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms",
+                        params![kb, r.changed_at_ms as i64],
+                    )?;
+                }
+                tx.commit()
+            })?;
+            changed.push(r.clone());
+        }
+        Ok(changed)
     }
 
     /// Whether a device id is paired (for quick checks on live sessions).
@@ -716,9 +860,29 @@ mod tests {
         assert_eq!(r.name, "node-a");
         assert!(!reg.is_paired(&k1.device_id()).unwrap());
         assert!(reg.device_token(&k1.device_id(), "node").unwrap().is_none());
+
+        // Replication: another gateway learns the revocation and a later approval.
+        let dir2 = tempfile::tempdir().unwrap();
+        let other = Registry::open(Store::open(dir2.path()).unwrap()).unwrap();
+        let revoked = reg.records().unwrap();
+        assert!(revoked.iter().any(|r| r.key == k1 && !r.approved));
+        other.apply(&revoked).unwrap();
+        assert!(!other.is_paired(&k1.device_id()).unwrap());
+        // Revoked: it must ask again.
+        let Admission::Pending(p) = reg.admit(&k1, &meta("node-a", "x")).unwrap() else { panic!() };
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        reg.approve(&p.request_id).unwrap();
+        let changed = other.apply(&reg.records().unwrap()).unwrap();
+        assert_eq!(changed.len(), 1);
+        assert!(other.is_paired(&k1.device_id()).unwrap());
+        assert_eq!(other.device_token(&k1.device_id(), "node").unwrap(), reg.device_token(&k1.device_id(), "node").unwrap());
+        // Applying the same records again changes nothing; an older revocation loses.
+        assert!(other.apply(&reg.records().unwrap()).unwrap().is_empty());
+        assert!(other.apply(&revoked).unwrap().is_empty());
+        assert!(other.is_paired(&k1.device_id()).unwrap());
         assert!(matches!(
             reg.admit(&k1, &meta("node-a", "x")).unwrap(),
-            Admission::Pending(_)
+            Admission::Paired(_)
         ));
     }
 }

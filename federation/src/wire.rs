@@ -130,6 +130,9 @@ pub struct Welcome {
     pub membership: Option<Membership>,
     /// Scopes granted (operators).
     pub scopes: Vec<String>,
+    /// The acceptor's health interval in ms: a node pings its gateway at half of it, so it
+    /// notices a dead gateway and moves on within about two intervals.
+    pub health_interval_ms: u64,
 }
 
 /// Why a hello was refused.
@@ -253,6 +256,10 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// The nodes attached to the sender.
+    NodeDirectory(crate::directory::NodeDirectory),
+    /// Pairing decisions (approvals and revocations), newest wins.
+    PairingSync(Vec<crate::pairing::PairingRecord>),
 }
 
 /// Health datagrams.
