@@ -438,7 +438,13 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 ),
                 None => (a.method.clone(), params),
             };
-            let doc = call(&target, &method, params, Duration::from_millis(a.timeout) + Duration::from_secs(5)).await?;
+            let doc = call(
+                &target,
+                &method,
+                params,
+                Duration::from_millis(a.timeout) + Duration::from_secs(5),
+            )
+            .await?;
             if a.json {
                 println!("{}", serde_json::to_string(&doc)?);
             } else {

@@ -196,7 +196,12 @@ impl Methods {
         Ok(())
     }
 
-    async fn run_method(&self, caller: &Caller, method: &str, params: Value) -> Result<Value, WireError> {
+    async fn run_method(
+        &self,
+        caller: &Caller,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, WireError> {
         match method {
             "gateway.call" => Box::pin(self.gateway_call(caller, params)).await,
             "health" => self.health(),
@@ -332,7 +337,11 @@ impl Methods {
         let paired = self.inner.pairing.list().map_err(pairing_err)?.paired;
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        let region = self.inner.mesh.get().and_then(|m| m.config().region.clone());
+        let region = self
+            .inner
+            .mesh
+            .get()
+            .and_then(|m| m.config().region.clone());
         for (info, transport) in &connected {
             let id = info.node_id.to_string();
             seen.insert(id.clone());
@@ -383,8 +392,11 @@ impl Methods {
                         if !seen.insert(id.clone()) {
                             continue;
                         }
-                        let labels: serde_json::Map<String, Value> =
-                            n.labels.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+                        let labels: serde_json::Map<String, Value> = n
+                            .labels
+                            .iter()
+                            .map(|(k, v)| (k.clone(), json!(v)))
+                            .collect();
                         out.push(json!({
                             "nodeId": id,
                             "displayName": n.name,
@@ -436,7 +448,12 @@ impl Methods {
     /// The nodes a selector means: `id`, `name`, `ip`, id prefix, `gateway/name`, or
     /// `label=value` (one healthy match, local first, then the nearest gateway; with `all`,
     /// every connected match; `*` with `all` is every connected node).
-    fn select<'a>(&self, sel: &str, entries: &'a [Value], all: bool) -> Result<Vec<&'a Value>, WireError> {
+    fn select<'a>(
+        &self,
+        sel: &str,
+        entries: &'a [Value],
+        all: bool,
+    ) -> Result<Vec<&'a Value>, WireError> {
         let sel = sel.trim();
         let live = |e: &&Value| e["connected"] == true;
         let rank = |e: &&Value| {
@@ -454,7 +471,9 @@ impl Methods {
                 .filter(|e| e["labels"][k.trim()] == v.trim())
                 .collect();
             if hits.is_empty() {
-                return Err(bad(format!("no connected node has the label {k}={v} (see `clawmesh nodes status --all`)")));
+                return Err(bad(format!(
+                    "no connected node has the label {k}={v} (see `clawmesh nodes status --all`)"
+                )));
             }
             hits.sort_by_key(rank);
             if !all {
@@ -469,11 +488,17 @@ impl Methods {
                 .cloned()
                 .collect();
             if scoped.is_empty() {
-                return Err(bad(format!("no node attached to gateway {gw:?} (see `clawmesh nodes status --all`)")));
+                return Err(bad(format!(
+                    "no node attached to gateway {gw:?} (see `clawmesh nodes status --all`)"
+                )));
             }
             let one = nodes::resolve(name, &scoped)?;
             let id = one["nodeId"].clone();
-            return Ok(entries.iter().filter(|e| e["nodeId"] == id).take(1).collect());
+            return Ok(entries
+                .iter()
+                .filter(|e| e["nodeId"] == id)
+                .take(1)
+                .collect());
         }
         let one = nodes::resolve(sel, entries)?;
         if all {
@@ -508,10 +533,19 @@ impl Methods {
         let inner = if inner.is_null() { json!({}) } else { inner };
         let all = params.get("all").and_then(Value::as_bool).unwrap_or(false);
         let entries = self.node_entries(!forwarded)?;
-        let targets: Vec<Value> = self.select(&sel, &entries, all)?.into_iter().cloned().collect();
+        let targets: Vec<Value> = self
+            .select(&sel, &entries, all)?
+            .into_iter()
+            .cloned()
+            .collect();
         if !all {
-            let target = targets.into_iter().next().ok_or_else(|| bad(format!("unknown node: {sel}")))?;
-            return self.invoke_entry(&target, &command, inner, timeout, &key, forwarded).await;
+            let target = targets
+                .into_iter()
+                .next()
+                .ok_or_else(|| bad(format!("unknown node: {sel}")))?;
+            return self
+                .invoke_entry(&target, &command, inner, timeout, &key, forwarded)
+                .await;
         }
         // Fan-out: one result per node, at most FANOUT_CONCURRENCY in flight.
         let results = futures_util::stream::iter(targets.into_iter().map(|t| {
@@ -536,7 +570,9 @@ impl Methods {
         .collect::<Vec<Value>>()
         .await;
         let failed = results.iter().filter(|r| r["ok"] != true).count();
-        Ok(json!({"ok": true, "command": command, "count": results.len(), "failed": failed, "results": results}))
+        Ok(
+            json!({"ok": true, "command": command, "count": results.len(), "failed": failed, "results": results}),
+        )
     }
 
     async fn invoke_on(
@@ -548,9 +584,14 @@ impl Methods {
         idempotency_key: &str,
     ) -> Result<Value, WireError> {
         let entries = self.node_entries(true)?;
-        let target = self.select(sel, &entries, false)?.into_iter().next().cloned();
+        let target = self
+            .select(sel, &entries, false)?
+            .into_iter()
+            .next()
+            .cloned();
         let target = target.ok_or_else(|| bad(format!("unknown node: {sel}")))?;
-        self.invoke_entry(&target, command, params, timeout, idempotency_key, false).await
+        self.invoke_entry(&target, command, params, timeout, idempotency_key, false)
+            .await
     }
 
     /// Runs `command` on the node `entry` names: here if it is attached here, else forwarded
@@ -574,7 +615,16 @@ impl Methods {
         let holder = entry["gateway"].as_str().unwrap_or_default().to_string();
         if link.is_none() && !forwarded && !holder.is_empty() && holder != self.gateway_name() {
             return self
-                .forward_invoke(entry, &holder, &node_id, &name, command, params, timeout, idempotency_key)
+                .forward_invoke(
+                    entry,
+                    &holder,
+                    &node_id,
+                    &name,
+                    command,
+                    params,
+                    timeout,
+                    idempotency_key,
+                )
                 .await;
         }
         let Some((info, link)) = link else {
@@ -646,8 +696,13 @@ impl Methods {
             return Box::pin(self.run_method(caller, &method, inner)).await;
         }
         let mesh = self.mesh()?;
-        let timeout = Duration::from_millis(params.get("timeoutMs").and_then(Value::as_u64).unwrap_or(30_000))
-            .min(MAX_INVOKE_TIMEOUT);
+        let timeout = Duration::from_millis(
+            params
+                .get("timeoutMs")
+                .and_then(Value::as_u64)
+                .unwrap_or(30_000),
+        )
+        .min(MAX_INVOKE_TIMEOUT);
         let status = mesh.status();
         let Some(row) = status.gateways.iter().find(|g| g.name == target) else {
             return Err(bad(format!("no gateway named {target:?} in this federation (see `clawmesh gateway status --all`)")));
@@ -674,7 +729,10 @@ impl Methods {
                             "UNAVAILABLE",
                             format!("gateway {target} is offline (last seen {seen}) and no fallback is configured (gateway.failover.fallbackNode)"),
                         );
-                        e.details = Some(json!({"code":"GATEWAY_OFFLINE","gateway":target,"lastSeen":seen}).to_string());
+                        e.details = Some(
+                            json!({"code":"GATEWAY_OFFLINE","gateway":target,"lastSeen":seen})
+                                .to_string(),
+                        );
                         e.retryable = true;
                         return Err(e);
                     }
@@ -685,13 +743,26 @@ impl Methods {
             Box::pin(self.run_method(caller, &method, inner)).await?
         } else {
             let conn = mesh.connection_to(&served_by).ok_or_else(|| {
-                WireError::new("UNAVAILABLE", format!("gateway {served_by} is not reachable from {me}"))
+                WireError::new(
+                    "UNAVAILABLE",
+                    format!("gateway {served_by} is not reachable from {me}"),
+                )
             })?;
-            let text = clawmesh_federation::rpc::call(&conn, &method, inner.to_string(), 1, timeout + FORWARD_MARGIN)
-                .await
-                .map_err(|e| e.to_wire())?;
-            serde_json::from_str(&text)
-                .map_err(|e| WireError::new("UNAVAILABLE", format!("bad reply from gateway {served_by}: {e}")))?
+            let text = clawmesh_federation::rpc::call(
+                &conn,
+                &method,
+                inner.to_string(),
+                1,
+                timeout + FORWARD_MARGIN,
+            )
+            .await
+            .map_err(|e| e.to_wire())?;
+            serde_json::from_str(&text).map_err(|e| {
+                WireError::new(
+                    "UNAVAILABLE",
+                    format!("bad reply from gateway {served_by}: {e}"),
+                )
+            })?
         };
         if served_by != target {
             if let Value::Object(m) = &mut result {
@@ -741,8 +812,12 @@ impl Methods {
         )
         .await
         {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| WireError::new("UNAVAILABLE", format!("bad reply from gateway {holder}: {e}"))),
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                WireError::new(
+                    "UNAVAILABLE",
+                    format!("bad reply from gateway {holder}: {e}"),
+                )
+            }),
             Err(clawmesh_federation::rpc::CallError::Remote(e)) => Err(e),
             Err(e) => {
                 let mut w = WireError::new(

@@ -114,8 +114,18 @@ fn table(header: &[&str]) -> Table {
 /// `clawmesh nodes ...`
 pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
     match cmd {
-        NodesCmd::Status { all, json, target: t } => {
-            let doc = call(&target(t, state_dir), "node.list", json!({"all": all}), CALL_TIMEOUT).await?;
+        NodesCmd::Status {
+            all,
+            json,
+            target: t,
+        } => {
+            let doc = call(
+                &target(t, state_dir),
+                "node.list",
+                json!({"all": all}),
+                CALL_TIMEOUT,
+            )
+            .await?;
             let nodes = doc["nodes"].as_array().cloned().unwrap_or_default();
             let paired = nodes.iter().filter(|n| n["paired"] == true).count();
             let connected = nodes.iter().filter(|n| n["connected"] == true).count();
@@ -163,7 +173,12 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                             n["transport"].as_str().unwrap_or("-").to_string(),
                             n["labels"]
                                 .as_object()
-                                .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(","))
+                                .map(|m| {
+                                    m.iter()
+                                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                                        .collect::<Vec<_>>()
+                                        .join(",")
+                                })
                                 .unwrap_or_default(),
                         ]);
                     }
@@ -245,15 +260,26 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                     println!("{}", serde_json::to_string(&doc)?);
                 } else {
                     for r in doc["results"].as_array().into_iter().flatten() {
-                        let who = format!("{}/{}", r["gateway"].as_str().unwrap_or("?"), r["displayName"].as_str().unwrap_or("?"));
+                        let who = format!(
+                            "{}/{}",
+                            r["gateway"].as_str().unwrap_or("?"),
+                            r["displayName"].as_str().unwrap_or("?")
+                        );
                         if r["ok"] == true {
                             println!("{who}: {}", serde_json::to_string(&r["payload"])?);
                         } else {
-                            println!("{who}: error: {}", r["error"]["message"].as_str().unwrap_or("?"));
+                            println!(
+                                "{who}: error: {}",
+                                r["error"]["message"].as_str().unwrap_or("?")
+                            );
                         }
                     }
                 }
-                return Ok(if doc["failed"].as_u64().unwrap_or(0) > 0 { crate::cli::EXIT_ERROR } else { 0 });
+                return Ok(if doc["failed"].as_u64().unwrap_or(0) > 0 {
+                    crate::cli::EXIT_ERROR
+                } else {
+                    0
+                });
             }
             if json {
                 println!(

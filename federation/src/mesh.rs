@@ -23,12 +23,12 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
 use crate::directory::{NodeDirectory, NodeSummary, MAX_NODES_PER_GATEWAY};
-use crate::pairing::{PairingRecord, Registry};
 use crate::endpoint::{self, EndpointError};
 use crate::frame::{self, MAX_FRAME};
 use crate::handshake::{self, HandshakeError};
 use crate::health::{HealthConfig, PeerHealth, Status};
 use crate::identity::{DeviceId, DeviceIdentity, PublicKey};
+use crate::pairing::{PairingRecord, Registry};
 use crate::rpc::{self, Caller, CallerKind, Handler};
 use crate::store::{Store, StoreError};
 use crate::wire::{
@@ -1408,7 +1408,10 @@ impl Mesh {
                         info!(device = %r.key.device_id().short(), name = %r.name, "pairing approved elsewhere in the federation");
                     } else {
                         info!(device = %r.key.device_id().short(), "pairing revoked elsewhere in the federation");
-                        let _ = self.inner.notices.send(MeshNotice::Revoked(r.key.device_id()));
+                        let _ = self
+                            .inner
+                            .notices
+                            .send(MeshNotice::Revoked(r.key.device_id()));
                     }
                 }
             }

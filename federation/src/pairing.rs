@@ -652,7 +652,16 @@ impl Registry {
 
     /// Every paired and revoked device, for a full exchange when two gateways link.
     pub fn records(&self) -> Result<Vec<PairingRecord>, PairingError> {
-        type Row = (Vec<u8>, String, String, String, i64, String, Option<String>, Option<i64>);
+        type Row = (
+            Vec<u8>,
+            String,
+            String,
+            String,
+            i64,
+            String,
+            Option<String>,
+            Option<i64>,
+        );
         let (paired, revoked): (Vec<Row>, Vec<(Vec<u8>, i64)>) = self.store.with_conn(|c| {
             let mut stmt = c.prepare(
                 "SELECT p.public_key, p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.token, t.created_at_ms
@@ -669,7 +678,9 @@ impl Registry {
         })?;
         let mut out = Vec::new();
         for (k, name, role, platform, at, meta, token, token_at) in paired {
-            let Some(key) = Self::key_of(&k) else { continue };
+            let Some(key) = Self::key_of(&k) else {
+                continue;
+            };
             out.push(PairingRecord {
                 key,
                 approved: true,
@@ -682,7 +693,9 @@ impl Registry {
             });
         }
         for (k, at) in revoked {
-            let Some(key) = Self::key_of(&k) else { continue };
+            let Some(key) = Self::key_of(&k) else {
+                continue;
+            };
             out.push(PairingRecord {
                 key,
                 approved: false,
@@ -869,13 +882,18 @@ mod tests {
         other.apply(&revoked).unwrap();
         assert!(!other.is_paired(&k1.device_id()).unwrap());
         // Revoked: it must ask again.
-        let Admission::Pending(p) = reg.admit(&k1, &meta("node-a", "x")).unwrap() else { panic!() };
+        let Admission::Pending(p) = reg.admit(&k1, &meta("node-a", "x")).unwrap() else {
+            panic!()
+        };
         std::thread::sleep(std::time::Duration::from_millis(5));
         reg.approve(&p.request_id).unwrap();
         let changed = other.apply(&reg.records().unwrap()).unwrap();
         assert_eq!(changed.len(), 1);
         assert!(other.is_paired(&k1.device_id()).unwrap());
-        assert_eq!(other.device_token(&k1.device_id(), "node").unwrap(), reg.device_token(&k1.device_id(), "node").unwrap());
+        assert_eq!(
+            other.device_token(&k1.device_id(), "node").unwrap(),
+            reg.device_token(&k1.device_id(), "node").unwrap()
+        );
         // Applying the same records again changes nothing; an older revocation loses.
         assert!(other.apply(&reg.records().unwrap()).unwrap().is_empty());
         assert!(other.apply(&revoked).unwrap().is_empty());
