@@ -232,6 +232,18 @@ async fn bad_classic_clients_get_classic_errors_and_nothing_else_is_disturbed() 
         (Some("5"), Some(true))
     );
 
+    // 10. After hello, a frame over maxPayload (25 MiB) closes that socket with 1009.
+    let (mut big, _) = open(&url).await;
+    send(&mut big, &operator_connect("tok")).await;
+    assert_eq!(next_json(&mut big).await.unwrap()["ok"], true);
+    let _ = big
+        .send(Message::Text("y".repeat(26 * 1024 * 1024).into()))
+        .await;
+    assert_eq!(close_code(&mut big).await, Some(1009));
+    // ...and the good operator is undisturbed.
+    send(&mut good, &json!({"type":"req","id":"6","method":"health"})).await;
+    assert_eq!(next_json(&mut good).await.unwrap()["ok"], true);
+
     // /healthz on the same port.
     let body = tokio::task::spawn_blocking(move || {
         std::process::Command::new("curl")

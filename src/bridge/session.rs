@@ -169,7 +169,20 @@ async fn serve(socket: WebSocket, remote: SocketAddr, bridge: Arc<Bridge>, conn_
     loop {
         tokio::select! {
             msg = stream.next() => {
-                let Some(Ok(msg)) = msg else { break };
+                let msg = match msg {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        // tungstenite refuses frames over maxPayload before we see them.
+                        let text = e.to_string();
+                        if text.contains("too long") || text.contains("Space limit") {
+                            out.close(1009, "payload too large");
+                        } else {
+                            debug!("socket error: {text}");
+                        }
+                        break;
+                    }
+                    None => break,
+                };
                 last_inbound = Instant::now();
                 let text = match msg {
                     Message::Text(t) => t.to_string(),
