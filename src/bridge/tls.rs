@@ -154,6 +154,8 @@ impl TlsListener {
                 if tx.is_closed() {
                     return;
                 }
+                // No Nagle: small frames must not wait for a delayed ACK.
+                let _ = sock.set_nodelay(true);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
