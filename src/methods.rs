@@ -334,7 +334,9 @@ impl Methods {
     fn node_entries(&self, federation: bool) -> Result<Vec<Value>, WireError> {
         let gateway = self.gateway_name();
         let connected = self.inner.nodes.list();
-        let paired = self.inner.pairing.list().map_err(pairing_err)?.paired;
+        let paired = self.inner.pairing.paired_all().map_err(pairing_err)?;
+        let paired_ids: std::collections::HashSet<&str> =
+            paired.iter().map(|p| p.device_id.as_str()).collect();
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let region = self
@@ -366,7 +368,7 @@ impl Methods {
                 "deviceFamily": info.device_family,
                 "pathEnv": info.path_env,
                 "remoteIp": nodes::ip_of(&info.remote),
-                "paired": paired.iter().any(|p| p.device_id == id),
+                "paired": paired_ids.contains(id.as_str()),
                 "connected": true,
                 "connectedAtMs": info.connected_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
                 "transport": transport,
@@ -532,6 +534,21 @@ impl Methods {
         let inner = params.get("params").cloned().unwrap_or(Value::Null);
         let inner = if inner.is_null() { json!({}) } else { inner };
         let all = params.get("all").and_then(Value::as_bool).unwrap_or(false);
+        // Fast path: an exact id of a node attached here needs no federation-wide listing.
+        if !all {
+            if let Some((info, _)) = clawmesh_federation::identity::DeviceId::parse(&sel)
+                .and_then(|id| self.inner.nodes.get(&id))
+            {
+                let entry = json!({
+                    "nodeId": info.node_id.to_string(),
+                    "displayName": info.name,
+                    "gateway": self.gateway_name(),
+                });
+                return self
+                    .invoke_entry(&entry, &command, inner, timeout, &key, forwarded)
+                    .await;
+            }
+        }
         let entries = self.node_entries(!forwarded)?;
         let targets: Vec<Value> = self
             .select(&sel, &entries, all)?

@@ -886,12 +886,25 @@ impl Mesh {
                 return;
             }
         };
+        if let HelloRole::Gateway(g) = &hello.role {
+            let g = g.clone();
+            return self.accept_gateway(conn, send, key, &hello, g).await;
+        }
+        // Admission may touch the state database (pairing): keep it off the async workers so
+        // a burst of joining nodes never stalls established links.
+        let (admission, h) = (self.inner.admission.clone(), hello.clone());
+        let decision = tokio::task::spawn_blocking(move || admission.admit(&key, remote, &h))
+            .await
+            .unwrap_or_else(|e| {
+                Err(Refusal {
+                    code: RefusalCode::Unavailable,
+                    message: format!("admission failed: {e}"),
+                    retryable: true,
+                })
+            });
         match &hello.role {
-            HelloRole::Gateway(g) => {
-                let g = g.clone();
-                self.accept_gateway(conn, send, key, &hello, g).await
-            }
-            _ => match self.inner.admission.admit(&key, remote, &hello) {
+            HelloRole::Gateway(_) => {}
+            _ => match decision {
                 Ok(kind) => {
                     let scopes = match &kind {
                         CallerKind::Operator { scopes, .. } => scopes.clone(),

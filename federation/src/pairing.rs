@@ -518,44 +518,81 @@ impl Registry {
 
     /// Pending (unexpired) and paired devices.
     pub fn list(&self) -> Result<Listing, PairingError> {
+        Ok(Listing {
+            pending: self.pending()?,
+            paired: self.paired_all()?,
+        })
+    }
+
+    /// Unexpired pending requests, oldest first (at most [`MAX_PENDING`] rows).
+    pub fn pending(&self) -> Result<Vec<PendingRequest>, PairingError> {
         let cutoff = now_ms().saturating_sub(PENDING_TTL.as_millis() as u64);
-        let (pending_rows, paired_rows) = self.store.with_conn(|c| {
+        let rows = self.store.with_conn(|c| {
             let mut stmt = c.prepare(
                 "SELECT request_id, public_key, name, role, addr, platform, requested_at_ms, refreshed_at_ms, meta
                  FROM pending_devices WHERE refreshed_at_ms >= ?1 ORDER BY requested_at_ms",
             )?;
-            let pending: Vec<PendingRow> = stmt
+            let rows: Vec<PendingRow> = stmt
                 .query_map([cutoff as i64], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
                 })?
                 .collect::<Result<_, _>>()?;
-            let mut stmt = c.prepare(
-                "SELECT public_key, name, role, platform, approved_at_ms, meta FROM paired_devices ORDER BY approved_at_ms",
-            )?;
-            let paired: Vec<(Vec<u8>, String, String, String, i64, String)> = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
-                .collect::<Result<_, _>>()?;
-            Ok((pending, paired))
+            Ok(rows)
         })?;
-        let pending = pending_rows
-            .into_iter()
-            .filter_map(Self::pending_from)
-            .collect();
-        let mut paired = Vec::new();
-        for (k, name, role, platform, at, meta) in paired_rows {
+        Ok(rows.into_iter().filter_map(Self::pending_from).collect())
+    }
+
+    /// Every paired device, with its token summaries, in one query.
+    pub fn paired_all(&self) -> Result<Vec<PairedDevice>, PairingError> {
+        type Row = (
+            Vec<u8>,
+            String,
+            String,
+            String,
+            i64,
+            String,
+            Option<String>,
+            Option<i64>,
+        );
+        let rows: Vec<Row> = self.store.with_conn(|c| {
+            let mut stmt = c.prepare(
+                "SELECT p.public_key, p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.role, t.created_at_ms
+                 FROM paired_devices p LEFT JOIN device_tokens t ON t.device_id = p.device_id
+                 ORDER BY p.approved_at_ms, p.device_id",
+            )?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })?;
+        let mut out: Vec<PairedDevice> = Vec::new();
+        for (k, name, role, platform, at, meta, token_role, token_at) in rows {
             let Some(key) = Self::key_of(&k) else {
                 continue;
             };
-            let tokens = self.token_summaries(&key.device_id().to_string())?;
-            paired.push(Self::paired_from(
-                &key, name, role, platform, at, &meta, tokens,
+            let token = token_role.map(|r| serde_json::json!({"role": r, "scopes": [], "createdAtMs": token_at.unwrap_or(0)}));
+            if let Some(last) = out
+                .last_mut()
+                .filter(|d| d.public_key == key.to_base64url())
+            {
+                last.tokens.extend(token);
+                continue;
+            }
+            out.push(Self::paired_from(
+                &key,
+                name,
+                role,
+                platform,
+                at,
+                &meta,
+                token.into_iter().collect(),
             ));
         }
-        Ok(Listing { pending, paired })
+        Ok(out)
     }
 
     fn find_pending(&self, selector: &str) -> Result<PendingRequest, PairingError> {
-        let all = self.list()?.pending;
+        let all = self.pending()?;
         pick(
             selector,
             all,
@@ -570,7 +607,7 @@ impl Registry {
     }
 
     fn find_paired(&self, selector: &str) -> Result<PairedDevice, PairingError> {
-        let all = self.list()?.paired;
+        let all = self.paired_all()?;
         pick(
             selector,
             all,

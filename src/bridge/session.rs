@@ -334,12 +334,31 @@ async fn handshake(
         return None;
     }
     let params = frame.params.unwrap_or(Value::Null);
-    let gate = connect::Gate {
-        secrets: &bridge.secrets,
-        pairing: bridge.methods.pairing(),
-        now_ms: now_ms() as i64,
+    // Signature checks and SQLite lookups (with an fsync on a new pairing request) run off the
+    // async workers, so a burst of connects never stalls established sessions.
+    let (secrets, pairing, nonce_owned) = (
+        bridge.secrets.clone(),
+        bridge.methods.pairing().clone(),
+        nonce.to_string(),
+    );
+    let decided = tokio::task::spawn_blocking(move || {
+        let gate = connect::Gate {
+            secrets: &secrets,
+            pairing: &pairing,
+            now_ms: now_ms() as i64,
+        };
+        connect::authenticate(&gate, &params, &nonce_owned, remote)
+    })
+    .await;
+    let decided = match decided {
+        Ok(d) => d,
+        Err(e) => {
+            out.close(1011, "internal error");
+            tracing::warn!("connect check failed: {e}");
+            return None;
+        }
     };
-    match connect::authenticate(&gate, &params, nonce, remote) {
+    match decided {
         Ok(a) => {
             let mut auth = json!({"role": a.role.as_str(), "scopes": a.scopes, "method": a.method});
             if let Some((t, at)) = &a.device_token {
