@@ -13,10 +13,14 @@
 //!    each N = 10 000 sequential round trips after 1 000 warm-up ones, beside a raw tokio UDP
 //!    echo on 127.0.0.1 (same N, same runtime). Both tokio flavours run: `current_thread` and
 //!    `multi_thread` with 2 workers (what the `clawmesh` binary uses); the measuring task is
-//!    spawned on the runtime so it runs where gateway tasks run.
+//!    spawned on the runtime so it runs where gateway tasks run. Datagrams and UDP are also
+//!    measured sparse (100 round trips 20 ms apart), where waking idle threads dominates, as
+//!    for the mesh's health pings.
 //! 2. **Idle RSS**: a primary and two remotes (real `clawmesh gateway run` processes, full
 //!    mesh, health interval 1 s) left idle 5 s, then VmRSS / RssAnon / RssFile / Pss / VmHWM /
-//!    threads from `/proc`. Baseline: an idle `sleep` process.
+//!    threads from `/proc`. Baseline: an idle `sleep` process. Then the gateways' own
+//!    health-ping round trips (from `gateway.status`) beside raw UDP between two processes
+//!    (this example re-executed as a UDP echo, 25 round trips 200 ms apart).
 //! 3. **Start-to-ready**: spawn `clawmesh gateway run` until it has written `gateway.json` and
 //!    until it has answered `gateway.status` over QUIC (library client, local admin key),
 //!    20 cold starts (fresh state dir: key, certificate, SQLite creation) and 20 warm restarts
@@ -772,6 +776,10 @@ async fn bench_idle_rss(bin: &Path) -> Result<()> {
     rows.push(("b (remote)", mem_of(remotes[0].pid())?));
     rows.push(("c (remote)", mem_of(remotes[1].pid())?));
     let sleep_mem = mem_of(sleeper.pid())?;
+    // Baseline for the gateways' own ping figures: raw UDP between two idle processes, spaced
+    // out like health pings; it also gives the gateways a few more pings to report on.
+    eprintln!("  cross-process UDP echo, {XPROC_N} round trips {XPROC_GAP:?} apart");
+    let xproc = stats(cross_process_udp().await?)?;
     // What the gateways' own health pings measured meanwhile (multi_thread, 2 workers).
     let (client, doc) = first_status(&root.path().join("a"), Duration::from_secs(5)).await?;
     client.close().await;
@@ -799,7 +807,10 @@ async fn bench_idle_rss(bin: &Path) -> Result<()> {
             m.threads
         );
     }
-    println!("| classic OpenClaw gateway (not measured; figure from the project notes) | ~600 | | | | | |");
+    println!(
+        "| classic OpenClaw gateway, idle main process (not measured here: median of \
+         shared/docs/classic-protocol.md §11) | 597 | | | | | |"
+    );
     let max_rss = rows.iter().map(|(_, m)| m.rss).max().unwrap_or(0);
     println!(
         "\nLargest gateway VmRSS: {} MB (goal < 15 MB: {}).",
@@ -810,18 +821,35 @@ async fn bench_idle_rss(bin: &Path) -> Result<()> {
             "NOT met"
         }
     );
-    println!("\nHealth-ping RTT as the primary's mesh measured it (window of the last pings):\n");
-    println!("| link | latencyMs (median) | latencyP99Ms |");
-    println!("|---|---:|---:|");
+    println!(
+        "\nIdle-link round trips between processes. Gateways: the health pings (QUIC datagram \
+         Ping/Pong, one a second, tokio multi_thread with 2 workers in each gateway) as the \
+         primary's `gateway.status` reports them (median and p99 over the pings so far, ~12). \
+         Baseline: raw UDP echo between this process (tokio current_thread) and a second \
+         process (blocking echo loop), {XPROC_N} round trips {} ms apart.\n",
+        XPROC_GAP.as_millis()
+    );
+    println!("| link | p50 ms | p99 ms | p50 vs UDP |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| raw UDP echo, two processes (baseline) | {} | {} | 1.00x |",
+        ms(xproc.p50),
+        ms(xproc.p99)
+    );
     for g in doc["gateways"].as_array().into_iter().flatten() {
         if g["isSelf"] == true {
             continue;
         }
+        let p50 = g["latencyMs"].as_f64();
         println!(
-            "| a -> {} | {} | {} |",
+            "| gateway a -> {} (QUIC datagram health ping) | {} | {} | {} |",
             g["name"].as_str().unwrap_or("?"),
             g["latencyMs"],
-            g["latencyP99Ms"]
+            g["latencyP99Ms"],
+            p50.map_or("-".into(), |v| ratio(
+                Duration::from_secs_f64(v / 1e3),
+                xproc.p50
+            ))
         );
     }
     sleeper.stop(Duration::from_secs(1))?;
@@ -830,6 +858,81 @@ async fn bench_idle_rss(bin: &Path) -> Result<()> {
     }
     root.close()?;
     Ok(())
+}
+
+/// Round trips of the cross-process UDP baseline.
+const XPROC_N: usize = 25;
+/// Pause between them.
+const XPROC_GAP: Duration = Duration::from_millis(200);
+/// Argument that turns this example into the UDP echo process of the baseline.
+const ECHO_ARG: &str = "--udp-echo";
+
+/// The echo process: prints its address, then echoes until killed.
+fn udp_echo_process() -> Result<()> {
+    use std::io::Write as _;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut out = std::io::stdout();
+    writeln!(out, "{}", sock.local_addr()?)?;
+    out.flush()?;
+    let mut buf = [0u8; 2048];
+    loop {
+        let (len, from) = sock.recv_from(&mut buf)?;
+        sock.send_to(&buf[..len], from)?;
+    }
+}
+
+/// Sparse UDP round trips to an echo in a second process (this example, re-executed).
+async fn cross_process_udp() -> Result<Vec<Duration>> {
+    use std::io::BufRead as _;
+    let mut echo = Proc {
+        child: Command::new(std::env::current_exe()?)
+            .arg(ECHO_ARG)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawning the echo process")?,
+        log: None,
+    };
+    let stdout = echo
+        .child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("echo process has no stdout"))?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let addr: SocketAddr = line
+        .trim()
+        .parse()
+        .with_context(|| format!("echo process said {line:?}"))?;
+    let sock = UdpSocket::bind("127.0.0.1:0").await?;
+    sock.connect(addr).await?;
+    let mut buf = [0u8; 64];
+    let mut rtts = Vec::with_capacity(XPROC_N);
+    // One unmeasured round trip first.
+    for i in 0..=XPROC_N as u64 {
+        tokio::time::sleep(XPROC_GAP).await;
+        let msg = i.to_be_bytes();
+        let t = Instant::now();
+        sock.send(&msg).await?;
+        let got = tokio::time::timeout(RTT_TIMEOUT, async {
+            loop {
+                let len = sock.recv(&mut buf).await?;
+                if buf[..len] == msg {
+                    return Ok::<_, std::io::Error>(());
+                }
+            }
+        })
+        .await;
+        let rtt = t.elapsed();
+        if let Ok(r) = got {
+            r?;
+            if i > 0 {
+                rtts.push(rtt);
+            }
+        }
+    }
+    echo.stop(Duration::from_secs(1))?;
+    Ok(rtts)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -981,7 +1084,10 @@ async fn bench_start(bin: &Path) -> Result<()> {
         "{}",
         row("SIGTERM to exit (after one client, warm)", warm_stop)?
     );
-    println!("| classic OpenClaw gateway (not measured; figure from the project notes) | | ~10 000 | | |");
+    println!(
+        "| classic OpenClaw gateway, start to listening (not measured here: \
+         shared/docs/classic-protocol.md §11) | | ~10 000 | | |"
+    );
     println!("\nClient cost against a running gateway:\n");
     println!("| what | n | p50 ms | mean ms | max ms |");
     println!("|---|---:|---:|---:|---:|");
@@ -1025,6 +1131,9 @@ fn loadavg() -> String {
 }
 
 fn main() -> Result<()> {
+    if std::env::args().nth(1).as_deref() == Some(ECHO_ARG) {
+        return udp_echo_process();
+    }
     let started = Instant::now();
     let bin = clawmesh_bin()?;
     println!("# bench_federation\n");

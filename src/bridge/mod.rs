@@ -55,7 +55,7 @@ pub struct Bridge {
     pub shutdown: watch::Receiver<Option<String>>,
     /// Start time, for `uptimeMs`.
     pub started: Instant,
-    connections: AtomicUsize,
+    connections: Arc<AtomicUsize>,
 }
 
 impl Bridge {
@@ -70,7 +70,7 @@ impl Bridge {
             secrets,
             shutdown,
             started: Instant::now(),
-            connections: AtomicUsize::new(0),
+            connections: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -143,17 +143,23 @@ fn router(bridge: Arc<Bridge>) -> Router {
 
 /// Serves plain `ws://` on `listener` until the shutdown signal.
 pub async fn serve_plain(listener: TcpListener, bridge: Arc<Bridge>) -> std::io::Result<()> {
-    let mut stop = bridge.shutdown.clone();
+    let stop = bridge.shutdown.clone();
+    let bridge_conns = bridge.connections.clone();
     axum::serve(
         listener,
         router(bridge).into_make_service_with_connect_info::<Peer>(),
     )
-    .with_graceful_shutdown(async move {
-        let _ = stop.changed().await;
-        // Let sessions send `shutdown` and close first.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    })
+    .with_graceful_shutdown(stopped(stop, bridge_conns))
     .await
+}
+
+/// Resolves when the gateway stops, after open sessions had a moment to send `shutdown` and
+/// close (no wait when none is open).
+async fn stopped(mut stop: watch::Receiver<Option<String>>, conns: Arc<AtomicUsize>) {
+    let _ = stop.changed().await;
+    if conns.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
 }
 
 /// Serves `wss://` on `listener` with `config` until the shutdown signal.
@@ -162,15 +168,13 @@ pub async fn serve_tls(
     config: Arc<rustls::ServerConfig>,
     bridge: Arc<Bridge>,
 ) -> std::io::Result<()> {
-    let mut stop = bridge.shutdown.clone();
+    let stop = bridge.shutdown.clone();
+    let bridge_conns = bridge.connections.clone();
     let tls = tls::TlsListener::new(listener, config)?;
     axum::serve(
         tls,
         router(bridge).into_make_service_with_connect_info::<Peer>(),
     )
-    .with_graceful_shutdown(async move {
-        let _ = stop.changed().await;
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    })
+    .with_graceful_shutdown(stopped(stop, bridge_conns))
     .await
 }
