@@ -16,8 +16,9 @@
 //   is resolved from PREFIX/node_modules (openclaw depends on it), so nothing else is installed.
 //
 // Output: a human line per phase on stderr and, last on stdout, one JSON line:
-//   {"seq":{"n","p50","p90","p99","max","mean"}|null,"conc":{"callers","conns","secs","calls","errors",
-//    "rate","p50","p99"}|null}   (latencies in ms)
+//   {"seq":{"n","p50","p90","p99","max","mean"}|null, "health":{same keys}|null,
+//    "conc":{"callers","conns","secs","calls","errors","firstError","rate","p50","p99"}|null}
+//   (latencies in ms; "health" is the same count of `health` calls, operator -> gateway only)
 // Quantiles are nearest-rank: the ceil(p*n)-th smallest sample (same as bench_invoke.rs).
 import crypto from "node:crypto";
 import { createRequire } from "node:module";
@@ -44,7 +45,7 @@ const WARMUP = 10;
 const watchdog = setTimeout(() => {
   console.error("bench-classic: watchdog expired");
   process.exit(3);
-}, 120_000 + N * 1_000 + SECS * 1_000 * 3);
+}, 120_000 + 2 * N * 1_000 + SECS * 1_000 * 3);
 watchdog.unref();
 
 /** Opens one operator connection (challenge -> connect) and resolves with {call, close}. */
@@ -129,6 +130,19 @@ try {
   }
   const seq = N > 0 ? quantiles(lat) : null;
   if (seq) console.error(`sequential n=${seq.n} p50=${f2(seq.p50)}ms p90=${f2(seq.p90)}ms p99=${f2(seq.p99)}ms max=${f2(seq.max)}ms mean=${f2(seq.mean)}ms`);
+  // `health` (operator -> gateway only, no node hop), same count, for comparison.
+  let health = null;
+  if (N > 0) {
+    for (let i = 0; i < WARMUP; i++) await conns[0].call("health", {});
+    const hl = [];
+    for (let i = 0; i < N; i++) {
+      const t = now();
+      await conns[0].call("health", {});
+      hl.push(now() - t);
+    }
+    health = quantiles(hl);
+    console.error(`health n=${health.n} p50=${f2(health.p50)}ms p99=${f2(health.p99)}ms`);
+  }
 
   // Throughput: CALLERS callers, spread round-robin over CONNS connections, for SECS seconds.
   let conc = null;
@@ -160,7 +174,7 @@ try {
              firstError, rate: clat.length / secs, p50: cq.p50, p99: cq.p99 };
     console.error(`concurrent callers=${CALLERS} conns=${conns.length} ${clat.length} calls in ${secs.toFixed(2)} s = ${conc.rate.toFixed(0)}/s p50=${f2(cq.p50)}ms p99=${f2(cq.p99)}ms errors=${errors}${firstError ? ` (${firstError})` : ""}`);
   }
-  console.log(JSON.stringify({ seq, conc }));
+  console.log(JSON.stringify({ seq, health, conc }));
   for (const c of conns) c.close();
   process.exit(0);
 } catch (e) {
