@@ -143,7 +143,7 @@ impl Handler for NodeHandler {
                     WireError::new("INVALID_REQUEST", format!("invalid params: {e}"))
                 })?
             };
-            info!(req_id = req.id, command = %req.method, "invoke");
+            tracing::debug!(req_id = req.id, command = %req.method, "invoke");
             h.run(&req.method, params).await.map(|v| v.to_string())
         })
     }
@@ -179,11 +179,12 @@ pub async fn run(s: NodeSettings) -> Result<()> {
     let mut last_request: Option<String> = None;
     // The configured gateways first, then the ones the federation tells us about.
     let mut gateways = s.gateways.clone();
+    let mut endpoints = Endpoints::default();
     loop {
         let url = gateways[idx % gateways.len()].clone();
         let url = &url;
         let attempt = tokio::select! {
-            r = session(&s, &identity, url, handler.clone()) => r,
+            r = session(&s, &identity, &mut endpoints, url, handler.clone()) => r,
             sig = &mut stop => {
                 info!("node host stopping ({sig})");
                 return Ok(());
@@ -252,18 +253,48 @@ enum SessionError {
     Other(String),
 }
 
+/// The node's QUIC endpoints, one per address family, made once and reused for every
+/// attempt: each endpoint holds a socket and megabytes of buffers, so one per retry would
+/// grow the node's memory.
+#[derive(Default)]
+struct Endpoints {
+    v4: Option<quinn::Endpoint>,
+    v6: Option<quinn::Endpoint>,
+}
+
+impl Endpoints {
+    fn for_addr(
+        &mut self,
+        identity: &DeviceIdentity,
+        addr: std::net::SocketAddr,
+    ) -> Result<quinn::Endpoint, SessionError> {
+        let slot = if addr.is_ipv4() {
+            &mut self.v4
+        } else {
+            &mut self.v6
+        };
+        if let Some(ep) = slot {
+            return Ok(ep.clone());
+        }
+        let ep = endpoint::client(identity, addr, &TransportOptions::default())
+            .map_err(|e| SessionError::Other(e.to_string()))?;
+        *slot = Some(ep.clone());
+        Ok(ep)
+    }
+}
+
 /// One attachment to one gateway: connect, hello, serve until the connection ends.
 async fn session(
     s: &NodeSettings,
     identity: &DeviceIdentity,
+    endpoints: &mut Endpoints,
     url: &PeerUrl,
     handler: Arc<dyn Handler>,
 ) -> Result<Vec<PeerUrl>, SessionError> {
     let addr = clawmesh_federation::mesh::resolve(&url.authority())
         .await
         .map_err(SessionError::Other)?;
-    let ep = endpoint::client(identity, addr, &TransportOptions::default())
-        .map_err(|e| SessionError::Other(e.to_string()))?;
+    let ep = endpoints.for_addr(identity, addr)?;
     let conn = endpoint::dial(&ep, addr, CONNECT_TIMEOUT)
         .await
         .map_err(|e| SessionError::Other(format!("cannot reach gateway {url}: {e}")))?;
@@ -318,6 +349,5 @@ async fn session(
         .map(|r| r.to_string())
         .unwrap_or_else(|| "connection ended".into());
     warn!(gateway = %welcome.name, "detached: {reason}");
-    ep.close(0u32.into(), b"bye");
     Ok(learned)
 }

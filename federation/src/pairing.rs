@@ -379,8 +379,9 @@ impl Registry {
 
     fn token_summaries(&self, device_id: &str) -> Result<Vec<serde_json::Value>, PairingError> {
         let rows: Vec<(String, i64)> = self.store.with_conn(|c| {
-            let mut stmt =
-                c.prepare("SELECT role, created_at_ms FROM device_tokens WHERE device_id = ?1")?;
+            let mut stmt = c.prepare_cached(
+                "SELECT role, created_at_ms FROM device_tokens WHERE device_id = ?1",
+            )?;
             let rows = stmt
                 .query_map([device_id], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -528,7 +529,7 @@ impl Registry {
     pub fn pending(&self) -> Result<Vec<PendingRequest>, PairingError> {
         let cutoff = now_ms().saturating_sub(PENDING_TTL.as_millis() as u64);
         let rows = self.store.with_conn(|c| {
-            let mut stmt = c.prepare(
+            let mut stmt = c.prepare_cached(
                 "SELECT request_id, public_key, name, role, addr, platform, requested_at_ms, refreshed_at_ms, meta
                  FROM pending_devices WHERE refreshed_at_ms >= ?1 ORDER BY requested_at_ms",
             )?;
@@ -555,7 +556,7 @@ impl Registry {
             Option<i64>,
         );
         let rows: Vec<Row> = self.store.with_conn(|c| {
-            let mut stmt = c.prepare(
+            let mut stmt = c.prepare_cached(
                 "SELECT p.public_key, p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.role, t.created_at_ms
                  FROM paired_devices p LEFT JOIN device_tokens t ON t.device_id = p.device_id
                  ORDER BY p.approved_at_ms, p.device_id",
@@ -700,14 +701,14 @@ impl Registry {
             Option<i64>,
         );
         let (paired, revoked): (Vec<Row>, Vec<(Vec<u8>, i64)>) = self.store.with_conn(|c| {
-            let mut stmt = c.prepare(
+            let mut stmt = c.prepare_cached(
                 "SELECT p.public_key, p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.token, t.created_at_ms
                  FROM paired_devices p LEFT JOIN device_tokens t ON t.device_id = p.device_id AND t.role = p.role",
             )?;
             let paired = stmt
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut stmt = c.prepare("SELECT public_key, revoked_at_ms FROM revoked_devices")?;
+            let mut stmt = c.prepare_cached("SELECT public_key, revoked_at_ms FROM revoked_devices")?;
             let revoked = stmt
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
