@@ -534,27 +534,30 @@ impl Methods {
         let inner = params.get("params").cloned().unwrap_or(Value::Null);
         let inner = if inner.is_null() { json!({}) } else { inner };
         let all = params.get("all").and_then(Value::as_bool).unwrap_or(false);
-        // Fast path: an exact id of a node attached here needs no federation-wide listing.
+        // Fast path: an exact id needs no federation-wide listing: a node attached here, or one
+        // another gateway announced.
         if !all {
-            if let Some((info, _)) = clawmesh_federation::identity::DeviceId::parse(&sel)
-                .and_then(|id| self.inner.nodes.get(&id))
-            {
-                let entry = json!({
-                    "nodeId": info.node_id.to_string(),
-                    "displayName": info.name,
-                    "gateway": self.gateway_name(),
-                });
+            if let Some(entry) = self.exact_entry(&sel, forwarded) {
                 return self
                     .invoke_entry(&entry, &command, inner, timeout, &key, forwarded)
                     .await;
             }
         }
-        let entries = self.node_entries(!forwarded)?;
-        let targets: Vec<Value> = self
-            .select(&sel, &entries, all)?
-            .into_iter()
-            .cloned()
-            .collect();
+        // A forwarded fan-out names its nodes by id (one request per holder gateway).
+        let targets: Vec<Value> = match params.get("nodeIds").and_then(Value::as_array) {
+            Some(ids) if forwarded => ids
+                .iter()
+                .filter_map(Value::as_str)
+                .filter_map(|id| self.exact_entry(id, true))
+                .collect(),
+            _ => {
+                let entries = self.node_entries(!forwarded)?;
+                self.select(&sel, &entries, all)?
+                    .into_iter()
+                    .cloned()
+                    .collect()
+            }
+        };
         if !all {
             let target = targets
                 .into_iter()
@@ -564,8 +567,28 @@ impl Methods {
                 .invoke_entry(&target, &command, inner, timeout, &key, forwarded)
                 .await;
         }
-        // Fan-out: one result per node, at most FANOUT_CONCURRENCY in flight.
-        let results = futures_util::stream::iter(targets.into_iter().map(|t| {
+        // Fan-out: local nodes directly (at most FANOUT_CONCURRENCY in flight); the nodes of
+        // each other gateway in one forwarded request, which that gateway fans out itself, so
+        // a hundred remote nodes cost one round trip, not one per node.
+        let me = self.gateway_name();
+        let mut by_gateway: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+        let mut local = Vec::new();
+        for t in targets {
+            match t["gateway"].as_str() {
+                Some(g) if !forwarded && g != me => {
+                    by_gateway.entry(g.to_string()).or_default().push(t)
+                }
+                _ => local.push(t),
+            }
+        }
+        let remote = futures_util::future::join_all(by_gateway.into_iter().map(|(g, nodes)| {
+            let (command, inner, key) = (command.clone(), inner.clone(), key.clone());
+            async move {
+                self.forward_fanout(&g, nodes, &command, inner, timeout, &key)
+                    .await
+            }
+        }));
+        let local_results = futures_util::stream::iter(local.into_iter().map(|t| {
             let (command, inner, key) = (command.clone(), inner.clone(), key.clone());
             async move {
                 let r = self.invoke_entry(&t, &command, inner, timeout, &key, forwarded).await;
@@ -584,8 +607,9 @@ impl Methods {
             }
         }))
         .buffer_unordered(FANOUT_CONCURRENCY)
-        .collect::<Vec<Value>>()
-        .await;
+        .collect::<Vec<Value>>();
+        let (mut results, remote) = futures_util::future::join(local_results, remote).await;
+        results.extend(remote.into_iter().flatten());
         let failed = results.iter().filter(|r| r["ok"] != true).count();
         Ok(
             json!({"ok": true, "command": command, "count": results.len(), "failed": failed, "results": results}),
@@ -695,6 +719,89 @@ impl Methods {
     pub fn dispatch_health(&self) -> Value {
         self.health()
             .unwrap_or_else(|e| json!({"ok": false, "error": e.message}))
+    }
+
+    /// The entry for an exact node id without listing anything: attached here, or announced
+    /// by another gateway (not for forwarded requests, which only serve local nodes).
+    fn exact_entry(&self, sel: &str, local_only: bool) -> Option<Value> {
+        let id = clawmesh_federation::identity::DeviceId::parse(sel)?;
+        if let Some((info, _)) = self.inner.nodes.get(&id) {
+            return Some(
+                json!({"nodeId": sel, "displayName": info.name, "gateway": self.gateway_name()}),
+            );
+        }
+        if local_only {
+            return None;
+        }
+        let mesh = self.inner.mesh.get()?;
+        mesh.remote_nodes().into_iter().find_map(|r| {
+            r.nodes.iter().find(|n| n.id == id).map(|n| {
+                json!({
+                    "nodeId": sel,
+                    "displayName": n.name,
+                    "gateway": r.gateway,
+                    "gatewayLastSeen": r.last_seen.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                })
+            })
+        })
+    }
+
+    /// Sends one fan-out request for all of `nodes` to the gateway holding them; one result
+    /// row per node, errors included.
+    async fn forward_fanout(
+        &self,
+        gateway: &str,
+        nodes: Vec<Value>,
+        command: &str,
+        params: Value,
+        timeout: Duration,
+        key: &str,
+    ) -> Vec<Value> {
+        let fail = |nodes: &[Value], e: &WireError| -> Vec<Value> {
+            nodes
+                .iter()
+                .map(|t| json!({"nodeId": t["nodeId"], "displayName": t["displayName"], "gateway": t["gateway"], "ok": false, "error": {"code": e.code, "message": e.message}}))
+                .collect()
+        };
+        let conn = match self.mesh().map(|m| m.connection_to(gateway)) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                let e = WireError::new("UNAVAILABLE", format!("gateway {gateway} is offline"));
+                return fail(&nodes, &e);
+            }
+            Err(e) => return fail(&nodes, &e),
+        };
+        let ids: Vec<Value> = nodes.iter().map(|t| t["nodeId"].clone()).collect();
+        let req = json!({
+            "nodeId": "*",
+            "nodeIds": ids,
+            "all": true,
+            "command": command,
+            "params": params,
+            "timeoutMs": timeout.as_millis() as u64,
+            "idempotencyKey": key,
+        });
+        match clawmesh_federation::rpc::call(
+            &conn,
+            "node.invoke",
+            req.to_string(),
+            1,
+            timeout + FORWARD_MARGIN,
+        )
+        .await
+        {
+            Ok(text) => match serde_json::from_str::<Value>(&text) {
+                Ok(v) => v["results"].as_array().cloned().unwrap_or_default(),
+                Err(e) => fail(
+                    &nodes,
+                    &WireError::new(
+                        "UNAVAILABLE",
+                        format!("bad reply from gateway {gateway}: {e}"),
+                    ),
+                ),
+            },
+            Err(e) => fail(&nodes, &e.to_wire()),
+        }
     }
 
     /// `gateway.call {gateway, method, params}`: runs any method on the named gateway. Scopes

@@ -334,11 +334,12 @@ async fn session(
         .flat_map(|m| m.members.iter())
         .filter_map(|m| PeerUrl::parse(&m.addr, crate::DEFAULT_PORT).ok())
         .collect();
-    // Ping the gateway at half its health interval; two misses in a row mean it is gone, so
-    // the node moves on within about two of the gateway's intervals.
+    // Ping the gateway at half its health interval; three misses in a row (one and a half
+    // intervals of silence, so one lost datagram or a brief stall is forgiven) mean it is
+    // gone, and the node moves on within about two of the gateway's intervals.
     let health = clawmesh_federation::health::HealthConfig {
         interval: Duration::from_millis((welcome.health_interval_ms / 2).max(50)),
-        unhealthy_threshold: 2,
+        unhealthy_threshold: 3,
     };
     tokio::join!(
         rpc::serve(conn.clone(), caller, handler),

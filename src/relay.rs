@@ -682,7 +682,11 @@ fn bind_loopback_sync() -> std::io::Result<UdpSocket> {
 /// Ends when every sender of the queue is gone.
 async fn drain(mut rx: mpsc::Receiver<Packet>, socket: Arc<UdpSocket>) {
     while let Some(packet) = rx.recv().await {
-        tokio::time::sleep_until(packet.deadline).await;
+        // tokio rounds timers up to its 1 ms tick: a due packet must not wait for it, or a
+        // "0 ms" path would add about a millisecond per hop.
+        if packet.deadline > Instant::now() {
+            tokio::time::sleep_until(packet.deadline).await;
+        }
         match socket.send_to(&packet.data, packet.to).await {
             Ok(_) => {
                 DirCounters::bump(&packet.counters.forwarded, 1);

@@ -14,7 +14,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-const INTERVAL_MS: u64 = 300;
+const INTERVAL_MS: u64 = 500;
 
 fn node_at(gw: &Path, name: &str) -> Option<String> {
     let out = cli(gw, &["nodes", "status", "--all", "--json"]);
