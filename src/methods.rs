@@ -831,62 +831,63 @@ impl Methods {
         let Some(row) = status.gateways.iter().find(|g| g.name == target) else {
             return Err(bad(format!("no gateway named {target:?} in this federation (see `clawmesh gateway status --all`)")));
         };
-        let served_by = match mesh.connection_to(&target) {
-            Some(_) if row.status != clawmesh_federation::health::Status::Offline => target.clone(),
-            _ => {
-                let seen = row
-                    .last_seen
-                    .map(|t| humantime::format_rfc3339_millis(t).to_string())
-                    .unwrap_or_else(|| "never".into());
-                let fallback = match self.inner.fallback.get().map(String::as_str) {
-                    Some("primary") => status.primary.clone(),
-                    Some(f) => Some(f.to_string()),
-                    None => None,
-                };
-                match fallback.filter(|f| *f != target) {
-                    Some(f) => {
-                        tracing::info!(offline = %target, fallback = %f, %method, "gateway offline; using the fallback");
-                        f
-                    }
-                    None => {
-                        let mut e = WireError::new(
-                            "UNAVAILABLE",
-                            format!("gateway {target} is offline (last seen {seen}) and no fallback is configured (gateway.failover.fallbackNode)"),
-                        );
-                        e.details = Some(
-                            json!({"code":"GATEWAY_OFFLINE","gateway":target,"lastSeen":seen})
-                                .to_string(),
-                        );
-                        e.retryable = true;
-                        return Err(e);
-                    }
-                }
-            }
+        let fallback = match self.inner.fallback.get().map(String::as_str) {
+            Some("primary") => status.primary.clone(),
+            Some(f) => Some(f.to_string()),
+            None => None,
+        }
+        .filter(|f| *f != target);
+        let seen = row
+            .last_seen
+            .map(|t| humantime::format_rfc3339_millis(t).to_string())
+            .unwrap_or_else(|| "never".into());
+        let offline_error = |why: &str| {
+            let mut e = WireError::new(
+                "UNAVAILABLE",
+                format!("gateway {target} is {why} (last seen {seen}) and no fallback is configured (gateway.failover.fallbackNode)"),
+            );
+            e.details = Some(
+                json!({"code":"GATEWAY_OFFLINE","gateway":target,"lastSeen":seen}).to_string(),
+            );
+            e.retryable = true;
+            e
         };
-        let mut result = if served_by == me {
-            Box::pin(self.run_method(caller, &method, inner)).await?
+        let reachable = mesh.connection_to(&target).is_some()
+            && row.status != clawmesh_federation::health::Status::Offline;
+        let (served_by, mut result) = if reachable {
+            match self
+                .call_gateway(caller, &target, &method, inner.clone(), timeout)
+                .await
+            {
+                Ok(v) => (target.clone(), v),
+                // The target vanished mid-request: the fallback serves it, if there is one.
+                Err(Failure::Transport(e)) => match &fallback {
+                    Some(f) => {
+                        tracing::info!(gateway = %target, fallback = %f, %method, "gateway lost mid-request; using the fallback");
+                        (
+                            f.clone(),
+                            self.call_gateway(caller, f, &method, inner, timeout)
+                                .await
+                                .map_err(Failure::into_wire)?,
+                        )
+                    }
+                    None => return Err(e),
+                },
+                Err(Failure::Remote(e)) => return Err(e),
+            }
         } else {
-            let conn = mesh.connection_to(&served_by).ok_or_else(|| {
-                WireError::new(
-                    "UNAVAILABLE",
-                    format!("gateway {served_by} is not reachable from {me}"),
-                )
-            })?;
-            let text = clawmesh_federation::rpc::call(
-                &conn,
-                &method,
-                inner.to_string(),
-                1,
-                timeout + FORWARD_MARGIN,
-            )
-            .await
-            .map_err(|e| e.to_wire())?;
-            serde_json::from_str(&text).map_err(|e| {
-                WireError::new(
-                    "UNAVAILABLE",
-                    format!("bad reply from gateway {served_by}: {e}"),
-                )
-            })?
+            match &fallback {
+                Some(f) => {
+                    tracing::info!(offline = %target, fallback = %f, %method, "gateway offline; using the fallback");
+                    (
+                        f.clone(),
+                        self.call_gateway(caller, f, &method, inner, timeout)
+                            .await
+                            .map_err(Failure::into_wire)?,
+                    )
+                }
+                None => return Err(offline_error("offline")),
+            }
         };
         if served_by != target {
             if let Value::Object(m) = &mut result {
@@ -895,6 +896,51 @@ impl Methods {
             }
         }
         Ok(result)
+    }
+
+    /// Runs `method` on gateway `name` (here when it is this one), telling a transport failure
+    /// (the gateway went away) from the gateway's own answer.
+    async fn call_gateway(
+        &self,
+        caller: &Caller,
+        name: &str,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+    ) -> Result<Value, Failure> {
+        if name == self.gateway_name() {
+            return Box::pin(self.run_method(caller, method, params))
+                .await
+                .map_err(Failure::Remote);
+        }
+        let mesh = self.mesh().map_err(Failure::Remote)?;
+        let conn = mesh.connection_to(name).ok_or_else(|| {
+            Failure::Transport(WireError::new(
+                "UNAVAILABLE",
+                format!(
+                    "gateway {name} is not reachable from {}",
+                    self.gateway_name()
+                ),
+            ))
+        })?;
+        match clawmesh_federation::rpc::call(
+            &conn,
+            method,
+            params.to_string(),
+            1,
+            timeout + FORWARD_MARGIN,
+        )
+        .await
+        {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                Failure::Remote(WireError::new(
+                    "UNAVAILABLE",
+                    format!("bad reply from gateway {name}: {e}"),
+                ))
+            }),
+            Err(clawmesh_federation::rpc::CallError::Remote(e)) => Err(Failure::Remote(e)),
+            Err(e) => Err(Failure::Transport(e.to_wire())),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -971,6 +1017,20 @@ impl Methods {
             "primary": status.primary,
             "nodes": self.inner.nodes.list().len(),
         }))
+    }
+}
+
+/// Why a call to another gateway failed: it never answered, or it answered with an error.
+enum Failure {
+    Transport(WireError),
+    Remote(WireError),
+}
+
+impl Failure {
+    fn into_wire(self) -> WireError {
+        match self {
+            Failure::Transport(e) | Failure::Remote(e) => e,
+        }
     }
 }
 
