@@ -79,6 +79,69 @@ async fn wait_for<F: Fn(&Value) -> bool>(dir: &Path, deadline: Duration, pred: F
     }
 }
 
+async fn wait_call<F: Fn(&Value) -> bool>(
+    dir: &Path,
+    method: &str,
+    params: Value,
+    deadline: Duration,
+    pred: F,
+) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        if let Ok(doc) = client::call_once(
+            &Target::Local(dir.to_path_buf()),
+            method,
+            params.clone(),
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            if pred(&doc) {
+                return Ok(doc);
+            }
+        }
+        if start.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {method}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Approves `name`'s pending pairing request on the gateway in `dir`, once it has asked.
+async fn approve(dir: &Path, name: &str) -> Result<()> {
+    let list = wait_call(
+        dir,
+        "device.pair.list",
+        json!({}),
+        Duration::from_secs(20),
+        |d| {
+            d["pending"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["name"] == name)
+        },
+    )
+    .await?;
+    let req = list["pending"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["requestId"].as_str())
+        .ok_or_else(|| anyhow!("no pairing request from {name}"))?
+        .to_string();
+    client::call_once(
+        &Target::Local(dir.to_path_buf()),
+        "device.pair.approve",
+        json!({"requestId": req}),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
 fn gateway_status<'a>(doc: &'a Value, name: &str) -> Option<&'a str> {
     doc["gateways"]
         .as_array()?
@@ -180,6 +243,58 @@ pub async fn run(health_interval_ms: u64) -> Result<()> {
         println!("\n$ clawmesh gateway status --all   (on tokyo)");
         print!("{}", crate::status::render_table(&doc));
 
+        // One node per region, attached to its own gateway; pairing approved on that gateway.
+        println!("\nStarting a node in each region and approving its pairing on its gateway...");
+        for (i, s) in SITES.iter().enumerate() {
+            let name = format!("{}-node", &s.name[..3]);
+            let dir = tmp.path().join(&name);
+            std::fs::create_dir_all(&dir)?;
+            let log = std::fs::File::create(tmp.path().join(format!("{name}.log")))?;
+            let gw_addr = Runtime::read(&gateways[i].dir)?.quic;
+            let child = Command::new(&exe)
+                .arg("--state-dir")
+                .arg(&dir)
+                .args(["node", "run", "--gateway", &format!("quic://{gw_addr}"), "--name", &name])
+                .args(["--label", "role=demo", "--security", "full"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log))
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting a node process")?;
+            gateways.push(Gateway { name: "node", dir: dir.clone(), child });
+            approve(&gateways[i].dir, &name).await?;
+        }
+        let all_attached = |d: &Value| -> bool {
+            d["nodes"].as_array().map(|n| n.iter().filter(|n| n["connected"] == true).count() == SITES.len()).unwrap_or(false)
+        };
+        let nodes = wait_call(&tokyo, "node.list", json!({"all": true}), Duration::from_secs(30), all_attached).await?;
+        println!("\n$ clawmesh nodes status --all   (on tokyo)");
+        for n in nodes["nodes"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<12} attached to {:<10} labels {}",
+                n["displayName"].as_str().unwrap_or("?"),
+                n["gateway"].as_str().unwrap_or("?"),
+                n["labels"]
+            );
+        }
+        // A cross-gateway invoke: asked at tokyo, run by frankfurt's node, over the mesh.
+        let started = Instant::now();
+        let r = client::call_once(
+            &Target::Local(tokyo.clone()),
+            "node.invoke",
+            json!({"nodeId": "frankfurt/fra-node", "command": "system.run",
+                   "params": {"command": ["uname", "-sr"]}, "idempotencyKey": "demo-1", "timeoutMs": 10000}),
+            Duration::from_secs(15),
+        )
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+        println!(
+            "\n$ clawmesh nodes invoke --node frankfurt/fra-node --command system.run --params '{{\"command\":[\"uname\",\"-sr\"]}}'   (on tokyo)\n  {}  ({} ms, including the simulated 120 ms tokyo <-> frankfurt round trip and the CLI's own connection)",
+            r["payload"]["stdout"].as_str().unwrap_or("").trim(),
+            started.elapsed().as_millis()
+        );
+
         println!(
             "\nKilling frankfurt with SIGKILL (no goodbye: tokyo must notice the missed pings)..."
         );
@@ -199,6 +314,24 @@ pub async fn run(health_interval_ms: u64) -> Result<()> {
         );
         println!("$ clawmesh gateway status --all   (on tokyo)");
         print!("{}", crate::status::render_table(&doc));
+        // frankfurt's node learned the other gateways when it attached: it moves on by itself.
+        let moved = wait_call(&tokyo, "node.list", json!({"all": true}), Duration::from_secs(30), |d| {
+            d["nodes"].as_array().into_iter().flatten().any(|n| {
+                n["displayName"] == "fra-node" && n["connected"] == true && n["gateway"] != "frankfurt"
+            })
+        })
+        .await?;
+        let at = moved["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["displayName"] == "fra-node")
+            .and_then(|n| n["gateway"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        println!(
+            "\nfra-node failed over to {at} {:.1} s after frankfurt died, without re-pairing.",
+            killed.elapsed().as_secs_f64()
+        );
         Ok::<(), anyhow::Error>(())
     }
     .await;
@@ -229,7 +362,7 @@ pub async fn run(health_interval_ms: u64) -> Result<()> {
         );
     } else {
         println!(
-            "\nStopped tokyo and beijing; removed {}.",
+            "\nStopped every gateway and node; removed {}.",
             tmp.path().display()
         );
     }

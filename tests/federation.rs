@@ -374,7 +374,16 @@ fn the_demo_runs_and_leaves_nothing_behind() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for name in ["tokyo", "beijing", "frankfurt", "offline", "healthy"] {
+    for name in [
+        "tokyo",
+        "beijing",
+        "frankfurt",
+        "offline",
+        "healthy",
+        "fra-node",
+        "Linux",
+        "failed over",
+    ] {
         assert!(stdout.contains(name), "{name} missing:\n{stdout}");
     }
     // Nothing left running: no process of ours with the demo's state dirs.
