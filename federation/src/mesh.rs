@@ -902,37 +902,34 @@ impl Mesh {
                     retryable: true,
                 })
             });
-        match &hello.role {
-            HelloRole::Gateway(_) => {}
-            _ => match decision {
-                Ok(kind) => {
-                    let scopes = match &kind {
-                        CallerKind::Operator { scopes, .. } => scopes.clone(),
-                        _ => Vec::new(),
-                    };
-                    // Nodes learn every gateway of the federation, to fail over to.
-                    let membership = matches!(kind, CallerKind::Node { .. })
-                        .then(|| self.state().membership.clone());
-                    let welcome = self.welcome(None, membership, scopes);
-                    if handshake::reply(&mut send, &HelloReply::Welcome(welcome))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    let caller = Caller {
-                        key: Some(key),
-                        kind,
-                        remote,
-                    };
-                    self.inner.admission.connected(conn, caller, hello);
+        match decision {
+            Ok(kind) => {
+                let scopes = match &kind {
+                    CallerKind::Operator { scopes, .. } => scopes.clone(),
+                    _ => Vec::new(),
+                };
+                // Nodes learn every gateway of the federation, to fail over to.
+                let membership = matches!(kind, CallerKind::Node { .. })
+                    .then(|| self.state().membership.clone());
+                let welcome = self.welcome(None, membership, scopes);
+                if handshake::reply(&mut send, &HelloReply::Welcome(welcome))
+                    .await
+                    .is_err()
+                {
+                    return;
                 }
-                Err(refusal) => {
-                    warn!(%remote, device = %key.device_id().short(), "refused: {}", refusal.message);
-                    let _ = handshake::reply(&mut send, &HelloReply::Refused(refusal)).await;
-                    close_after_reply(conn, "refused").await;
-                }
-            },
+                let caller = Caller {
+                    key: Some(key),
+                    kind,
+                    remote,
+                };
+                self.inner.admission.connected(conn, caller, hello);
+            }
+            Err(refusal) => {
+                warn!(%remote, device = %key.device_id().short(), "refused: {}", refusal.message);
+                let _ = handshake::reply(&mut send, &HelloReply::Refused(refusal)).await;
+                close_after_reply(conn, "refused").await;
+            }
         }
     }
 

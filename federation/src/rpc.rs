@@ -58,11 +58,8 @@ impl CallError {
     pub fn to_wire(&self) -> WireError {
         match self {
             CallError::Remote(e) => e.clone(),
-            CallError::Timeout { .. } => {
-                let mut e = WireError::new("UNAVAILABLE", self.to_string());
-                e.retryable = true;
-                e
-            }
+            // Timeouts and lost connections: the caller may retry (the peer may be back, or
+            // the node may have moved to another gateway).
             _ => {
                 let mut e = WireError::new("UNAVAILABLE", self.to_string());
                 e.retryable = true;
