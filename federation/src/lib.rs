@@ -8,6 +8,7 @@
 //! - [`mesh`]: membership, the full mesh of gateway links, redial and [`health`];
 //! - [`pairing`]: the registry of approved and pending devices, replicated between gateways;
 //! - [`directory`]: which node is attached to which gateway;
+//! - [`consensus`]: the openraft log store and state machine (shared config) over SQLite;
 //! - [`store`]: the SQLite state database; [`backoff`]: redial timing.
 //!
 //! This crate knows nothing of the CLI; the `clawmesh` binary builds on it.
@@ -16,6 +17,7 @@
 
 pub mod backoff;
 pub mod cert;
+pub mod consensus;
 pub mod directory;
 pub mod endpoint;
 pub mod frame;
