@@ -53,6 +53,9 @@ pub enum Command {
     /// Exec approvals of a node: what system.run may run there.
     #[command(subcommand)]
     Approvals(ApprovalsCmd),
+    /// The federation's shared config: get, set, unset, import, show [--effective].
+    #[command(subcommand)]
+    Config(crate::config_cli::ConfigCmd),
     /// Start a Tokyo / Beijing / Frankfurt federation on this machine and show it working.
     Demo(DemoArgs),
 }
@@ -255,6 +258,17 @@ pub enum GatewayCmd {
         /// Target.
         target: TargetArgs,
     },
+    /// Make this gateway the primary without a majority of voters (re-forms the voter set from
+    /// the gateways it can reach). Only for an operator who knowingly overrides quorum: writes
+    /// that only the unreachable voters have are lost when they rejoin.
+    Promote {
+        /// Required: acknowledges that quorum is overridden.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        /// Target.
+        target: TargetArgs,
+    },
 }
 
 /// Flags of `gateway run`.
@@ -360,15 +374,44 @@ pub struct DemoArgs {
     pub health_interval: u64,
 }
 
+type FilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// The live log filter, when it came from the default (not `--log` or `RUST_LOG`, which an
+/// operator set on purpose and the shared config must not override).
+static LOG_FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
+
 fn init_logging(filter: Option<&str>, default: &str) {
-    let filter = filter
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let explicit = filter
         .map(str::to_string)
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| default.to_string());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .or_else(|| std::env::var("RUST_LOG").ok());
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(
+        tracing_subscriber::EnvFilter::new(explicit.as_deref().unwrap_or(default)),
+    );
+    let ok = tracing_subscriber::registry()
+        .with(layer)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .try_init()
+        .is_ok();
+    if ok && explicit.is_none() {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// Replaces the log filter (`logging.level` from the shared config). Returns false when the
+/// operator chose the filter with `--log` or `RUST_LOG`, which then stays.
+pub fn set_log_filter(filter: &str) -> Result<bool> {
+    let Some(handle) = LOG_FILTER.get() else {
+        return Ok(false);
+    };
+    let f = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| anyhow!("not a log filter: {e}"))?;
+    handle
+        .reload(f)
+        .map_err(|e| anyhow!("cannot change the log filter: {e}"))?;
+    Ok(true)
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -376,7 +419,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
     let state_dir = state_dir::resolve(cli.state_dir.as_deref())?;
     match cli.command {
         Command::Gateway(GatewayCmd::Run(a)) => {
-            init_logging(cli.log.as_deref(), "info");
+            init_logging(cli.log.as_deref(), "info,openraft=warn");
             let file = FileConfig::load(&state_dir)?;
             let flags = RunFlags {
                 name: a.name,
@@ -469,6 +512,39 @@ pub async fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
+        Command::Gateway(GatewayCmd::Promote { force, target: t }) => {
+            init_logging(cli.log.as_deref(), "warn");
+            if !force {
+                return Err(anyhow!(
+                    "promote overrides the quorum of voting gateways; pass --force if that is what you want"
+                ));
+            }
+            let target = Target::from_flags(t.url, t.token, &state_dir);
+            let doc = call(
+                &target,
+                "gateway.promote",
+                json!({"force": true}),
+                Duration::from_secs(30),
+            )
+            .await?;
+            println!(
+                "{} forced to primary; voters now: {}",
+                doc["gateway"].as_str().unwrap_or("?"),
+                doc["voters"]
+                    .as_array()
+                    .map(|v| v
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
+            );
+            Ok(0)
+        }
+        Command::Config(cmd) => {
+            init_logging(cli.log.as_deref(), "warn");
+            crate::config_cli::run(cmd, &state_dir).await
+        }
         Command::Identity(IdentityCmd::Show { json }) => {
             init_logging(cli.log.as_deref(), "warn");
             let (id, _) =
@@ -491,7 +567,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Node(NodeCmd::Run(a)) => {
-            init_logging(cli.log.as_deref(), "info");
+            init_logging(cli.log.as_deref(), "info,openraft=warn");
             let file = FileConfig::load(&state_dir)?;
             let settings = crate::node_cli::node_settings(state_dir, a, &file)?;
             crate::node_run::run(settings).await?;

@@ -52,6 +52,9 @@ const KNOWN_KEYS: &[&str] = &[
     "gateway.sync.compression",
     "gateway.sync.deltaSync",
     "gateway.sync.batchSize",
+    "gateway.federation.voters",
+    "gateway.federation.maxVoters",
+    "gateway.federation.writeTimeout",
     "gateway.failover.enabled",
     "gateway.failover.healthCheckInterval",
     "gateway.failover.unhealthyThreshold",
@@ -133,6 +136,33 @@ impl FileConfig {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| "config".into());
         anyhow!("{shown}: {key} must be {want}, got {got}")
+    }
+
+    /// Every leaf of the file (a value that is not an object) as a dotted key, in key order:
+    /// the local side of `config show --effective`.
+    pub fn leaves(&self) -> std::collections::BTreeMap<String, Value> {
+        fn walk(v: &Value, prefix: &str, out: &mut std::collections::BTreeMap<String, Value>) {
+            match v {
+                Value::Object(map) => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(v, &key, out);
+                    }
+                }
+                Value::Null => {}
+                other => {
+                    out.insert(prefix.to_string(), other.clone());
+                }
+            }
+        }
+        let mut out = std::collections::BTreeMap::new();
+        walk(&self.root, "", &mut out);
+        out.remove("$schema");
+        out
     }
 
     /// A string value.

@@ -5,6 +5,7 @@
 //! the method table, publishes `gateway.json` for the local CLI, and runs until SIGINT/SIGTERM
 //! (links closed with a reason, runtime file removed) or a fatal join refusal.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clawmesh_discovery::PeerUrl;
+use clawmesh_federation::consensus::{Replica, ReplicaConfig};
 use clawmesh_federation::endpoint::{self, TransportOptions};
 use clawmesh_federation::handshake;
 use clawmesh_federation::health::HealthConfig;
@@ -29,6 +31,7 @@ use crate::config::FileConfig;
 use crate::methods::Methods;
 use crate::nodes::{NodeInfo, NodeLink, NodeRegistry};
 use crate::scopes;
+use crate::shared_config::{self, SyncPolicy};
 use crate::state_dir::{DirLock, Runtime};
 
 /// Where to listen.
@@ -114,6 +117,14 @@ pub struct GatewaySettings {
     pub tls: Option<crate::bridge::tls::TlsSource>,
     /// Gateway serving work for offline gateways (`gateway.failover.fallbackNode`).
     pub fallback: Option<String>,
+    /// Which synced sections apply here and whether they override local keys
+    /// (`gateway.sync.*`).
+    pub sync: SyncPolicy,
+    /// This gateway's own config keys (`clawmesh.json` leaves), for the effective config.
+    pub local_config: BTreeMap<String, serde_json::Value>,
+    /// Consensus settings (`gateway.federation.*`, `gateway.sync.compression|batchSize`);
+    /// `preferred` and `health_interval` are filled in from the rest at start.
+    pub consensus: ReplicaConfig,
 }
 
 fn hostname() -> String {
@@ -213,12 +224,52 @@ impl GatewaySettings {
                 unhealthy_threshold: threshold as u32,
             },
             fallback: file.str("gateway.failover.fallbackNode")?,
+            sync: SyncPolicy::from_file(file)?,
+            local_config: file.leaves(),
+            consensus: consensus_settings(file)?,
             tls: match flags.tls.clone() {
                 Some(t) => Some(t),
                 None => tls_from_file(file)?,
             },
         })
     }
+}
+
+/// Consensus settings from `gateway.federation.*` and `gateway.sync.*`.
+fn consensus_settings(file: &FileConfig) -> Result<ReplicaConfig> {
+    let d = ReplicaConfig::default();
+    let max_voters = file
+        .u64("gateway.federation.maxVoters")?
+        .unwrap_or(d.max_voters as u64);
+    if !(1..=9).contains(&max_voters) {
+        bail!("gateway.federation.maxVoters must be 1 to 9, not {max_voters}");
+    }
+    let batch = file.u64("gateway.sync.batchSize")?.unwrap_or(d.batch_size);
+    if !(1..=10_000).contains(&batch) {
+        bail!("gateway.sync.batchSize must be 1 to 10000, not {batch}");
+    }
+    let write_timeout = file
+        .u64("gateway.federation.writeTimeout")?
+        .map(Duration::from_millis)
+        .unwrap_or(d.write_timeout);
+    if write_timeout < Duration::from_millis(100) {
+        bail!("gateway.federation.writeTimeout must be at least 100 ms");
+    }
+    if file.bool("gateway.sync.deltaSync")? == Some(false) {
+        warn!("gateway.sync.deltaSync is false, but clawmesh always syncs by deltas (the replicated log); a remote far behind receives a compressed snapshot");
+    }
+    Ok(ReplicaConfig {
+        voters: file
+            .strings("gateway.federation.voters")?
+            .unwrap_or_default(),
+        max_voters: max_voters as usize,
+        write_timeout,
+        compression: file
+            .bool("gateway.sync.compression")?
+            .unwrap_or(d.compression),
+        batch_size: batch,
+        ..d
+    })
 }
 
 fn tls_from_file(file: &FileConfig) -> Result<Option<crate::bridge::tls::TlsSource>> {
@@ -527,6 +578,58 @@ fn raise_nofile_limit() {
     }
 }
 
+/// Applies shared-config changes that running components can take without a restart: the
+/// fallback gateway (`gateway.failover.fallbackNode`) and the log filter (`logging.level`,
+/// unless `--log` or `RUST_LOG` set one). Every applied revision is logged.
+fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettings) {
+    let mut revisions = replica.subscribe();
+    let methods = methods.clone();
+    let local_fallback = s.fallback.clone();
+    tokio::spawn(async move {
+        let mut last: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        loop {
+            if revisions.changed().await.is_err() {
+                return;
+            }
+            // Coalesce a burst of revisions (a catch-up) into one pass.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let revision = *revisions.borrow_and_update();
+            let Ok((entries, _)) = methods.effective_config().await else {
+                continue;
+            };
+            let now: BTreeMap<String, serde_json::Value> = entries
+                .iter()
+                .map(|e| (e.key.clone(), e.value.clone()))
+                .collect();
+            let changed: Vec<&String> = now
+                .keys()
+                .filter(|k| last.get(*k) != now.get(*k))
+                .chain(last.keys().filter(|k| !now.contains_key(*k)))
+                .collect();
+            if changed.is_empty() {
+                continue;
+            }
+            info!(revision, changed = changed.len(), "shared config applied");
+            let fallback = shared_config::lookup(&entries, "gateway.failover.fallbackNode")
+                .and_then(|e| e.value.as_str().map(str::to_string))
+                .or_else(|| local_fallback.clone());
+            methods.set_fallback(fallback);
+            if let Some(level) =
+                shared_config::lookup(&entries, "logging.level").and_then(|e| e.value.as_str())
+            {
+                if changed.iter().any(|k| *k == "logging.level") {
+                    match crate::cli::set_log_filter(level) {
+                        Ok(true) => info!(level, "log filter changed by the shared config"),
+                        Ok(false) => {}
+                        Err(e) => warn!("logging.level {level:?} not applied: {e}"),
+                    }
+                }
+            }
+            last = now;
+        }
+    });
+}
+
 /// Keeps the federation in step with this gateway: announces the attached nodes whenever they
 /// change, and disconnects devices revoked on other gateways.
 fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods, region: Option<String>) {
@@ -639,16 +742,27 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         cfg,
         &identity,
         ep,
-        store,
+        store.clone(),
         Arc::new(methods.clone()),
         admission,
     )?;
     methods.set_mesh(mesh.clone());
     mesh.attach_pairing(methods.pairing().clone());
-    if let Some(f) = &s.fallback {
-        methods.set_fallback(f.clone());
-    }
+    methods.set_fallback(s.fallback.clone());
+    let replica = Replica::start(
+        mesh.clone(),
+        store,
+        ReplicaConfig {
+            preferred: s.primary,
+            health_interval: s.health.interval,
+            ..s.consensus.clone()
+        },
+    )
+    .await
+    .map_err(|e| anyhow!("cannot start the federation's consensus: {e}"))?;
+    methods.set_consensus(replica.clone(), s.sync, s.local_config.clone());
     spawn_federation_tasks(&mesh, &methods, s.region.clone());
+    spawn_config_follower(&replica, &methods, &s);
     // The classic WebSocket bridge on the same port, TCP.
     let (bridge_stop, bridge_rx) = tokio::sync::watch::channel(None);
     let mut secrets: Vec<String> = s.token.iter().cloned().collect();
@@ -721,6 +835,7 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     info!("{reason}");
     let _ = bridge_stop.send(Some(reason.clone()));
     let _ = tokio::time::timeout(Duration::from_secs(2), bridge_task).await;
+    replica.shutdown().await;
     mesh.shutdown(&reason).await;
     Runtime::remove(&s.state_dir);
     outcome.map(|_| ())

@@ -2,7 +2,8 @@
 //!
 //! The `clawmesh` binary is a thin shell over this library: [`cli`] parses and dispatches;
 //! [`gateway`] runs a gateway (mesh + [`methods`] table); [`client`] is the operator side the
-//! CLI uses; [`status`] renders the federation view; [`config`] reads `clawmesh.json`;
+//! CLI uses; [`status`] renders the federation view; [`config`] reads `clawmesh.json`; [`shared_config`] merges it with the federation's
+//! replicated config ([`config_cli`] is `clawmesh config`);
 //! [`state_dir`] finds the state dir and the running gateway; [`relay`] simulates WAN latency
 //! on loopback for [`demo`] and the tests. [`nodes`] is the gateway's registry of attached
 //! nodes; [`node_run`] is the node host process, serving the commands of [`node_host`].
@@ -13,6 +14,7 @@ pub mod bridge;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod config_cli;
 pub mod demo;
 pub mod gateway;
 pub mod methods;
@@ -22,6 +24,7 @@ pub mod node_run;
 pub mod nodes;
 pub mod relay;
 pub mod scopes;
+pub mod shared_config;
 pub mod state_dir;
 pub mod status;
 

@@ -5,9 +5,11 @@
 //! requests from other gateways, and (later) the classic WebSocket bridge all call
 //! [`Methods::dispatch`], so no method is written twice.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use clawmesh_federation::consensus::{Command, Replica};
 use clawmesh_federation::mesh::Mesh;
 use clawmesh_federation::pairing::{PairingError, Registry};
 use clawmesh_federation::rpc::{BoxFuture, Caller, CallerKind, Handler};
@@ -17,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::nodes::{self, NodeRegistry};
 use crate::scopes;
+use crate::shared_config::{self, SyncPolicy};
 
 /// Largest params document accepted (JSON text): operator requests are small; a bigger one
 /// is a mistake or an attack.
@@ -61,7 +64,15 @@ const TABLE: &[(&str, Access)] = &[
     ("device.pair.remove", Access::Scope(scopes::PAIRING)),
     ("exec.approvals.node.get", Access::Scope(scopes::APPROVALS)),
     ("exec.approvals.node.set", Access::Scope(scopes::APPROVALS)),
+    ("config.get", Access::Scope(scopes::READ)),
+    ("config.show", Access::Scope(scopes::READ)),
+    ("config.set", Access::Scope(scopes::ADMIN)),
+    ("config.unset", Access::Scope(scopes::ADMIN)),
+    ("gateway.promote", Access::Scope(scopes::ADMIN)),
 ];
+
+/// Bytes of keys and values in one config write at most: a raft entry well inside a frame.
+const MAX_CONFIG_WRITE: usize = 8 * 1024 * 1024;
 
 /// Names of every method, for `hello-ok.features.methods` and `gateway call --help`.
 pub fn method_names() -> Vec<&'static str> {
@@ -74,9 +85,17 @@ pub struct Methods {
     inner: Arc<Inner>,
 }
 
+/// The shared config as this gateway serves it: the consensus, and what it makes of it.
+struct Shared {
+    replica: Replica,
+    policy: SyncPolicy,
+    local: BTreeMap<String, Value>,
+}
+
 struct Inner {
     mesh: OnceLock<Mesh>,
-    fallback: OnceLock<String>,
+    shared: OnceLock<Shared>,
+    fallback: RwLock<Option<String>>,
     front_doors: OnceLock<Value>,
     nodes: Arc<NodeRegistry>,
     pairing: Registry,
@@ -113,7 +132,8 @@ impl Methods {
         Methods {
             inner: Arc::new(Inner {
                 mesh: OnceLock::new(),
-                fallback: OnceLock::new(),
+                shared: OnceLock::new(),
+                fallback: RwLock::new(None),
                 front_doors: OnceLock::new(),
                 nodes,
                 pairing,
@@ -130,8 +150,43 @@ impl Methods {
 
     /// The gateway that serves work addressed to an offline gateway
     /// (`gateway.failover.fallbackNode`; `primary` means the current primary).
-    pub fn set_fallback(&self, gateway: String) {
-        let _ = self.inner.fallback.set(gateway);
+    pub fn set_fallback(&self, gateway: Option<String>) {
+        *self
+            .inner
+            .fallback
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = gateway;
+    }
+
+    /// Attaches the consensus, this gateway's sync policy and its own (`clawmesh.json`) keys.
+    pub fn set_consensus(
+        &self,
+        replica: Replica,
+        policy: SyncPolicy,
+        local: BTreeMap<String, Value>,
+    ) {
+        let _ = self.inner.shared.set(Shared {
+            replica,
+            policy,
+            local,
+        });
+    }
+
+    fn shared(&self) -> Result<&Shared, WireError> {
+        self.inner.shared.get().ok_or_else(|| {
+            let mut e = WireError::new("UNAVAILABLE", "consensus starting; retry shortly");
+            e.retryable = true;
+            e
+        })
+    }
+
+    /// The effective config here (local and synced keys merged under the sync policy).
+    pub async fn effective_config(
+        &self,
+    ) -> Result<(Vec<shared_config::Effective>, Vec<shared_config::Ignored>), WireError> {
+        let sh = self.shared()?;
+        let rows = sh.replica.all().await.map_err(|e| e.to_wire())?;
+        Ok(shared_config::effective(&sh.local, &rows, sh.policy))
     }
 
     /// Records where the classic bridge listens (URL, TLS fingerprint), for status.
@@ -205,9 +260,15 @@ impl Methods {
         match method {
             "gateway.call" => Box::pin(self.gateway_call(caller, params)).await,
             "health" => self.health(),
+            "config.get" | "config.show" | "config.set" | "config.unset" | "gateway.promote" => {
+                self.config_method(method, params).await
+            }
             "status" | "gateway.status" => {
                 let all = params.get("all").and_then(Value::as_bool).unwrap_or(true);
                 let mut doc = crate::status::to_json(&self.mesh()?.status(), all);
+                if let Some(sh) = self.inner.shared.get() {
+                    doc["consensus"] = json!(sh.replica.status());
+                }
                 if let (Some(extra), Some(gws)) =
                     (self.inner.front_doors.get(), doc["gateways"].as_array_mut())
                 {
@@ -309,6 +370,135 @@ impl Methods {
                     .invoke_on(&sel, command, inner, DEFAULT_INVOKE_TIMEOUT, &key)
                     .await?;
                 Ok(r["payload"].clone())
+            }
+            other => Err(bad(format!("unknown method: {other}"))),
+        }
+    }
+
+    /// `config.get|show|set|unset` and `gateway.promote`.
+    async fn config_method(&self, method: &str, params: Value) -> Result<Value, WireError> {
+        let sh = self.shared()?;
+        match method {
+            "config.get" => {
+                let key = str_param(&params, "key", method)?;
+                let (entries, ignored) = self.effective_config().await?;
+                let synced = sh.replica.get(key).await.map_err(|e| e.to_wire())?;
+                let mut doc = json!({
+                    "key": key,
+                    "revision": sh.replica.revision(),
+                    "synced": synced.as_ref().map(|(v, r)| json!({
+                        "value": shared_config::shown(key, &serde_json::from_str(v).unwrap_or(Value::Null)),
+                        "revision": r,
+                    })),
+                    "local": sh.local.get(key).map(|v| shared_config::shown(key, v)),
+                });
+                match shared_config::lookup(&entries, key) {
+                    Some(e) => {
+                        let one = shared_config::effective_json(std::slice::from_ref(e), &[]);
+                        doc["effective"] = one["entries"][0].clone();
+                        doc["found"] = json!(true);
+                    }
+                    None => {
+                        doc["found"] = json!(false);
+                        if let Some(i) = ignored.iter().find(|i| i.key == key) {
+                            doc["notApplied"] = json!(i.reason);
+                        }
+                    }
+                }
+                Ok(doc)
+            }
+            "config.show" => {
+                let eff = params
+                    .get("effective")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                let mut doc = json!({
+                    "gateway": self.gateway_name(),
+                    "revision": sh.replica.revision(),
+                    "consensus": sh.replica.status(),
+                    "sync": sh.policy.to_json(),
+                });
+                if eff {
+                    let (entries, ignored) = self.effective_config().await?;
+                    let v = shared_config::effective_json(&entries, &ignored);
+                    doc["entries"] = v["entries"].clone();
+                    doc["notApplied"] = v["notApplied"].clone();
+                } else {
+                    let rows = sh.replica.all().await.map_err(|e| e.to_wire())?;
+                    doc["entries"] = rows
+                        .iter()
+                        .map(|(k, v, r)| {
+                            let value = serde_json::from_str(v).unwrap_or(Value::Null);
+                            json!({"key": k, "value": shared_config::shown(k, &value), "revision": r, "section": shared_config::Section::of(k).name()})
+                        })
+                        .collect();
+                }
+                Ok(doc)
+            }
+            "config.set" | "config.unset" => {
+                let mut changes: Vec<(String, Option<String>)> = Vec::new();
+                if method == "config.set" {
+                    if let Some(values) = params.get("values").and_then(Value::as_object) {
+                        for (k, v) in values {
+                            changes.push((k.clone(), Some(v.to_string())));
+                        }
+                    } else {
+                        let key = str_param(&params, "key", method)?;
+                        let value = params.get("value").ok_or_else(|| {
+                            bad("invalid config.set params: must have required property 'value'")
+                        })?;
+                        changes.push((key.to_string(), Some(value.to_string())));
+                    }
+                } else if let Some(keys) = params.get("keys").and_then(Value::as_array) {
+                    for k in keys {
+                        let k = k
+                            .as_str()
+                            .ok_or_else(|| bad("invalid config.unset params: keys are strings"))?;
+                        changes.push((k.to_string(), None));
+                    }
+                } else {
+                    changes.push((str_param(&params, "key", method)?.to_string(), None));
+                }
+                if changes.is_empty() {
+                    return Err(bad(format!("{method}: nothing to change")));
+                }
+                let mut size = 0;
+                for (k, v) in &changes {
+                    shared_config::check_key(k).map_err(bad)?;
+                    let len = v.as_ref().map_or(0, String::len);
+                    if len > shared_config::MAX_VALUE_LEN {
+                        return Err(bad(format!(
+                            "value of {k} is {len} bytes; at most {} per key",
+                            shared_config::MAX_VALUE_LEN
+                        )));
+                    }
+                    size += k.len() + len;
+                }
+                if size > MAX_CONFIG_WRITE {
+                    return Err(bad(format!(
+                        "one config write carries at most {MAX_CONFIG_WRITE} bytes, not {size}; split it"
+                    )));
+                }
+                let n = changes.len();
+                let cmd = if n == 1 {
+                    let (key, value) = changes.remove(0);
+                    Command::SetConfig { key, value }
+                } else {
+                    Command::SetConfigBatch(changes)
+                };
+                let ack = sh.replica.write(cmd).await.map_err(|e| e.to_wire())?;
+                tracing::info!(revision = ack.revision, keys = n, primary = %ack.leader, "shared config written");
+                Ok(json!({"revision": ack.revision, "primary": ack.leader, "keys": n}))
+            }
+            "gateway.promote" => {
+                if params.get("force").and_then(Value::as_bool) != Some(true) {
+                    return Err(bad(
+                        "gateway.promote overrides quorum and needs force: true (`clawmesh gateway promote --force`)",
+                    ));
+                }
+                let voters = sh.replica.promote_force().await.map_err(|e| e.to_wire())?;
+                tracing::warn!(?voters, "promoted by an operator, overriding quorum");
+                Ok(json!({"gateway": self.gateway_name(), "voters": voters}))
             }
             other => Err(bad(format!("unknown method: {other}"))),
         }
@@ -831,7 +1021,13 @@ impl Methods {
         let Some(row) = status.gateways.iter().find(|g| g.name == target) else {
             return Err(bad(format!("no gateway named {target:?} in this federation (see `clawmesh gateway status --all`)")));
         };
-        let fallback = match self.inner.fallback.get().map(String::as_str) {
+        let configured = self
+            .inner
+            .fallback
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let fallback = match configured.as_deref() {
             Some("primary") => status.primary.clone(),
             Some(f) => Some(f.to_string()),
             None => None,

@@ -29,11 +29,11 @@ use crate::handshake::{self, HandshakeError};
 use crate::health::{HealthConfig, PeerHealth, Status};
 use crate::identity::{DeviceId, DeviceIdentity, PublicKey};
 use crate::pairing::{PairingRecord, Registry};
-use crate::rpc::{self, Caller, CallerKind, Handler};
+use crate::rpc::{self, BoxFuture, Caller, CallerKind, Handler};
 use crate::store::{Store, StoreError};
 use crate::wire::{
     Datagram, Event, GatewayHello, Hello, HelloReply, HelloRole, Member, Membership, Refusal,
-    RefusalCode, Welcome, PROTOCOL_VERSION,
+    RefusalCode, Request, Welcome, WireError, PROTOCOL_VERSION,
 };
 
 /// How long a dial may take before it counts as failed: covers a QUIC handshake over the
@@ -130,6 +130,38 @@ pub trait Admission: Send + Sync + 'static {
     ) -> Result<CallerKind, Refusal>;
     /// Takes over an admitted operator or node connection (serving its requests).
     fn connected(&self, conn: Connection, caller: Caller, hello: Hello);
+}
+
+/// Serves the federation's internal `raft.*` requests from other gateways: the consensus
+/// module plugs in here, so its RPCs ride the authenticated mesh links.
+pub trait PeerService: Send + Sync + 'static {
+    /// Handles one request from the gateway with key `from`.
+    fn handle(&self, from: PublicKey, req: Request) -> BoxFuture<Result<String, WireError>>;
+}
+
+/// Routes a gateway link's requests: `raft.*` to the [`PeerService`], the rest to the
+/// method table.
+struct LinkHandler {
+    mesh: Mesh,
+    from: PublicKey,
+    methods: Arc<dyn Handler>,
+}
+
+impl Handler for LinkHandler {
+    fn handle(&self, caller: Caller, req: Request) -> BoxFuture<Result<String, WireError>> {
+        if req.method.starts_with("raft.") {
+            return match self.mesh.inner.peer_service.get() {
+                Some(s) => s.handle(self.from, req),
+                None => Box::pin(async {
+                    Err(WireError::new(
+                        "UNAVAILABLE",
+                        "consensus is not running on this gateway",
+                    ))
+                }),
+            };
+        }
+        self.methods.handle(caller, req)
+    }
 }
 
 /// Things other gateways told us that the embedding gateway must act on.
@@ -244,6 +276,9 @@ struct State {
     peers: HashMap<PublicKey, Peer>,
     next_link_id: u64,
     shutting_down: bool,
+    /// The raft leader as last reported by the consensus module (`None`: unknown, or no
+    /// consensus attached — then the configured primary is shown as primary).
+    leader: Option<Option<PublicKey>>,
 }
 
 struct Inner {
@@ -259,6 +294,7 @@ struct Inner {
     fatal: watch::Sender<Option<String>>,
     pairing: std::sync::OnceLock<Registry>,
     notices: broadcast::Sender<MeshNotice>,
+    peer_service: std::sync::OnceLock<Arc<dyn PeerService>>,
 }
 
 /// Handle to the running mesh; cheap to clone.
@@ -360,11 +396,13 @@ impl Mesh {
                 peers,
                 next_link_id: 1,
                 shutting_down: false,
+                leader: None,
             }),
             shutdown: watch::channel(false).0,
             fatal: watch::channel(None).0,
             pairing: std::sync::OnceLock::new(),
             notices: broadcast::channel(NOTICE_QUEUE).0,
+            peer_service: std::sync::OnceLock::new(),
         });
         let mesh = Mesh { inner };
         let accept = mesh.clone();
@@ -502,6 +540,40 @@ impl Mesh {
         Ok(removed)
     }
 
+    /// Plugs in the service for `raft.*` requests from other gateways (once).
+    pub fn attach_peer_service(&self, service: Arc<dyn PeerService>) {
+        let _ = self.inner.peer_service.set(service);
+    }
+
+    /// Reports the raft leader, which `status()` then shows as the primary (`None`: no leader
+    /// right now, e.g. during an election or without a majority).
+    pub fn set_leader(&self, leader: Option<PublicKey>) {
+        self.state().leader = Some(leader);
+    }
+
+    /// Every member of the federation (pinned keys, names, addresses), in join order.
+    pub fn members(&self) -> Vec<Member> {
+        self.state().membership.members.clone()
+    }
+
+    /// Whether the link to the gateway with `key` is up and answering pings (always true for
+    /// this gateway itself).
+    pub fn is_reachable(&self, key: &PublicKey) -> bool {
+        if *key == self.inner.key {
+            return true;
+        }
+        let st = self.state();
+        st.peers.get(key).is_some_and(|p| {
+            p.link.is_some() && p.health.status(&self.inner.cfg.health) != Status::Offline
+        })
+    }
+
+    /// The live connection to the gateway with `key`, for raft messages.
+    pub fn connection_by_key(&self, key: &PublicKey) -> Option<Connection> {
+        let st = self.state();
+        st.peers.get(key)?.link.as_ref().map(|l| l.conn.clone())
+    }
+
     /// The live connection to the named gateway, for forwarding requests.
     pub fn connection_to(&self, name: &str) -> Option<Connection> {
         let st = self.state();
@@ -515,6 +587,10 @@ impl Mesh {
         let st = self.state();
         let mut gateways = Vec::new();
         let mut any_down = false;
+        let is_primary = |m: &Member| match st.leader {
+            Some(leader) => leader == Some(m.key),
+            None => m.primary,
+        };
         for m in &st.membership.members {
             if m.key == self.inner.key {
                 continue;
@@ -528,7 +604,7 @@ impl Mesh {
                 name: m.name.clone(),
                 region: m.region.clone(),
                 device_id: m.key.device_id(),
-                primary: m.primary,
+                primary: is_primary(m),
                 status,
                 latency: peer.and_then(|p| {
                     p.health
@@ -560,7 +636,10 @@ impl Mesh {
             name: cfg.name.clone(),
             region: cfg.region.clone(),
             device_id: self.inner.key.device_id(),
-            primary: me.map(|m| m.primary).unwrap_or(cfg.primary),
+            primary: match st.leader {
+                Some(leader) => leader == Some(self.inner.key),
+                None => me.map(|m| m.primary).unwrap_or(cfg.primary),
+            },
             status: if any_down {
                 Status::Degraded
             } else {
@@ -582,7 +661,7 @@ impl Mesh {
                 .membership
                 .members
                 .iter()
-                .find(|m| m.primary)
+                .find(|m| is_primary(m))
                 .map(|m| m.name.clone()),
             epoch: st.membership.epoch,
             gateways,
@@ -1293,7 +1372,12 @@ impl Mesh {
             kind: CallerKind::Gateway { name: name.clone() },
             remote: conn.remote_address(),
         };
-        let serve = tokio::spawn(rpc::serve(conn.clone(), caller, self.inner.handler.clone()));
+        let handler: Arc<dyn Handler> = Arc::new(LinkHandler {
+            mesh: self.clone(),
+            from: key,
+            methods: self.inner.handler.clone(),
+        });
+        let serve = tokio::spawn(rpc::serve(conn.clone(), caller, handler));
         let mut tick = tokio::time::interval(self.inner.cfg.health.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq: u64 = 0;

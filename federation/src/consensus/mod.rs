@@ -65,10 +65,13 @@
 //!   apply entries committed-but-not-applied at a crash once a leader commits again).
 
 pub mod log_store;
+pub mod network;
+pub mod replica;
 pub mod state_machine;
 pub mod types;
 
 pub use log_store::SqliteLogStore;
+pub use replica::{ConsensusError, ConsensusStatus, Replica, ReplicaConfig, Timings, WriteAck};
 pub use state_machine::SqliteStateMachine;
 pub use types::{
     node_id_of, Command, CommandResult, Entry, GatewayNode, LogId, NodeId, Snapshot, SnapshotMeta,

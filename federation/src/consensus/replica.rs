@@ -1,0 +1,934 @@
+//! A gateway's running consensus: the openraft `Raft` over the mesh, the shared config it
+//! replicates, and the policies around it.
+//!
+//! - **Bootstrap.** The configured primary initializes a one-voter group the first time it
+//!   starts; every other gateway waits to be added by the leader.
+//! - **Membership.** The leader adds every mesh member as a learner (they receive every
+//!   entry), and makes the first [`ReplicaConfig::max_voters`] members (or the configured
+//!   [`ReplicaConfig::voters`]) voters once they have caught up. Forgotten gateways are
+//!   removed. Two device ids with the same raft node id are refused, loudly.
+//! - **Primary = leader.** The leader is reported to the mesh, whose `gateway status` shows it
+//!   as the primary. The configured primary is the *preferred* leader: when another voter leads
+//!   and the preferred one has been reachable and caught up for a hold-off, the leader stops
+//!   accepting writes and sending heartbeats, and asks the preferred one to stand; it is elected
+//!   as soon as the followers' leader lease lapses (openraft has no leadership transfer in 0.9;
+//!   this is the same effect, built on its lease and `trigger().elect()`).
+//! - **Writes** go to the leader (forwarded over the mesh from any gateway) and return once
+//!   committed on a majority of voters. A gateway that can see no majority of voters refuses at
+//!   once, saying so; a leader that has not heard from a majority within the lease refuses too.
+//!   During an election writes are retried until [`ReplicaConfig::write_timeout`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Raft, ServerState, SnapshotPolicy};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::network::{self, MeshNetwork};
+use super::types::{node_id_of, Command, GatewayNode, NodeId, TypeConfig};
+use super::{ConsensusStoreError, SqliteStateMachine};
+use crate::identity::PublicKey;
+use crate::mesh::{Mesh, PeerService};
+use crate::rpc::{self, BoxFuture, CallError};
+use crate::store::Store;
+use crate::wire::{Request, WireError};
+
+/// Method: a client write forwarded to the leader.
+pub const METHOD_WRITE: &str = "raft.write";
+/// Method: the leader asks the preferred primary to call an election.
+pub const METHOD_HANDOFF: &str = "raft.handoff";
+
+/// How settings of the consensus are chosen.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// Whether this gateway is the configured (preferred) primary.
+    pub preferred: bool,
+    /// Names of the voting gateways; empty: the first [`Self::max_voters`] members.
+    pub voters: Vec<String>,
+    /// How many voters at most when [`Self::voters`] is empty.
+    pub max_voters: usize,
+    /// The mesh health interval: raft timings derive from it (see [`Timings`]).
+    pub health_interval: Duration,
+    /// How long a write may wait for a leader and a majority before it is refused.
+    pub write_timeout: Duration,
+    /// Deflate large raft payloads (`gateway.sync.compression`).
+    pub compression: bool,
+    /// Entries per append-entries message at most (`gateway.sync.batchSize`).
+    pub batch_size: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot, so a remote that far behind still gets
+    /// deltas rather than the snapshot.
+    pub keep_log: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            preferred: false,
+            voters: Vec::new(),
+            max_voters: 5,
+            health_interval: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(5),
+            compression: true,
+            batch_size: 100,
+            snapshot_every: 5000,
+            keep_log: 2000,
+        }
+    }
+}
+
+/// Raft timings derived from the health interval `h`: heartbeat `h/6`, election timeout
+/// `h/2..3h/4`. A follower calls an election `lease + timeout` after the last heartbeat, and
+/// openraft's lease is the maximum election timeout, so a dead leader is replaced within
+/// about `1.5 h` plus a vote round trip: under 3 s for a 1 s interval, the federation's
+/// failover goal.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    /// Leader heartbeat period.
+    pub heartbeat: Duration,
+    /// Shortest election timeout.
+    pub election_min: Duration,
+    /// Longest election timeout (also openraft's leader lease).
+    pub election_max: Duration,
+}
+
+impl Timings {
+    /// Timings for a health interval.
+    pub fn for_interval(h: Duration) -> Timings {
+        let ms = h.as_millis().clamp(100, 60_000) as u64;
+        let election_min = (ms / 2).max(60);
+        Timings {
+            heartbeat: Duration::from_millis((ms / 6).max(20)),
+            election_min: Duration::from_millis(election_min),
+            election_max: Duration::from_millis((ms * 3 / 4).max(election_min + 20)),
+        }
+    }
+}
+
+/// Why a consensus operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    /// Fewer than a majority of voters are reachable: writes are refused.
+    #[error("no majority: {reachable} of {voters} voting gateways reachable from {name} ({detail}); config writes are refused until a majority is back, while nodes, invokes and health keep working")]
+    NoQuorum {
+        /// This gateway.
+        name: String,
+        /// Voters reachable (this one included).
+        reachable: usize,
+        /// Voters in the group.
+        voters: usize,
+        /// Which voters are missing.
+        detail: String,
+    },
+    /// An election is under way, or the leader is unknown.
+    #[error("no primary elected right now ({0}); retry shortly")]
+    NoLeader(String),
+    /// A passing condition (leader moving, link flapping): retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The write was sent but not acknowledged by a majority in time; it may still commit.
+    #[error("write not acknowledged by a majority within {0:?}; it may still be applied once the voters are back: check with `clawmesh config get`")]
+    NotAcknowledged(Duration),
+    /// This gateway is not (yet) in the raft group.
+    #[error("this gateway has not been added to the federation's consensus yet ({0})")]
+    NotMember(String),
+    /// Bad input.
+    #[error("{0}")]
+    Invalid(String),
+    /// The other gateway refused.
+    #[error("{}", .0.message)]
+    Remote(WireError),
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] ConsensusStoreError),
+    /// The raft node stopped (storage error, shutdown).
+    #[error("consensus stopped: {0}")]
+    Fatal(String),
+}
+
+impl ConsensusError {
+    /// Whether the same write may succeed if tried again shortly.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ConsensusError::NoLeader(_) | ConsensusError::Unavailable(_) => true,
+            ConsensusError::Remote(w) => w.retryable,
+            _ => false,
+        }
+    }
+
+    /// The error as sent to callers (classic codes: `UNAVAILABLE`, `INVALID_REQUEST`).
+    pub fn to_wire(&self) -> WireError {
+        if let ConsensusError::Remote(w) = self {
+            return w.clone();
+        }
+        let code = match self {
+            ConsensusError::Invalid(_) => "INVALID_REQUEST",
+            ConsensusError::NoQuorum { .. } => "NO_QUORUM",
+            _ => "UNAVAILABLE",
+        };
+        let mut w = WireError::new(code, self.to_string());
+        w.retryable = self.retryable() || matches!(self, ConsensusError::NoQuorum { .. });
+        w
+    }
+}
+
+/// A write acknowledged by a majority.
+#[derive(Debug, Clone)]
+pub struct WriteAck {
+    /// The revision (log index) of the write.
+    pub revision: u64,
+    /// The gateway that led when it committed.
+    pub leader: String,
+}
+
+/// The consensus as seen from this gateway, for `gateway status` and `config show`.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsensusStatus {
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub role: String,
+    /// Current raft term.
+    pub term: u64,
+    /// The leader (primary), if known.
+    pub leader: Option<String>,
+    /// Voting gateways.
+    pub voters: Vec<String>,
+    /// Non-voting gateways (receive every change).
+    pub learners: Vec<String>,
+    /// Voters reachable from here (this one included).
+    pub reachable_voters: usize,
+    /// Whether a majority of voters is reachable.
+    pub quorum: bool,
+    /// Index of the last entry applied here: the shared config's revision.
+    pub applied: u64,
+    /// Index of the last entry in the local log.
+    pub last_log: u64,
+    /// Whether the raft group has been formed here.
+    pub initialized: bool,
+    /// Why the consensus stopped, if it did.
+    pub error: Option<String>,
+}
+
+struct Inner {
+    raft: Raft<TypeConfig>,
+    id: NodeId,
+    key: PublicKey,
+    name: String,
+    mesh: Mesh,
+    sm: SqliteStateMachine,
+    cfg: ReplicaConfig,
+    timings: Timings,
+    handing_off: AtomicBool,
+    /// Revision applied here, for components that follow the shared config.
+    applied: watch::Sender<u64>,
+    /// Collision warnings already logged (so each is logged once).
+    collisions: Mutex<BTreeSet<NodeId>>,
+}
+
+/// A gateway's consensus handle; cheap to clone.
+#[derive(Clone)]
+pub struct Replica {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("name", &self.inner.name)
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replica {
+    /// Opens the raft storage in `store`, starts the raft node over `mesh`'s links and its
+    /// background policies, and plugs its RPC service into the mesh.
+    pub async fn start(
+        mesh: Mesh,
+        store: Store,
+        cfg: ReplicaConfig,
+    ) -> Result<Replica, ConsensusError> {
+        let key = mesh.key();
+        let name = mesh.config().name.clone();
+        let id = node_id_of(&key.device_id().0);
+        let timings = Timings::for_interval(cfg.health_interval);
+        let s = store.clone();
+        let (log, sm) = tokio::task::spawn_blocking(move || super::open(&s))
+            .await
+            .map_err(|e| ConsensusError::Fatal(e.to_string()))??;
+        let config = openraft::Config {
+            cluster_name: "clawmesh".into(),
+            heartbeat_interval: timings.heartbeat.as_millis() as u64,
+            election_timeout_min: timings.election_min.as_millis() as u64,
+            election_timeout_max: timings.election_max.as_millis() as u64,
+            // A snapshot chunk or a long batch over a slow WAN link takes a while.
+            install_snapshot_timeout: 10_000,
+            max_payload_entries: cfg.batch_size.max(1),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every.max(10)),
+            max_in_snapshot_log_to_keep: cfg.keep_log,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ConsensusError::Invalid(format!("raft settings: {e}")))?;
+        let network = MeshNetwork::new(mesh.clone(), cfg.compression);
+        let raft = Raft::new(id, Arc::new(config), network, log, sm.clone())
+            .await
+            .map_err(|e| ConsensusError::Fatal(e.to_string()))?;
+        let applied = watch::channel(sm_revision(&sm).await?).0;
+        let replica = Replica {
+            inner: Arc::new(Inner {
+                raft,
+                id,
+                key,
+                name,
+                mesh: mesh.clone(),
+                sm,
+                cfg,
+                timings,
+                handing_off: AtomicBool::new(false),
+                applied,
+                collisions: Mutex::new(BTreeSet::new()),
+            }),
+        };
+        mesh.attach_peer_service(Arc::new(replica.clone()));
+        if replica.inner.cfg.preferred && !replica.initialized().await {
+            let me = replica.self_node();
+            info!(node_id = id, "forming the federation's consensus group");
+            match replica
+                .inner
+                .raft
+                .initialize(BTreeMap::from([(id, me)]))
+                .await
+            {
+                Ok(()) => {}
+                Err(RaftError::APIError(e)) => debug!("already initialized: {e}"),
+                Err(e) => return Err(ConsensusError::Fatal(e.to_string())),
+            }
+        }
+        let driver = replica.clone();
+        tokio::spawn(async move { driver.drive().await });
+        Ok(replica)
+    }
+
+    fn self_node(&self) -> GatewayNode {
+        GatewayNode {
+            name: self.inner.name.clone(),
+            addr: self.inner.mesh.config().advertise.clone(),
+            key: self.inner.key.0,
+        }
+    }
+
+    async fn initialized(&self) -> bool {
+        self.inner.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// The raft timings in force.
+    pub fn timings(&self) -> Timings {
+        self.inner.timings
+    }
+
+    /// The value (JSON text) and revision of a shared config key, as applied here.
+    pub async fn get(&self, key: &str) -> Result<Option<(String, u64)>, ConsensusError> {
+        let sm = self.inner.sm.clone();
+        let key = key.to_owned();
+        blocking(move || sm.get(&key)).await
+    }
+
+    /// Every shared config key: (key, JSON text, revision), in key order, as applied here.
+    pub async fn all(&self) -> Result<Vec<(String, String, u64)>, ConsensusError> {
+        let sm = self.inner.sm.clone();
+        blocking(move || sm.all()).await
+    }
+
+    /// The revision applied here.
+    pub fn revision(&self) -> u64 {
+        *self.inner.applied.borrow()
+    }
+
+    /// Follows the revision applied here: changes whenever an entry is applied.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.applied.subscribe()
+    }
+
+    /// Waits until revision `at_least` is applied here, up to `timeout`.
+    pub async fn wait_applied(&self, at_least: u64, timeout: Duration) -> bool {
+        let mut rx = self.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|r| *r >= at_least))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// The consensus as seen from here.
+    pub fn status(&self) -> ConsensusStatus {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let name_of = |id: &NodeId| {
+            membership
+                .get_node(id)
+                .map(|n| n.name.clone())
+                .unwrap_or_else(|| format!("{id:016x}"))
+        };
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let reachable = self.reachable_voters(&m);
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        ConsensusStatus {
+            role: role.into(),
+            term: m.current_term,
+            leader: m.current_leader.map(|l| name_of(&l)),
+            voters: voters.iter().map(name_of).collect(),
+            learners: membership.learner_ids().map(|l| name_of(&l)).collect(),
+            reachable_voters: reachable,
+            quorum: !voters.is_empty() && reachable * 2 > voters.len(),
+            applied: m.last_applied.map_or(0, |l| l.index),
+            last_log: m.last_log_index.unwrap_or(0),
+            initialized: m.membership_config.log_id().is_some(),
+            error: m.running_state.as_ref().err().map(|e| e.to_string()),
+        }
+    }
+
+    fn reachable_voters(&self, m: &openraft::RaftMetrics<NodeId, GatewayNode>) -> usize {
+        let membership = m.membership_config.membership();
+        membership
+            .voter_ids()
+            .filter(|id| {
+                membership
+                    .get_node(id)
+                    .is_some_and(|n| self.inner.mesh.is_reachable(&PublicKey(n.key)))
+            })
+            .count()
+    }
+
+    /// Proposes `cmd` (forwarding it to the leader if this gateway does not lead) and waits
+    /// until a majority of voters has it durably. Retries while a leader is being elected, up
+    /// to the write timeout.
+    pub async fn write(&self, cmd: Command) -> Result<WriteAck, ConsensusError> {
+        cmd.check()
+            .map_err(|e| ConsensusError::Invalid(format!("value is not valid JSON: {e}")))?;
+        let deadline = Instant::now() + self.inner.cfg.write_timeout;
+        loop {
+            match self.write_once(&cmd, deadline, true).await {
+                Err(e) if e.retryable() && Instant::now() + RETRY_PAUSE < deadline => {
+                    debug!("write retried: {e}");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn write_once(
+        &self,
+        cmd: &Command,
+        deadline: Instant,
+        may_forward: bool,
+    ) -> Result<WriteAck, ConsensusError> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        if let Err(e) = &m.running_state {
+            return Err(ConsensusError::Fatal(e.to_string()));
+        }
+        let membership = m.membership_config.membership().clone();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        if voters.is_empty() {
+            return Err(ConsensusError::NotMember(
+                "no voters known here; is the primary reachable?".into(),
+            ));
+        }
+        let reachable = self.reachable_voters(&m);
+        if reachable * 2 <= voters.len() {
+            let missing: Vec<String> = voters
+                .iter()
+                .filter_map(|id| membership.get_node(id))
+                .filter(|n| !self.inner.mesh.is_reachable(&PublicKey(n.key)))
+                .map(|n| n.name.clone())
+                .collect();
+            return Err(ConsensusError::NoQuorum {
+                name: self.inner.name.clone(),
+                reachable,
+                voters: voters.len(),
+                detail: format!("unreachable: {}", missing.join(", ")),
+            });
+        }
+        let leader = m.current_leader;
+        match leader {
+            Some(l) if l == self.inner.id => self.write_local(cmd, &m, deadline).await,
+            Some(l) if may_forward => {
+                let node = membership
+                    .get_node(&l)
+                    .cloned()
+                    .ok_or_else(|| ConsensusError::NoLeader("leader not in membership".into()))?;
+                self.forward(cmd, &node, deadline).await
+            }
+            Some(_) => Err(ConsensusError::Unavailable(format!(
+                "{} is not the primary any more",
+                self.inner.name
+            ))),
+            None => Err(ConsensusError::NoLeader(format!("term {}", m.current_term))),
+        }
+    }
+
+    async fn write_local(
+        &self,
+        cmd: &Command,
+        m: &openraft::RaftMetrics<NodeId, GatewayNode>,
+        deadline: Instant,
+    ) -> Result<WriteAck, ConsensusError> {
+        if self.inner.handing_off.load(Ordering::Acquire) {
+            return Err(ConsensusError::Unavailable(format!(
+                "{} is handing the primary role back to the preferred primary; retry shortly",
+                self.inner.name
+            )));
+        }
+        let voters = m.membership_config.membership().voter_ids().count();
+        let lease = self.inner.timings.election_max * 2;
+        if voters > 1
+            && m.millis_since_quorum_ack
+                .is_none_or(|ms| ms > lease.as_millis() as u64)
+        {
+            return Err(ConsensusError::NoQuorum {
+                name: self.inner.name.clone(),
+                reachable: 1,
+                voters,
+                detail: format!(
+                    "no acknowledgement from a majority for {} ms",
+                    m.millis_since_quorum_ack
+                        .unwrap_or(u64::MAX)
+                        .min(u64::MAX / 2)
+                ),
+            });
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(wait, self.inner.raft.client_write(cmd.clone())).await {
+            Err(_) => Err(ConsensusError::NotAcknowledged(
+                self.inner.cfg.write_timeout,
+            )),
+            Ok(Ok(resp)) => Ok(WriteAck {
+                revision: resp.data.revision,
+                leader: self.inner.name.clone(),
+            }),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(ConsensusError::NoLeader(format!(
+                    "leadership moved to {:?}",
+                    f.leader_node.map(|n| n.name)
+                )))
+            }
+            Ok(Err(e)) => Err(ConsensusError::Fatal(e.to_string())),
+        }
+    }
+
+    async fn forward(
+        &self,
+        cmd: &Command,
+        leader: &GatewayNode,
+        deadline: Instant,
+    ) -> Result<WriteAck, ConsensusError> {
+        let Some(conn) = self.inner.mesh.connection_by_key(&PublicKey(leader.key)) else {
+            return Err(ConsensusError::Unavailable(format!(
+                "the primary {} is not reachable from {}",
+                leader.name, self.inner.name
+            )));
+        };
+        let params =
+            network::encode(cmd, false).map_err(|e| ConsensusError::Invalid(e.to_string()))?;
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match rpc::call(&conn, METHOD_WRITE, params, 1, wait).await {
+            Ok(text) => {
+                let revision: u64 = network::decode(&text).map_err(|e| {
+                    ConsensusError::Unavailable(format!("bad reply from {}: {e}", leader.name))
+                })?;
+                Ok(WriteAck {
+                    revision,
+                    leader: leader.name.clone(),
+                })
+            }
+            Err(CallError::Remote(w)) => Err(ConsensusError::Remote(w)),
+            Err(CallError::Timeout { .. }) => Err(ConsensusError::NotAcknowledged(
+                self.inner.cfg.write_timeout,
+            )),
+            Err(e) => Err(ConsensusError::Unavailable(format!(
+                "forwarding to the primary {} failed: {e}",
+                leader.name
+            ))),
+        }
+    }
+
+    /// Makes this gateway the primary without a majority: the voter set is re-formed from the
+    /// gateways reachable from here. For an operator who knowingly overrides quorum (the
+    /// unreachable voters' un-replicated writes, if any, are lost when they rejoin).
+    pub async fn promote_force(&self) -> Result<Vec<String>, ConsensusError> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        let reachable: BTreeMap<NodeId, GatewayNode> = membership
+            .nodes()
+            .filter(|(_, n)| self.inner.mesh.is_reachable(&PublicKey(n.key)))
+            .map(|(id, n)| (*id, n.clone()))
+            .collect();
+        let names: Vec<String> = reachable.values().map(|n| n.name.clone()).collect();
+        if m.current_leader == Some(self.inner.id) {
+            return Err(ConsensusError::Invalid(format!(
+                "{} is already the primary",
+                self.inner.name
+            )));
+        }
+        if !reachable.contains_key(&self.inner.id) {
+            return Err(ConsensusError::NotMember(
+                "this gateway is not in the raft membership".into(),
+            ));
+        }
+        let _ = reachable;
+        Err(ConsensusError::Invalid(format!("TODO promote {names:?}")))
+    }
+
+    /// Stops the raft node (the state stays on disk).
+    pub async fn shutdown(&self) {
+        let _ = self.inner.raft.shutdown().await;
+    }
+
+    /// The background policies: report the leader, follow applied revisions, and (on the
+    /// leader) keep the membership in line with the mesh and hand the role to the preferred
+    /// primary.
+    async fn drive(self) {
+        let mut metrics = self.inner.raft.metrics();
+        let mut tick = tokio::time::interval(self.inner.timings.heartbeat * 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut preferred_ready_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
+            }
+            let m = metrics.borrow_and_update().clone();
+            if m.running_state.is_err() || m.state == ServerState::Shutdown {
+                warn!("consensus stopped: {:?}", m.running_state);
+                self.inner.mesh.set_leader(None);
+                return;
+            }
+            let membership = m.membership_config.membership();
+            let leader_key = m
+                .current_leader
+                .and_then(|l| membership.get_node(&l))
+                .map(|n| PublicKey(n.key));
+            self.inner.mesh.set_leader(leader_key);
+            let applied = m.last_applied.map_or(0, |l| l.index);
+            self.inner.applied.send_if_modified(|r| {
+                let changed = *r != applied;
+                *r = applied;
+                changed
+            });
+            if m.state != ServerState::Leader || self.inner.handing_off.load(Ordering::Acquire) {
+                preferred_ready_since = None;
+                continue;
+            }
+            if let Err(e) = self.reconcile(&m).await {
+                debug!("membership change deferred: {e}");
+            }
+            match self.preferred_ready(&m) {
+                Some(node) => {
+                    let since = *preferred_ready_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.inner.timings.election_max * 3 {
+                        preferred_ready_since = None;
+                        self.hand_off(node).await;
+                    }
+                }
+                None => preferred_ready_since = None,
+            }
+        }
+    }
+
+    /// The preferred primary, if it is another voter, reachable, and fully caught up.
+    fn preferred_ready(
+        &self,
+        m: &openraft::RaftMetrics<NodeId, GatewayNode>,
+    ) -> Option<GatewayNode> {
+        if self.inner.cfg.preferred {
+            return None;
+        }
+        let preferred = self.inner.mesh.members().into_iter().find(|x| x.primary)?;
+        let id = node_id_of(&preferred.key.device_id().0);
+        let membership = m.membership_config.membership();
+        if !membership.voter_ids().any(|v| v == id) || !self.inner.mesh.is_reachable(&preferred.key)
+        {
+            return None;
+        }
+        let matched = m.replication.as_ref()?.get(&id)?.as_ref()?.index;
+        (Some(matched) == m.last_log_index).then(|| membership.get_node(&id).cloned())?
+    }
+
+    /// Stops writes and heartbeats so the followers' lease lapses, and asks `to` to stand.
+    async fn hand_off(&self, to: GatewayNode) {
+        let Some(conn) = self.inner.mesh.connection_by_key(&PublicKey(to.key)) else {
+            return;
+        };
+        info!(to = %to.name, "handing the primary role back to the preferred primary");
+        self.inner.handing_off.store(true, Ordering::Release);
+        self.inner.raft.runtime_config().heartbeat(false);
+        let t = self.inner.timings;
+        let asked = rpc::call(&conn, METHOD_HANDOFF, String::new(), 0, t.election_max).await;
+        if let Err(e) = asked {
+            warn!(to = %to.name, "handoff refused: {e}");
+        } else {
+            // Bounded: the preferred primary stands after one lease; if it has not won within
+            // three more, this gateway resumes leading.
+            let mut metrics = self.inner.raft.metrics();
+            let _ = tokio::time::timeout(
+                t.election_max * 4,
+                metrics.wait_for(|m| m.state != ServerState::Leader),
+            )
+            .await;
+        }
+        self.inner.raft.runtime_config().heartbeat(true);
+        self.inner.handing_off.store(false, Ordering::Release);
+    }
+
+    /// One membership step on the leader: add a missing learner, remove a forgotten gateway,
+    /// or move the voter set towards the wanted one. One change per call (openraft allows one
+    /// membership change in flight).
+    async fn reconcile(
+        &self,
+        m: &openraft::RaftMetrics<NodeId, GatewayNode>,
+    ) -> Result<(), ConsensusError> {
+        let membership = m.membership_config.membership().clone();
+        if membership.get_joint_config().len() > 1 {
+            return Ok(());
+        }
+        let members = self.inner.mesh.members();
+        let mut desired: BTreeMap<NodeId, GatewayNode> = BTreeMap::new();
+        let mut order: Vec<NodeId> = Vec::new();
+        for mem in &members {
+            let id = node_id_of(&mem.key.device_id().0);
+            if let Some(existing) = desired.get(&id) {
+                if existing.key != mem.key.0
+                    && self.inner.collisions.lock().is_ok_and(|mut c| c.insert(id))
+                {
+                    warn!(
+                        first = %existing.name, second = %mem.name, node_id = id,
+                        "two gateways share raft node id {id:016x}; {} is left out of the consensus (give it a new device key)",
+                        mem.name
+                    );
+                }
+                continue;
+            }
+            desired.insert(
+                id,
+                GatewayNode {
+                    name: mem.name.clone(),
+                    addr: mem.addr.clone(),
+                    key: mem.key.0,
+                },
+            );
+            order.push(id);
+        }
+        let wait = self.inner.cfg.write_timeout;
+        let change = |changes: ChangeMembers<NodeId, GatewayNode>, retain: bool| async move {
+            tokio::time::timeout(wait, self.inner.raft.change_membership(changes, retain))
+                .await
+                .map_err(|_| ConsensusError::NotAcknowledged(wait))?
+                .map(|_| ())
+                .map_err(|e| ConsensusError::Unavailable(e.to_string()))
+        };
+        for (id, node) in &desired {
+            match membership.get_node(id) {
+                None => {
+                    info!(gateway = %node.name, "adding gateway to the consensus as a learner");
+                    return tokio::time::timeout(
+                        wait,
+                        self.inner.raft.add_learner(*id, node.clone(), false),
+                    )
+                    .await
+                    .map_err(|_| ConsensusError::NotAcknowledged(wait))?
+                    .map(|_| ())
+                    .map_err(|e| ConsensusError::Unavailable(e.to_string()));
+                }
+                Some(known) if known != node => {
+                    return change(
+                        ChangeMembers::SetNodes(BTreeMap::from([(*id, node.clone())])),
+                        true,
+                    )
+                    .await;
+                }
+                Some(_) => {}
+            }
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let gone: BTreeSet<NodeId> = membership
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| !desired.contains_key(id) && *id != self.inner.id)
+            .collect();
+        if !gone.is_empty() {
+            info!(?gone, "removing forgotten gateways from the consensus");
+            let gone_voters: BTreeSet<NodeId> = gone.intersection(&voters).copied().collect();
+            if !gone_voters.is_empty() {
+                return change(ChangeMembers::RemoveVoters(gone_voters), false).await;
+            }
+            return change(ChangeMembers::RemoveNodes(gone), false).await;
+        }
+        let wanted: Vec<NodeId> = if self.inner.cfg.voters.is_empty() {
+            order
+                .iter()
+                .copied()
+                .take(self.inner.cfg.max_voters.max(1))
+                .collect()
+        } else {
+            order
+                .iter()
+                .copied()
+                .filter(|id| {
+                    desired
+                        .get(id)
+                        .is_some_and(|n| self.inner.cfg.voters.contains(&n.name))
+                })
+                .collect()
+        };
+        let last = m.last_log_index.unwrap_or(0);
+        let caught_up = |id: &NodeId| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(id))
+                .and_then(|x| x.as_ref())
+                .is_some_and(|matched| matched.index + LAG_FOR_VOTER >= last)
+        };
+        let target: BTreeSet<NodeId> = wanted
+            .iter()
+            .copied()
+            .filter(|id| voters.contains(id) || caught_up(id))
+            .collect();
+        if !target.is_empty() && target != voters && target.contains(&self.inner.id) {
+            info!(?target, "changing the voting gateways");
+            return change(ChangeMembers::ReplaceAllVoters(target), true).await;
+        }
+        Ok(())
+    }
+
+    async fn serve_write(&self, params: &str) -> Result<String, WireError> {
+        let cmd: Command = network::decode(params)
+            .map_err(|e| WireError::new("INVALID_REQUEST", e.to_string()))?;
+        cmd.check().map_err(|e| {
+            WireError::new("INVALID_REQUEST", format!("value is not valid JSON: {e}"))
+        })?;
+        let deadline = Instant::now() + self.inner.cfg.write_timeout;
+        let ack = self
+            .write_once(&cmd, deadline, false)
+            .await
+            .map_err(|e| e.to_wire())?;
+        network::encode(&ack.revision, false)
+            .map_err(|e| WireError::new("UNAVAILABLE", e.to_string()))
+    }
+
+    async fn serve_handoff(&self, from: PublicKey) -> Result<String, WireError> {
+        let m = self.inner.raft.metrics().borrow().clone();
+        let leader_key = m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.key));
+        if leader_key != Some(from.0) {
+            return Err(WireError::new(
+                "INVALID_REQUEST",
+                "only the current primary can hand its role over",
+            ));
+        }
+        let raft = self.inner.raft.clone();
+        let t = self.inner.timings;
+        tokio::spawn(async move {
+            // The followers refuse votes until the leader's lease (the longest election
+            // timeout) has lapsed since its last heartbeat; stand just after that, before
+            // their own election timers fire.
+            tokio::time::sleep(t.election_max + t.heartbeat).await;
+            if let Err(e) = raft.trigger().elect().await {
+                warn!("cannot stand for election: {e}");
+            }
+        });
+        Ok(String::new())
+    }
+}
+
+/// Pause between attempts of a write while a leader is elected or moves.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// A learner this many entries behind may become a voter (it catches up within a heartbeat).
+const LAG_FOR_VOTER: u64 = 64;
+
+impl PeerService for Replica {
+    fn handle(&self, from: PublicKey, req: Request) -> BoxFuture<Result<String, WireError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let raft = &this.inner.raft;
+            let bad = |e: network::PayloadError| WireError::new("INVALID_REQUEST", e.to_string());
+            let encode = |r: &dyn erased::Encode| {
+                r.encode(this.inner.cfg.compression)
+                    .map_err(|e| WireError::new("UNAVAILABLE", e.to_string()))
+            };
+            match req.method.as_str() {
+                network::METHOD_APPEND => {
+                    let rpc = network::decode(&req.params).map_err(bad)?;
+                    encode(&raft.append_entries(rpc).await)
+                }
+                network::METHOD_VOTE => {
+                    let rpc = network::decode(&req.params).map_err(bad)?;
+                    encode(&raft.vote(rpc).await)
+                }
+                network::METHOD_SNAPSHOT => {
+                    let rpc = network::decode(&req.params).map_err(bad)?;
+                    encode(&raft.install_snapshot(rpc).await)
+                }
+                METHOD_WRITE => this.serve_write(&req.params).await,
+                METHOD_HANDOFF => this.serve_handoff(from).await,
+                other => Err(WireError::new(
+                    "INVALID_REQUEST",
+                    format!("unknown consensus method {other}"),
+                )),
+            }
+        })
+    }
+}
+
+mod erased {
+    //! Lets one closure encode the three reply types.
+    pub(super) trait Encode {
+        fn encode(&self, compress: bool) -> Result<String, super::network::PayloadError>;
+    }
+    impl<T: serde::Serialize> Encode for T {
+        fn encode(&self, compress: bool) -> Result<String, super::network::PayloadError> {
+            super::network::encode(self, compress)
+        }
+    }
+}
+
+async fn sm_revision(sm: &SqliteStateMachine) -> Result<u64, ConsensusError> {
+    let sm = sm.clone();
+    blocking(move || sm.revision()).await
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ConsensusStoreError> + Send + 'static,
+) -> Result<T, ConsensusError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ConsensusError::Fatal(e.to_string()))?
+        .map_err(ConsensusError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timings_meet_the_failover_goal() {
+        let t = Timings::for_interval(Duration::from_secs(1));
+        // Replacement after lease + the longest timeout: under 3 s with room for a vote.
+        assert!(t.election_max * 2 < Duration::from_millis(2000));
+        assert!(t.heartbeat * 3 < t.election_min);
+        let t = Timings::for_interval(Duration::from_millis(50));
+        assert!(t.election_min < t.election_max);
+        assert!(t.heartbeat < t.election_min);
+    }
+}
