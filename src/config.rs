@@ -55,6 +55,8 @@ const KNOWN_KEYS: &[&str] = &[
     "gateway.federation.voters",
     "gateway.federation.maxVoters",
     "gateway.federation.writeTimeout",
+    "gateway.federation.snapshotEvery",
+    "gateway.federation.keepLog",
     "gateway.failover.enabled",
     "gateway.failover.healthCheckInterval",
     "gateway.failover.unhealthyThreshold",

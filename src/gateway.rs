@@ -258,6 +258,12 @@ fn consensus_settings(file: &FileConfig) -> Result<ReplicaConfig> {
     if file.bool("gateway.sync.deltaSync")? == Some(false) {
         warn!("gateway.sync.deltaSync is false, but clawmesh always syncs by deltas (the replicated log); a remote far behind receives a compressed snapshot");
     }
+    let snapshot_every = file
+        .u64("gateway.federation.snapshotEvery")?
+        .unwrap_or(d.snapshot_every);
+    if snapshot_every < 10 {
+        bail!("gateway.federation.snapshotEvery must be at least 10 entries");
+    }
     Ok(ReplicaConfig {
         voters: file
             .strings("gateway.federation.voters")?
@@ -268,6 +274,10 @@ fn consensus_settings(file: &FileConfig) -> Result<ReplicaConfig> {
             .bool("gateway.sync.compression")?
             .unwrap_or(d.compression),
         batch_size: batch,
+        snapshot_every,
+        keep_log: file
+            .u64("gateway.federation.keepLog")?
+            .unwrap_or(d.keep_log),
         ..d
     })
 }

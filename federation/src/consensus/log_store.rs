@@ -54,6 +54,51 @@ impl SqliteLogStore {
         &self.store
     }
 
+    /// Reads and decodes every stored entry and the metadata rows once, so a damaged row is
+    /// reported at start rather than when a follower first needs it. Returns how many entries
+    /// are stored.
+    pub async fn verify(&self) -> Result<usize, ConsensusStoreError> {
+        let _: Option<Vote> = self.read_meta(VOTE).await?;
+        let _: Option<LogId> = self.read_meta(COMMITTED).await?;
+        let state = self.log_state().await?;
+        let start = state.last_purged_log_id.map_or(0, |l| l.index + 1);
+        let entries = self.read_range(start, None).await?;
+        if let (Some(first), Some(last)) = (entries.first(), state.last_log_id) {
+            if first.log_id.index != start && state.last_purged_log_id.is_some() {
+                return Err(ConsensusStoreError::corrupt(
+                    "raft_log",
+                    format!("entries {start} to {} are missing", first.log_id.index - 1),
+                ));
+            }
+            if entries.last().map(|e| e.log_id) != Some(last) {
+                return Err(ConsensusStoreError::corrupt(
+                    "raft_log",
+                    "the last entry disagrees with the log state",
+                ));
+            }
+        }
+        Ok(entries.len())
+    }
+
+    /// The last log id and the vote: what a forced promotion starts from.
+    pub(crate) async fn last_and_vote(
+        &self,
+    ) -> Result<(Option<LogId>, Option<Vote>), ConsensusStoreError> {
+        let state = self.log_state().await?;
+        Ok((state.last_log_id, self.read_meta(VOTE).await?))
+    }
+
+    /// Appends `entry` and saves `vote` outside of openraft (the raft node must be stopped):
+    /// the operator's forced promotion, see [`super::recovery`].
+    pub(crate) async fn force_append(
+        &self,
+        entry: Entry,
+        vote: Vote,
+    ) -> Result<(), ConsensusStoreError> {
+        self.write_meta(VOTE, Some(&vote)).await?;
+        self.append_entries(vec![entry]).await
+    }
+
     async fn read_meta<T>(&self, key: &'static str) -> Result<Option<T>, ConsensusStoreError>
     where
         T: serde::de::DeserializeOwned,

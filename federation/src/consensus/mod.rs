@@ -66,6 +66,7 @@
 
 pub mod log_store;
 pub mod network;
+pub(crate) mod recovery;
 pub mod replica;
 pub mod state_machine;
 pub mod types;

@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -208,6 +208,10 @@ pub struct ConsensusStatus {
     pub applied: u64,
     /// Index of the last entry in the local log.
     pub last_log: u64,
+    /// Index of the last entry covered by the local snapshot, if one was built or received.
+    pub snapshot: Option<u64>,
+    /// Index of the last entry removed from the local log (covered by the snapshot).
+    pub purged: Option<u64>,
     /// Whether the raft group has been formed here.
     pub initialized: bool,
     /// Why the consensus stopped, if it did.
@@ -215,7 +219,11 @@ pub struct ConsensusStatus {
 }
 
 struct Inner {
-    raft: Raft<TypeConfig>,
+    /// The raft node; replaced (under `promoting`) only by a forced promotion.
+    raft: RwLock<Raft<TypeConfig>>,
+    raft_config: Arc<openraft::Config>,
+    store: Store,
+    promoting: tokio::sync::Mutex<()>,
     id: NodeId,
     key: PublicKey,
     name: String,
@@ -257,10 +265,6 @@ impl Replica {
         let name = mesh.config().name.clone();
         let id = node_id_of(&key.device_id().0);
         let timings = Timings::for_interval(cfg.health_interval);
-        let s = store.clone();
-        let (log, sm) = tokio::task::spawn_blocking(move || super::open(&s))
-            .await
-            .map_err(|e| ConsensusError::Fatal(e.to_string()))??;
         let config = openraft::Config {
             cluster_name: "clawmesh".into(),
             heartbeat_interval: timings.heartbeat.as_millis() as u64,
@@ -275,14 +279,15 @@ impl Replica {
         }
         .validate()
         .map_err(|e| ConsensusError::Invalid(format!("raft settings: {e}")))?;
-        let network = MeshNetwork::new(mesh.clone(), cfg.compression);
-        let raft = Raft::new(id, Arc::new(config), network, log, sm.clone())
-            .await
-            .map_err(|e| ConsensusError::Fatal(e.to_string()))?;
+        let raft_config = Arc::new(config);
+        let (raft, sm) = build_raft(id, &raft_config, &mesh, cfg.compression, &store).await?;
         let applied = watch::channel(sm_revision(&sm).await?).0;
         let replica = Replica {
             inner: Arc::new(Inner {
-                raft,
+                raft: RwLock::new(raft),
+                raft_config,
+                store,
+                promoting: tokio::sync::Mutex::new(()),
                 id,
                 key,
                 name,
@@ -299,12 +304,7 @@ impl Replica {
         if replica.inner.cfg.preferred && !replica.initialized().await {
             let me = replica.self_node();
             info!(node_id = id, "forming the federation's consensus group");
-            match replica
-                .inner
-                .raft
-                .initialize(BTreeMap::from([(id, me)]))
-                .await
-            {
+            match replica.raft().initialize(BTreeMap::from([(id, me)])).await {
                 Ok(()) => {}
                 Err(RaftError::APIError(e)) => debug!("already initialized: {e}"),
                 Err(e) => return Err(ConsensusError::Fatal(e.to_string())),
@@ -313,6 +313,15 @@ impl Replica {
         let driver = replica.clone();
         tokio::spawn(async move { driver.drive().await });
         Ok(replica)
+    }
+
+    /// The raft node (a clone of the handle).
+    fn raft(&self) -> Raft<TypeConfig> {
+        self.inner
+            .raft
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn self_node(&self) -> GatewayNode {
@@ -324,7 +333,7 @@ impl Replica {
     }
 
     async fn initialized(&self) -> bool {
-        self.inner.raft.is_initialized().await.unwrap_or(false)
+        self.raft().is_initialized().await.unwrap_or(false)
     }
 
     /// The raft timings in force.
@@ -365,7 +374,7 @@ impl Replica {
 
     /// The consensus as seen from here.
     pub fn status(&self) -> ConsensusStatus {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let m = self.raft().metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let name_of = |id: &NodeId| {
             membership
@@ -385,16 +394,32 @@ impl Replica {
         ConsensusStatus {
             role: role.into(),
             term: m.current_term,
-            leader: m.current_leader.map(|l| name_of(&l)),
+            leader: self.effective_leader(&m).map(|l| name_of(&l)),
             voters: voters.iter().map(name_of).collect(),
             learners: membership.learner_ids().map(|l| name_of(&l)).collect(),
             reachable_voters: reachable,
             quorum: !voters.is_empty() && reachable * 2 > voters.len(),
             applied: m.last_applied.map_or(0, |l| l.index),
             last_log: m.last_log_index.unwrap_or(0),
+            snapshot: m.snapshot.map(|l| l.index),
+            purged: m.purged.map(|l| l.index),
             initialized: m.membership_config.log_id().is_some(),
             error: m.running_state.as_ref().err().map(|e| e.to_string()),
         }
+    }
+
+    /// The leader this gateway believes in, except a leader (this one) that has not heard
+    /// from a majority within twice the lease: cut off from the others, it is not the
+    /// federation's primary any more, whatever its own raft state says.
+    fn effective_leader(&self, m: &openraft::RaftMetrics<NodeId, GatewayNode>) -> Option<NodeId> {
+        if m.state == ServerState::Leader {
+            let voters = m.membership_config.membership().voter_ids().count();
+            let lease = (self.inner.timings.election_max * 2).as_millis() as u64;
+            if voters > 1 && m.millis_since_quorum_ack.is_none_or(|ms| ms > lease) {
+                return None;
+            }
+        }
+        m.current_leader
     }
 
     fn reachable_voters(&self, m: &openraft::RaftMetrics<NodeId, GatewayNode>) -> usize {
@@ -433,7 +458,7 @@ impl Replica {
         deadline: Instant,
         may_forward: bool,
     ) -> Result<WriteAck, ConsensusError> {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let m = self.raft().metrics().borrow().clone();
         if let Err(e) = &m.running_state {
             return Err(ConsensusError::Fatal(e.to_string()));
         }
@@ -508,7 +533,7 @@ impl Replica {
             });
         }
         let wait = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(wait, self.inner.raft.client_write(cmd.clone())).await {
+        match tokio::time::timeout(wait, self.raft().client_write(cmd.clone())).await {
             Err(_) => Err(ConsensusError::NotAcknowledged(
                 self.inner.cfg.write_timeout,
             )),
@@ -541,7 +566,24 @@ impl Replica {
         let params =
             network::encode(cmd, false).map_err(|e| ConsensusError::Invalid(e.to_string()))?;
         let wait = deadline.saturating_duration_since(Instant::now());
-        match rpc::call(&conn, METHOD_WRITE, params, 1, wait).await {
+        // A leader that dies mid-request leaves the call waiting for the link's idle timeout;
+        // give up as soon as this gateway learns of another leader (or of none) and retry
+        // there. The write may have committed before the old leader died: a repeated set or
+        // unset of the same key is harmless.
+        let mut metrics = self.raft().metrics();
+        let leader_id = node_id_of(&PublicKey(leader.key).device_id().0);
+        let moved = metrics.wait_for(|m| m.current_leader != Some(leader_id));
+        let call = rpc::call(&conn, METHOD_WRITE, params, 1, wait);
+        let result = tokio::select! {
+            r = call => r,
+            _ = moved => {
+                return Err(ConsensusError::NoLeader(format!(
+                    "the primary {} changed while the write was in flight",
+                    leader.name
+                )));
+            }
+        };
+        match result {
             Ok(text) => {
                 let revision: u64 = network::decode(&text).map_err(|e| {
                     ConsensusError::Unavailable(format!("bad reply from {}: {e}", leader.name))
@@ -566,39 +608,70 @@ impl Replica {
     /// gateways reachable from here. For an operator who knowingly overrides quorum (the
     /// unreachable voters' un-replicated writes, if any, are lost when they rejoin).
     pub async fn promote_force(&self) -> Result<Vec<String>, ConsensusError> {
-        let m = self.inner.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership().clone();
-        let reachable: BTreeMap<NodeId, GatewayNode> = membership
-            .nodes()
-            .filter(|(_, n)| self.inner.mesh.is_reachable(&PublicKey(n.key)))
-            .map(|(id, n)| (*id, n.clone()))
-            .collect();
-        let names: Vec<String> = reachable.values().map(|n| n.name.clone()).collect();
-        if m.current_leader == Some(self.inner.id) {
+        let _one = self.inner.promoting.lock().await;
+        let raft = self.raft();
+        let m = raft.metrics().borrow().clone();
+        if self.effective_leader(&m) == Some(self.inner.id) {
             return Err(ConsensusError::Invalid(format!(
                 "{} is already the primary",
                 self.inner.name
             )));
         }
-        if !reachable.contains_key(&self.inner.id) {
+        let membership = m.membership_config.membership().clone();
+        let nodes: BTreeMap<NodeId, GatewayNode> =
+            membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        if !nodes.contains_key(&self.inner.id) {
             return Err(ConsensusError::NotMember(
                 "this gateway is not in the raft membership".into(),
             ));
         }
-        let _ = reachable;
-        Err(ConsensusError::Invalid(format!("TODO promote {names:?}")))
+        let voters: BTreeSet<NodeId> = membership
+            .voter_ids()
+            .filter(|id| {
+                nodes
+                    .get(id)
+                    .is_some_and(|n| self.inner.mesh.is_reachable(&PublicKey(n.key)))
+            })
+            .chain([self.inner.id])
+            .collect();
+        let names: Vec<String> = voters
+            .iter()
+            .filter_map(|id| nodes.get(id).map(|n| n.name.clone()))
+            .collect();
+        warn!(voters = ?names, "forced promotion: re-forming the voter set without a majority");
+        raft.shutdown()
+            .await
+            .map_err(|e| ConsensusError::Fatal(format!("stopping raft: {e}")))?;
+        let log = super::SqliteLogStore::open(self.inner.store.clone())?;
+        let log_id = super::recovery::force_voters(&log, self.inner.id, voters, nodes).await?;
+        info!(%log_id, "forced membership written; restarting raft");
+        let (fresh, _) = build_raft(
+            self.inner.id,
+            &self.inner.raft_config,
+            &self.inner.mesh,
+            self.inner.cfg.compression,
+            &self.inner.store,
+        )
+        .await?;
+        *self.inner.raft.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        let driver = self.clone();
+        tokio::spawn(async move { driver.drive().await });
+        if let Err(e) = fresh.trigger().elect().await {
+            warn!("cannot stand for election: {e}");
+        }
+        Ok(names)
     }
 
     /// Stops the raft node (the state stays on disk).
     pub async fn shutdown(&self) {
-        let _ = self.inner.raft.shutdown().await;
+        let _ = self.raft().shutdown().await;
     }
 
     /// The background policies: report the leader, follow applied revisions, and (on the
     /// leader) keep the membership in line with the mesh and hand the role to the preferred
     /// primary.
     async fn drive(self) {
-        let mut metrics = self.inner.raft.metrics();
+        let mut metrics = self.raft().metrics();
         let mut tick = tokio::time::interval(self.inner.timings.heartbeat * 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut preferred_ready_since: Option<Instant> = None;
@@ -614,8 +687,8 @@ impl Replica {
                 return;
             }
             let membership = m.membership_config.membership();
-            let leader_key = m
-                .current_leader
+            let leader_key = self
+                .effective_leader(&m)
                 .and_then(|l| membership.get_node(&l))
                 .map(|n| PublicKey(n.key));
             self.inner.mesh.set_leader(leader_key);
@@ -671,7 +744,7 @@ impl Replica {
         };
         info!(to = %to.name, "handing the primary role back to the preferred primary");
         self.inner.handing_off.store(true, Ordering::Release);
-        self.inner.raft.runtime_config().heartbeat(false);
+        self.raft().runtime_config().heartbeat(false);
         let t = self.inner.timings;
         let asked = rpc::call(&conn, METHOD_HANDOFF, String::new(), 0, t.election_max).await;
         if let Err(e) = asked {
@@ -679,14 +752,14 @@ impl Replica {
         } else {
             // Bounded: the preferred primary stands after one lease; if it has not won within
             // three more, this gateway resumes leading.
-            let mut metrics = self.inner.raft.metrics();
+            let mut metrics = self.raft().metrics();
             let _ = tokio::time::timeout(
                 t.election_max * 4,
                 metrics.wait_for(|m| m.state != ServerState::Leader),
             )
             .await;
         }
-        self.inner.raft.runtime_config().heartbeat(true);
+        self.raft().runtime_config().heartbeat(true);
         self.inner.handing_off.store(false, Ordering::Release);
     }
 
@@ -730,7 +803,7 @@ impl Replica {
         }
         let wait = self.inner.cfg.write_timeout;
         let change = |changes: ChangeMembers<NodeId, GatewayNode>, retain: bool| async move {
-            tokio::time::timeout(wait, self.inner.raft.change_membership(changes, retain))
+            tokio::time::timeout(wait, self.raft().change_membership(changes, retain))
                 .await
                 .map_err(|_| ConsensusError::NotAcknowledged(wait))?
                 .map(|_| ())
@@ -742,7 +815,7 @@ impl Replica {
                     info!(gateway = %node.name, "adding gateway to the consensus as a learner");
                     return tokio::time::timeout(
                         wait,
-                        self.inner.raft.add_learner(*id, node.clone(), false),
+                        self.raft().add_learner(*id, node.clone(), false),
                     )
                     .await
                     .map_err(|_| ConsensusError::NotAcknowledged(wait))?
@@ -826,7 +899,7 @@ impl Replica {
     }
 
     async fn serve_handoff(&self, from: PublicKey) -> Result<String, WireError> {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let m = self.raft().metrics().borrow().clone();
         let leader_key = m
             .current_leader
             .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.key));
@@ -836,7 +909,7 @@ impl Replica {
                 "only the current primary can hand its role over",
             ));
         }
-        let raft = self.inner.raft.clone();
+        let raft = self.raft().clone();
         let t = self.inner.timings;
         tokio::spawn(async move {
             // The followers refuse votes until the leader's lease (the longest election
@@ -861,7 +934,7 @@ impl PeerService for Replica {
     fn handle(&self, from: PublicKey, req: Request) -> BoxFuture<Result<String, WireError>> {
         let this = self.clone();
         Box::pin(async move {
-            let raft = &this.inner.raft;
+            let raft = &this.raft();
             let bad = |e: network::PayloadError| WireError::new("INVALID_REQUEST", e.to_string());
             let encode = |r: &dyn erased::Encode| {
                 r.encode(this.inner.cfg.compression)
@@ -901,6 +974,29 @@ mod erased {
             super::network::encode(self, compress)
         }
     }
+}
+
+/// Opens the raft storage in `store` (checking every stored entry first) and starts a raft
+/// node on it over `mesh`.
+async fn build_raft(
+    id: NodeId,
+    config: &Arc<openraft::Config>,
+    mesh: &Mesh,
+    compression: bool,
+    store: &Store,
+) -> Result<(Raft<TypeConfig>, SqliteStateMachine), ConsensusError> {
+    let s = store.clone();
+    let (log, sm) = tokio::task::spawn_blocking(move || super::open(&s))
+        .await
+        .map_err(|e| ConsensusError::Fatal(e.to_string()))??;
+    let entries = log.verify().await?;
+    sm_revision(&sm).await?;
+    debug!(entries, "raft log verified");
+    let network = MeshNetwork::new(mesh.clone(), compression);
+    let raft = Raft::new(id, config.clone(), network, log, sm.clone())
+        .await
+        .map_err(|e| ConsensusError::Fatal(e.to_string()))?;
+    Ok((raft, sm))
 }
 
 async fn sm_revision(sm: &SqliteStateMachine) -> Result<u64, ConsensusError> {

@@ -535,9 +535,17 @@ impl RaftStateMachine<TypeConfig> for SqliteStateMachine {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
+        let bytes = snapshot.get_ref().len();
         self.install(meta, snapshot.into_inner())
             .await
-            .map_err(|e| snapshot_err(e, Some(meta), ErrorVerb::Write))
+            .map_err(|e| snapshot_err(e, Some(meta), ErrorVerb::Write))?;
+        tracing::info!(
+            snapshot = %meta.snapshot_id,
+            last = ?meta.last_log_id.map(|l| l.index),
+            bytes,
+            "installed a snapshot of the shared config from the primary"
+        );
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
