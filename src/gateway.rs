@@ -697,6 +697,32 @@ fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods, region: Option<String>
     });
 }
 
+/// Disconnects nodes whose revocation arrives through the replicated log (a decision made on
+/// another gateway, or made while this one was away).
+fn spawn_pairing_follower(replica: &Replica, methods: &Methods) {
+    let mut changes = replica.pairing_changes();
+    let registry = methods.nodes().clone();
+    tokio::spawn(async move {
+        loop {
+            match changes.recv().await {
+                Ok(r) if !r.approved => {
+                    let id = r.key.device_id();
+                    if registry.disconnect(&id, "device removed") {
+                        info!(device = %id.short(), "disconnected a node revoked in the federation's log");
+                    }
+                }
+                Ok(r) => {
+                    info!(device = %r.key.device_id().short(), name = %r.name, "pairing approved in the federation's log");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!("missed {n} pairing changes from the log");
+                }
+                Err(_) => return,
+            }
+        }
+    });
+}
+
 /// Runs a gateway until a signal or a fatal error.
 pub async fn run(s: GatewaySettings) -> Result<()> {
     raise_nofile_limit();
@@ -773,6 +799,7 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     methods.set_consensus(replica.clone(), s.sync, s.local_config.clone());
     spawn_federation_tasks(&mesh, &methods, s.region.clone());
     spawn_config_follower(&replica, &methods, &s);
+    spawn_pairing_follower(&replica, &methods);
     // The classic WebSocket bridge on the same port, TCP.
     let (bridge_stop, bridge_rx) = tokio::sync::watch::channel(None);
     let mut secrets: Vec<String> = s.token.iter().cloned().collect();

@@ -513,7 +513,12 @@ impl Methods {
             return;
         };
         match self.inner.pairing.record(&key) {
-            Ok(Some(r)) => mesh.publish_pairing(vec![r]),
+            Ok(Some(r)) => {
+                if let Some(sh) = self.inner.shared.get() {
+                    sh.replica.propose_pairing(vec![r.clone()]);
+                }
+                mesh.publish_pairing(vec![r]);
+            }
             Ok(None) => {}
             Err(e) => tracing::warn!("cannot share the pairing decision: {e}"),
         }

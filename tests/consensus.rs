@@ -747,3 +747,49 @@ fn corrupt_or_truncated_state_is_refused_with_a_clear_error() {
         Some(Value::from(2))
     );
 }
+
+#[test]
+fn pairing_reaches_a_gateway_that_was_away_through_the_log() {
+    let _serial = serial();
+    let mut fed = Fed::start(300);
+    let bj = fed.dir(1).to_path_buf();
+    let fra = fed.dir(2).to_path_buf();
+    fed.term(2);
+    let gw = format!("quic://127.0.0.1:{}", fed.ports[1]);
+    let node_dir = fed.tmp.path().join("node");
+    let _node = Gw::spawn_cmd(
+        &node_dir,
+        &["node", "run", "--gateway", &gw, "--name", "n-log"],
+    );
+    let mut req = None;
+    assert!(wait_until(Duration::from_secs(15), || {
+        let v = cli_json(&bj, &["devices", "list", "--json"]);
+        req = v["pending"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["name"] == "n-log"))
+            .and_then(|p| p["requestId"].as_str().map(str::to_string));
+        req.is_some()
+    }));
+    let tyo = fed.dir(0).to_path_buf();
+    let before = applied(&tyo);
+    let out = cli(&bj, &["devices", "approve", req.as_deref().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The decision becomes a log entry once a majority (tokyo, beijing) has it.
+    assert!(
+        wait_until(Duration::from_secs(10), || applied(&tyo) > before),
+        "no pairing entry in the log: {}",
+        fed.report()
+    );
+    let paired = |d: &Path| {
+        cli_json(d, &["devices", "list", "--json"])["paired"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == "n-log"))
+    };
+    assert!(paired(&tyo));
+    fed.spawn(2);
+    assert!(
+        wait_until(Duration::from_secs(15), || paired(&fra)),
+        "frankfurt never learned of the approval: {}",
+        fed.report()
+    );
+}

@@ -692,114 +692,18 @@ impl Registry {
 
     /// Every paired and revoked device, for a full exchange when two gateways link.
     pub fn records(&self) -> Result<Vec<PairingRecord>, PairingError> {
-        type Row = (
-            Vec<u8>,
-            String,
-            String,
-            String,
-            i64,
-            String,
-            Option<String>,
-            Option<i64>,
-        );
-        let (paired, revoked): (Vec<Row>, Vec<(Vec<u8>, i64)>) = self.store.with_conn(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT p.public_key, p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.token, t.created_at_ms
-                 FROM paired_devices p LEFT JOIN device_tokens t ON t.device_id = p.device_id AND t.role = p.role",
-            )?;
-            let paired = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut stmt = c.prepare_cached("SELECT public_key, revoked_at_ms FROM revoked_devices")?;
-            let revoked = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((paired, revoked))
-        })?;
-        let mut out = Vec::new();
-        for (k, name, role, platform, at, meta, token, token_at) in paired {
-            let Some(key) = Self::key_of(&k) else {
-                continue;
-            };
-            out.push(PairingRecord {
-                key,
-                approved: true,
-                changed_at_ms: at.max(0) as u64,
-                name,
-                role,
-                platform,
-                meta,
-                token: token.map(|t| (t, token_at.unwrap_or(0).max(0) as u64)),
-            });
-        }
-        for (k, at) in revoked {
-            let Some(key) = Self::key_of(&k) else {
-                continue;
-            };
-            out.push(PairingRecord {
-                key,
-                approved: false,
-                changed_at_ms: at.max(0) as u64,
-                name: String::new(),
-                role: String::new(),
-                platform: String::new(),
-                meta: "{}".into(),
-                token: None,
-            });
-        }
-        Ok(out)
+        Ok(self.store.with_conn(read_records)?)
     }
 
     /// Merges records from another gateway: for each device the newest decision wins.
     /// Returns the records that changed something here (callers disconnect revoked devices).
     pub fn apply(&self, records: &[PairingRecord]) -> Result<Vec<PairingRecord>, PairingError> {
-        let mine: HashMap<PublicKey, PairingRecord> =
-            self.records()?.into_iter().map(|r| (r.key, r)).collect();
-        let mut changed = Vec::new();
-        for r in records.iter().take(MAX_SYNC_RECORDS) {
-            if let Some(m) = mine.get(&r.key) {
-                // Newest wins; on a tie a revocation wins (fail closed).
-                let newer = r.changed_at_ms > m.changed_at_ms
-                    || (r.changed_at_ms == m.changed_at_ms && !r.approved && m.approved);
-                if !newer {
-                    continue;
-                }
-            }
-            let kb = r.key.0.to_vec();
-            let id = r.key.device_id().to_string();
-            self.store.with_conn(|c| {
-                let tx = c.transaction()?;
-                if r.approved {
-                    tx.execute(
-                        "INSERT INTO paired_devices(public_key, device_id, name, role, platform, approved_at_ms, meta)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                         ON CONFLICT(public_key) DO UPDATE SET name = excluded.name, role = excluded.role,
-                            platform = excluded.platform, approved_at_ms = excluded.approved_at_ms, meta = excluded.meta",
-                        params![kb, id, r.name, r.role, r.platform, r.changed_at_ms as i64, r.meta],
-                    )?;
-                    if let Some((token, at)) = &r.token {
-                        tx.execute(
-                            "INSERT INTO device_tokens(device_id, role, token, created_at_ms) VALUES (?1, ?2, ?3, ?4)
-                             ON CONFLICT(device_id, role) DO UPDATE SET token = excluded.token, created_at_ms = excluded.created_at_ms",
-                            params![id, r.role, token, *at as i64],
-                        )?;
-                    }
-                    tx.execute("DELETE FROM revoked_devices WHERE public_key = ?1", [&kb])?;
-                    tx.execute("DELETE FROM pending_devices WHERE public_key = ?1", [&kb])?;
-                } else {
-                    tx.execute("DELETE FROM paired_devices WHERE public_key = ?1", [&kb])?;
-                    tx.execute("DELETE FROM device_tokens WHERE device_id = ?1", [&id])?;
-                    tx.execute(
-                        "INSERT INTO revoked_devices(public_key, revoked_at_ms) VALUES (?1, ?2)
-                         ON CONFLICT(public_key) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms",
-                        params![kb, r.changed_at_ms as i64],
-                    )?;
-                }
-                tx.commit()
-            })?;
-            changed.push(r.clone());
-        }
-        Ok(changed)
+        Ok(self.store.with_conn(|c| {
+            let tx = c.transaction()?;
+            let changed = apply_records(&tx, records)?;
+            tx.commit()?;
+            Ok(changed)
+        })?)
     }
 
     /// Whether a device id is paired (for quick checks on live sessions).
@@ -817,6 +721,131 @@ impl Registry {
             })?
             .is_some())
     }
+}
+
+/// Creates the pairing tables if needed (for the consensus state machine, which applies
+/// replicated pairing decisions into them).
+pub(crate) fn ensure_schema(c: &rusqlite::Connection) -> rusqlite::Result<()> {
+    c.execute_batch(SCHEMA)
+}
+
+/// Every paired and revoked device, read on `c` (inside the caller's transaction, if any).
+pub(crate) fn read_records(c: &mut rusqlite::Connection) -> rusqlite::Result<Vec<PairingRecord>> {
+    read_records_on(c)
+}
+
+/// [`read_records`] on a plain connection reference (a transaction derefs to one).
+pub(crate) fn read_records_on(c: &rusqlite::Connection) -> rusqlite::Result<Vec<PairingRecord>> {
+    type Row = (
+        Vec<u8>,
+        String,
+        String,
+        String,
+        i64,
+        String,
+        Option<String>,
+        Option<i64>,
+    );
+    let mut stmt = c.prepare_cached(
+        "SELECT p.public_key, p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.token, t.created_at_ms
+         FROM paired_devices p LEFT JOIN device_tokens t ON t.device_id = p.device_id AND t.role = p.role",
+    )?;
+    let paired: Vec<Row> = stmt
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stmt = c.prepare_cached("SELECT public_key, revoked_at_ms FROM revoked_devices")?;
+    let revoked: Vec<(Vec<u8>, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::new();
+    for (k, name, role, platform, at, meta, token, token_at) in paired {
+        let Some(key) = Registry::key_of(&k) else {
+            continue;
+        };
+        out.push(PairingRecord {
+            key,
+            approved: true,
+            changed_at_ms: at.max(0) as u64,
+            name,
+            role,
+            platform,
+            meta,
+            token: token.map(|t| (t, token_at.unwrap_or(0).max(0) as u64)),
+        });
+    }
+    for (k, at) in revoked {
+        let Some(key) = Registry::key_of(&k) else {
+            continue;
+        };
+        out.push(PairingRecord {
+            key,
+            approved: false,
+            changed_at_ms: at.max(0) as u64,
+            name: String::new(),
+            role: String::new(),
+            platform: String::new(),
+            meta: "{}".into(),
+            token: None,
+        });
+    }
+    Ok(out)
+}
+
+/// Merges `records` on `c` (the caller commits): for each device the newest decision wins, a
+/// revocation wins a tie. Deterministic, so every gateway applying the same records in the
+/// same order ends in the same state. Returns the records that changed something.
+pub(crate) fn apply_records(
+    c: &rusqlite::Connection,
+    records: &[PairingRecord],
+) -> rusqlite::Result<Vec<PairingRecord>> {
+    let mut mine: HashMap<PublicKey, PairingRecord> = read_records_on(c)?
+        .into_iter()
+        .map(|r| (r.key, r))
+        .collect();
+    let mut changed = Vec::new();
+    for r in records.iter().take(MAX_SYNC_RECORDS) {
+        if let Some(m) = mine.get(&r.key) {
+            let newer = r.changed_at_ms > m.changed_at_ms
+                || (r.changed_at_ms == m.changed_at_ms && !r.approved && m.approved);
+            if !newer {
+                continue;
+            }
+        }
+        let kb = r.key.0.to_vec();
+        let id = r.key.device_id().to_string();
+        if r.approved {
+            c.execute(
+                "INSERT INTO paired_devices(public_key, device_id, name, role, platform, approved_at_ms, meta)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(public_key) DO UPDATE SET name = excluded.name, role = excluded.role,
+                    platform = excluded.platform, approved_at_ms = excluded.approved_at_ms, meta = excluded.meta",
+                params![kb, id, r.name, r.role, r.platform, r.changed_at_ms as i64, r.meta],
+            )?;
+            if let Some((token, at)) = &r.token {
+                c.execute(
+                    "INSERT INTO device_tokens(device_id, role, token, created_at_ms) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(device_id, role) DO UPDATE SET token = excluded.token, created_at_ms = excluded.created_at_ms",
+                    params![id, r.role, token, *at as i64],
+                )?;
+            }
+            c.execute("DELETE FROM revoked_devices WHERE public_key = ?1", [&kb])?;
+            c.execute("DELETE FROM pending_devices WHERE public_key = ?1", [&kb])?;
+        } else {
+            c.execute("DELETE FROM paired_devices WHERE public_key = ?1", [&kb])?;
+            c.execute("DELETE FROM device_tokens WHERE device_id = ?1", [&id])?;
+            c.execute(
+                "INSERT INTO revoked_devices(public_key, revoked_at_ms) VALUES (?1, ?2)
+                 ON CONFLICT(public_key) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms",
+                params![kb, r.changed_at_ms as i64],
+            )?;
+        }
+        // Later records of the same batch compare against this one.
+        mine.insert(r.key, r.clone());
+        changed.push(r.clone());
+    }
+    Ok(changed)
 }
 
 fn pick<T>(

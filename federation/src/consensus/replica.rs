@@ -280,7 +280,11 @@ impl Replica {
         .validate()
         .map_err(|e| ConsensusError::Invalid(format!("raft settings: {e}")))?;
         let raft_config = Arc::new(config);
-        let (raft, sm) = build_raft(id, &raft_config, &mesh, cfg.compression, &store).await?;
+        let s = store.clone();
+        let sm = tokio::task::spawn_blocking(move || SqliteStateMachine::open(s))
+            .await
+            .map_err(|e| ConsensusError::Fatal(e.to_string()))??;
+        let raft = build_raft(id, &raft_config, &mesh, cfg.compression, &store, &sm).await?;
         let applied = watch::channel(sm_revision(&sm).await?).0;
         let replica = Replica {
             inner: Arc::new(Inner {
@@ -357,6 +361,40 @@ impl Replica {
     /// The revision applied here.
     pub fn revision(&self) -> u64 {
         *self.inner.applied.borrow()
+    }
+
+    /// Pairing decisions applied here from the log that changed the local registry.
+    pub fn pairing_changes(&self) -> tokio::sync::broadcast::Receiver<crate::pairing::PairingRecord> {
+        self.inner.sm.pairing_changes()
+    }
+
+    /// Proposes pairing decisions made here, so every gateway (also one that is offline now)
+    /// gets them from the log. Retried in the background while no majority is reachable, for
+    /// up to [`PAIRING_RETRY_FOR`]; meanwhile the direct exchange between linked gateways
+    /// already carries them.
+    pub fn propose_pairing(&self, records: Vec<crate::pairing::PairingRecord>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let give_up = Instant::now() + PAIRING_RETRY_FOR;
+            let mut pause = Duration::from_millis(200);
+            loop {
+                match this.write(Command::Pairing(records.clone())).await {
+                    Ok(ack) => {
+                        debug!(revision = ack.revision, "pairing decision replicated");
+                        return;
+                    }
+                    Err(e) if Instant::now() < give_up => {
+                        debug!("pairing decision not replicated yet: {e}");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(10));
+                    }
+                    Err(e) => {
+                        warn!("pairing decision not replicated through the log: {e}; linked gateways have it from the direct exchange");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// Follows the revision applied here: changes whenever an entry is applied.
@@ -645,12 +683,13 @@ impl Replica {
         let log = super::SqliteLogStore::open(self.inner.store.clone())?;
         let log_id = super::recovery::force_voters(&log, self.inner.id, voters, nodes).await?;
         info!(%log_id, "forced membership written; restarting raft");
-        let (fresh, _) = build_raft(
+        let fresh = build_raft(
             self.inner.id,
             &self.inner.raft_config,
             &self.inner.mesh,
             self.inner.cfg.compression,
             &self.inner.store,
+            &self.inner.sm,
         )
         .await?;
         *self.inner.raft.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
@@ -924,6 +963,9 @@ impl Replica {
     }
 }
 
+/// How long a pairing decision is retried while no majority is reachable.
+pub const PAIRING_RETRY_FOR: Duration = Duration::from_secs(600);
+
 /// Pause between attempts of a write while a leader is elected or moves.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
@@ -976,27 +1018,27 @@ mod erased {
     }
 }
 
-/// Opens the raft storage in `store` (checking every stored entry first) and starts a raft
-/// node on it over `mesh`.
+/// Opens the raft log in `store` (checking every stored entry first) and starts a raft node
+/// on it and `sm` over `mesh`.
 async fn build_raft(
     id: NodeId,
     config: &Arc<openraft::Config>,
     mesh: &Mesh,
     compression: bool,
     store: &Store,
-) -> Result<(Raft<TypeConfig>, SqliteStateMachine), ConsensusError> {
+    sm: &SqliteStateMachine,
+) -> Result<Raft<TypeConfig>, ConsensusError> {
     let s = store.clone();
-    let (log, sm) = tokio::task::spawn_blocking(move || super::open(&s))
+    let log = tokio::task::spawn_blocking(move || super::SqliteLogStore::open(s))
         .await
         .map_err(|e| ConsensusError::Fatal(e.to_string()))??;
     let entries = log.verify().await?;
-    sm_revision(&sm).await?;
+    sm_revision(sm).await?;
     debug!(entries, "raft log verified");
     let network = MeshNetwork::new(mesh.clone(), compression);
-    let raft = Raft::new(id, config.clone(), network, log, sm.clone())
+    Raft::new(id, config.clone(), network, log, sm.clone())
         .await
-        .map_err(|e| ConsensusError::Fatal(e.to_string()))?;
-    Ok((raft, sm))
+        .map_err(|e| ConsensusError::Fatal(e.to_string()))
 }
 
 async fn sm_revision(sm: &SqliteStateMachine) -> Result<u64, ConsensusError> {

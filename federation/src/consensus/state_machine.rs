@@ -2,9 +2,10 @@
 //!
 //! # Snapshot format
 //!
-//! `b"CMRS"`, a format version byte (now 1), the length of the rest (u64, big endian), then a
+//! `b"CMRS"`, a format version byte (now 2), the length of the rest (u64, big endian), then a
 //! zlib stream (deflate with an adler-32 checksum, by `miniz_oxide`) of the postcard encoding of: the last applied log id, the last
-//! membership, and every config row `(key, value, revision)` in key order. The snapshot's
+//! membership, every config row `(key, value, revision)` in key order, and (since version 2)
+//! every pairing decision (paired and revoked devices). Version 1 snapshots are still read. The snapshot's
 //! metadata (with its id) travels beside the bytes, as openraft sends it; installing checks that
 //! both agree.
 
@@ -25,7 +26,9 @@ use super::{
     from_json, index_from_sql, run_blocking, sql_bytes, sql_index, sql_int, sql_text, to_json,
     ConsensusStoreError,
 };
+use crate::pairing::PairingRecord;
 use crate::store::Store;
+use tokio::sync::broadcast;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS config (
@@ -48,7 +51,7 @@ const LAST_MEMBERSHIP: &str = "last_membership";
 /// First bytes of every snapshot.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"CMRS";
 /// The snapshot format version written now.
-const SNAPSHOT_VERSION: u8 = 1;
+const SNAPSHOT_VERSION: u8 = 2;
 /// Decompressed snapshots larger than this are refused (a corrupt or hostile stream must not
 /// exhaust memory).
 pub const MAX_SNAPSHOT_BYTES: usize = 256 * 1024 * 1024;
@@ -58,9 +61,18 @@ const COMPRESSION_LEVEL: u8 = 6;
 /// One config row: key, value (JSON text), revision (the log index that last wrote it).
 pub type ConfigRow = (String, String, u64);
 
-/// What a snapshot holds (format version 1).
+/// What a snapshot holds (format version 2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct SnapshotBody {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+    config: Vec<ConfigRow>,
+    pairing: Vec<PairingRecord>,
+}
+
+/// What a format version 1 snapshot holds (no pairing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SnapshotBodyV1 {
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
     config: Vec<ConfigRow>,
@@ -73,7 +85,12 @@ struct SnapshotBody {
 #[derive(Debug, Clone)]
 pub struct SqliteStateMachine {
     store: Store,
+    pairing_changes: broadcast::Sender<PairingRecord>,
 }
+
+/// Pairing changes buffered for a slow subscriber; older ones are dropped (the subscriber
+/// misses a disconnect notice, and the device's next request is refused by the registry).
+const PAIRING_CHANGES: usize = 256;
 
 /// A write to the `config` table.
 enum ConfigOp {
@@ -91,13 +108,25 @@ impl SqliteStateMachine {
     /// Opens the state machine on `store`, creating its tables if needed (blocking: call it at
     /// startup or in `spawn_blocking`).
     pub fn open(store: Store) -> Result<SqliteStateMachine, ConsensusStoreError> {
-        store.with_conn(|c| c.execute_batch(SCHEMA))?;
-        Ok(SqliteStateMachine { store })
+        store.with_conn(|c| {
+            c.execute_batch(SCHEMA)?;
+            crate::pairing::ensure_schema(c)
+        })?;
+        Ok(SqliteStateMachine {
+            store,
+            pairing_changes: broadcast::channel(PAIRING_CHANGES).0,
+        })
     }
 
     /// The state database underneath.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Pairing decisions that changed the local registry as they are applied from the log
+    /// (revoked devices must be disconnected here).
+    pub fn pairing_changes(&self) -> broadcast::Receiver<PairingRecord> {
+        self.pairing_changes.subscribe()
     }
 
     /// The value (JSON text) and revision of a config key, if it is set.
@@ -165,6 +194,7 @@ impl SqliteStateMachine {
         let applied = to_json(&last.log_id, LAST_APPLIED)?;
         let mut membership = None;
         let mut ops = Vec::new();
+        let mut pairing: Vec<PairingRecord> = Vec::new();
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
             let revision = sql_index(entry.log_id.index)?;
@@ -181,6 +211,7 @@ impl SqliteStateMachine {
                             .map(|(key, value)| config_op(key, value, revision)),
                     ),
                     Command::Noop => {}
+                    Command::Pairing(records) => pairing.extend(records),
                 },
             }
             results.push(CommandResult {
@@ -190,10 +221,15 @@ impl SqliteStateMachine {
         let membership = membership
             .map(|m| to_json(&m, LAST_MEMBERSHIP))
             .transpose()?;
-        // One transaction per batch: the config rows, the last applied id and the membership
-        // move together (and are fsynced on commit).
-        run_blocking(&self.store, move |c| {
+        // One transaction per batch: the config rows, the pairing decisions, the last applied
+        // id and the membership move together (and are fsynced on commit).
+        let changed = run_blocking(&self.store, move |c| {
             let tx = c.transaction()?;
+            let changed = if pairing.is_empty() {
+                Vec::new()
+            } else {
+                crate::pairing::apply_records(&tx, &pairing)?
+            };
             {
                 let mut set = tx.prepare_cached(
                     "INSERT INTO config(key, value, revision) VALUES (?1, ?2, ?3)
@@ -215,27 +251,33 @@ impl SqliteStateMachine {
             if let Some(membership) = &membership {
                 write_meta(&tx, LAST_MEMBERSHIP, membership)?;
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(changed)
         })
         .await?;
+        for r in changed {
+            let _ = self.pairing_changes.send(r);
+        }
         Ok(results)
     }
 
     async fn build(&self) -> Result<Snapshot, ConsensusStoreError> {
         // One read of the whole state, consistent (the connection is held throughout).
-        let (applied, membership, rows) = run_blocking(&self.store, |c| {
+        let (applied, membership, rows, pairing) = run_blocking(&self.store, |c| {
             let tx = c.transaction()?;
             let applied = read_meta(&tx, LAST_APPLIED)?;
             let membership = read_meta(&tx, LAST_MEMBERSHIP)?;
             let rows = read_config(&tx)?;
+            let pairing = crate::pairing::read_records_on(&tx)?;
             tx.commit()?;
-            Ok((applied, membership, rows))
+            Ok((applied, membership, rows, pairing))
         })
         .await?;
         let body = SnapshotBody {
             last_applied: decode_meta(applied, LAST_APPLIED)?,
             last_membership: decode_meta(membership, LAST_MEMBERSHIP)?.unwrap_or_default(),
             config: rows.into_iter().map(config_row).collect::<Result<_, _>>()?,
+            pairing,
         };
         let data = encode_snapshot(&body)?;
         let meta = SnapshotMeta {
@@ -276,9 +318,12 @@ impl SqliteStateMachine {
         for (key, value, revision) in body.config {
             rows.push((key, value, sql_index(revision)?));
         }
-        // Replaces the state, the applied bookkeeping and the current snapshot at once.
-        run_blocking(&self.store, move |c| {
+        let pairing = body.pairing;
+        // Replaces the config, merges the pairing decisions (newest wins, as in the log), and
+        // replaces the applied bookkeeping and the current snapshot, at once.
+        let changed = run_blocking(&self.store, move |c| {
             let tx = c.transaction()?;
+            let changed = crate::pairing::apply_records(&tx, &pairing)?;
             tx.execute("DELETE FROM config", [])?;
             {
                 let mut insert =
@@ -298,9 +343,14 @@ impl SqliteStateMachine {
                 "INSERT OR REPLACE INTO raft_snapshot(id, last_index, meta, data) VALUES (1, ?1, ?2, ?3)",
                 params![last_index, meta_json, data],
             )?;
-            tx.commit()
+            tx.commit()?;
+            Ok(changed)
         })
-        .await
+        .await?;
+        for r in changed {
+            let _ = self.pairing_changes.send(r);
+        }
+        Ok(())
     }
 
     async fn current_snapshot(&self) -> Result<Option<Snapshot>, ConsensusStoreError> {
@@ -439,9 +489,9 @@ fn decode_snapshot(data: &[u8], what: &str) -> Result<SnapshotBody, ConsensusSto
     let (&version, compressed) = rest
         .split_first()
         .ok_or_else(|| corrupt("truncated before its format version".into()))?;
-    if version != SNAPSHOT_VERSION {
+    if version != SNAPSHOT_VERSION && version != 1 {
         return Err(corrupt(format!(
-            "format version {version} is not supported (this gateway reads version {SNAPSHOT_VERSION})"
+            "format version {version} is not supported (this gateway reads versions 1 and {SNAPSHOT_VERSION})"
         )));
     }
     let (length, compressed) = compressed
@@ -457,8 +507,21 @@ fn decode_snapshot(data: &[u8], what: &str) -> Result<SnapshotBody, ConsensusSto
     let plain =
         miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(compressed, MAX_SNAPSHOT_BYTES)
             .map_err(|e| corrupt(format!("does not decompress: {e}")))?;
-    let (body, trailing): (SnapshotBody, _) =
-        postcard::take_from_bytes(&plain).map_err(|e| corrupt(format!("does not decode: {e}")))?;
+    let (body, trailing): (SnapshotBody, _) = if version == 1 {
+        let (v1, trailing): (SnapshotBodyV1, _) = postcard::take_from_bytes(&plain)
+            .map_err(|e| corrupt(format!("does not decode: {e}")))?;
+        (
+            SnapshotBody {
+                last_applied: v1.last_applied,
+                last_membership: v1.last_membership,
+                config: v1.config,
+                pairing: Vec::new(),
+            },
+            trailing,
+        )
+    } else {
+        postcard::take_from_bytes(&plain).map_err(|e| corrupt(format!("does not decode: {e}")))?
+    };
     if !trailing.is_empty() {
         return Err(corrupt(format!("{} trailing bytes", trailing.len())));
     }
@@ -715,6 +778,89 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(follower.get("d").unwrap(), Some(("null".into(), 8)));
+    }
+
+    fn key(n: u8) -> crate::identity::PublicKey {
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[n; 32]);
+        crate::identity::PublicKey(signing.verifying_key().to_bytes())
+    }
+
+    fn device(n: u8, approved: bool, at: u64) -> PairingRecord {
+        PairingRecord {
+            key: key(n),
+            approved,
+            changed_at_ms: at,
+            name: format!("node-{n}"),
+            role: "node".into(),
+            platform: "linux".into(),
+            meta: "{}".into(),
+            token: approved.then(|| (format!("tok-{n}"), at)),
+        }
+    }
+
+    #[tokio::test]
+    async fn pairing_decisions_apply_from_the_log_and_travel_in_snapshots() {
+        let (_dir, store) = temp_store();
+        let mut leader = SqliteStateMachine::open(store.clone()).unwrap();
+        let mut changes = leader.pairing_changes();
+        leader
+            .apply([
+                membership(1, 1, &[1]),
+                normal(1, 2, Command::Pairing(vec![device(1, true, 10), device(2, true, 10)])),
+                // An older decision for device 1 loses; a revocation of device 2 wins.
+                normal(1, 3, Command::Pairing(vec![device(1, false, 5), device(2, false, 11)])),
+            ])
+            .await
+            .unwrap();
+        let registry = crate::pairing::Registry::open(store).unwrap();
+        let by_key = |reg: &crate::pairing::Registry, n: u8| {
+            reg.record(&key(n)).unwrap()
+        };
+        assert!(by_key(&registry, 1).unwrap().approved);
+        assert!(!by_key(&registry, 2).unwrap().approved);
+        let mut seen = Vec::new();
+        while let Ok(r) = changes.try_recv() {
+            seen.push((if r.key == key(1) { 1 } else { 2 }, r.approved));
+        }
+        assert_eq!(seen, vec![(1, true), (2, true), (2, false)]);
+
+        let snapshot = leader
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let (_dir2, store2) = temp_store();
+        let mut follower = SqliteStateMachine::open(store2.clone()).unwrap();
+        let mut received = follower.begin_receiving_snapshot().await.unwrap();
+        received
+            .get_mut()
+            .extend_from_slice(snapshot.snapshot.get_ref());
+        follower
+            .install_snapshot(&snapshot.meta, received)
+            .await
+            .unwrap();
+        let registry2 = crate::pairing::Registry::open(store2).unwrap();
+        assert_eq!(by_key(&registry2, 1), by_key(&registry, 1));
+        assert_eq!(by_key(&registry2, 2), by_key(&registry, 2));
+    }
+
+    #[test]
+    fn version_1_snapshots_still_decode() {
+        let v1 = SnapshotBodyV1 {
+            last_applied: Some(log_id(1, 2)),
+            last_membership: StoredMembership::default(),
+            config: vec![("a".into(), "1".into(), 2)],
+        };
+        let plain = postcard::to_stdvec(&v1).unwrap();
+        let packed = miniz_oxide::deflate::compress_to_vec_zlib(&plain, 6);
+        let mut data = SNAPSHOT_MAGIC.to_vec();
+        data.push(1);
+        data.extend_from_slice(&(packed.len() as u64).to_be_bytes());
+        data.extend_from_slice(&packed);
+        let body = decode_snapshot(&data, "v1").unwrap();
+        assert_eq!(body.config, v1.config);
+        assert!(body.pairing.is_empty());
     }
 
     #[tokio::test]

@@ -75,6 +75,9 @@ pub enum Command {
     SetConfigBatch(Vec<(String, Option<String>)>),
     /// Changes nothing; advances the applied revision (a read barrier, a leadership probe).
     Noop,
+    /// Pairing decisions (approvals, revocations) made on some gateway: merged into every
+    /// gateway's registry, newest decision per device wins, a revocation wins a tie.
+    Pairing(Vec<crate::pairing::PairingRecord>),
 }
 
 impl Command {
@@ -88,7 +91,7 @@ impl Command {
         match self {
             Command::SetConfig { value, .. } => check(value),
             Command::SetConfigBatch(changes) => changes.iter().try_for_each(|(_, v)| check(v)),
-            Command::Noop => Ok(()),
+            Command::Noop | Command::Pairing(_) => Ok(()),
         }
     }
 }
