@@ -151,10 +151,9 @@ impl Fed {
 
     fn report(&self) -> String {
         let mut out = String::new();
-        for i in 0..3 {
+        for (i, name) in NAMES.iter().enumerate() {
             out.push_str(&format!(
-                "\n--- {}: {:?}\n",
-                NAMES[i],
+                "\n--- {name}: {:?}\n",
                 status(self.dir(i)).map(|d| d["consensus"].clone())
             ));
             let log =
@@ -366,7 +365,7 @@ fn acknowledged_writes_survive_primary_kills() {
         for (key, n, rev) in &acked {
             let got = state.get(key);
             assert!(
-                got.is_some_and(|(v, r)| *v == Value::from(*n) && r == rev),
+                got.is_some_and(|(v, r)| v.as_u64() == Some(*n) && r == rev),
                 "{}: acknowledged {key}={n} (r{rev}) is {got:?}",
                 d.display()
             );
@@ -612,11 +611,10 @@ fn offline_remote_catches_up_and_a_newcomer_gets_a_snapshot() {
 fn sync_policy_override_local_both_ways() {
     let _serial = serial();
     let local = r#"{"models":{"default":"ernie-4.0"},"channels":{"wechat":{"model":"ernie-4.0"}}}"#;
-    let beijing = format!(
-        r#"{{"models":{{"default":"ernie-4.0"}},"gateway":{{"sync":{{"overrideLocal":false}}}}}}"#
-    );
+    let beijing =
+        r#"{"models":{"default":"ernie-4.0"},"gateway":{"sync":{"overrideLocal":false}}}"#;
     let frankfurt = r#"{"models":{"default":"mistral"},"gateway":{"sync":{"overrideLocal":true,"syncSkills":false}}}"#;
-    let fed = Fed::start_with(300, [Some(local), Some(&beijing), Some(frankfurt)]);
+    let fed = Fed::start_with(300, [Some(local), Some(beijing), Some(frankfurt)]);
     let (tyo, bj, fra) = (fed.dir(0), fed.dir(1), fed.dir(2));
     let rev = set(tyo, "models.default", "\"gpt-5\"").unwrap();
     let skills = set(bj, "skills.web.enabled", "true").unwrap();
@@ -773,7 +771,11 @@ fn pairing_reaches_a_gateway_that_was_away_through_the_log() {
     let tyo = fed.dir(0).to_path_buf();
     let before = applied(&tyo);
     let out = cli(&bj, &["devices", "approve", req.as_deref().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The decision becomes a log entry once a majority (tokyo, beijing) has it.
     assert!(
         wait_until(Duration::from_secs(10), || applied(&tyo) > before),

@@ -905,7 +905,7 @@ impl Mesh {
             }
         }
         if let Some(m) = welcome.membership.clone() {
-            self.adopt_membership(key, m, false);
+            self.adopt_membership(Some(key), m, false);
         }
         self.install_link(
             key,
@@ -1219,8 +1219,21 @@ impl Mesh {
         }
     }
 
-    /// Adopts a member list from `from` if it is the primary's and newer than ours.
-    fn adopt_membership(&self, from: PublicKey, m: Membership, spawn_dials: bool) {
+    /// The member list and its epoch, as this gateway knows it.
+    pub fn membership(&self) -> Membership {
+        self.state().membership.clone()
+    }
+
+    /// Adopts a member list that the federation's raft log committed, if it is newer than
+    /// ours (a gateway that was away learns of joins and forgotten gateways this way, even
+    /// while the configured primary is down).
+    pub fn adopt_replicated(&self, m: Membership) {
+        self.adopt_membership(None, m, true);
+    }
+
+    /// Adopts a member list from `from` (`None`: from the raft log) if it is the primary's and
+    /// newer than ours.
+    fn adopt_membership(&self, from: Option<PublicKey>, m: Membership, spawn_dials: bool) {
         if self.inner.cfg.primary {
             return;
         }
@@ -1232,10 +1245,12 @@ impl Mesh {
                 .iter()
                 .find(|x| x.primary)
                 .map(|x| x.key);
-            let sender_primary = m.members.iter().any(|x| x.key == from && x.primary);
-            let authoritative = match current_primary {
-                Some(p) => p == from || sender_primary,
-                None => sender_primary,
+            let sender_primary = m.members.iter().any(|x| Some(x.key) == from && x.primary);
+            let authoritative = match (from, current_primary) {
+                // From the committed raft log: the primary's list, agreed by a majority.
+                (None, _) => true,
+                (Some(from), Some(p)) => p == from || sender_primary,
+                (Some(_), None) => sender_primary,
             };
             if !authoritative || m.epoch <= st.membership.epoch {
                 false
@@ -1469,7 +1484,7 @@ impl Mesh {
     async fn read_events(&self, from: PublicKey, mut recv: quinn::RecvStream) {
         loop {
             match frame::read_frame::<_, Event>(&mut recv, MAX_FRAME).await {
-                Ok(Some(Event::Membership(m))) => self.adopt_membership(from, m, true),
+                Ok(Some(Event::Membership(m))) => self.adopt_membership(Some(from), m, true),
                 Ok(Some(Event::Goodbye { reason })) => {
                     info!("peer says goodbye: {reason}");
                 }

@@ -752,7 +752,16 @@ pub(crate) fn read_records_on(c: &rusqlite::Connection) -> rusqlite::Result<Vec<
     )?;
     let paired: Vec<Row> = stmt
         .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut stmt = c.prepare_cached("SELECT public_key, revoked_at_ms FROM revoked_devices")?;

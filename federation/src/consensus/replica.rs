@@ -305,6 +305,19 @@ impl Replica {
             }),
         };
         mesh.attach_peer_service(Arc::new(replica.clone()));
+        let mut members = replica.inner.sm.members();
+        let adopt = mesh.clone();
+        tokio::spawn(async move {
+            loop {
+                let latest = members.borrow_and_update().clone();
+                if let Some(m) = latest {
+                    adopt.adopt_replicated(m);
+                }
+                if members.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         if replica.inner.cfg.preferred && !replica.initialized().await {
             let me = replica.self_node();
             info!(node_id = id, "forming the federation's consensus group");
@@ -364,7 +377,9 @@ impl Replica {
     }
 
     /// Pairing decisions applied here from the log that changed the local registry.
-    pub fn pairing_changes(&self) -> tokio::sync::broadcast::Receiver<crate::pairing::PairingRecord> {
+    pub fn pairing_changes(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<crate::pairing::PairingRecord> {
         self.inner.sm.pairing_changes()
     }
 
@@ -744,6 +759,7 @@ impl Replica {
             if let Err(e) = self.reconcile(&m).await {
                 debug!("membership change deferred: {e}");
             }
+            self.replicate_members().await;
             match self.preferred_ready(&m) {
                 Some(node) => {
                     let since = *preferred_ready_since.get_or_insert_with(Instant::now);
@@ -754,6 +770,32 @@ impl Replica {
                 }
                 None => preferred_ready_since = None,
             }
+        }
+    }
+
+    /// On the leader: puts the mesh's member list into the log when it is newer than the one
+    /// there, so the pinned gateway keys are replicated state like the rest.
+    async fn replicate_members(&self) {
+        let current = self.inner.mesh.membership();
+        let logged = self
+            .inner
+            .sm
+            .members()
+            .borrow()
+            .as_ref()
+            .map_or(0, |m| m.epoch);
+        if current.epoch <= logged || current.members.is_empty() {
+            return;
+        }
+        let epoch = current.epoch;
+        // One attempt, no retries: the driver tries again on its next tick.
+        let deadline = Instant::now() + self.inner.timings.election_max * 2;
+        match self
+            .write_once(&Command::Members(current), deadline, false)
+            .await
+        {
+            Ok(ack) => debug!(epoch, revision = ack.revision, "member list replicated"),
+            Err(e) => debug!(epoch, "member list not replicated yet: {e}"),
         }
     }
 

@@ -5,7 +5,7 @@
 //! `b"CMRS"`, a format version byte (now 2), the length of the rest (u64, big endian), then a
 //! zlib stream (deflate with an adler-32 checksum, by `miniz_oxide`) of the postcard encoding of: the last applied log id, the last
 //! membership, every config row `(key, value, revision)` in key order, and (since version 2)
-//! every pairing decision (paired and revoked devices). Version 1 snapshots are still read. The snapshot's
+//! every pairing decision (paired and revoked devices) and the federation's member list. Version 1 snapshots are still read. The snapshot's
 //! metadata (with its id) travels beside the bytes, as openraft sends it; installing checks that
 //! both agree.
 
@@ -28,7 +28,8 @@ use super::{
 };
 use crate::pairing::PairingRecord;
 use crate::store::Store;
-use tokio::sync::broadcast;
+use crate::wire::Membership;
+use tokio::sync::{broadcast, watch};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS config (
@@ -47,6 +48,8 @@ CREATE TABLE IF NOT EXISTS raft_snapshot (
 
 const LAST_APPLIED: &str = "last_applied";
 const LAST_MEMBERSHIP: &str = "last_membership";
+/// The replicated member list of the federation (JSON [`Membership`]).
+const MEMBERS: &str = "members";
 
 /// First bytes of every snapshot.
 const SNAPSHOT_MAGIC: &[u8; 4] = b"CMRS";
@@ -68,6 +71,7 @@ struct SnapshotBody {
     last_membership: StoredMembership,
     config: Vec<ConfigRow>,
     pairing: Vec<PairingRecord>,
+    members: Option<Membership>,
 }
 
 /// What a format version 1 snapshot holds (no pairing).
@@ -86,6 +90,7 @@ struct SnapshotBodyV1 {
 pub struct SqliteStateMachine {
     store: Store,
     pairing_changes: broadcast::Sender<PairingRecord>,
+    members: watch::Sender<Option<Membership>>,
 }
 
 /// Pairing changes buffered for a slow subscriber; older ones are dropped (the subscriber
@@ -112,9 +117,12 @@ impl SqliteStateMachine {
             c.execute_batch(SCHEMA)?;
             crate::pairing::ensure_schema(c)
         })?;
+        let members: Option<Membership> =
+            decode_meta(store.with_conn(|c| read_meta(c, MEMBERS))?, MEMBERS)?;
         Ok(SqliteStateMachine {
             store,
             pairing_changes: broadcast::channel(PAIRING_CHANGES).0,
+            members: watch::channel(members).0,
         })
     }
 
@@ -127,6 +135,11 @@ impl SqliteStateMachine {
     /// (revoked devices must be disconnected here).
     pub fn pairing_changes(&self) -> broadcast::Receiver<PairingRecord> {
         self.pairing_changes.subscribe()
+    }
+
+    /// The replicated member list, as last applied (from the log or a snapshot).
+    pub fn members(&self) -> watch::Receiver<Option<Membership>> {
+        self.members.subscribe()
     }
 
     /// The value (JSON text) and revision of a config key, if it is set.
@@ -195,6 +208,7 @@ impl SqliteStateMachine {
         let mut membership = None;
         let mut ops = Vec::new();
         let mut pairing: Vec<PairingRecord> = Vec::new();
+        let mut members: Option<Membership> = None;
         let mut results = Vec::with_capacity(entries.len());
         for entry in entries {
             let revision = sql_index(entry.log_id.index)?;
@@ -212,6 +226,16 @@ impl SqliteStateMachine {
                     ),
                     Command::Noop => {}
                     Command::Pairing(records) => pairing.extend(records),
+                    // Only a newer epoch replaces the list (deterministic on every gateway).
+                    Command::Members(m) => {
+                        let current = members
+                            .as_ref()
+                            .or(self.members.borrow().as_ref())
+                            .map_or(0, |c| c.epoch);
+                        if m.epoch > current || current == 0 {
+                            members = Some(m);
+                        }
+                    }
                 },
             }
             results.push(CommandResult {
@@ -221,6 +245,7 @@ impl SqliteStateMachine {
         let membership = membership
             .map(|m| to_json(&m, LAST_MEMBERSHIP))
             .transpose()?;
+        let members_json = members.as_ref().map(|m| to_json(m, MEMBERS)).transpose()?;
         // One transaction per batch: the config rows, the pairing decisions, the last applied
         // id and the membership move together (and are fsynced on commit).
         let changed = run_blocking(&self.store, move |c| {
@@ -251,6 +276,9 @@ impl SqliteStateMachine {
             if let Some(membership) = &membership {
                 write_meta(&tx, LAST_MEMBERSHIP, membership)?;
             }
+            if let Some(members) = &members_json {
+                write_meta(&tx, MEMBERS, members)?;
+            }
             tx.commit()?;
             Ok(changed)
         })
@@ -258,19 +286,23 @@ impl SqliteStateMachine {
         for r in changed {
             let _ = self.pairing_changes.send(r);
         }
+        if members.is_some() {
+            self.members.send_replace(members);
+        }
         Ok(results)
     }
 
     async fn build(&self) -> Result<Snapshot, ConsensusStoreError> {
         // One read of the whole state, consistent (the connection is held throughout).
-        let (applied, membership, rows, pairing) = run_blocking(&self.store, |c| {
+        let (applied, membership, rows, pairing, members) = run_blocking(&self.store, |c| {
             let tx = c.transaction()?;
             let applied = read_meta(&tx, LAST_APPLIED)?;
             let membership = read_meta(&tx, LAST_MEMBERSHIP)?;
             let rows = read_config(&tx)?;
             let pairing = crate::pairing::read_records_on(&tx)?;
+            let members = read_meta(&tx, MEMBERS)?;
             tx.commit()?;
-            Ok((applied, membership, rows, pairing))
+            Ok((applied, membership, rows, pairing, members))
         })
         .await?;
         let body = SnapshotBody {
@@ -278,6 +310,7 @@ impl SqliteStateMachine {
             last_membership: decode_meta(membership, LAST_MEMBERSHIP)?.unwrap_or_default(),
             config: rows.into_iter().map(config_row).collect::<Result<_, _>>()?,
             pairing,
+            members: decode_meta(members, MEMBERS)?,
         };
         let data = encode_snapshot(&body)?;
         let meta = SnapshotMeta {
@@ -319,6 +352,8 @@ impl SqliteStateMachine {
             rows.push((key, value, sql_index(revision)?));
         }
         let pairing = body.pairing;
+        let members = body.members;
+        let members_json = members.as_ref().map(|m| to_json(m, MEMBERS)).transpose()?;
         // Replaces the config, merges the pairing decisions (newest wins, as in the log), and
         // replaces the applied bookkeeping and the current snapshot, at once.
         let changed = run_blocking(&self.store, move |c| {
@@ -339,6 +374,9 @@ impl SqliteStateMachine {
                 }
             }
             write_meta(&tx, LAST_MEMBERSHIP, &membership)?;
+            if let Some(members) = &members_json {
+                write_meta(&tx, MEMBERS, members)?;
+            }
             tx.execute(
                 "INSERT OR REPLACE INTO raft_snapshot(id, last_index, meta, data) VALUES (1, ?1, ?2, ?3)",
                 params![last_index, meta_json, data],
@@ -349,6 +387,9 @@ impl SqliteStateMachine {
         .await?;
         for r in changed {
             let _ = self.pairing_changes.send(r);
+        }
+        if members.is_some() {
+            self.members.send_replace(members);
         }
         Ok(())
     }
@@ -516,6 +557,7 @@ fn decode_snapshot(data: &[u8], what: &str) -> Result<SnapshotBody, ConsensusSto
                 last_membership: v1.last_membership,
                 config: v1.config,
                 pairing: Vec::new(),
+                members: None,
             },
             trailing,
         )
@@ -806,16 +848,22 @@ mod tests {
         leader
             .apply([
                 membership(1, 1, &[1]),
-                normal(1, 2, Command::Pairing(vec![device(1, true, 10), device(2, true, 10)])),
+                normal(
+                    1,
+                    2,
+                    Command::Pairing(vec![device(1, true, 10), device(2, true, 10)]),
+                ),
                 // An older decision for device 1 loses; a revocation of device 2 wins.
-                normal(1, 3, Command::Pairing(vec![device(1, false, 5), device(2, false, 11)])),
+                normal(
+                    1,
+                    3,
+                    Command::Pairing(vec![device(1, false, 5), device(2, false, 11)]),
+                ),
             ])
             .await
             .unwrap();
         let registry = crate::pairing::Registry::open(store).unwrap();
-        let by_key = |reg: &crate::pairing::Registry, n: u8| {
-            reg.record(&key(n)).unwrap()
-        };
+        let by_key = |reg: &crate::pairing::Registry, n: u8| reg.record(&key(n)).unwrap();
         assert!(by_key(&registry, 1).unwrap().approved);
         assert!(!by_key(&registry, 2).unwrap().approved);
         let mut seen = Vec::new();
@@ -843,6 +891,72 @@ mod tests {
         let registry2 = crate::pairing::Registry::open(store2).unwrap();
         assert_eq!(by_key(&registry2, 1), by_key(&registry, 1));
         assert_eq!(by_key(&registry2, 2), by_key(&registry, 2));
+    }
+
+    #[tokio::test]
+    async fn member_lists_apply_newest_epoch_and_travel_in_snapshots() {
+        let list = |epoch: u64, names: &[&str]| Membership {
+            epoch,
+            members: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| crate::wire::Member {
+                    key: key(i as u8 + 1),
+                    name: n.to_string(),
+                    region: None,
+                    addr: format!("127.0.0.1:{}", 7000 + i),
+                    primary: i == 0,
+                    joined_at_ms: i as u64,
+                })
+                .collect(),
+        };
+        let (_dir, store) = temp_store();
+        let mut sm = SqliteStateMachine::open(store).unwrap();
+        let members = sm.members();
+        sm.apply([
+            normal(1, 1, Command::Members(list(2, &["tokyo", "beijing"]))),
+            normal(1, 2, Command::Members(list(1, &["tokyo"]))),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(members.borrow().as_ref().map(|m| m.epoch), Some(2));
+        sm.apply([normal(
+            1,
+            3,
+            Command::Members(list(3, &["tokyo", "beijing", "frankfurt"])),
+        )])
+        .await
+        .unwrap();
+        let snapshot = sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let (_dir2, store2) = temp_store();
+        let mut follower = SqliteStateMachine::open(store2.clone()).unwrap();
+        let mut received = follower.begin_receiving_snapshot().await.unwrap();
+        received
+            .get_mut()
+            .extend_from_slice(snapshot.snapshot.get_ref());
+        follower
+            .install_snapshot(&snapshot.meta, received)
+            .await
+            .unwrap();
+        assert_eq!(
+            follower
+                .members()
+                .borrow()
+                .as_ref()
+                .map(|m| m.members.len()),
+            Some(3)
+        );
+        // And it survives a reopen.
+        let reopened = SqliteStateMachine::open(store2).unwrap();
+        assert_eq!(
+            reopened.members().borrow().as_ref().map(|m| m.epoch),
+            Some(3)
+        );
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub enum Command {
     /// Pairing decisions (approvals, revocations) made on some gateway: merged into every
     /// gateway's registry, newest decision per device wins, a revocation wins a tie.
     Pairing(Vec<crate::pairing::PairingRecord>),
+    /// The federation's member list (pinned gateway keys, names, addresses) at an epoch, as
+    /// the primary admitted them: every gateway adopts it when it is newer than its own.
+    Members(crate::wire::Membership),
 }
 
 impl Command {
@@ -91,7 +94,7 @@ impl Command {
         match self {
             Command::SetConfig { value, .. } => check(value),
             Command::SetConfigBatch(changes) => changes.iter().try_for_each(|(_, v)| check(v)),
-            Command::Noop | Command::Pairing(_) => Ok(()),
+            Command::Noop | Command::Pairing(_) | Command::Members(_) => Ok(()),
         }
     }
 }
