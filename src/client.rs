@@ -20,6 +20,10 @@ use serde_json::Value;
 
 use crate::state_dir::Runtime;
 
+/// How long the operator client waits without a packet from its gateway before it gives up
+/// the connection (see [`Client::connect`]).
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long the CLI waits for a gateway to answer the QUIC handshake: a gateway on another
 /// continent answers within a second; a dead one never does.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -108,7 +112,15 @@ impl Client {
                 )
             }
         };
-        let ep = endpoint::client(&identity, addr, &TransportOptions::default())?;
+        // A gateway that dies mid-call sends nothing more: with a keep-alive every second, its
+        // silence fails the call after the idle timeout instead of the whole call timeout (a
+        // live gateway acknowledges the keep-alives even while a long invoke runs).
+        let opts = TransportOptions {
+            idle_timeout: CLIENT_IDLE_TIMEOUT,
+            keep_alive: Duration::from_secs(1),
+            ..TransportOptions::default()
+        };
+        let ep = endpoint::client(&identity, addr, &opts)?;
         let conn = endpoint::dial(&ep, addr, CONNECT_TIMEOUT)
             .await
             .map_err(|e| anyhow!("cannot reach {described}: {e}"))?;

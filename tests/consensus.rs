@@ -277,8 +277,10 @@ fn acknowledged_writes_survive_primary_kills() {
     let alive: Arc<Mutex<[bool; 3]>> = Arc::new(Mutex::new([true; 3]));
     let acked: Arc<Mutex<Vec<(String, u64, u64)>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let writer = {
         let (alive, acked, stop, dirs) = (alive.clone(), acked.clone(), stop.clone(), dirs.clone());
+        let errors = errors.clone();
         std::thread::spawn(move || {
             let mut n: u64 = 0;
             let mut failures = 0u64;
@@ -292,7 +294,14 @@ fn acknowledged_writes_survive_primary_kills() {
                 let key = format!("stream.k{n}");
                 match set(&dirs[target], &key, &n.to_string()) {
                     Ok(rev) => acked.lock().unwrap().push((key, n, rev)),
-                    Err(_) => failures += 1,
+                    Err(e) => {
+                        failures += 1;
+                        errors.lock().unwrap().push(format!(
+                            "{:?} {}: {e}",
+                            Instant::now(),
+                            NAMES[target]
+                        ));
+                    }
                 }
             }
             failures
@@ -324,9 +333,16 @@ fn acknowledged_writes_survive_primary_kills() {
         );
         failovers.push(killed.elapsed());
         assert!(
-            wait_until(Duration::from_secs(10), || acked.lock().unwrap().len()
+            wait_until(Duration::from_secs(20), || acked.lock().unwrap().len()
                 > before + 3),
-            "round {round}: writes not acknowledged after the failover: {}",
+            "round {round}: writes not acknowledged after the failover: {:#?}\n{}",
+            errors
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .take(8)
+                .collect::<Vec<_>>(),
             fed.lock().unwrap().report()
         );
         fed.lock().unwrap().spawn(victim);
