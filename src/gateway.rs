@@ -225,7 +225,17 @@ impl GatewaySettings {
             },
             fallback: file.str("gateway.failover.fallbackNode")?,
             sync: SyncPolicy::from_file(file)?,
-            local_config: file.leaves(),
+            local_config: {
+                // Flags are this gateway's own settings too: they show (and win) as local keys.
+                let mut local = file.leaves();
+                if let Some(ms) = flags.health_interval {
+                    local.insert("gateway.failover.healthCheckInterval".into(), ms.into());
+                }
+                if let Some(t) = flags.unhealthy_threshold {
+                    local.insert("gateway.failover.unhealthyThreshold".into(), t.into());
+                }
+                local
+            },
             consensus: consensus_settings(file)?,
             tls: match flags.tls.clone() {
                 Some(t) => Some(t),
@@ -549,7 +559,7 @@ impl Admission for GatewayAdmission {
                 let registry = self.methods.nodes().clone();
                 let session = registry.attach(info, NodeLink::Quic(conn.clone()));
                 info!(node = %n.name, device = %node_id.short(), remote = %caller.remote, "node attached");
-                let health = self.health;
+                let health = self.methods.health_settings().unwrap_or(self.health);
                 tokio::spawn(async move {
                     // Serve the node's own requests while pinging it: a node that stops
                     // answering is closed, which fails its pending invokes at once.
@@ -595,6 +605,7 @@ fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettin
     let mut revisions = replica.subscribe();
     let methods = methods.clone();
     let local_fallback = s.fallback.clone();
+    let base_health = s.health;
     tokio::spawn(async move {
         let mut last: BTreeMap<String, serde_json::Value> = BTreeMap::new();
         loop {
@@ -624,6 +635,9 @@ fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettin
                 .and_then(|e| e.value.as_str().map(str::to_string))
                 .or_else(|| local_fallback.clone());
             methods.set_fallback(fallback);
+            if let Some(health) = effective_health(&entries, base_health) {
+                methods.set_health(health);
+            }
             if let Some(level) =
                 shared_config::lookup(&entries, "logging.level").and_then(|e| e.value.as_str())
             {
@@ -638,6 +652,42 @@ fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettin
             last = now;
         }
     });
+}
+
+/// The health settings the effective config asks for (`gateway.failover.healthCheckInterval`
+/// and `unhealthyThreshold`), falling back to `base` for a key that is not set; `None` (and a
+/// warning) for an out-of-range value.
+fn effective_health(
+    entries: &[shared_config::Effective],
+    base: HealthConfig,
+) -> Option<HealthConfig> {
+    let num = |key: &str| shared_config::lookup(entries, key).map(|e| e.value.as_u64());
+    let interval = match num("gateway.failover.healthCheckInterval") {
+        None => base.interval,
+        Some(Some(ms)) if (10..=3_600_000).contains(&ms) => Duration::from_millis(ms),
+        Some(_) => {
+            warn!(
+                "gateway.failover.healthCheckInterval must be 10 to 3600000 ms; keeping {:?}",
+                base.interval
+            );
+            return None;
+        }
+    };
+    let threshold = match num("gateway.failover.unhealthyThreshold") {
+        None => base.unhealthy_threshold,
+        Some(Some(t)) if (1..=1000).contains(&t) => t as u32,
+        Some(_) => {
+            warn!(
+                "gateway.failover.unhealthyThreshold must be 1 to 1000; keeping {}",
+                base.unhealthy_threshold
+            );
+            return None;
+        }
+    };
+    Some(HealthConfig {
+        interval,
+        unhealthy_threshold: threshold,
+    })
 }
 
 /// Keeps the federation in step with this gateway: announces the attached nodes whenever they

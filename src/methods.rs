@@ -158,6 +158,18 @@ impl Methods {
             .unwrap_or_else(|p| p.into_inner()) = gateway;
     }
 
+    /// The mesh's health settings in force (changed live by the shared config).
+    pub fn health_settings(&self) -> Option<clawmesh_federation::health::HealthConfig> {
+        self.inner.mesh.get().map(Mesh::health)
+    }
+
+    /// Changes the mesh's health settings (from the shared config).
+    pub fn set_health(&self, health: clawmesh_federation::health::HealthConfig) {
+        if let Some(m) = self.inner.mesh.get() {
+            m.set_health(health);
+        }
+    }
+
     /// Attaches the consensus, this gateway's sync policy and its own (`clawmesh.json`) keys.
     pub fn set_consensus(
         &self,

@@ -673,6 +673,20 @@ fn sync_policy_override_local_both_ways() {
     // Per-gateway keys cannot be shared; bad values are refused before they are proposed.
     let e = set(tyo, "gateway.port", "1").unwrap_err();
     assert!(e.contains("per-gateway"), "{e}");
+    // Running components follow: the health interval changes live where the synced value
+    // applies (frankfurt overrides local keys, its --health-interval included), not where
+    // the local one wins (beijing).
+    let rev = set(tyo, "gateway.failover.healthCheckInterval", "450").unwrap();
+    assert!(wait_until(Duration::from_secs(10), || applied(fra) >= rev
+        && applied(bj) >= rev));
+    assert!(
+        wait_until(Duration::from_secs(5), || status(fra)
+            .is_some_and(|d| d["healthIntervalMs"] == 450)),
+        "{:?}",
+        status(fra)
+    );
+    assert_eq!(status(bj).unwrap()["healthIntervalMs"], 300);
+    assert!(sees_healthy(fra, &NAMES));
     // Unset removes the key everywhere.
     let rev = cli_json(tyo, &["config", "unset", "skills.web.enabled", "--json"])["revision"]
         .as_u64()

@@ -13,7 +13,7 @@ use serde::Serialize;
 const RTT_WINDOW: usize = 64;
 
 /// Health settings (`gateway.failover.healthCheckInterval` / `unhealthyThreshold`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthConfig {
     /// Time between pings.
     pub interval: Duration,

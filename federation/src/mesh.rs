@@ -295,6 +295,9 @@ struct Inner {
     pairing: std::sync::OnceLock<Registry>,
     notices: broadcast::Sender<MeshNotice>,
     peer_service: std::sync::OnceLock<Arc<dyn PeerService>>,
+    /// Health settings in force: start from [`MeshConfig::health`], changed live by
+    /// [`Mesh::set_health`] (a shared-config change of the interval or threshold).
+    health: watch::Sender<HealthConfig>,
 }
 
 /// Handle to the running mesh; cheap to clone.
@@ -379,6 +382,7 @@ impl Mesh {
                 peers.insert(m.key, Peer::new());
             }
         }
+        let health = cfg.health;
         let inner = Arc::new(Inner {
             cfg,
             key,
@@ -403,6 +407,7 @@ impl Mesh {
             pairing: std::sync::OnceLock::new(),
             notices: broadcast::channel(NOTICE_QUEUE).0,
             peer_service: std::sync::OnceLock::new(),
+            health: watch::channel(health).0,
         });
         let mesh = Mesh { inner };
         let accept = mesh.clone();
@@ -476,7 +481,6 @@ impl Mesh {
 
     /// The nodes of every other gateway, as last announced, with that gateway's health.
     pub fn remote_nodes(&self) -> Vec<RemoteNodes> {
-        let cfg = &self.inner.cfg;
         let st = self.state();
         st.membership
             .members
@@ -486,7 +490,7 @@ impl Mesh {
                 let p = st.peers.get(&m.key)?;
                 Some(RemoteNodes {
                     gateway: m.name.clone(),
-                    status: p.health.status(&cfg.health),
+                    status: p.health.status(&self.health()),
                     last_seen: p.health.last_seen(),
                     nodes: p.nodes.nodes.clone(),
                 })
@@ -540,6 +544,24 @@ impl Mesh {
         Ok(removed)
     }
 
+    /// The health settings in force.
+    pub fn health(&self) -> HealthConfig {
+        *self.inner.health.borrow()
+    }
+
+    /// Changes the health interval and threshold of every link, at once (each link restarts
+    /// its ping timer). Raft timings keep the interval they started with.
+    pub fn set_health(&self, health: HealthConfig) {
+        let changed = self.inner.health.send_if_modified(|h| {
+            let changed = *h != health;
+            *h = health;
+            changed
+        });
+        if changed {
+            info!(interval = ?health.interval, threshold = health.unhealthy_threshold, "health settings changed");
+        }
+    }
+
     /// Plugs in the service for `raft.*` requests from other gateways (once).
     pub fn attach_peer_service(&self, service: Arc<dyn PeerService>) {
         let _ = self.inner.peer_service.set(service);
@@ -563,9 +585,9 @@ impl Mesh {
             return true;
         }
         let st = self.state();
-        st.peers.get(key).is_some_and(|p| {
-            p.link.is_some() && p.health.status(&self.inner.cfg.health) != Status::Offline
-        })
+        st.peers
+            .get(key)
+            .is_some_and(|p| p.link.is_some() && p.health.status(&self.health()) != Status::Offline)
     }
 
     /// The live connection to the gateway with `key`, for raft messages.
@@ -597,7 +619,7 @@ impl Mesh {
             }
             let peer = st.peers.get(&m.key);
             let status = peer
-                .map(|p| p.health.status(&cfg.health))
+                .map(|p| p.health.status(&self.health()))
                 .unwrap_or(Status::Offline);
             any_down |= status != Status::Healthy;
             gateways.push(GatewayStatus {
@@ -665,7 +687,7 @@ impl Mesh {
                 .map(|m| m.name.clone()),
             epoch: st.membership.epoch,
             gateways,
-            health: cfg.health,
+            health: self.health(),
         }
     }
 
@@ -1027,7 +1049,7 @@ impl Mesh {
             join_proof,
             membership,
             scopes,
-            health_interval_ms: self.inner.cfg.health.interval.as_millis() as u64,
+            health_interval_ms: self.health().interval.as_millis() as u64,
         }
     }
 
@@ -1393,7 +1415,8 @@ impl Mesh {
             methods: self.inner.handler.clone(),
         });
         let serve = tokio::spawn(rpc::serve(conn.clone(), caller, handler));
-        let mut tick = tokio::time::interval(self.inner.cfg.health.interval);
+        let mut health_rx = self.inner.health.subscribe();
+        let mut tick = tokio::time::interval(self.health().interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq: u64 = 0;
         let mut event_stream: Option<quinn::SendStream> = None;
@@ -1406,7 +1429,7 @@ impl Mesh {
                         match st.peers.get_mut(&key) {
                             Some(p) if p.link.as_ref().map(|l| l.id) == Some(id) => {
                                 p.health.ping_sent(seq, Instant::now());
-                                p.health.status(&self.inner.cfg.health) == Status::Offline
+                                p.health.status(&self.health()) == Status::Offline
                             }
                             _ => break,
                         }
@@ -1414,7 +1437,7 @@ impl Mesh {
                     if unresponsive {
                         // Offline by missed pings: close the link so every request pending on
                         // it fails now, and let the dial loops find the peer again.
-                        let msg = format!("no answer to {} pings", self.inner.cfg.health.unhealthy_threshold);
+                        let msg = format!("no answer to {} pings", self.health().unhealthy_threshold);
                         conn.close(VarInt::from_u32(crate::liveness::CLOSE_UNRESPONSIVE), msg.as_bytes());
                         break;
                     }
@@ -1459,6 +1482,13 @@ impl Mesh {
                             debug!("event stream failed: {e}");
                             break;
                         }
+                    }
+                }
+                changed = health_rx.changed() => {
+                    if changed.is_ok() {
+                        let interval = health_rx.borrow_and_update().interval;
+                        tick = tokio::time::interval(interval);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     }
                 }
                 _ = conn.closed() => break,
