@@ -227,6 +227,7 @@ pub async fn run(health_interval_ms: u64) -> Result<()> {
             relay.set_target(s.name, rt.quic.parse()?)?;
         }
         let tokyo = gateways[0].dir.clone();
+        let dir_of = |name: &str| tmp.path().join(name);
         let doc = wait_for(&tokyo, Duration::from_secs(30), |d| {
             SITES
                 .iter()
@@ -295,6 +296,32 @@ pub async fn run(health_interval_ms: u64) -> Result<()> {
             started.elapsed().as_millis()
         );
 
+        // The shared config: written on frankfurt, forwarded to the primary, committed on a
+        // majority, then visible on beijing.
+        let frankfurt = dir_of("frankfurt");
+        let beijing = dir_of("beijing");
+        let started = Instant::now();
+        let ack = client::call_once(
+            &Target::Local(frankfurt.clone()),
+            "config.set",
+            json!({"key": "models.default", "value": "gpt-5"}),
+            Duration::from_secs(15),
+        )
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+        let acked = started.elapsed();
+        let revision = ack["revision"].as_u64().unwrap_or(0);
+        wait_call(&beijing, "config.get", json!({"key": "models.default"}), Duration::from_secs(15), |d| {
+            d["synced"]["revision"].as_u64() >= Some(revision)
+        })
+        .await?;
+        println!(
+            "\n$ clawmesh config set models.default gpt-5   (on frankfurt)\n  set models.default at revision {revision} (primary {}): acknowledged by a majority after {} ms, visible on beijing after {} ms",
+            ack["primary"].as_str().unwrap_or("?"),
+            acked.as_millis(),
+            started.elapsed().as_millis()
+        );
+
         println!(
             "\nKilling frankfurt with SIGKILL (no goodbye: tokyo must notice the missed pings)..."
         );
@@ -331,6 +358,20 @@ pub async fn run(health_interval_ms: u64) -> Result<()> {
         println!(
             "\nfra-node failed over to {at} {:.1} s after frankfurt died, without re-pairing.",
             killed.elapsed().as_secs_f64()
+        );
+        // Two of three voters are still up: the shared config still takes writes.
+        let ack = client::call_once(
+            &Target::Local(beijing.clone()),
+            "config.set",
+            json!({"key": "models.default", "value": "claude"}),
+            Duration::from_secs(15),
+        )
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+        println!(
+            "\n$ clawmesh config set models.default claude   (on beijing, frankfurt still dead)\n  set models.default at revision {} (primary {}): 2 of 3 voters are a majority",
+            ack["revision"],
+            ack["primary"].as_str().unwrap_or("?")
         );
         Ok::<(), anyhow::Error>(())
     }

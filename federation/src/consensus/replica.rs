@@ -82,11 +82,15 @@ impl Default for ReplicaConfig {
     }
 }
 
-/// Raft timings derived from the health interval `h`: heartbeat `h/6`, election timeout
-/// `h/2..3h/4`. A follower calls an election `lease + timeout` after the last heartbeat, and
-/// openraft's lease is the maximum election timeout, so a dead leader is replaced within
-/// about `1.5 h` plus a vote round trip: under 3 s for a 1 s interval, the federation's
-/// failover goal.
+/// Raft timings derived from the health interval `h`: heartbeat `h/4` but at least
+/// [`MIN_HEARTBEAT`], election timeout from `max(h/2, 3 heartbeats)` to 1.5 times that.
+///
+/// openraft gives each append-entries RPC one heartbeat interval to complete, so the heartbeat
+/// must exceed the slowest link's round trip plus a follower's fsync: the floor keeps
+/// intercontinental links (up to about 200 ms round trip) working whatever the interval. A
+/// follower calls an election `lease + timeout` after the last heartbeat (openraft's lease is
+/// the longest timeout), so a dead leader is replaced within about 2.25 election timeouts plus
+/// a vote round trip: about 2.3 s for a 1 s interval, under the federation's 3 s goal.
 #[derive(Debug, Clone, Copy)]
 pub struct Timings {
     /// Leader heartbeat period.
@@ -101,14 +105,19 @@ impl Timings {
     /// Timings for a health interval.
     pub fn for_interval(h: Duration) -> Timings {
         let ms = h.as_millis().clamp(100, 60_000) as u64;
-        let election_min = (ms / 2).max(60);
+        let heartbeat = (ms / 4).max(MIN_HEARTBEAT.as_millis() as u64);
+        let election_min = (ms / 2).max(heartbeat * 3);
         Timings {
-            heartbeat: Duration::from_millis((ms / 6).max(20)),
+            heartbeat: Duration::from_millis(heartbeat),
             election_min: Duration::from_millis(election_min),
-            election_max: Duration::from_millis((ms * 3 / 4).max(election_min + 20)),
+            election_max: Duration::from_millis(election_min * 3 / 2),
         }
     }
 }
+
+/// The shortest raft heartbeat: openraft's per-RPC deadline, so above the slowest WAN round
+/// trip plus an fsync.
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(250);
 
 /// Why a consensus operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -462,13 +471,17 @@ impl Replica {
     }
 
     /// The leader this gateway believes in, except a leader (this one) that has not heard
-    /// from a majority within twice the lease: cut off from the others, it is not the
-    /// federation's primary any more, whatever its own raft state says.
+    /// from a majority within twice the lease, or whose mesh links reach no majority of
+    /// voters: cut off from the others, it is not the federation's primary any more, whatever
+    /// its own raft state says.
     fn effective_leader(&self, m: &openraft::RaftMetrics<NodeId, GatewayNode>) -> Option<NodeId> {
         if m.state == ServerState::Leader {
             let voters = m.membership_config.membership().voter_ids().count();
             let lease = (self.inner.timings.election_max * 2).as_millis() as u64;
-            if voters > 1 && m.millis_since_quorum_ack.is_none_or(|ms| ms > lease) {
+            if voters > 1
+                && (m.millis_since_quorum_ack.is_none_or(|ms| ms > lease)
+                    || self.reachable_voters(m) * 2 <= voters)
+            {
                 return None;
             }
         }
@@ -1105,10 +1118,14 @@ mod tests {
     fn timings_meet_the_failover_goal() {
         let t = Timings::for_interval(Duration::from_secs(1));
         // Replacement after lease + the longest timeout: under 3 s with room for a vote.
-        assert!(t.election_max * 2 < Duration::from_millis(2000));
-        assert!(t.heartbeat * 3 < t.election_min);
-        let t = Timings::for_interval(Duration::from_millis(50));
-        assert!(t.election_min < t.election_max);
-        assert!(t.heartbeat < t.election_min);
+        assert!(t.election_max * 2 <= Duration::from_millis(2500));
+        assert!(t.heartbeat * 3 <= t.election_min);
+        // A 165 ms intercontinental round trip fits one heartbeat, at any interval.
+        for h in [50, 300, 500, 1000, 10_000] {
+            let t = Timings::for_interval(Duration::from_millis(h));
+            assert!(t.heartbeat >= Duration::from_millis(250));
+            assert!(t.election_min < t.election_max);
+            assert!(t.heartbeat * 3 <= t.election_min);
+        }
     }
 }
