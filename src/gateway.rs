@@ -910,8 +910,10 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     let outcome: Result<&str> = tokio::select! {
         _ = tokio::signal::ctrl_c() => Ok("SIGINT"),
         _ = sigterm.recv() => Ok("SIGTERM"),
-        r = fatal.changed() => match (r, fatal.borrow().clone()) {
-            (Ok(()), Some(msg)) => Err(anyhow!(msg)),
+        // `wait_for` sees a fatal error raised before this point too (a join refused while
+        // the consensus was starting).
+        r = fatal.wait_for(Option::is_some) => match r.map(|v| v.clone()) {
+            Ok(Some(msg)) => Err(anyhow!(msg)),
             _ => Ok("mesh stopped"),
         },
     };
@@ -922,7 +924,13 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     info!("{reason}");
     let _ = bridge_stop.send(Some(reason.clone()));
     let _ = tokio::time::timeout(Duration::from_secs(2), bridge_task).await;
-    replica.shutdown().await;
+    // Bounded: raft stops at its next step; a wedged storage call must not hold the exit.
+    if tokio::time::timeout(Duration::from_secs(2), replica.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("consensus did not stop within 2 s");
+    }
     mesh.shutdown(&reason).await;
     Runtime::remove(&s.state_dir);
     outcome.map(|_| ())

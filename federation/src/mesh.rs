@@ -573,6 +573,12 @@ impl Mesh {
         self.state().leader = Some(leader);
     }
 
+    /// Forgets the reported raft leader: `status()` shows the configured primary again (for a
+    /// gateway whose consensus has not joined the group yet).
+    pub fn clear_leader(&self) {
+        self.state().leader = None;
+    }
+
     /// Every member of the federation (pinned keys, names, addresses), in join order.
     pub fn members(&self) -> Vec<Member> {
         self.state().membership.members.clone()

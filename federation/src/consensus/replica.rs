@@ -758,7 +758,13 @@ impl Replica {
                 .effective_leader(&m)
                 .and_then(|l| membership.get_node(&l))
                 .map(|n| PublicKey(n.key));
-            self.inner.mesh.set_leader(leader_key);
+            if membership.voter_ids().next().is_none() {
+                // Not in the group yet (a remote waiting to be added): the configured primary
+                // is the best answer until the leader's first message arrives.
+                self.inner.mesh.clear_leader();
+            } else {
+                self.inner.mesh.set_leader(leader_key);
+            }
             let applied = m.last_applied.map_or(0, |l| l.index);
             self.inner.applied.send_if_modified(|r| {
                 let changed = *r != applied;
