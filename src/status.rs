@@ -154,12 +154,57 @@ pub fn render_table(doc: &Value) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     }
+    if let Some(c) = doc.get("consensus").filter(|c| c.is_object()) {
+        out.push_str(&consensus_line(c));
+    }
     out
+}
+
+/// One line on the shared config's consensus, as this gateway sees it: term, revision, voters
+/// reachable, and why there is no primary when there is none.
+fn consensus_line(c: &Value) -> String {
+    let voters = c["voters"].as_array().map_or(0, Vec::len);
+    let reachable = c["reachableVoters"].as_u64().unwrap_or(0);
+    let mut line = format!(
+        "Shared config: revision {}, term {}, {reachable} of {voters} voters reachable",
+        c["applied"], c["term"]
+    );
+    if let Some(learners) = c["learners"].as_array().filter(|l| !l.is_empty()) {
+        line.push_str(&format!(", {} learners", learners.len()));
+    }
+    if c["quorum"] == false && voters > 0 {
+        line.push_str(" (no majority: config writes refused, nodes and invokes keep working)");
+    } else if c["leader"].is_null() && voters > 0 {
+        line.push_str(" (electing a primary)");
+    }
+    if let Some(e) = c["error"].as_str() {
+        line.push_str(&format!(" (consensus stopped: {e})"));
+    }
+    line.push('\n');
+    line
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consensus_line_says_why_there_is_no_primary() {
+        let c = json!({"applied": 812, "term": 3, "voters": ["a","b","c"], "reachableVoters": 1,
+                       "learners": [], "quorum": false, "leader": null, "error": null});
+        let line = consensus_line(&c);
+        assert!(
+            line.contains("revision 812, term 3, 1 of 3 voters reachable"),
+            "{line}"
+        );
+        assert!(line.contains("no majority"), "{line}");
+        let c = json!({"applied": 9, "term": 1, "voters": ["a"], "reachableVoters": 1,
+                       "learners": ["d"], "quorum": true, "leader": "a", "error": null});
+        assert_eq!(
+            consensus_line(&c),
+            "Shared config: revision 9, term 1, 1 of 1 voters reachable, 1 learners\n"
+        );
+    }
 
     #[test]
     fn table_has_the_seed_columns() {
