@@ -825,3 +825,59 @@ fn pairing_reaches_a_gateway_that_was_away_through_the_log() {
         fed.report()
     );
 }
+
+#[test]
+fn a_gateway_joins_through_the_new_primary_while_the_configured_one_is_down() {
+    let _serial = serial();
+    let mut fed = Fed::start(300);
+    let tyo = fed.dir(0).to_path_buf();
+    fed.kill9(0);
+    let mut acting = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            acting = primary(fed.dir(1)).filter(|p| p != "tokyo");
+            acting.is_some()
+        }),
+        "{}",
+        fed.report()
+    );
+    let acting = acting.unwrap();
+    let i = NAMES.iter().position(|n| *n == acting).unwrap();
+    let other = 3 - i; // the survivor that is not acting (1 + 2 = 3)
+    let join = format!("quic://127.0.0.1:{}", fed.ports[i]);
+    let oslo_dir = fed.tmp.path().join("oslo");
+    let mut oslo = Gw::spawn(
+        &oslo_dir,
+        &[
+            "--name",
+            "oslo",
+            "--join",
+            &join,
+            "--token",
+            "fed-token",
+            "--health-interval",
+            "300",
+        ],
+    );
+    oslo.wait_ready();
+    let sees_oslo = |d: &Path| {
+        status(d).is_some_and(|doc| row(&doc, "oslo").is_some_and(|g| g["status"] == "healthy"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || sees_oslo(fed.dir(i))
+            && sees_oslo(fed.dir(other))),
+        "oslo was not admitted by {acting}: {}\n{}",
+        oslo.log_text(),
+        fed.report()
+    );
+    // The configured primary comes back, learns of oslo from the log, and links to it.
+    fed.spawn(0);
+    assert!(
+        wait_until(Duration::from_secs(20), || sees_oslo(&tyo)),
+        "tokyo never linked to oslo: {:?}\n{}",
+        status(&tyo),
+        fed.report()
+    );
+    let rev = set(&oslo_dir, "joined.oslo", "true").expect("oslo writes through the primary");
+    assert!(wait_until(Duration::from_secs(10), || applied(&tyo) >= rev));
+}

@@ -513,7 +513,7 @@ impl Mesh {
     /// links are closed, and every gateway adopts the new member list. A rebuilt gateway with a
     /// new key can then join under the same name with the token.
     pub fn forget(&self, name: &str) -> Result<Member, MeshError> {
-        if !self.inner.cfg.primary {
+        if !self.acting_primary(&self.state()) {
             return Err(MeshError::Config(
                 "only the primary can forget a gateway; run this on the primary".into(),
             ));
@@ -933,7 +933,10 @@ impl Mesh {
             }
         }
         if let Some(m) = welcome.membership.clone() {
-            self.adopt_membership(Some(key), m, false);
+            // On a join, the gateway that admitted us proved it knows the token: its list is
+            // the federation's, whether it is the configured primary or the acting one.
+            let from = if proof.is_some() { None } else { Some(key) };
+            self.adopt_membership(from, m, false);
         }
         self.install_link(
             key,
@@ -1105,7 +1108,7 @@ impl Mesh {
         if is_member {
             // Keep the member's address and labels current.
             let mut changed = false;
-            if self.inner.cfg.primary {
+            if self.acting_primary(&st) {
                 if let Some(m) = st.membership.members.iter_mut().find(|m| m.key == key) {
                     if m.addr != g.advertise || m.name != g.name || m.region != g.region {
                         m.addr = g.advertise.clone();
@@ -1120,12 +1123,16 @@ impl Mesh {
             }
             return Ok((welcome_proof, changed));
         }
-        if !self.inner.cfg.primary {
+        if !self.acting_primary(&st) {
+            let leader = match st.leader {
+                Some(Some(k)) => Some(k),
+                _ => None,
+            };
             let primary = st
                 .membership
                 .members
                 .iter()
-                .find(|m| m.primary)
+                .find(|m| leader.map_or(m.primary, |l| m.key == l))
                 .map(|m| format!("{} at {}", m.name, m.addr))
                 .unwrap_or_else(|| "the primary".into());
             return Err(refuse(
@@ -1247,6 +1254,29 @@ impl Mesh {
         }
     }
 
+    /// Whether this gateway admits and forgets gateways now: it is the configured primary, or
+    /// the raft leader (the federation's primary while the configured one is away).
+    fn acting_primary(&self, st: &State) -> bool {
+        if self.inner.cfg.primary {
+            return true;
+        }
+        if st.leader != Some(Some(self.inner.key)) {
+            return false;
+        }
+        // Only while the configured primary is unreachable: two gateways admitting at once
+        // would both write the next epoch.
+        let health = self.health();
+        !st.membership
+            .members
+            .iter()
+            .filter(|m| m.primary && m.key != self.inner.key)
+            .any(|m| {
+                st.peers.get(&m.key).is_some_and(|p| {
+                    p.link.is_some() && p.health.status(&health) != Status::Offline
+                })
+            })
+    }
+
     /// The member list and its epoch, as this gateway knows it.
     pub fn membership(&self) -> Membership {
         self.state().membership.clone()
@@ -1262,7 +1292,9 @@ impl Mesh {
     /// Adopts a member list from `from` (`None`: from the raft log) if it is the primary's and
     /// newer than ours.
     fn adopt_membership(&self, from: Option<PublicKey>, m: Membership, spawn_dials: bool) {
-        if self.inner.cfg.primary {
+        // The configured primary owns its list; only the committed log (which may hold a list
+        // another gateway admitted while this one was down) overrides it.
+        if self.inner.cfg.primary && from.is_some() {
             return;
         }
         let adopted = {
@@ -1280,7 +1312,11 @@ impl Mesh {
                 (Some(from), Some(p)) => p == from || sender_primary,
                 (Some(_), None) => sender_primary,
             };
-            if !authoritative || m.epoch <= st.membership.epoch {
+            // A committed list also replaces a local one of the same epoch that differs (admitted
+            // here while cut off from the majority: the log's history wins).
+            let newer = m.epoch > st.membership.epoch
+                || (from.is_none() && m.epoch == st.membership.epoch && m != st.membership);
+            if !authoritative || !newer {
                 false
             } else {
                 for mem in &m.members {
