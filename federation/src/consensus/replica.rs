@@ -598,6 +598,8 @@ impl Replica {
                 ),
             });
         }
+        // Bounded by the caller's deadline: a leader that loses its majority mid-write would
+        // otherwise wait for it forever.
         let wait = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(wait, self.raft().client_write(cmd.clone())).await {
             Err(_) => Err(ConsensusError::NotAcknowledged(
@@ -901,6 +903,8 @@ impl Replica {
             );
             order.push(id);
         }
+        // A membership change waits for a majority of the old and the new voters: bounded like a
+        // write, so a voter that died mid-change does not stall this driver.
         let wait = self.inner.cfg.write_timeout;
         let change = |changes: ChangeMembers<NodeId, GatewayNode>, retain: bool| async move {
             tokio::time::timeout(wait, self.raft().change_membership(changes, retain))
