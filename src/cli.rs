@@ -374,6 +374,11 @@ pub struct DemoArgs {
     pub health_interval: u64,
 }
 
+/// The default log filter of long-running commands: openraft reports every failed replication
+/// attempt to an offline gateway (several lines a second); the mesh already logs the link going
+/// down and coming back, so only openraft's errors outside replication are shown.
+const DEFAULT_LOG: &str = "info,openraft=error,openraft::replication=off";
+
 type FilterHandle =
     tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
 
@@ -419,7 +424,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
     let state_dir = state_dir::resolve(cli.state_dir.as_deref())?;
     match cli.command {
         Command::Gateway(GatewayCmd::Run(a)) => {
-            init_logging(cli.log.as_deref(), "info,openraft=warn");
+            init_logging(cli.log.as_deref(), DEFAULT_LOG);
             let file = FileConfig::load(&state_dir)?;
             let flags = RunFlags {
                 name: a.name,
@@ -567,7 +572,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Node(NodeCmd::Run(a)) => {
-            init_logging(cli.log.as_deref(), "info,openraft=warn");
+            init_logging(cli.log.as_deref(), DEFAULT_LOG);
             let file = FileConfig::load(&state_dir)?;
             let settings = crate::node_cli::node_settings(state_dir, a, &file)?;
             crate::node_run::run(settings).await?;

@@ -57,6 +57,7 @@ const KNOWN_KEYS: &[&str] = &[
     "gateway.federation.writeTimeout",
     "gateway.federation.snapshotEvery",
     "gateway.federation.keepLog",
+    "gateway.federation.heartbeat",
     "gateway.failover.enabled",
     "gateway.failover.healthCheckInterval",
     "gateway.failover.unhealthyThreshold",

@@ -274,7 +274,14 @@ fn consensus_settings(file: &FileConfig) -> Result<ReplicaConfig> {
     if snapshot_every < 10 {
         bail!("gateway.federation.snapshotEvery must be at least 10 entries");
     }
+    let heartbeat = file.u64("gateway.federation.heartbeat")?;
+    if let Some(ms) = heartbeat {
+        if !(100..=60_000).contains(&ms) {
+            bail!("gateway.federation.heartbeat must be 100 to 60000 ms, not {ms}");
+        }
+    }
     Ok(ReplicaConfig {
+        heartbeat: heartbeat.map(Duration::from_millis),
         voters: file
             .strings("gateway.federation.voters")?
             .unwrap_or_default(),

@@ -53,6 +53,8 @@ pub struct ReplicaConfig {
     pub max_voters: usize,
     /// The mesh health interval: raft timings derive from it (see [`Timings`]).
     pub health_interval: Duration,
+    /// A raft heartbeat chosen by the operator, instead of one derived from the interval.
+    pub heartbeat: Option<Duration>,
     /// How long a write may wait for a leader and a majority before it is refused.
     pub write_timeout: Duration,
     /// Deflate large raft payloads (`gateway.sync.compression`).
@@ -73,6 +75,7 @@ impl Default for ReplicaConfig {
             voters: Vec::new(),
             max_voters: 5,
             health_interval: Duration::from_secs(1),
+            heartbeat: None,
             write_timeout: Duration::from_secs(5),
             compression: true,
             batch_size: 100,
@@ -82,15 +85,17 @@ impl Default for ReplicaConfig {
     }
 }
 
-/// Raft timings derived from the health interval `h`: heartbeat `h/4` but at least
-/// [`MIN_HEARTBEAT`], election timeout from `max(h/2, 3 heartbeats)` to 1.5 times that.
+/// Raft timings derived from the health interval `h`, or from a configured heartbeat
+/// (`gateway.federation.heartbeat`): heartbeat `h/3` but at least [`MIN_HEARTBEAT`], election
+/// timeout from 2 to 2.5 heartbeats.
 ///
 /// openraft gives each append-entries RPC one heartbeat interval to complete, so the heartbeat
-/// must exceed the slowest link's round trip plus a follower's fsync: the floor keeps
-/// intercontinental links (up to about 200 ms round trip) working whatever the interval. A
-/// follower calls an election `lease + timeout` after the last heartbeat (openraft's lease is
-/// the longest timeout), so a dead leader is replaced within about 2.25 election timeouts plus
-/// a vote round trip: about 2.3 s for a 1 s interval, under the federation's 3 s goal.
+/// must exceed the slowest link's round trip plus a follower's fsync: the 400 ms floor keeps
+/// intercontinental links (a real Tokyo-Frankfurt round trip is about 250 ms) working whatever
+/// the interval. A follower calls an election `lease + timeout` after the last heartbeat
+/// (openraft's lease is the longest timeout), that is after at least 4.5 heartbeats of silence,
+/// so a dead leader is replaced within 1.8 to 2.4 s plus a vote round trip at a 1 s interval:
+/// under the federation's 3 s goal.
 #[derive(Debug, Clone, Copy)]
 pub struct Timings {
     /// Leader heartbeat period.
@@ -105,19 +110,23 @@ impl Timings {
     /// Timings for a health interval.
     pub fn for_interval(h: Duration) -> Timings {
         let ms = h.as_millis().clamp(100, 60_000) as u64;
-        let heartbeat = (ms / 4).max(MIN_HEARTBEAT.as_millis() as u64);
-        let election_min = (ms / 2).max(heartbeat * 3);
+        Self::for_heartbeat(Duration::from_millis(ms / 3))
+    }
+
+    /// Timings for a heartbeat (raised to [`MIN_HEARTBEAT`]).
+    pub fn for_heartbeat(heartbeat: Duration) -> Timings {
+        let hb = (heartbeat.as_millis() as u64).clamp(MIN_HEARTBEAT.as_millis() as u64, 60_000);
         Timings {
-            heartbeat: Duration::from_millis(heartbeat),
-            election_min: Duration::from_millis(election_min),
-            election_max: Duration::from_millis(election_min * 3 / 2),
+            heartbeat: Duration::from_millis(hb),
+            election_min: Duration::from_millis(hb * 2),
+            election_max: Duration::from_millis(hb * 5 / 2),
         }
     }
 }
 
 /// The shortest raft heartbeat: openraft's per-RPC deadline, so above the slowest WAN round
 /// trip plus an fsync.
-pub const MIN_HEARTBEAT: Duration = Duration::from_millis(250);
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(400);
 
 /// Why a consensus operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -273,7 +282,10 @@ impl Replica {
         let key = mesh.key();
         let name = mesh.config().name.clone();
         let id = node_id_of(&key.device_id().0);
-        let timings = Timings::for_interval(cfg.health_interval);
+        let timings = match cfg.heartbeat {
+            Some(hb) => Timings::for_heartbeat(hb),
+            None => Timings::for_interval(cfg.health_interval),
+        };
         let config = openraft::Config {
             cluster_name: "clawmesh".into(),
             heartbeat_interval: timings.heartbeat.as_millis() as u64,
@@ -582,21 +594,23 @@ impl Replica {
         }
         let voters = m.membership_config.membership().voter_ids().count();
         let lease = self.inner.timings.election_max * 2;
-        if voters > 1
-            && m.millis_since_quorum_ack
-                .is_none_or(|ms| ms > lease.as_millis() as u64)
-        {
-            return Err(ConsensusError::NoQuorum {
-                name: self.inner.name.clone(),
-                reachable: 1,
-                voters,
-                detail: format!(
-                    "no acknowledgement from a majority for {} ms",
-                    m.millis_since_quorum_ack
-                        .unwrap_or(u64::MAX)
-                        .min(u64::MAX / 2)
-                ),
-            });
+        match m.millis_since_quorum_ack {
+            // Just elected: the first heartbeat round is not acknowledged yet. Retried.
+            None if voters > 1 => {
+                return Err(ConsensusError::NoLeader(format!(
+                    "{} was just elected and waits for its first acknowledgement from a majority",
+                    self.inner.name
+                )));
+            }
+            Some(ms) if voters > 1 && ms > lease.as_millis() as u64 => {
+                return Err(ConsensusError::NoQuorum {
+                    name: self.inner.name.clone(),
+                    reachable: self.reachable_voters(m),
+                    voters,
+                    detail: format!("no acknowledgement from a majority for {ms} ms"),
+                });
+            }
+            _ => {}
         }
         // Bounded by the caller's deadline: a leader that loses its majority mid-write would
         // otherwise wait for it forever.
@@ -835,8 +849,11 @@ impl Replica {
         {
             return None;
         }
+        // Caught up within a few entries (steady writes keep a follower a round trip behind);
+        // writes stop during the handoff, so it has everything before it stands.
         let matched = m.replication.as_ref()?.get(&id)?.as_ref()?.index;
-        (Some(matched) == m.last_log_index).then(|| membership.get_node(&id).cloned())?
+        let last = m.last_log_index.unwrap_or(0);
+        (matched + LAG_FOR_VOTER >= last).then(|| membership.get_node(&id).cloned())?
     }
 
     /// Stops writes and heartbeats so the followers' lease lapses, and asks `to` to stand.
@@ -1127,15 +1144,23 @@ mod tests {
     #[test]
     fn timings_meet_the_failover_goal() {
         let t = Timings::for_interval(Duration::from_secs(1));
-        // Replacement after lease + the longest timeout: under 3 s with room for a vote.
-        assert!(t.election_max * 2 <= Duration::from_millis(2500));
-        assert!(t.heartbeat * 3 <= t.election_min);
-        // A 165 ms intercontinental round trip fits one heartbeat, at any interval.
+        // Replacement within one heartbeat + lease + the longest timeout: under 3 s with room
+        // for a vote round trip.
+        assert!(t.heartbeat + t.election_max * 2 <= Duration::from_millis(2500));
+        // A 250 ms intercontinental round trip fits one heartbeat, at any interval, and an
+        // election needs at least 4.5 heartbeats of silence.
         for h in [50, 300, 500, 1000, 10_000] {
             let t = Timings::for_interval(Duration::from_millis(h));
-            assert!(t.heartbeat >= Duration::from_millis(250));
+            assert!(t.heartbeat >= Duration::from_millis(400));
             assert!(t.election_min < t.election_max);
-            assert!(t.heartbeat * 3 <= t.election_min);
+            // (4.49: integer milliseconds round down.)
+            assert!(
+                (t.election_max + t.election_min).as_secs_f64() >= t.heartbeat.as_secs_f64() * 4.49
+            );
         }
+        assert_eq!(
+            Timings::for_heartbeat(Duration::from_millis(1000)).election_max,
+            Duration::from_millis(2500)
+        );
     }
 }
