@@ -74,13 +74,15 @@
 //! 2-core machine (longer when other work competes for the CPU or the disk: seeding and
 //! approvals fsync per record).
 
-use std::collections::HashMap;
+#[path = "support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
 use std::fs;
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -89,15 +91,22 @@ use base64::Engine as _;
 use clawmesh_federation::identity::DeviceIdentity;
 use clawmesh_federation::pairing::uuid_v4;
 use futures_util::{SinkExt, StreamExt};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde_json::{json, Value};
+use support::{
+    approve_node_cli, check_stop, classic_gateway_cmd, classic_node_cmd, classic_pending,
+    clawmesh_bin, clawmesh_cmd, cpu_ticks, free_tcp_port, install_classic, install_ctrl_c,
+    lat_stats, machine_with_load, mb, mem_of, poll_blocking, runtime_file, sleep, tree_rss_kb, Lat,
+    Mem, Proc, STOP, TICKS_PER_SEC,
+};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+/// This example's name: its environment variables are `BENCH_BRIDGE_*` (see `support`).
+const BENCH: &str = "bench_bridge";
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -130,30 +139,8 @@ const NODE_LIST_N: usize = 5;
 const PAIR_WAVE: usize = 500;
 /// Largest frame this client accepts (node.list with 10 000 nodes is several MB).
 const MAX_MSG: usize = 64 << 20;
-/// /proc reports CPU time in USER_HZ ticks, 100 per second on Linux.
-const TICKS_PER_SEC: f64 = 100.0;
 /// Goal of phase 1: 10 000 connections under this gateway RSS.
 const GOAL_RSS_MB: f64 = 200.0;
-
-/// Set on Ctrl-C: loops check it and unwind (which stops the processes).
-static STOP: AtomicBool = AtomicBool::new(false);
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-async fn sleep_async(d: Duration) -> Result<()> {
-    let end = tokio::time::Instant::now() + d;
-    while tokio::time::Instant::now() < end {
-        check_stop()?;
-        tokio::time::sleep((end - tokio::time::Instant::now()).min(Duration::from_millis(50)))
-            .await;
-    }
-    Ok(())
-}
 
 // ---------------------------------------------------------------------------------------------
 // Options
@@ -251,17 +238,6 @@ fn raise_nofile() -> Result<(u64, u64)> {
 // ---------------------------------------------------------------------------------------------
 // Statistics
 
-/// Latency summary in milliseconds.
-#[derive(Debug, Clone, Copy)]
-struct Lat {
-    n: usize,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
-    mean: f64,
-}
-
 impl Lat {
     fn row(&self) -> String {
         format!(
@@ -271,107 +247,12 @@ impl Lat {
     }
 }
 
-/// Nearest-rank quantiles: the ceil(p·n)-th smallest sample.
-fn lat_stats(v: &mut [Duration]) -> Option<Lat> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_unstable();
-    let n = v.len();
-    let q = |p: f64| v[((p * n as f64).ceil() as usize).clamp(1, n) - 1].as_secs_f64() * 1e3;
-    let total: f64 = v.iter().map(Duration::as_secs_f64).sum();
-    Some(Lat {
-        n,
-        p50: q(0.5),
-        p90: q(0.9),
-        p99: q(0.99),
-        max: v[n - 1].as_secs_f64() * 1e3,
-        mean: total / n as f64 * 1e3,
-    })
-}
-
 fn lat_cell(l: &Option<Lat>) -> String {
     l.map(|l| l.row()).unwrap_or_else(|| "–".into())
 }
 
 // ---------------------------------------------------------------------------------------------
 // /proc
-
-fn stat_fields(pid: i32) -> Option<Vec<String>> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = text.rsplit_once(')')?.1;
-    Some(rest.split_whitespace().map(str::to_string).collect())
-}
-
-fn stat_u64(f: &[String], field: usize) -> Option<u64> {
-    f.get(field - 3)?.parse().ok()
-}
-
-/// utime + stime in ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    stat_fields(pid)
-        .map(|f| stat_u64(&f, 14).unwrap_or(0) + stat_u64(&f, 15).unwrap_or(0))
-        .unwrap_or(0)
-}
-
-/// Start time (field 22): tells a process from a later one that reused its pid.
-fn start_time(pid: i32) -> Option<u64> {
-    stat_fields(pid).and_then(|f| stat_u64(&f, 22))
-}
-
-/// `pid` and its live descendants.
-fn tree(pid: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    if let Ok(dir) = fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if let Some(ppid) = stat_fields(p).and_then(|f| stat_u64(&f, 4)) {
-                children.entry(ppid as i32).or_default().push(p);
-            }
-        }
-    }
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() && out.len() < 10_000 {
-        if let Some(c) = children.get(&out[i]) {
-            out.extend(c);
-        }
-        i += 1;
-    }
-    out
-}
-
-fn status_field(pid: i32, key: &str) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
-/// Memory and descriptors of one process.
-#[derive(Debug, Clone, Copy, Default)]
-struct Mem {
-    rss_kb: u64,
-    hwm_kb: u64,
-    anon_kb: u64,
-    threads: u64,
-    fds: usize,
-}
-
-fn mem_of(pid: i32) -> Result<Mem> {
-    let rss_kb = status_field(pid, "VmRSS").ok_or_else(|| anyhow!("pid {pid} is gone"))?;
-    Ok(Mem {
-        rss_kb,
-        hwm_kb: status_field(pid, "VmHWM").unwrap_or(0),
-        anon_kb: status_field(pid, "RssAnon").unwrap_or(0),
-        threads: status_field(pid, "Threads").unwrap_or(0),
-        fds: fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|d| d.count())
-            .unwrap_or(0),
-    })
-}
 
 /// System-wide `TcpExt: ListenOverflows` (a full accept queue: the SYN is dropped and the
 /// client retransmits it after 1 s).
@@ -389,282 +270,8 @@ fn listen_overflows() -> u64 {
         .unwrap_or(0)
 }
 
-/// Sum of VmRSS over a process tree (kB) and its process count.
-fn tree_rss_kb(pid: i32) -> (u64, usize) {
-    let t = tree(pid);
-    let n = t.len();
-    (
-        t.into_iter().filter_map(|p| status_field(p, "VmRSS")).sum(),
-        n,
-    )
-}
-
-fn mb(kb: u64) -> String {
-    format!("{:.1} MB", kb as f64 / 1024.0)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Processes
-
-/// A child process (and its descendants), stopped on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
-        let f = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .with_context(|| format!("spawning {name} ({cmd:?})"))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            log: log.to_path_buf(),
-        })
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    fn ensure_running(&mut self) -> Result<()> {
-        if let Some(s) = self.exited() {
-            bail!("{} exited early ({s}):\n{}", self.name, self.log_tail());
-        }
-        Ok(())
-    }
-
-    /// SIGTERM to the process and its descendants; SIGKILL to what is left after `grace`.
-    fn stop(&mut self, grace: Duration) {
-        let pids: Vec<(i32, Option<u64>)> = if self.exited().is_some() {
-            Vec::new()
-        } else {
-            tree(self.pid())
-                .into_iter()
-                .map(|p| (p, start_time(p)))
-                .collect()
-        };
-        // Only signal a pid that is still the process we saw (not a reused pid).
-        let same = |(p, st): &(i32, Option<u64>)| st.is_some() && start_time(*p) == *st;
-        for p in pids.iter().filter(|p| same(p)) {
-            let _ = kill(Pid::from_raw(p.0), Signal::SIGTERM);
-        }
-        let t = Instant::now();
-        loop {
-            let root_done = self.exited().is_some();
-            if root_done && !pids.iter().any(same) {
-                return;
-            }
-            if t.elapsed() > grace {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for p in pids.iter().filter(|p| same(p)) {
-            let _ = kill(Pid::from_raw(p.0), Signal::SIGKILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        eprintln!(
-            "warning: {} did not stop within {grace:?}; killed",
-            self.name
-        );
-    }
-
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    fn log_count(&self, needle: &str) -> usize {
-        fs::read_to_string(&self.log)
-            .map(|t| t.matches(needle).count())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop(Duration::from_secs(15));
-    }
-}
-
-/// Runs a command to completion within `timeout`; returns (status, stdout, stderr).
-fn run_bounded(
-    mut cmd: Command,
-    scratch: &Path,
-    timeout: Duration,
-) -> Result<(ExitStatus, String, String)> {
-    static SEQ: AtomicUsize = AtomicUsize::new(0);
-    let k = SEQ.fetch_add(1, Ordering::Relaxed);
-    let out_path = scratch.join(format!("cmd-{k}.out"));
-    let err_path = scratch.join(format!("cmd-{k}.err"));
-    let described = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out_path)?)
-        .stderr(fs::File::create(&err_path)?)
-        .spawn()
-        .with_context(|| format!("spawning {described}"))?;
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if t.elapsed() > timeout || STOP.load(Ordering::Relaxed) {
-            for p in tree(child.id() as i32).into_iter().rev() {
-                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-            }
-            let _ = child.wait();
-            check_stop()?;
-            bail!("{described} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let out = fs::read_to_string(&out_path).unwrap_or_default();
-    let err = fs::read_to_string(&err_path).unwrap_or_default();
-    let _ = fs::remove_file(&out_path);
-    let _ = fs::remove_file(&err_path);
-    Ok((status, out, err))
-}
-
-fn run_ok(cmd: Command, scratch: &Path, timeout: Duration) -> Result<String> {
-    let described = format!("{cmd:?}");
-    let (status, out, err) = run_bounded(cmd, scratch, timeout)?;
-    if !status.success() {
-        bail!(
-            "{described} failed ({status}): {}{}",
-            err.trim(),
-            out.trim()
-        );
-    }
-    Ok(out)
-}
-
-/// Polls `f` every `every` until it returns `Some`, or fails after `deadline`.
-fn poll<T>(
-    what: &str,
-    deadline: Duration,
-    every: Duration,
-    mut f: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let t = Instant::now();
-    let mut last_err = None;
-    loop {
-        check_stop()?;
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if t.elapsed() > deadline {
-            return Err(match last_err {
-                Some(e) => e.context(format!("{what}: not within {deadline:?}")),
-                None => anyhow!("{what}: not within {deadline:?}"),
-            });
-        }
-        std::thread::sleep(every);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Machine
-
-fn machine() -> Vec<(&'static str, String)> {
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
-    let mem = fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
-        .unwrap_or_else(|| "?".into());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    let rustc = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .arg("--version")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "?".into());
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get().to_string())
-        .unwrap_or_else(|_| "?".into());
-    let load = fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into());
-    vec![
-        ("nproc", nproc),
-        ("CPU", model),
-        ("memory", mem),
-        ("kernel", kernel),
-        ("rustc", rustc),
-        ("load average at start", load),
-        (
-            "date (UTC)",
-            humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        ),
-    ]
-}
-
 // ---------------------------------------------------------------------------------------------
 // clawmesh gateway
-
-fn clawmesh_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CLAWMESH_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("cannot locate the target dir from {}", exe.display()))?;
-    let bin = profile_dir.join("clawmesh");
-    if !bin.is_file() {
-        bail!(
-            "{} not found: run `cargo build --release --bin clawmesh` first (with the same \
-             CARGO_TARGET_DIR), or set CLAWMESH_BIN",
-            bin.display()
-        );
-    }
-    if exe.to_string_lossy().contains("/debug/") {
-        eprintln!("warning: this is a debug build; run with --release for meaningful numbers");
-    }
-    Ok(bin)
-}
-
-fn clawmesh_cmd(bin: &Path, dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(bin);
-    c.arg("--state-dir")
-        .arg(dir)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("CLAWMESH_TOKEN")
-        .env_remove("CLAWMESH_NODE_TOKEN")
-        .env_remove("CLAWMESH_STATE_DIR");
-    c
-}
 
 /// A running clawmesh gateway.
 struct Gateway {
@@ -697,19 +304,15 @@ fn start_gateway(bin: &Path, dir: &Path, log: &Path, name: &str) -> Result<Gatew
         log,
     )?;
     let pid = proc.pid();
-    let ws = poll(
+    let ws = poll_blocking(
         "gateway.json",
         Duration::from_secs(20),
         Duration::from_millis(20),
         || {
             proc.ensure_running()?;
-            let Ok(text) = fs::read_to_string(dir.join("gateway.json")) else {
+            let Some(v) = runtime_file(&dir, pid) else {
                 return Ok(None);
             };
-            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if v["pid"] != pid {
-                return Ok(None);
-            }
             let url = v["ws"]
                 .as_str()
                 .ok_or_else(|| anyhow!("gateway.json has no ws url: {v}"))?;
@@ -948,7 +551,7 @@ async fn series(
             break;
         }
     }
-    lat_stats(&mut lat).ok_or_else(|| anyhow!("{method}: no samples within {budget:?}"))
+    lat_stats(&mut lat).map_err(|_| anyhow!("{method}: no samples within {budget:?}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1130,7 +733,7 @@ impl Pool {
         drop(s);
         check_stop()?;
         b.secs = t0.elapsed().as_secs_f64();
-        b.lat = lat_stats(&mut lat);
+        b.lat = lat_stats(&mut lat).ok();
         b.gw_cpu_ms = cpu_ticks(gw_pid).saturating_sub(cpu0) as f64 / TICKS_PER_SEC * 1e3;
         b.listen_overflows = listen_overflows().saturating_sub(lo0);
         Ok(b)
@@ -1196,7 +799,7 @@ async fn idle_phase(gw: &mut Gateway, o: &Opts) -> Result<IdleResult> {
         Duration::from_secs(30),
     )
     .await?;
-    sleep_async(SETTLE).await?;
+    sleep(SETTLE).await?;
     let mut points = vec![Point {
         conns: 0,
         mem: mem_of(pid)?,
@@ -1216,7 +819,7 @@ async fn idle_phase(gw: &mut Gateway, o: &Opts) -> Result<IdleResult> {
             })
             .await?;
         gw.proc.ensure_running()?;
-        sleep_async(SETTLE).await?;
+        sleep(SETTLE).await?;
         let mem = mem_of(pid)?;
         eprintln!(
             "idle: {} connections ({} new in {:.1} s, {} errors), gateway RSS {}, fds {}",
@@ -1256,7 +859,7 @@ async fn idle_phase(gw: &mut Gateway, o: &Opts) -> Result<IdleResult> {
     let mut after_hold = None;
     if !o.hold.is_zero() {
         eprintln!("idle: holding {} connections for {:?}", pool.len(), o.hold);
-        sleep_async(o.hold).await?;
+        sleep(o.hold).await?;
         after_hold = Some(mem_of(pid)?);
     }
     let dropped = pool.stats.dropped.load(Ordering::Relaxed);
@@ -1270,7 +873,7 @@ async fn idle_phase(gw: &mut Gateway, o: &Opts) -> Result<IdleResult> {
     eprintln!("idle: closing");
     pool.close().await;
     drop(probe);
-    sleep_async(Duration::from_secs(3)).await?;
+    sleep(Duration::from_secs(3)).await?;
     let after_close = mem_of(pid).ok();
     // Second wave: as many connections again; RSS that keeps growing would be a leak.
     let (mut wave2, mut after_close2) = (None, None);
@@ -1283,10 +886,10 @@ async fn idle_phase(gw: &mut Gateway, o: &Opts) -> Result<IdleResult> {
                 open_operator(addr, &["operator.read"]).await
             })
             .await?;
-        sleep_async(SETTLE).await?;
+        sleep(SETTLE).await?;
         wave2 = Some((b, mem_of(pid)?));
         pool.close().await;
-        sleep_async(Duration::from_secs(3)).await?;
+        sleep(Duration::from_secs(3)).await?;
         after_close2 = mem_of(pid).ok();
     }
     Ok(IdleResult {
@@ -1492,8 +1095,8 @@ async fn node_phase(bin: &Path, root: &Path, o: &Opts) -> Result<NodeResult> {
     }
     let approve_secs = t0.elapsed().as_secs_f64();
     let k = lat.len().min(100);
-    let approve_first = lat_stats(&mut lat[..k].to_vec());
-    let approve_last = lat_stats(&mut lat[lat.len() - k..].to_vec());
+    let approve_first = lat_stats(&mut lat[..k].to_vec()).ok();
+    let approve_last = lat_stats(&mut lat[lat.len() - k..].to_vec()).ok();
     eprintln!("nodes: {} approvals in {approve_secs:.1} s", lat.len());
     scale.push(measure_scale(&mut op, &responder, wave, 1).await);
     drop(op);
@@ -1523,7 +1126,7 @@ async fn node_phase(bin: &Path, root: &Path, o: &Opts) -> Result<NodeResult> {
         Some(responder.clone()),
     );
     let mut op = Rpc::new(open_operator(addr, &["operator.write"]).await?);
-    sleep_async(SETTLE).await?;
+    sleep(SETTLE).await?;
     let mut points = vec![Point {
         conns: 1,
         mem: mem_of(pid)?,
@@ -1550,7 +1153,7 @@ async fn node_phase(bin: &Path, root: &Path, o: &Opts) -> Result<NodeResult> {
             })
             .await?;
         gw.proc.ensure_running()?;
-        sleep_async(SETTLE).await?;
+        sleep(SETTLE).await?;
         let mem = mem_of(pid)?;
         eprintln!(
             "nodes: {} attached ({} new in {:.1} s, {} errors), gateway RSS {}, fds {}",
@@ -1595,7 +1198,7 @@ async fn node_phase(bin: &Path, root: &Path, o: &Opts) -> Result<NodeResult> {
     let first_drop = pool.stats.first().or_else(|| responder_pool.stats.first());
     eprintln!("nodes: closing all but the responder");
     pool.close().await;
-    sleep_async(Duration::from_secs(3)).await?;
+    sleep(Duration::from_secs(3)).await?;
     let after_close = mem_of(pid).ok();
     if n > wave {
         scale.push(measure_scale(&mut op, &responder, n, 1).await);
@@ -1637,63 +1240,9 @@ struct InvokeSide {
     setup_secs: f64,
 }
 
-fn classic_prefix() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CLASSIC_PREFIX") {
-        return Ok(PathBuf::from(p));
-    }
-    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?;
-    Ok(PathBuf::from(home).join(".cache/clawmesh/classic"))
-}
-
-/// Installs (or finds) the classic stack; returns the `openclaw` wrapper.
-fn install_classic(scratch: &Path) -> Result<PathBuf> {
-    let prefix = classic_prefix()?;
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/install-classic-client.sh");
-    let mut cmd = Command::new("bash");
-    cmd.arg(&script).arg(&prefix);
-    let out =
-        run_ok(cmd, scratch, Duration::from_secs(600)).context("installing the classic stack")?;
-    let wrapper = out
-        .lines()
-        .last()
-        .map(|l| PathBuf::from(l.trim()))
-        .ok_or_else(|| anyhow!("install-classic-client.sh printed no wrapper path"))?;
-    if !wrapper.is_file() {
-        bail!("{} missing after install", wrapper.display());
-    }
-    Ok(wrapper)
-}
-
-/// An `openclaw` command with its own HOME, state dir and TMPDIR.
-fn classic_cmd(oc: &Path, home: &Path, tmpdir: &Path) -> Command {
-    let mut c = Command::new(oc);
-    c.env("HOME", home)
-        .env("OPENCLAW_STATE_DIR", home.join(".openclaw"))
-        .env("TMPDIR", tmpdir)
-        .env_remove("OPENCLAW_GATEWAY_TOKEN")
-        .env_remove("OPENCLAW_GATEWAY_PASSWORD")
-        .env_remove("OPENCLAW_PROFILE")
-        .env_remove("NODE_OPTIONS");
-    c
-}
-
 /// Starts `openclaw node run` against 127.0.0.1:`port` in `home`.
 fn start_node_host(oc: &Path, home: &Path, tmpdir: &Path, port: u16, log: &Path) -> Result<Proc> {
-    fs::create_dir_all(home.join(".openclaw"))?;
-    fs::create_dir_all(tmpdir)?;
-    // File logs into the temp dir instead of /tmp/openclaw.
-    fs::write(
-        home.join(".openclaw/openclaw.json"),
-        serde_json::to_string_pretty(
-            &json!({"logging": {"file": home.join("openclaw-file.log")}}),
-        )?,
-    )?;
-    let mut cmd = classic_cmd(oc, home, tmpdir);
-    let port_s = port.to_string();
-    cmd.env("OPENCLAW_GATEWAY_TOKEN", TOKEN)
-        .args(["node", "run", "--host", "127.0.0.1", "--port", &port_s])
-        .args(["--no-tls", "--display-name", NODE_NAME]);
+    let cmd = classic_node_cmd(oc, home, tmpdir, port, TOKEN, NODE_NAME)?;
     Proc::spawn("openclaw node run", cmd, log)
 }
 
@@ -1712,57 +1261,22 @@ async fn invoke_clawmesh(bin: &Path, oc: &Path, o: &Opts) -> Result<InvokeSide> 
         gw.ws.port(),
         &root.join("node.log"),
     )?;
-    let gw_dir = gw.dir.clone();
-    let cli_timeout = Duration::from_secs(20);
-    let req = poll(
-        "pending pairing request of the node host",
-        Duration::from_secs(120),
-        Duration::from_millis(250),
-        || {
-            node.ensure_running()?;
-            gw.proc.ensure_running()?;
-            let out = run_ok(
-                clawmesh_cmd(bin, &gw_dir, &["devices", "list", "--json"]),
-                &root,
-                cli_timeout,
-            )?;
-            let v: Value = serde_json::from_str(&out)?;
-            Ok(v["pending"].as_array().and_then(|p| {
-                p.iter()
-                    .find(|p| p["name"] == NODE_NAME)
-                    .and_then(|p| p["requestId"].as_str().map(str::to_string))
-            }))
-        },
-    )
-    .with_context(|| format!("node host log:\n{}", node.log_tail()))?;
-    run_ok(
-        clawmesh_cmd(bin, &gw_dir, &["devices", "approve", &req]),
+    // The node host (Node.js) takes seconds to start and dial; 120 s covers a loaded machine.
+    let node_id = approve_node_cli(
+        bin,
+        &gw.dir,
         &root,
-        cli_timeout,
-    )?;
-    let node_id = poll(
-        "node host attached after approval",
-        Duration::from_secs(120),
-        Duration::from_millis(250),
+        NODE_NAME,
+        (Duration::from_secs(120), Duration::from_millis(250)),
         || {
             node.ensure_running()?;
-            let out = run_ok(
-                clawmesh_cmd(bin, &gw_dir, &["nodes", "status", "--json"]),
-                &root,
-                cli_timeout,
-            )?;
-            let v: Value = serde_json::from_str(&out)?;
-            Ok(v["nodes"].as_array().and_then(|ns| {
-                ns.iter()
-                    .find(|n| n["name"] == NODE_NAME && n["connected"] == true)
-                    .and_then(|n| n["nodeId"].as_str().map(str::to_string))
-            }))
+            gw.proc.ensure_running()
         },
     )
     .with_context(|| format!("node host log:\n{}", node.log_tail()))?;
     let setup_secs = t0.elapsed().as_secs_f64();
     eprintln!("invoke/clawmesh: node host {node_id:.12} attached after {setup_secs:.1} s");
-    sleep_async(SETTLE).await?;
+    sleep(SETTLE).await?;
     let gw_idle = mem_of(gw.proc.pid())?;
     let mut rpc = Rpc::new(open_operator(gw.ws, &["operator.write"]).await?);
     let lat = series(
@@ -1793,10 +1307,6 @@ async fn invoke_clawmesh(bin: &Path, oc: &Path, o: &Opts) -> Result<InvokeSide> 
     })
 }
 
-fn free_tcp_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Phase 3 on the classic gateway (the baseline), same node host, same client.
 async fn invoke_classic(oc: &Path, o: &Opts) -> Result<InvokeSide> {
     let tmp = tempfile::Builder::new()
@@ -1804,31 +1314,8 @@ async fn invoke_classic(oc: &Path, o: &Opts) -> Result<InvokeSide> {
         .tempdir()?;
     let root = tmp.path().to_path_buf();
     let (gw_home, tmpdir) = (root.join("gw"), root.join("tmp"));
-    fs::create_dir_all(gw_home.join(".openclaw"))?;
-    fs::create_dir_all(&tmpdir)?;
     let port = free_tcp_port()?;
-    let config = json!({
-        "gateway": {
-            "mode": "local", "port": port, "bind": "loopback",
-            "auth": {"mode": "token", "token": TOKEN},
-        },
-        "logging": {"file": gw_home.join("openclaw-file.log")},
-    });
-    fs::write(
-        gw_home.join(".openclaw/openclaw.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
-    let port_s = port.to_string();
-    let mut cmd = classic_cmd(oc, &gw_home, &tmpdir);
-    cmd.args([
-        "gateway",
-        "run",
-        "--bind",
-        "loopback",
-        "--port",
-        &port_s,
-        "--allow-unconfigured",
-    ]);
+    let cmd = classic_gateway_cmd(oc, &gw_home, &tmpdir, port, TOKEN)?;
     let t0 = Instant::now();
     let mut gw = Proc::spawn("openclaw gateway run", cmd, &root.join("gw.log"))?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
@@ -1849,7 +1336,7 @@ async fn invoke_classic(oc: &Path, o: &Opts) -> Result<InvokeSide> {
         if t0.elapsed() > Duration::from_secs(120) {
             break;
         }
-        sleep_async(Duration::from_millis(250)).await?;
+        sleep(Duration::from_millis(250)).await?;
     }
     let mut admin = admin.ok_or_else(|| {
         anyhow!(
@@ -1878,16 +1365,7 @@ async fn invoke_classic(oc: &Path, o: &Opts) -> Result<InvokeSide> {
         node.ensure_running()?;
         gw.ensure_running()?;
         let list = admin.call("node.pair.list", json!({})).await?;
-        found = list["pending"].as_array().and_then(|p| {
-            p.iter()
-                .find(|p| p["displayName"] == NODE_NAME)
-                .and_then(|p| {
-                    Some((
-                        p["requestId"].as_str()?.to_string(),
-                        p["nodeId"].as_str()?.to_string(),
-                    ))
-                })
-        });
+        found = classic_pending(&list["pending"], NODE_NAME);
         if found.is_none() {
             if t1.elapsed() > Duration::from_secs(120) {
                 bail!(
@@ -1895,7 +1373,7 @@ async fn invoke_classic(oc: &Path, o: &Opts) -> Result<InvokeSide> {
                     node.log_tail()
                 );
             }
-            sleep_async(Duration::from_millis(500)).await?;
+            sleep(Duration::from_millis(500)).await?;
         }
     }
     let (req, node_id) = found.ok_or_else(|| anyhow!("unreachable"))?;
@@ -1916,12 +1394,12 @@ async fn invoke_classic(oc: &Path, o: &Opts) -> Result<InvokeSide> {
                     node.log_tail()
                 )))
             }
-            Err(_) => sleep_async(Duration::from_millis(250)).await?,
+            Err(_) => sleep(Duration::from_millis(250)).await?,
         }
     }
     let setup_secs = t0.elapsed().as_secs_f64();
     eprintln!("invoke/classic: node host {node_id:.12} approved after {setup_secs:.1} s");
-    sleep_async(SETTLE).await?;
+    sleep(SETTLE).await?;
     let gw_idle = mem_of(gw.pid())?;
     let lat = series(
         &mut rpc,
@@ -2268,14 +1746,9 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.spawn(async {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: stopping");
-            STOP.store(true, Ordering::Relaxed);
-        }
-    });
+    install_ctrl_c();
     let started = Instant::now();
-    let machine = machine();
+    let machine = machine_with_load();
     let mut out = String::new();
     out += &format!(
         "Command: `cargo run --release --example bench_bridge{}`\n\n| machine | |\n|---|---|\n",
@@ -2312,7 +1785,7 @@ fn main() -> Result<()> {
     }
     let mut invoke = None;
     if !o.skip_invoke {
-        match install_classic(scratch.path()) {
+        match install_classic(scratch.path()).map(|(oc, _)| oc) {
             Ok(oc) => {
                 eprintln!("invoke: classic client {}", oc.display());
                 let cm = rt.block_on(invoke_clawmesh(&bin, &oc, &o));

@@ -61,20 +61,29 @@
 //! sets their log filter, e.g. `debug`); every wait and loop is
 //! bounded. The run takes about 2 minutes plus the waits for a quiet machine.
 
+#[path = "support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clawmesh::client::{Client, Target};
 use clawmesh::relay::{PathSettings, WanRelay};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use futures_util::FutureExt as _;
 use serde_json::{json, Value};
+use support::{
+    add_site, check_stop, clawmesh_cmd, end_quiet, lat_stats, mb, ms_text, pending_request, poll,
+    quiet_text, relay_bench_main, relay_gateway_args, run_cli, runtime_file, sleep, status_field,
+    stop_all, udp_rtt, wait_quiet, Echo, Lat, Machine, Proc, Quiet,
+};
+
+/// This example's name: its environment variables are `BENCH_DELEGATION_*` (see `support`).
+const BENCH: &str = "bench_delegation";
 
 /// Sequential invokes per series with 0 ms added latency.
 const N_LAN: usize = 2000;
@@ -109,485 +118,10 @@ const INVOKE_TIMEOUT_MS: u64 = 10_000;
 const HEALTH_INTERVAL_MS: &str = "500";
 /// Federation join secret.
 const TOKEN: &str = "bench-delegation-tok";
-/// Quiet machine: 1-minute load average below this...
-const QUIET_LOAD: f64 = 0.7;
-/// ...or less than this share of the CPUs busy outside this benchmark.
-const QUIET_FOREIGN: f64 = 0.10;
 /// Longest wait for a quiet machine before measuring anyway.
 const QUIET_MAX: Duration = Duration::from_secs(120);
 
 const GATEWAYS: [(&str, &str); 3] = [("gw-a", "ra"), ("gw-b", "rb"), ("gw-c", "rc")];
-
-/// Set on Ctrl-C: every wait and loop checks it and unwinds (which stops the processes).
-static STOP: AtomicBool = AtomicBool::new(false);
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-async fn sleep(d: Duration) -> Result<()> {
-    check_stop()?;
-    tokio::time::sleep(d).await;
-    check_stop()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Statistics
-
-/// Latency summary in milliseconds.
-#[derive(Debug, Clone, Copy)]
-struct Lat {
-    n: usize,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
-    mean: f64,
-}
-
-/// Nearest-rank quantiles: the ceil(p·n)-th smallest sample.
-fn lat_stats(v: &mut [Duration]) -> Result<Lat> {
-    if v.is_empty() {
-        bail!("no samples");
-    }
-    v.sort_unstable();
-    let n = v.len();
-    let q = |p: f64| v[((p * n as f64).ceil() as usize).clamp(1, n) - 1].as_secs_f64() * 1e3;
-    let total: f64 = v.iter().map(Duration::as_secs_f64).sum();
-    Ok(Lat {
-        n,
-        p50: q(0.5),
-        p90: q(0.9),
-        p99: q(0.99),
-        max: v[n - 1].as_secs_f64() * 1e3,
-        mean: total / n as f64 * 1e3,
-    })
-}
-
-// ---------------------------------------------------------------------------------------------
-// /proc
-
-/// Fields of `/proc/PID/stat` after the command name; index 0 is field 3 (state).
-fn stat_fields(pid: i32) -> Option<Vec<String>> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = text.rsplit_once(')')?.1;
-    Some(rest.split_whitespace().map(str::to_string).collect())
-}
-
-fn stat_u64(f: &[String], field: usize) -> Option<u64> {
-    f.get(field - 3)?.parse().ok()
-}
-
-/// utime + stime (+ cutime + cstime: reaped children such as CLI runs) of a process, in ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    stat_fields(pid)
-        .map(|f| {
-            [14, 15, 16, 17]
-                .iter()
-                .filter_map(|&i| stat_u64(&f, i))
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-/// This process and all its live descendants.
-fn my_tree() -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    if let Ok(dir) = fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if let Some(ppid) = stat_fields(p).and_then(|f| stat_u64(&f, 4)) {
-                children.entry(ppid as i32).or_default().push(p);
-            }
-        }
-    }
-    let mut out = vec![me];
-    let mut i = 0;
-    while i < out.len() && out.len() < 10_000 {
-        if let Some(c) = children.get(&out[i]) {
-            out.extend(c);
-        }
-        i += 1;
-    }
-    out
-}
-
-/// (busy, total) jiffies of all CPUs from the first line of /proc/stat.
-fn machine_jiffies() -> (u64, u64) {
-    let text = fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = text
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total.saturating_sub(idle), total)
-}
-
-/// CPU ticks used by this benchmark's process tree, per pid (so exited ones drop out).
-fn tree_ticks() -> HashMap<i32, u64> {
-    my_tree().into_iter().map(|p| (p, cpu_ticks(p))).collect()
-}
-
-/// A sample for measuring the CPU share used outside this benchmark.
-struct CpuMark {
-    jiffies: (u64, u64),
-    mine: HashMap<i32, u64>,
-}
-
-impl CpuMark {
-    fn now() -> CpuMark {
-        CpuMark {
-            jiffies: machine_jiffies(),
-            mine: tree_ticks(),
-        }
-    }
-
-    /// Share of all CPUs busy with other processes since `self` (0..1).
-    fn foreign_since(&self) -> f64 {
-        let now = CpuMark::now();
-        let total = now.jiffies.1.saturating_sub(self.jiffies.1);
-        if total == 0 {
-            return 0.0;
-        }
-        let busy = now.jiffies.0.saturating_sub(self.jiffies.0);
-        let mine: u64 = now
-            .mine
-            .iter()
-            .map(|(p, t)| t.saturating_sub(self.mine.get(p).copied().unwrap_or(*t)))
-            .sum();
-        (busy.saturating_sub(mine) as f64 / total as f64).clamp(0.0, 1.0)
-    }
-}
-
-fn loadavg1() -> f64 {
-    fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|t| t.split_whitespace().next()?.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
-/// How busy the machine was around one measured phase.
-#[derive(Debug, Clone, Copy)]
-struct Quiet {
-    waited: Duration,
-    load_start: f64,
-    foreign_start: f64,
-    load_end: f64,
-    foreign_during: f64,
-}
-
-/// Waits until the machine is quiet (or [`QUIET_MAX`] passed); returns the mark for the phase.
-async fn wait_quiet(what: &str) -> Result<(Quiet, CpuMark)> {
-    let max = std::env::var("BENCH_DELEGATION_QUIET_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(Duration::from_secs)
-        .unwrap_or(QUIET_MAX);
-    let t = Instant::now();
-    let mut logged = false;
-    loop {
-        let mark = CpuMark::now();
-        sleep(Duration::from_secs(2)).await?;
-        let foreign = mark.foreign_since();
-        let load = loadavg1();
-        let quiet = load < QUIET_LOAD || foreign < QUIET_FOREIGN;
-        if quiet || t.elapsed() >= max {
-            if !quiet {
-                eprintln!(
-                    "  {what}: machine still busy after {:.0} s (load {load:.2}, {:.0} % CPU \
-                     outside this run); measuring anyway",
-                    t.elapsed().as_secs_f64(),
-                    foreign * 100.0
-                );
-            }
-            return Ok((
-                Quiet {
-                    waited: t.elapsed(),
-                    load_start: load,
-                    foreign_start: foreign,
-                    load_end: f64::NAN,
-                    foreign_during: f64::NAN,
-                },
-                CpuMark::now(),
-            ));
-        }
-        if !logged {
-            eprintln!(
-                "  {what}: waiting for a quiet machine (load {load:.2}, {:.0} % CPU outside this \
-                 run)",
-                foreign * 100.0
-            );
-            logged = true;
-        }
-    }
-}
-
-fn end_quiet(mut q: Quiet, mark: &CpuMark) -> Quiet {
-    q.load_end = loadavg1();
-    q.foreign_during = mark.foreign_since();
-    q
-}
-
-/// `/proc/PID/status` field in kB.
-fn status_kb(pid: i32, key: &str) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
-fn mb(kb: u64) -> String {
-    format!("{:.1} MB", kb as f64 / 1024.0)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Processes
-
-/// A child process, stopped on drop (it starts no children of its own).
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-    done: bool,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
-        let f = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .with_context(|| format!("spawning {name}"))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            log: log.to_path_buf(),
-            done: false,
-        })
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn exited(&mut self) -> bool {
-        if !self.done {
-            self.done = matches!(self.child.try_wait(), Ok(Some(_)) | Err(_));
-        }
-        self.done
-    }
-
-    fn ensure_running(&mut self) -> Result<()> {
-        if self.exited() {
-            bail!("{} exited early:\n{}", self.name, self.log_tail());
-        }
-        Ok(())
-    }
-
-    /// SIGTERM (the child is not reaped yet, so its pid cannot have been reused).
-    fn term(&mut self) {
-        if !self.exited() {
-            let _ = kill(Pid::from_raw(self.pid()), Signal::SIGTERM);
-        }
-    }
-
-    fn kill_now(&mut self) {
-        if !self.exited() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            self.done = true;
-            eprintln!("warning: {} did not stop in time; killed", self.name);
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        stop_all(std::slice::from_mut(self), Duration::from_secs(10));
-    }
-}
-
-/// SIGTERM to all, then SIGKILL to whatever is left after `grace`.
-fn stop_all(procs: &mut [Proc], grace: Duration) {
-    for p in procs.iter_mut() {
-        p.term();
-    }
-    let t = Instant::now();
-    while t.elapsed() < grace && procs.iter_mut().any(|p| !p.exited()) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for p in procs.iter_mut() {
-        p.kill_now();
-    }
-}
-
-/// Where the `clawmesh` binary is: `CLAWMESH_BIN`, else beside this example's directory.
-fn clawmesh_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CLAWMESH_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("cannot locate the target dir from {}", exe.display()))?;
-    let bin = profile_dir.join("clawmesh");
-    if !bin.is_file() {
-        bail!(
-            "{} not found: run `cargo build --release --bin clawmesh` first (with the same \
-             CARGO_TARGET_DIR), or set CLAWMESH_BIN",
-            bin.display()
-        );
-    }
-    if exe.to_string_lossy().contains("/debug/") {
-        eprintln!("warning: this is a debug build; run with --release for meaningful numbers");
-    }
-    Ok(bin)
-}
-
-/// `clawmesh --state-dir DIR ARGS...` with the product's default logging.
-fn clawmesh_cmd(bin: &Path, dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(bin);
-    c.arg("--state-dir").arg(dir);
-    // Diagnostics: BENCH_DELEGATION_LOG=FILTER sets every process's log filter (with
-    // BENCH_DELEGATION_KEEP=1 to read the logs afterwards).
-    if let Ok(filter) = std::env::var("BENCH_DELEGATION_LOG") {
-        c.arg("--log").arg(filter);
-    }
-    c.args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("CLAWMESH_TOKEN")
-        .env_remove("CLAWMESH_NODE_TOKEN")
-        .env_remove("CLAWMESH_STATE_DIR");
-    c
-}
-
-/// Runs a CLI command to completion within `timeout`; a failure exit is an error.
-async fn run_cli(cmd: Command, timeout: Duration) -> Result<String> {
-    let described = format!("{:?}", cmd.get_args().collect::<Vec<_>>());
-    let mut cmd = tokio::process::Command::from(cmd);
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    let out = tokio::time::timeout(timeout, cmd.output())
-        .await
-        .map_err(|_| anyhow!("clawmesh {described} did not finish within {timeout:?}"))??;
-    if !out.status.success() {
-        bail!(
-            "clawmesh {described} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Polls `f` every `every` until it returns `Some`, or fails after `deadline`.
-async fn poll<T, F, Fut>(what: &str, deadline: Duration, every: Duration, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let t = Instant::now();
-    let mut last_err = None;
-    loop {
-        check_stop()?;
-        match f().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if t.elapsed() > deadline {
-            return Err(match last_err {
-                Some(e) => e.context(format!("{what}: not within {deadline:?}")),
-                None => anyhow!("{what}: not within {deadline:?}"),
-            });
-        }
-        sleep(every).await?;
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Machine
-
-fn machine() -> Vec<(&'static str, String)> {
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
-    let mem = fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
-        .unwrap_or_else(|| "?".into());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    let rustc = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .arg("--version")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "?".into());
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(env!("CARGO_MANIFEST_DIR"))
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let commit = match (
-        git(&["rev-parse", "--short", "HEAD"]),
-        git(&["status", "--porcelain", "--untracked-files=no"]),
-    ) {
-        (Some(c), Some(st)) if st.is_empty() => c,
-        (Some(c), Some(_)) => format!("{c} + uncommitted changes"),
-        _ => "?".into(),
-    };
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get().to_string())
-        .unwrap_or_else(|_| "?".into());
-    vec![
-        ("nproc", nproc),
-        ("CPU", model),
-        ("memory", mem),
-        ("kernel", kernel),
-        ("rustc", rustc),
-        ("clawmesh commit (source tree at run time)", commit),
-        (
-            "date (UTC)",
-            humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        ),
-    ]
-}
 
 // ---------------------------------------------------------------------------------------------
 // The federation
@@ -623,51 +157,23 @@ async fn start_gateway(
     join: Option<SocketAddr>,
 ) -> Result<(Gateway, SocketAddr)> {
     let dir = root.join(name);
-    let adv = public.to_string();
-    let mut args = vec![
-        "gateway",
-        "run",
-        "--port",
-        "0",
-        "--name",
-        name,
-        "--region",
-        region,
-        "--advertise",
-        &adv,
-        "--token",
-        TOKEN,
-        "--health-interval",
-        HEALTH_INTERVAL_MS,
-    ];
-    let join_url = join.map(|j| format!("quic://{j}"));
-    match &join_url {
-        Some(u) => args.extend(["--join", u.as_str()]),
-        None => args.push("--primary"),
-    }
+    let args = relay_gateway_args((name, region), 0, public, TOKEN, HEALTH_INTERVAL_MS, join);
     let mut proc = Proc::spawn(
         name,
         clawmesh_cmd(bin, &dir, &args),
         &root.join(format!("{name}.log")),
     )?;
     let pid = proc.pid();
-    let runtime = dir.join(clawmesh::state_dir::RUNTIME_FILE);
+    // A start takes well under a second; 20 s covers a loaded machine, and a gateway that
+    // exits meanwhile fails at once with its log.
     let addr = poll(
         &format!("{name} gateway.json"),
         Duration::from_secs(20),
         Duration::from_millis(20),
         || {
             let r = proc.ensure_running();
-            let text = fs::read_to_string(&runtime).ok();
-            async move {
-                r?;
-                let Some(text) = text else { return Ok(None) };
-                let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                if v["pid"] != pid {
-                    return Ok(None);
-                }
-                Ok(v["quic"].as_str().and_then(|s| s.parse().ok()))
-            }
+            let quic = runtime_file(&dir, pid).and_then(|v| v["quic"].as_str()?.parse().ok());
+            async move { r.map(|()| quic) }
         },
     )
     .await?;
@@ -797,12 +303,7 @@ async fn approve_cli(bin: &Path, gw_dir: &Path, name: &str) -> Result<()> {
                 Duration::from_secs(20),
             )
             .await?;
-            let v: Value = serde_json::from_str(&out)?;
-            Ok(v["pending"].as_array().and_then(|p| {
-                p.iter()
-                    .find(|p| p["name"] == name)
-                    .and_then(|p| p["requestId"].as_str().map(str::to_string))
-            }))
+            pending_request(&out, name)
         },
     )
     .await?;
@@ -847,75 +348,6 @@ async fn method_series(client: &Client, method: &str, params: Value, n: usize) -
         }
     }
     lat_stats(&mut lat)
-}
-
-/// A UDP echo server on 127.0.0.1 (its own thread, blocking socket), for the raw round trip
-/// of the relay beside a direct one.
-struct Echo {
-    addr: SocketAddr,
-    stop: std::sync::Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Echo {
-    fn start() -> Result<Echo> {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let addr = sock.local_addr()?;
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(&buf[..n], from);
-                }
-            }
-        });
-        Ok(Echo {
-            addr,
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// `n` sequential 100-byte UDP round trips to `target` (which echoes), from a blocking thread.
-async fn udp_rtt(target: SocketAddr, n: usize) -> Result<Lat> {
-    tokio::task::spawn_blocking(move || {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        sock.set_read_timeout(Some(Duration::from_secs(1)))?;
-        let mut lat = Vec::with_capacity(n);
-        let mut buf = [0u8; 2048];
-        for i in 0..WARMUP + n {
-            check_stop()?;
-            let msg = [(i % 251) as u8; 100];
-            let t = Instant::now();
-            sock.send_to(&msg, target)?;
-            loop {
-                let (len, _) = sock
-                    .recv_from(&mut buf)
-                    .with_context(|| format!("no UDP echo from {target}"))?;
-                if buf[..len] == msg {
-                    break;
-                }
-            }
-            if i >= WARMUP {
-                lat.push(t.elapsed());
-            }
-        }
-        lat_stats(&mut lat)
-    })
-    .await?
 }
 
 struct PairResult {
@@ -1054,7 +486,7 @@ async fn part1(
         (N_WAN, WAN_PROBE_EVERY)
     };
     let what = format!("part 1, {} ms RTT", rtt.as_millis());
-    let (quiet, mark) = wait_quiet(&what).await?;
+    let (quiet, mark) = wait_quiet(&what, QUIET_MAX).await?;
     eprintln!("  {what}: n = {n}");
     let tag = format!("p1-{}", rtt.as_millis());
     let ([l, r, hl, hr], failures) =
@@ -1251,7 +683,7 @@ async fn part2(
     let rss: Vec<u64> = cluster
         .nodes
         .iter()
-        .filter_map(|p| status_kb(p.pid(), "VmRSS"))
+        .filter_map(|p| status_field(p.pid(), "VmRSS"))
         .collect();
     let node_rss = (
         rss.iter().sum::<u64>(),
@@ -1259,7 +691,7 @@ async fn part2(
         rss.iter().copied().max().unwrap_or(0),
     );
 
-    let (quiet, mark) = wait_quiet("part 2, fan-out").await?;
+    let (quiet, mark) = wait_quiet("part 2, fan-out", QUIET_MAX).await?;
     eprintln!("  part 2: {FANOUT_N} fan-outs per selector, interleaved");
     let sels = [
         ("fleet=bench", total),
@@ -1301,7 +733,7 @@ async fn part2(
         .map(|g| {
             (
                 g.name.to_string(),
-                status_kb(g.proc.pid(), "VmRSS").unwrap_or(0),
+                status_field(g.proc.pid(), "VmRSS").unwrap_or(0),
             )
         })
         .collect();
@@ -1309,7 +741,7 @@ async fn part2(
     // Extra: the 100-node and gw-b-only fan-outs with 120 ms to gw-b and gw-c.
     relay.set_path("gw-a", "gw-b", PathSettings::with_rtt(WAN_RTT))?;
     relay.set_path("gw-a", "gw-c", PathSettings::with_rtt(WAN_RTT))?;
-    let (wq, wmark) = wait_quiet("part 2, fan-out at 120 ms").await?;
+    let (wq, wmark) = wait_quiet("part 2, fan-out at 120 ms", QUIET_MAX).await?;
     let wan_sels = [
         sels[0],
         sels[2],
@@ -1346,21 +778,10 @@ struct Report {
     detaches: Vec<(String, Vec<String>)>,
 }
 
-async fn run(bin: &Path, root: &Path, relay_rt: &tokio::runtime::Runtime) -> Result<Report> {
-    let relay = relay_rt
-        .spawn(WanRelay::start())
-        .await?
-        .context("starting the relay")?;
-    let result = run_with_relay(bin, root, &relay).await;
-    let r2 = relay.clone();
-    let _ = relay_rt.spawn(async move { r2.shutdown().await }).await;
-    result
-}
-
 async fn run_with_relay(bin: &Path, root: &Path, relay: &WanRelay) -> Result<Report> {
     let mut publics = Vec::new();
     for (name, _) in GATEWAYS {
-        publics.push(add_site(relay, name).await?);
+        publics.push(add_site(relay, name, None).await?);
     }
     let mut cluster = Cluster {
         nodes: Vec::new(),
@@ -1450,14 +871,14 @@ async fn run_with_relay(bin: &Path, root: &Path, relay: &WanRelay) -> Result<Rep
             diag.extend(costs(ca, 2, 500).await?);
             // The relay alone: a UDP echo behind a relay site (0 ms) beside the direct echo.
             let echo = Echo::start()?;
-            let relayed = add_site_with_target(relay, "echo", echo.addr).await?;
+            let relayed = add_site(relay, "echo", Some(echo.addr)).await?;
             diag.push((
                 "UDP echo round trip, direct (100 B)".into(),
-                udp_rtt(echo.addr, 1000).await?,
+                udp_rtt(echo.addr, 1000, WARMUP).await?,
             ));
             diag.push((
                 "UDP echo round trip through the relay, 0 ms path (100 B)".into(),
-                udp_rtt(relayed, 1000).await?,
+                udp_rtt(relayed, 1000, WARMUP).await?,
             ));
         }
     }
@@ -1509,59 +930,11 @@ async fn costs(client: &Client, paired: usize, n: usize) -> Result<Vec<(String, 
     ])
 }
 
-async fn add_site(relay: &WanRelay, name: &str) -> Result<SocketAddr> {
-    add_site_on_relay_rt(relay, name, None).await
-}
-
-async fn add_site_with_target(
-    relay: &WanRelay,
-    name: &str,
-    target: SocketAddr,
-) -> Result<SocketAddr> {
-    add_site_on_relay_rt(relay, name, Some(target)).await
-}
-
-async fn add_site_on_relay_rt(
-    relay: &WanRelay,
-    name: &str,
-    target: Option<SocketAddr>,
-) -> Result<SocketAddr> {
-    // Sites are bound on the relay's own runtime so their tasks run there.
-    let r = relay.clone();
-    let name = name.to_string();
-    let h = RELAY_RT
-        .get()
-        .ok_or_else(|| anyhow!("relay runtime not set"))?
-        .spawn(async move { r.add_site(&name, target).await });
-    Ok(h.await??)
-}
-
-/// The relay's runtime handle (tasks spawned by the relay must live there, not on the
-/// client's `current_thread` runtime).
-static RELAY_RT: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
-
 // ---------------------------------------------------------------------------------------------
 // Report
 
 fn ms(v: f64) -> String {
-    if v.is_nan() {
-        "–".into()
-    } else if v < 10.0 {
-        format!("{v:.3} ms")
-    } else {
-        format!("{v:.1} ms")
-    }
-}
-
-fn quiet_text(q: &Quiet) -> String {
-    format!(
-        "load {:.2} → {:.2}; CPU outside this run {:.0} % before, {:.0} % during; waited {:.0} s",
-        q.load_start,
-        q.load_end,
-        q.foreign_start * 100.0,
-        q.foreign_during * 100.0,
-        q.waited.as_secs_f64()
-    )
+    ms_text(v, 3)
 }
 
 fn lat_row(label: &str, l: &Lat) -> String {
@@ -1576,7 +949,7 @@ fn lat_row(label: &str, l: &Lat) -> String {
     )
 }
 
-fn print_report(r: &Report, machine: &[(&'static str, String)], started: &str, secs: f64) {
+fn print_report(r: &Report, machine: &Machine, started: &str, secs: f64) {
     let met = |ok: bool| if ok { "**met**" } else { "**NOT met**" };
     println!("## Cross-gateway delegation (issue 6)\n");
     println!("Run of {started} ({secs:.0} s).\n");
@@ -1766,57 +1139,8 @@ fn print_report(r: &Report, machine: &[(&'static str, String)], started: &str, s
 // ---------------------------------------------------------------------------------------------
 
 fn main() -> Result<()> {
-    if let Some(a) = std::env::args().skip(1).find(|a| a != "--bench") {
-        bail!("unknown argument {a:?} (this benchmark takes none)");
-    }
-    std::thread::spawn(|| {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            rt.block_on(async {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    eprintln!("interrupted: stopping");
-                    STOP.store(true, Ordering::Relaxed);
-                }
-            });
-        }
-    });
-    let bin = clawmesh_bin()?;
-    let relay_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("relay")
-        .enable_all()
-        .build()?;
-    let _ = RELAY_RT.set(relay_rt.handle().clone());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let tmp = tempfile::Builder::new()
-        .prefix("bench-delegation-")
-        .tempdir()?;
-    let machine = machine();
-    let started = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let t = Instant::now();
-    let result = rt.block_on(run(&bin, tmp.path(), &relay_rt));
-    rt.shutdown_timeout(Duration::from_secs(1));
-    relay_rt.shutdown_timeout(Duration::from_secs(1));
-    let keep = std::env::var_os("BENCH_DELEGATION_KEEP").is_some();
-    match result {
-        Ok(r) => {
-            if keep {
-                eprintln!("logs kept in {}", tmp.keep().display());
-            } else {
-                tmp.close()?;
-            }
-            print_report(&r, &machine, &started, t.elapsed().as_secs_f64());
-            Ok(())
-        }
-        Err(e) => {
-            if keep {
-                eprintln!("logs kept in {}", tmp.keep().display());
-            }
-            Err(e)
-        }
-    }
+    relay_bench_main(
+        |bin, root, relay| run_with_relay(bin, root, relay).boxed_local(),
+        print_report,
+    )
 }

@@ -41,6 +41,10 @@
 //! The binary is looked up next to the example's directory (`target/release/clawmesh`); set
 //! `CLAWMESH_BIN=/path/to/clawmesh` to use another one.
 
+#[path = "support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -59,8 +63,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use quinn::{Connection, Endpoint};
 use serde_json::{json, Value};
+use support::{clawmesh_bin, loadavg3, Flavour};
 use tokio::net::UdpSocket;
-use tokio::runtime::Runtime;
+
+/// This example's name (see `support`).
+const BENCH: &str = "bench_federation";
 
 /// Measured round trips per case.
 const N: usize = 10_000;
@@ -122,33 +129,6 @@ fn ratio(a: Duration, b: Duration) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // 1. Link round trips (in-process)
-
-#[derive(Clone, Copy)]
-enum Flavour {
-    CurrentThread,
-    MultiThread,
-}
-
-impl Flavour {
-    fn name(self) -> &'static str {
-        match self {
-            Flavour::CurrentThread => "current_thread",
-            Flavour::MultiThread => "multi_thread (2 workers)",
-        }
-    }
-
-    fn runtime(self) -> Result<Runtime> {
-        Ok(match self {
-            Flavour::CurrentThread => tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
-            Flavour::MultiThread => tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?,
-        })
-    }
-}
 
 /// How many round trips, and how far apart.
 #[derive(Clone, Copy)]
@@ -566,30 +546,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.stop(Duration::from_secs(3));
     }
-}
-
-/// Where the `clawmesh` binary is: `CLAWMESH_BIN`, else beside this example's directory.
-fn clawmesh_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CLAWMESH_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("cannot locate the target dir from {}", exe.display()))?;
-    let bin = profile_dir.join("clawmesh");
-    if !bin.is_file() {
-        bail!(
-            "{} not found: run `cargo build --release --bin clawmesh` first (with the same \
-             CARGO_TARGET_DIR), or set CLAWMESH_BIN",
-            bin.display()
-        );
-    }
-    if exe.to_string_lossy().contains("/debug/") {
-        eprintln!("warning: this is a debug build; run with --release for meaningful numbers");
-    }
-    Ok(bin)
 }
 
 /// Starts `clawmesh gateway run` with state dir `root/<name>`, logging to `root/<name>.log`.
@@ -1123,13 +1079,6 @@ async fn bench_start(bin: &Path) -> Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 
-/// The 1, 5 and 15 minute load averages.
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
 fn main() -> Result<()> {
     if std::env::args().nth(1).as_deref() == Some(ECHO_ARG) {
         return udp_echo_process();
@@ -1141,7 +1090,7 @@ fn main() -> Result<()> {
         "binary: {}; logical CPUs: {}; load average at start: {}",
         bin.display(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        loadavg()
+        loadavg3()
     );
 
     for flavour in [Flavour::CurrentThread, Flavour::MultiThread] {
@@ -1161,7 +1110,7 @@ fn main() -> Result<()> {
         "\nTotal benchmark time: {:.1} s; load average at end: {} (other work on this machine \
          skews every figure above)",
         started.elapsed().as_secs_f64(),
-        loadavg()
+        loadavg3()
     );
     Ok(())
 }

@@ -59,21 +59,32 @@
 //! Other load on the machine skews everything: the run prints how busy the CPUs were before it
 //! and, per load phase, how much of the CPU other processes used.
 
-use std::collections::HashMap;
+#[path = "support/mod.rs"]
+#[allow(dead_code)]
+mod support;
+
 use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clawmesh::client::{Client, Target};
 use clawmesh::node_host::which::{self, WhichParams};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde_json::{json, Value};
+use support::{
+    approve_node_cli, check_stop, classic_cmd, classic_gateway_cmd, classic_node_cmd,
+    classic_pending, clawmesh_bin, clawmesh_cmd, clawmesh_env, cpu_ticks, free_tcp_port,
+    install_classic, install_ctrl_c, lat_stats, machine, machine_jiffies, mb, mem_of,
+    poll_blocking, reaped_children_ticks, run_bounded, run_ok, runtime_file, sleep_blocking,
+    status_field, tree, tree_rss_kb, Flavour, Lat, Mem, Proc, STOP, TICKS_PER_SEC,
+};
+
+/// This example's name: its environment variables are `BENCH_INVOKE_*` (see `support`).
+const BENCH: &str = "bench_invoke";
 
 /// Sequential `node.invoke` calls measured on clawmesh.
 const SEQ_N: usize = 2000;
@@ -100,61 +111,9 @@ const MAX_LOAD_ERRORS: usize = 1000;
 const CLASSIC_TOKEN: &str = "bench-invoke-token-7f3a";
 /// Node display name on both stacks.
 const NODE_NAME: &str = "bench-node";
-/// /proc reports CPU time in USER_HZ ticks, 100 per second on Linux.
-const TICKS_PER_SEC: f64 = 100.0;
-
-/// Set on Ctrl-C: every wait and loop checks it and unwinds (which stops the processes).
-static STOP: AtomicBool = AtomicBool::new(false);
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Sleeps `d` in short slices, returning early with an error on Ctrl-C.
-fn sleep_checked(d: Duration) -> Result<()> {
-    let end = Instant::now() + d;
-    while Instant::now() < end {
-        check_stop()?;
-        std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
-    }
-    Ok(())
-}
 
 // ---------------------------------------------------------------------------------------------
 // Statistics
-
-/// Latency summary in milliseconds.
-#[derive(Debug, Clone, Copy)]
-struct Lat {
-    n: usize,
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    max: f64,
-    mean: f64,
-}
-
-/// Nearest-rank quantiles: the ceil(p·n)-th smallest sample (bench-classic.mjs does the same).
-fn lat_stats(v: &mut [Duration]) -> Option<Lat> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_unstable();
-    let n = v.len();
-    let q = |p: f64| v[((p * n as f64).ceil() as usize).clamp(1, n) - 1].as_secs_f64() * 1e3;
-    let total: f64 = v.iter().map(Duration::as_secs_f64).sum();
-    Some(Lat {
-        n,
-        p50: q(0.5),
-        p90: q(0.9),
-        p99: q(0.99),
-        max: v[n - 1].as_secs_f64() * 1e3,
-        mean: total / n as f64 * 1e3,
-    })
-}
 
 fn lat_from_json(v: &Value) -> Option<Lat> {
     let f = |k: &str| v.get(k).and_then(Value::as_f64);
@@ -207,47 +166,6 @@ impl Load {
 // ---------------------------------------------------------------------------------------------
 // /proc
 
-/// Fields of `/proc/PID/stat` after the command name; index 0 is field 3 (state).
-fn stat_fields(pid: i32) -> Option<Vec<String>> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = text.rsplit_once(')')?.1;
-    Some(rest.split_whitespace().map(str::to_string).collect())
-}
-
-fn stat_u64(f: &[String], field: usize) -> Option<u64> {
-    f.get(field - 3)?.parse().ok()
-}
-
-/// utime + stime of a live process, in ticks.
-fn cpu_ticks(pid: i32) -> u64 {
-    stat_fields(pid)
-        .map(|f| stat_u64(&f, 14).unwrap_or(0) + stat_u64(&f, 15).unwrap_or(0))
-        .unwrap_or(0)
-}
-
-/// cutime + cstime of this process: CPU of children it has waited for, in ticks.
-fn reaped_children_ticks() -> u64 {
-    stat_fields(std::process::id() as i32)
-        .map(|f| stat_u64(&f, 16).unwrap_or(0) + stat_u64(&f, 17).unwrap_or(0))
-        .unwrap_or(0)
-}
-
-/// (busy, total) jiffies of all CPUs from the first line of /proc/stat (idle + iowait = idle).
-fn machine_jiffies() -> (u64, u64) {
-    let text = fs::read_to_string("/proc/stat").unwrap_or_default();
-    let v: Vec<u64> = text
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total.saturating_sub(idle), total)
-}
-
 /// Fraction of all CPUs that `ticks` of CPU time over `secs` of wall time make.
 fn cpu_share(ticks: u64, secs: f64) -> f64 {
     let ncpu = std::thread::available_parallelism()
@@ -259,35 +177,6 @@ fn cpu_share(ticks: u64, secs: f64) -> f64 {
 fn busy_between(a: (u64, u64), b: (u64, u64)) -> Option<f64> {
     let total = b.1.checked_sub(a.1)?;
     (total > 0).then(|| b.0.saturating_sub(a.0) as f64 / total as f64)
-}
-
-/// Start time (field 22): tells a process from a later one that reused its pid.
-fn start_time(pid: i32) -> Option<u64> {
-    stat_fields(pid).and_then(|f| stat_u64(&f, 22))
-}
-
-/// `pid` and all its live descendants.
-fn tree(pid: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    if let Ok(dir) = fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if let Some(ppid) = stat_fields(p).and_then(|f| stat_u64(&f, 4)) {
-                children.entry(ppid as i32).or_default().push(p);
-            }
-        }
-    }
-    let mut out = vec![pid];
-    let mut i = 0;
-    while i < out.len() && out.len() < 10_000 {
-        if let Some(c) = children.get(&out[i]) {
-            out.extend(c);
-        }
-        i += 1;
-    }
-    out
 }
 
 fn tree_cpu_ticks(pid: i32) -> u64 {
@@ -347,325 +236,8 @@ fn switches_per_call(a: [(u64, u64); 3], b: [(u64, u64); 3], calls: usize) -> Sw
     }
 }
 
-/// `/proc/PID/status` field in kB (or a plain count such as `Threads`).
-fn status_field(pid: i32, key: &str) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
-/// Memory of one process.
-#[derive(Debug, Clone, Copy, Default)]
-struct Mem {
-    rss_kb: u64,
-    anon_kb: u64,
-    hwm_kb: u64,
-    threads: u64,
-}
-
-fn mem_of(pid: i32) -> Result<Mem> {
-    let rss_kb = status_field(pid, "VmRSS").ok_or_else(|| anyhow!("pid {pid} is gone"))?;
-    Ok(Mem {
-        rss_kb,
-        anon_kb: status_field(pid, "RssAnon").unwrap_or(0),
-        hwm_kb: status_field(pid, "VmHWM").unwrap_or(0),
-        threads: status_field(pid, "Threads").unwrap_or(0),
-    })
-}
-
-/// Sum of VmRSS over a process tree, in kB, and how many processes it has.
-fn tree_rss_kb(pid: i32) -> (u64, usize) {
-    let t = tree(pid);
-    let n = t.len();
-    (
-        t.into_iter().filter_map(|p| status_field(p, "VmRSS")).sum(),
-        n,
-    )
-}
-
-fn mb(kb: u64) -> String {
-    format!("{:.1} MB", kb as f64 / 1024.0)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Processes
-
-/// A child process (and its descendants), stopped on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
-        let f = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(f.try_clone()?)
-            .stderr(f)
-            .spawn()
-            .with_context(|| format!("spawning {name} ({cmd:?})"))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-            log: log.to_path_buf(),
-        })
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    /// Fails with the log tail if the process has exited.
-    fn ensure_running(&mut self) -> Result<()> {
-        if let Some(s) = self.exited() {
-            bail!("{} exited early ({s}):\n{}", self.name, self.log_tail());
-        }
-        Ok(())
-    }
-
-    /// SIGTERM to the process and its descendants; SIGKILL to what is left after `grace`.
-    fn stop(&mut self, grace: Duration) {
-        let pids: Vec<(i32, Option<u64>)> = if self.exited().is_some() {
-            Vec::new()
-        } else {
-            tree(self.pid())
-                .into_iter()
-                .map(|p| (p, start_time(p)))
-                .collect()
-        };
-        // Only signal a pid that is still the process we saw (not a reused pid).
-        let same = |(p, st): &(i32, Option<u64>)| st.is_some() && start_time(*p) == *st;
-        for p in pids.iter().filter(|p| same(p)) {
-            let _ = kill(Pid::from_raw(p.0), Signal::SIGTERM);
-        }
-        let t = Instant::now();
-        loop {
-            let root_done = self.exited().is_some();
-            let left = pids.iter().filter(|p| same(p)).count();
-            if root_done && left == 0 {
-                return;
-            }
-            if t.elapsed() > grace {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for p in pids.iter().filter(|p| same(p)) {
-            let _ = kill(Pid::from_raw(p.0), Signal::SIGKILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        eprintln!(
-            "warning: {} did not stop within {grace:?}; killed",
-            self.name
-        );
-    }
-
-    fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop(Duration::from_secs(15));
-    }
-}
-
-/// Runs a command to completion within `timeout` (stdout/stderr through files in `scratch`);
-/// returns (status, stdout, stderr).
-fn run_bounded(
-    mut cmd: Command,
-    scratch: &Path,
-    timeout: Duration,
-) -> Result<(ExitStatus, String, String)> {
-    static SEQ: AtomicUsize = AtomicUsize::new(0);
-    let k = SEQ.fetch_add(1, Ordering::Relaxed);
-    let out_path = scratch.join(format!("cmd-{k}.out"));
-    let err_path = scratch.join(format!("cmd-{k}.err"));
-    let described = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out_path)?)
-        .stderr(fs::File::create(&err_path)?)
-        .spawn()
-        .with_context(|| format!("spawning {described}"))?;
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if t.elapsed() > timeout || STOP.load(Ordering::Relaxed) {
-            // Its descendants too (npm, node): they would otherwise outlive us.
-            for p in tree(child.id() as i32).into_iter().rev() {
-                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-            }
-            let _ = child.wait();
-            check_stop()?;
-            bail!("{described} did not finish within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let out = fs::read_to_string(&out_path).unwrap_or_default();
-    let err = fs::read_to_string(&err_path).unwrap_or_default();
-    let _ = fs::remove_file(&out_path);
-    let _ = fs::remove_file(&err_path);
-    Ok((status, out, err))
-}
-
-/// Like [`run_bounded`], but a failure exit is an error; returns stdout.
-fn run_ok(cmd: Command, scratch: &Path, timeout: Duration) -> Result<String> {
-    let described = format!("{cmd:?}");
-    let (status, out, err) = run_bounded(cmd, scratch, timeout)?;
-    if !status.success() {
-        bail!(
-            "{described} failed ({status}): {}{}",
-            err.trim(),
-            out.trim()
-        );
-    }
-    Ok(out)
-}
-
-/// Polls `f` every `every` until it returns `Some`, or fails after `deadline`.
-fn poll<T>(
-    what: &str,
-    deadline: Duration,
-    every: Duration,
-    mut f: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let t = Instant::now();
-    let mut last_err = None;
-    loop {
-        check_stop()?;
-        match f() {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if t.elapsed() > deadline {
-            return Err(match last_err {
-                Some(e) => e.context(format!("{what}: not within {deadline:?}")),
-                None => anyhow!("{what}: not within {deadline:?}"),
-            });
-        }
-        std::thread::sleep(every);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Machine
-
-fn machine() -> Vec<(&'static str, String)> {
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
-    let mem = fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        })
-        .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
-        .unwrap_or_else(|| "?".into());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    let rustc = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .arg("--version")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "?".into());
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(manifest_dir())
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let commit = match (
-        git(&["rev-parse", "--short", "HEAD"]),
-        git(&["status", "--porcelain", "--untracked-files=no"]),
-    ) {
-        (Some(c), Some(st)) if st.is_empty() => c,
-        (Some(c), Some(_)) => format!("{c} + uncommitted changes"),
-        _ => "?".into(),
-    };
-    let nproc = std::thread::available_parallelism()
-        .map(|n| n.get().to_string())
-        .unwrap_or_else(|_| "?".into());
-    vec![
-        ("nproc", nproc),
-        ("CPU", model),
-        ("memory", mem),
-        ("kernel", kernel),
-        ("rustc", rustc),
-        ("clawmesh commit (source tree at run time)", commit),
-        (
-            "date (UTC)",
-            humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        ),
-    ]
-}
-
 // ---------------------------------------------------------------------------------------------
 // clawmesh
-
-/// Where the `clawmesh` binary is: `CLAWMESH_BIN`, else beside this example's directory.
-fn clawmesh_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CLAWMESH_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("cannot locate the target dir from {}", exe.display()))?;
-    let bin = profile_dir.join("clawmesh");
-    if !bin.is_file() {
-        bail!(
-            "{} not found: run `cargo build --release --bin clawmesh` first (with the same \
-             CARGO_TARGET_DIR), or set CLAWMESH_BIN",
-            bin.display()
-        );
-    }
-    if exe.to_string_lossy().contains("/debug/") {
-        eprintln!("warning: this is a debug build; run with --release for meaningful numbers");
-    }
-    Ok(bin)
-}
-
-/// `clawmesh --state-dir DIR ARGS...` with the product's default logging.
-fn clawmesh_cmd(bin: &Path, dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(bin);
-    c.arg("--state-dir")
-        .arg(dir)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("CLAWMESH_TOKEN")
-        .env_remove("CLAWMESH_NODE_TOKEN")
-        .env_remove("CLAWMESH_STATE_DIR");
-    c
-}
 
 /// What runs a gateway or node process: the `clawmesh` binary, or this example re-executed
 /// as `bench_invoke --internal-clawmesh FLAVOUR -- ARGS`, which runs the same
@@ -683,11 +255,8 @@ fn server_cmd(bin: &Path, launcher: Launcher, dir: &Path, args: &[&str]) -> Resu
             let mut c = Command::new(std::env::current_exe()?);
             c.args(["--internal-clawmesh", f.tag(), "--", "--state-dir"])
                 .arg(dir)
-                .args(args)
-                .env_remove("RUST_LOG")
-                .env_remove("CLAWMESH_TOKEN")
-                .env_remove("CLAWMESH_NODE_TOKEN")
-                .env_remove("CLAWMESH_STATE_DIR");
+                .args(args);
+            clawmesh_env(&mut c);
             c
         }
     })
@@ -699,15 +268,7 @@ fn internal_clawmesh(flavour: &str, args: &[String]) -> ! {
     let cli = clawmesh::cli::Cli::parse_from(
         std::iter::once("clawmesh".to_string()).chain(args.iter().cloned()),
     );
-    let rt = match flavour {
-        "current_thread" => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        _ => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build(),
-    };
+    let rt = Flavour::from_tag(flavour).runtime();
     let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
@@ -756,20 +317,15 @@ fn start_clawmesh(bin: &Path, root: &Path, gw_l: Launcher, node_l: Launcher) -> 
         &root.join("gw.log"),
     )?;
     let gw_pid = gw.pid();
-    let addr = poll(
+    // A start takes well under a second; 20 s covers a loaded machine, and a gateway that
+    // exits meanwhile fails at once with its log.
+    let addr = poll_blocking(
         "gateway.json",
         Duration::from_secs(20),
         Duration::from_millis(20),
         || {
             gw.ensure_running()?;
-            let Ok(text) = fs::read_to_string(gw_dir.join(clawmesh::state_dir::RUNTIME_FILE))
-            else {
-                return Ok(None);
-            };
-            let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            Ok((v["pid"] == gw_pid)
-                .then(|| v["quic"].as_str().map(str::to_string))
-                .flatten())
+            Ok(runtime_file(&gw_dir, gw_pid).and_then(|v| Some(v["quic"].as_str()?.to_string())))
         },
     )?;
     let url = format!("quic://{addr}");
@@ -792,49 +348,14 @@ fn start_clawmesh(bin: &Path, root: &Path, gw_l: Launcher, node_l: Launcher) -> 
         )?,
         &root.join("node.log"),
     )?;
-    let cli_timeout = Duration::from_secs(20);
-    let req = poll(
-        "pending pairing request of the node",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            node.ensure_running()?;
-            let out = run_ok(
-                clawmesh_cmd(bin, &gw_dir, &["devices", "list", "--json"]),
-                root,
-                cli_timeout,
-            )?;
-            let v: Value = serde_json::from_str(&out)?;
-            Ok(v["pending"].as_array().and_then(|p| {
-                p.iter()
-                    .find(|p| p["name"] == NODE_NAME)
-                    .and_then(|p| p["requestId"].as_str().map(str::to_string))
-            }))
-        },
-    )?;
-    run_ok(
-        clawmesh_cmd(bin, &gw_dir, &["devices", "approve", &req]),
+    // The node starts and dials in well under a second; 30 s covers a loaded machine.
+    let node_id = approve_node_cli(
+        bin,
+        &gw_dir,
         root,
-        cli_timeout,
-    )?;
-    let node_id = poll(
-        "node attached after approval",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            node.ensure_running()?;
-            let out = run_ok(
-                clawmesh_cmd(bin, &gw_dir, &["nodes", "status", "--json"]),
-                root,
-                cli_timeout,
-            )?;
-            let v: Value = serde_json::from_str(&out)?;
-            Ok(v["nodes"].as_array().and_then(|ns| {
-                ns.iter()
-                    .find(|n| n["name"] == NODE_NAME && n["connected"] == true)
-                    .and_then(|n| n["nodeId"].as_str().map(str::to_string))
-            }))
-        },
+        NODE_NAME,
+        (Duration::from_secs(30), Duration::from_millis(100)),
+        || node.ensure_running(),
     )?;
     Ok(Mesh {
         gw,
@@ -842,40 +363,6 @@ fn start_clawmesh(bin: &Path, root: &Path, gw_l: Launcher, node_l: Launcher) -> 
         gw_dir,
         node_id,
     })
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Flavour {
-    CurrentThread,
-    MultiThread,
-}
-
-impl Flavour {
-    fn name(self) -> &'static str {
-        match self {
-            Flavour::CurrentThread => "current_thread",
-            Flavour::MultiThread => "multi_thread (2 workers)",
-        }
-    }
-
-    fn tag(self) -> &'static str {
-        match self {
-            Flavour::CurrentThread => "current_thread",
-            Flavour::MultiThread => "multi_thread",
-        }
-    }
-
-    fn runtime(self) -> Result<tokio::runtime::Runtime> {
-        Ok(match self {
-            Flavour::CurrentThread => tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?,
-            Flavour::MultiThread => tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?,
-        })
-    }
 }
 
 /// Results of one client runtime flavour.
@@ -933,7 +420,7 @@ async fn sequential(
             lat.push(d);
         }
     }
-    lat_stats(&mut lat).ok_or_else(|| anyhow!("no samples"))
+    lat_stats(&mut lat)
 }
 
 /// [`CALLERS`] tasks invoking for [`LOAD`], caller `k` on `clients[k % clients.len()]`.
@@ -996,7 +483,7 @@ async fn load(clients: &[Arc<Client>], node_id: &str, pids: (i32, i32)) -> Resul
             (b.saturating_sub(a)) as f64 / TICKS_PER_SEC * 1e6 / calls as f64
         }
     };
-    let s = lat_stats(&mut all);
+    let s = lat_stats(&mut all).ok();
     Ok(Load {
         callers: CALLERS,
         conns: clients.len(),
@@ -1082,7 +569,7 @@ fn which_in_process() -> Result<Lat> {
             lat.push(t.elapsed());
         }
     }
-    lat_stats(&mut lat).ok_or_else(|| anyhow!("no samples"))
+    lat_stats(&mut lat)
 }
 
 struct MeshResult {
@@ -1104,7 +591,7 @@ fn bench_clawmesh(bin: &Path) -> Result<MeshResult> {
         mesh.gw.pid(),
         mesh.node.pid()
     );
-    sleep_checked(IDLE)?;
+    sleep_blocking(IDLE)?;
     let node_idle = mem_of(mesh.node.pid())?;
     let gw_idle = mem_of(mesh.gw.pid())?;
     let mut flavours = Vec::new();
@@ -1165,7 +652,7 @@ fn bench_variant(bin: &Path, gateway: Flavour, node: Flavour) -> Result<Variant>
         Launcher::SelfExec(gateway),
         Launcher::SelfExec(node),
     )?;
-    sleep_checked(Duration::from_secs(1))?;
+    sleep_blocking(Duration::from_secs(1))?;
     let rt = Flavour::CurrentThread.runtime()?;
     let target = Target::Local(mesh.gw_dir.clone());
     let node_id = mesh.node_id.clone();
@@ -1215,64 +702,18 @@ struct ClassicResult {
     node_tree_after: (u64, usize),
 }
 
-fn free_tcp_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn classic_prefix() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("CLASSIC_PREFIX") {
-        return Ok(PathBuf::from(p));
-    }
-    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?;
-    Ok(PathBuf::from(home).join(".cache/clawmesh/classic"))
-}
-
 /// Installs (or finds) the classic stack; returns (wrapper, node binary, prefix).
-fn install_classic(scratch: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
-    let prefix = classic_prefix()?;
-    let script = manifest_dir().join("scripts/install-classic-client.sh");
-    let mut cmd = Command::new("bash");
-    // TMPDIR: the script's `openclaw --version` check would otherwise leave a Node compile
-    // cache in /tmp.
-    cmd.arg(&script).arg(&prefix).env("TMPDIR", scratch);
-    eprintln!(
-        "classic: {} {} (about a minute the first time)",
-        script.display(),
-        prefix.display()
-    );
-    let out =
-        run_ok(cmd, scratch, Duration::from_secs(900)).context("installing the classic stack")?;
-    let wrapper = out
-        .lines()
-        .last()
-        .map(|l| PathBuf::from(l.trim()))
-        .ok_or_else(|| anyhow!("install-classic-client.sh printed no wrapper path"))?;
+fn install_classic_with_node(scratch: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let (wrapper, prefix) = install_classic(scratch)?;
     let node = prefix.join("bin/node");
-    if !wrapper.is_file() || !node.exists() {
-        bail!(
-            "install finished but {} or {} is missing",
-            wrapper.display(),
-            node.display()
-        );
+    if !node.exists() {
+        bail!("install finished but {} is missing", node.display());
     }
     Ok((wrapper, node, prefix))
-}
-
-/// Environment of one classic process: its own HOME, state dir and TMPDIR.
-fn classic_cmd(program: &Path, home: &Path, tmpdir: &Path) -> Command {
-    let mut c = Command::new(program);
-    c.env("HOME", home)
-        .env("OPENCLAW_STATE_DIR", home.join(".openclaw"))
-        .env("TMPDIR", tmpdir)
-        .env_remove("OPENCLAW_GATEWAY_TOKEN")
-        .env_remove("OPENCLAW_GATEWAY_PASSWORD")
-        .env_remove("OPENCLAW_PROFILE")
-        .env_remove("NODE_OPTIONS");
-    c
 }
 
 /// Where openclaw keeps SQLite coordinator lock files: `/tmp/openclaw-state-locks-<uid>/` (a
@@ -1424,7 +865,7 @@ impl Drop for LockFiles {
 }
 
 fn bench_classic(scratch: &Path) -> Result<ClassicResult> {
-    let (oc, node_bin, prefix) = install_classic(scratch)?;
+    let (oc, node_bin, prefix) = install_classic_with_node(scratch)?;
     let version = Command::new(&oc)
         .arg("--version")
         .env("TMPDIR", scratch)
@@ -1448,45 +889,13 @@ fn bench_classic(scratch: &Path) -> Result<ClassicResult> {
         root.join("cli"),
         root.join("tmp"),
     );
-    for d in [&gw_home, &node_home, &cli_home] {
-        fs::create_dir_all(d.join(".openclaw"))?;
-    }
-    fs::create_dir_all(&tmpdir)?;
+    fs::create_dir_all(cli_home.join(".openclaw"))?;
     let port = free_tcp_port()?;
-    // Section 11's config with loopback auto-approval left at its default (true); file logs
-    // go into the temp dir instead of /tmp/openclaw.
-    let gw_config = json!({
-        "gateway": {
-            "mode": "local", "port": port, "bind": "loopback",
-            "auth": {"mode": "token", "token": CLASSIC_TOKEN},
-        },
-        "logging": {"file": gw_home.join("openclaw-file.log")},
-    });
-    fs::write(
-        gw_home.join(".openclaw/openclaw.json"),
-        serde_json::to_string_pretty(&gw_config)?,
-    )?;
-    let node_config = json!({"logging": {"file": node_home.join("openclaw-file.log")}});
-    fs::write(
-        node_home.join(".openclaw/openclaw.json"),
-        serde_json::to_string_pretty(&node_config)?,
-    )?;
-
-    let port_s = port.to_string();
-    let mut gw_cmd = classic_cmd(&oc, &gw_home, &tmpdir);
-    gw_cmd.args([
-        "gateway",
-        "run",
-        "--bind",
-        "loopback",
-        "--port",
-        &port_s,
-        "--allow-unconfigured",
-    ]);
+    let gw_cmd = classic_gateway_cmd(&oc, &gw_home, &tmpdir, port, CLASSIC_TOKEN)?;
     let mut gw = Proc::spawn("openclaw gateway", gw_cmd, &root.join("gw.log"))?;
     let t_start = Instant::now();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    poll(
+    poll_blocking(
         "classic gateway listening",
         Duration::from_secs(120),
         Duration::from_millis(200),
@@ -1505,11 +914,7 @@ fn bench_classic(scratch: &Path) -> Result<ClassicResult> {
         gw.pid(),
         t_start.elapsed().as_secs_f64()
     );
-    let mut node_cmd = classic_cmd(&oc, &node_home, &tmpdir);
-    node_cmd
-        .env("OPENCLAW_GATEWAY_TOKEN", CLASSIC_TOKEN)
-        .args(["node", "run", "--host", "127.0.0.1", "--port", &port_s])
-        .args(["--no-tls", "--display-name", NODE_NAME]);
+    let node_cmd = classic_node_cmd(&oc, &node_home, &tmpdir, port, CLASSIC_TOKEN, NODE_NAME)?;
     let mut node = Proc::spawn("openclaw node host", node_cmd, &root.join("node.log"))?;
 
     let url = format!("ws://127.0.0.1:{port}");
@@ -1520,7 +925,7 @@ fn bench_classic(scratch: &Path) -> Result<ClassicResult> {
         c
     };
     let cli_timeout = Duration::from_secs(60);
-    let (req, node_id) = poll(
+    let (req, node_id) = poll_blocking(
         "pending node capability request (openclaw nodes pending)",
         Duration::from_secs(120),
         Duration::from_millis(500),
@@ -1530,16 +935,7 @@ fn bench_classic(scratch: &Path) -> Result<ClassicResult> {
             locks.observe();
             let out = run_ok(cli(&["nodes", "pending"]), scratch, cli_timeout)?;
             let v: Value = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
-            Ok(v.as_array().and_then(|a| {
-                a.iter()
-                    .find(|p| p["displayName"] == NODE_NAME)
-                    .and_then(|p| {
-                        Some((
-                            p["requestId"].as_str()?.to_string(),
-                            p["nodeId"].as_str()?.to_string(),
-                        ))
-                    })
-            }))
+            Ok(classic_pending(&v, NODE_NAME))
         },
     )
     .with_context(|| {
@@ -1549,7 +945,7 @@ fn bench_classic(scratch: &Path) -> Result<ClassicResult> {
         )
     })?;
     run_ok(cli(&["nodes", "approve", &req]), scratch, cli_timeout)?;
-    poll(
+    poll_blocking(
         "classic node connected and approved",
         Duration::from_secs(60),
         Duration::from_millis(500),
@@ -1572,7 +968,7 @@ fn bench_classic(scratch: &Path) -> Result<ClassicResult> {
         "classic: node host pid {} approved; {CLASSIC_SETTLE:?} idle",
         node.pid()
     );
-    sleep_checked(CLASSIC_SETTLE)?;
+    sleep_blocking(CLASSIC_SETTLE)?;
     locks.observe();
     let gw_idle = mem_of(gw.pid())?;
     let gw_tree_idle = tree_rss_kb(gw.pid());
@@ -2049,23 +1445,11 @@ fn run() -> Result<()> {
         bail!("unknown argument {a:?} (the only flag is --skip-classic)");
     }
     // Ctrl-C: stop at the next check, then stop the processes and remove the temp dirs.
-    std::thread::spawn(|| {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            rt.block_on(async {
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    eprintln!("interrupted: stopping");
-                    STOP.store(true, Ordering::Relaxed);
-                }
-            });
-        }
-    });
+    install_ctrl_c();
     let bin = clawmesh_bin()?;
     // Other work on the machine skews everything: say how busy it was before we started.
     let j0 = machine_jiffies();
-    sleep_checked(Duration::from_secs(1))?;
+    sleep_blocking(Duration::from_secs(1))?;
     let busy_before = busy_between(j0, machine_jiffies()).unwrap_or(0.0);
     if busy_before > 0.15 {
         eprintln!(
