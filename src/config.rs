@@ -347,6 +347,24 @@ mod tests {
     }
 
     #[test]
+    fn shipped_deploy_configs_are_clean() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/deploy");
+        for name in ["tokyo", "beijing", "frankfurt"] {
+            let path = dir.join(format!("{name}.clawmesh.json"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = text.replace("{{CLAWMESH_TOKEN}}", "t");
+            let cfg = FileConfig::parse(&text, Some(path.clone())).unwrap();
+            assert!(
+                cfg.unknown.is_empty(),
+                "{}: {:?}",
+                path.display(),
+                cfg.unknown
+            );
+            crate::shared_config::SyncPolicy::from_file(&cfg).unwrap();
+        }
+    }
+
+    #[test]
     fn env_placeholders() {
         std::env::set_var("CLAWMESH_TEST_SECRET_X", "s3cret");
         let c = FileConfig::parse(
