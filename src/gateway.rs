@@ -564,7 +564,15 @@ impl Admission for GatewayAdmission {
                 };
                 let node_id = info.node_id;
                 let registry = self.methods.nodes().clone();
+                let node_name = info.name.clone();
                 let session = registry.attach(info, NodeLink::Quic(conn.clone()));
+                if let Some(level) = self.methods.exec_default() {
+                    crate::methods::push_exec_default(
+                        NodeLink::Quic(conn.clone()),
+                        Some(level),
+                        node_name,
+                    );
+                }
                 info!(node = %n.name, device = %node_id.short(), remote = %caller.remote, "node attached");
                 let health = self.methods.health_settings().unwrap_or(self.health);
                 tokio::spawn(async move {
@@ -645,6 +653,19 @@ fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettin
             if let Some(health) = effective_health(&entries, base_health) {
                 methods.set_health(health);
             }
+            match shared_config::lookup(&entries, EXEC_DEFAULT_KEY).map(|e| &e.value) {
+                None | Some(serde_json::Value::Null) => methods.set_exec_default(None),
+                Some(serde_json::Value::String(level))
+                    if level
+                        .parse::<crate::node_host::approvals::Security>()
+                        .is_ok() =>
+                {
+                    methods.set_exec_default(Some(level.clone()));
+                }
+                Some(other) => {
+                    warn!("{EXEC_DEFAULT_KEY} must be \"deny\", \"allowlist\" or \"full\", not {other}; nodes keep the previous default");
+                }
+            }
             if let Some(level) =
                 shared_config::lookup(&entries, "logging.level").and_then(|e| e.value.as_str())
             {
@@ -660,6 +681,9 @@ fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettin
         }
     });
 }
+
+/// The shared-config key of the federation's default exec level for nodes.
+pub const EXEC_DEFAULT_KEY: &str = "security.exec.defaultLevel";
 
 /// The health settings the effective config asks for (`gateway.failover.healthCheckInterval`
 /// and `unhealthyThreshold`), falling back to `base` for a key that is not set; `None` (and a

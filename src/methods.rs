@@ -71,6 +71,29 @@ const TABLE: &[(&str, Access)] = &[
     ("gateway.promote", Access::Scope(scopes::ADMIN)),
 ];
 
+/// Sends the federation's default exec level to one node, in the background; a node that is
+/// gone or too old to know the command is only logged.
+pub fn push_exec_default(link: nodes::NodeLink, level: Option<String>, name: String) {
+    if !matches!(link, nodes::NodeLink::Quic(_)) {
+        return;
+    }
+    tokio::spawn(async move {
+        let params = json!({"security": level});
+        // Bounded: a node answers this at once; one that does not is being dropped anyway.
+        let r = link
+            .invoke(
+                crate::node_run::DEFAULTS_COMMAND,
+                &params,
+                Duration::from_secs(5),
+                "exec-default",
+            )
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(node = %name, "federation exec default not delivered: {e}");
+        }
+    });
+}
+
 /// Bytes of keys and values in one config write at most: a raft entry well inside a frame.
 const MAX_CONFIG_WRITE: usize = 8 * 1024 * 1024;
 
@@ -96,6 +119,7 @@ struct Inner {
     mesh: OnceLock<Mesh>,
     shared: OnceLock<Shared>,
     fallback: RwLock<Option<String>>,
+    exec_default: RwLock<Option<String>>,
     front_doors: OnceLock<Value>,
     nodes: Arc<NodeRegistry>,
     pairing: Registry,
@@ -134,6 +158,7 @@ impl Methods {
                 mesh: OnceLock::new(),
                 shared: OnceLock::new(),
                 fallback: RwLock::new(None),
+                exec_default: RwLock::new(None),
                 front_doors: OnceLock::new(),
                 nodes,
                 pairing,
@@ -156,6 +181,37 @@ impl Methods {
             .fallback
             .write()
             .unwrap_or_else(|p| p.into_inner()) = gateway;
+    }
+
+    /// The federation's default exec level for nodes (`security.exec.defaultLevel`), if set.
+    pub fn exec_default(&self) -> Option<String> {
+        self.inner
+            .exec_default
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Changes the federation's default exec level and sends it to every native node attached
+    /// here (a node applies it only where neither its start flag nor its own file sets a
+    /// level). Classic nodes keep their own defaults.
+    pub fn set_exec_default(&self, level: Option<String>) {
+        {
+            let mut cur = self
+                .inner
+                .exec_default
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            if *cur == level {
+                return;
+            }
+            *cur = level.clone();
+        }
+        for (info, _) in self.inner.nodes.list() {
+            if let Some((_, link)) = self.inner.nodes.get(&info.node_id) {
+                push_exec_default(link, level.clone(), info.name);
+            }
+        }
     }
 
     /// The mesh's health settings in force (changed live by the shared config).

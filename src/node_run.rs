@@ -59,6 +59,10 @@ pub struct NodeHandler {
     inner: Arc<NodeInner>,
 }
 
+/// What the gateway sends a node to set the federation's default exec level
+/// (`security.exec.defaultLevel` of the shared config); not offered to operators.
+pub const DEFAULTS_COMMAND: &str = "system.execApprovals.defaults";
+
 struct NodeInner {
     approvals: ExecApprovals,
     limits: ExecLimits,
@@ -116,6 +120,29 @@ impl NodeHandler {
                     .set(p)
                     .map_err(|e| err(e.code(), e.to_string()))?;
                 to_json(serde_json::to_value(r))
+            }
+            // Not advertised: only the gateway sends it, from the shared config.
+            DEFAULTS_COMMAND => {
+                let level = match params.get("security") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(s.parse::<Security>().map_err(|e| {
+                        err("INVALID_REQUEST", format!("invalid security level: {e}"))
+                    })?),
+                    Some(other) => {
+                        return Err(err(
+                            "INVALID_REQUEST",
+                            format!("security must be a string or null, not {other}"),
+                        ))
+                    }
+                };
+                if self.inner.approvals.federation_default() != level {
+                    tracing::info!(
+                        level = level.map(Security::as_str).unwrap_or("none"),
+                        "federation default exec security level changed"
+                    );
+                }
+                self.inner.approvals.set_federation_default(level);
+                Ok(serde_json::json!({"ok": true}))
             }
             other => Err(err(
                 "UNAVAILABLE",

@@ -437,3 +437,67 @@ fn exec_approvals_deny_allowlist_path_tricks_and_full() {
     let err = invoke_err(&gw, "node-a", "system.execApprovals.get", "{}", &[]);
     assert!(err.contains("exec.approvals.node"), "{err}");
 }
+
+#[test]
+fn the_federation_default_exec_level_follows_the_shared_config_live() {
+    let s = setup(&[]);
+    let gw = s.gw_dir.clone();
+    let run = r#"{"command":["echo","fed"]}"#;
+    // No file on the node, no start flag: the built-in allowlist refuses.
+    assert!(invoke_err(&gw, "node-a", "system.run", run, &[]).contains("SYSTEM_RUN_DENIED"));
+    let set = |v: &str| {
+        let out = cli(&gw, &["config", "set", "security.exec.defaultLevel", v]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // The federation says full: the node runs it, without a restart.
+    set("full");
+    assert!(
+        wait_until(Duration::from_secs(10), || invoke(
+            &gw,
+            "node-a",
+            "system.run",
+            run,
+            &[]
+        )
+        .status
+        .success()),
+        "{}",
+        s.node.log_text()
+    );
+    // deny: refused, saying so.
+    set("deny");
+    assert!(wait_until(Duration::from_secs(10), || {
+        let out = invoke(&gw, "node-a", "system.run", run, &[]);
+        String::from_utf8_lossy(&out.stderr).contains("SYSTEM_RUN_DISABLED")
+    }));
+    // The node's own file wins over the federation's default.
+    let out = cli(
+        &gw,
+        &["approvals", "set", "--node", "node-a", "--security", "full"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    invoke_ok(&gw, "node-a", "system.run", run);
+    // Operators cannot send the defaults command themselves.
+    let err = invoke_err(
+        &gw,
+        "node-a",
+        "system.execApprovals.defaults",
+        r#"{"security":"full"}"#,
+        &[],
+    );
+    assert!(err.contains("does not run"), "{err}");
+    // A bad value is refused by the gateway's follower with a warning; nodes keep the last one.
+    set("\"sometimes\"");
+    assert!(wait_until(Duration::from_secs(5), || s
+        .gw
+        .log_text()
+        .contains("security.exec.defaultLevel must be")));
+}

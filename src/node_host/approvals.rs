@@ -784,6 +784,9 @@ pub struct ExecApprovals {
     node_name: String,
     /// Serializes `set` (read hash, compare, write) within the process.
     write_lock: Mutex<()>,
+    /// The federation's default level (`security.exec.defaultLevel` of the shared config, sent
+    /// by the gateway): used only when neither the start flag nor this node's file sets one.
+    federation_default: std::sync::RwLock<Option<Security>>,
 }
 
 impl ExecApprovals {
@@ -797,6 +800,7 @@ impl ExecApprovals {
             override_security,
             node_name: NODE_PLACEHOLDER.to_string(),
             write_lock: Mutex::new(()),
+            federation_default: std::sync::RwLock::new(None),
         }
     }
 
@@ -810,6 +814,22 @@ impl ExecApprovals {
     /// Path of the approvals file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Sets the federation's default level (`None`: no default), as the gateway sends it.
+    pub fn set_federation_default(&self, level: Option<Security>) {
+        *self
+            .federation_default
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = level;
+    }
+
+    /// The federation's default level, if the gateway sent one.
+    pub fn federation_default(&self) -> Option<Security> {
+        *self
+            .federation_default
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The start-flag override, if any.
@@ -872,11 +892,18 @@ impl ExecApprovals {
             None => ApprovalsFile::default(),
             Some(raw) => self.parse(raw, &current.hash)?,
         };
-        Ok(Policy::from_file(
-            &file,
-            self.override_security,
-            &self.node_name,
-        ))
+        // The level: start flag, else this node's file, else the federation's default, else
+        // allowlist. A node without a file has no level of its own.
+        let own = current.raw.as_ref().and(file.defaults.security);
+        let level = match (self.override_security, own, self.federation_default()) {
+            (Some(flag), _, _) => Some(flag),
+            (None, Some(_), _) => None,
+            (None, None, Some(default)) => Some(default),
+            (None, None, None) => None,
+        };
+        let mut policy = Policy::from_file(&file, level, &self.node_name);
+        policy.forced = self.override_security.is_some();
+        Ok(policy)
     }
 
     /// Read the file (bounded) and hash all of it. The open does not block on
