@@ -144,27 +144,10 @@ impl FileConfig {
     /// Every leaf of the file (a value that is not an object) as a dotted key, in key order:
     /// the local side of `config show --effective`.
     pub fn leaves(&self) -> std::collections::BTreeMap<String, Value> {
-        fn walk(v: &Value, prefix: &str, out: &mut std::collections::BTreeMap<String, Value>) {
-            match v {
-                Value::Object(map) => {
-                    for (k, v) in map {
-                        let key = if prefix.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{prefix}.{k}")
-                        };
-                        walk(v, &key, out);
-                    }
-                }
-                Value::Null => {}
-                other => {
-                    out.insert(prefix.to_string(), other.clone());
-                }
-            }
-        }
-        let mut out = std::collections::BTreeMap::new();
-        walk(&self.root, "", &mut out);
-        out.remove("$schema");
+        let mut out = crate::shared_config::dotted_leaves(&self.root);
+        out.retain(|k, v| {
+            !v.is_null() && *v != Value::Object(Default::default()) && k != "$schema"
+        });
         out
     }
 

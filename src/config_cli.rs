@@ -84,24 +84,6 @@ pub fn parse_value(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
 }
 
-fn flatten(v: &Value, prefix: &str, out: &mut serde_json::Map<String, Value>) {
-    match v {
-        Value::Object(m) if !m.is_empty() => {
-            for (k, v) in m {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(v, &key, out);
-            }
-        }
-        other => {
-            out.insert(prefix.to_string(), other.clone());
-        }
-    }
-}
-
 fn print_write(doc: &Value, json_out: bool, what: &str) -> Result<()> {
     if json_out {
         println!("{}", serde_json::to_string(doc)?);
@@ -190,8 +172,9 @@ pub async fn run(cmd: ConfigCmd, state_dir: &Path) -> Result<i32> {
             if !v.is_object() {
                 bail!("{}: the top level must be a JSON object", file.display());
             }
-            let mut values = serde_json::Map::new();
-            flatten(&v, "", &mut values);
+            let values: serde_json::Map<String, Value> = crate::shared_config::dotted_leaves(&v)
+                .into_iter()
+                .collect();
             let n = values.len();
             let doc = call(
                 &target(t),
@@ -292,18 +275,5 @@ mod tests {
         assert_eq!(parse_value("\"x\""), json!("x"));
         assert_eq!(parse_value("gpt-5"), json!("gpt-5"));
         assert_eq!(parse_value("{\"a\":1}"), json!({"a":1}));
-    }
-
-    #[test]
-    fn files_flatten_to_dotted_keys() {
-        let mut out = serde_json::Map::new();
-        flatten(
-            &json!({"models":{"default":"m","p":{"x":[1,2]}},"e":{}}),
-            "",
-            &mut out,
-        );
-        assert_eq!(out["models.default"], json!("m"));
-        assert_eq!(out["models.p.x"], json!([1, 2]));
-        assert_eq!(out["e"], json!({}));
     }
 }

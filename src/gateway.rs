@@ -613,9 +613,9 @@ fn raise_nofile_limit() {
     }
 }
 
-/// Applies shared-config changes that running components can take without a restart: the
-/// fallback gateway (`gateway.failover.fallbackNode`) and the log filter (`logging.level`,
-/// unless `--log` or `RUST_LOG` set one). Every applied revision is logged.
+/// Applies shared-config changes that running components can take without a restart
+/// ([`FOLLOWED_KEYS`]): the fallback gateway, the health settings, the log filter (unless
+/// `--log` or `RUST_LOG` set one) and the nodes' default exec level. Each change is logged.
 fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettings) {
     let mut revisions = replica.subscribe();
     let methods = methods.clone();
@@ -630,7 +630,7 @@ fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettin
             // Coalesce a burst of revisions (a catch-up) into one pass.
             tokio::time::sleep(Duration::from_millis(20)).await;
             let revision = *revisions.borrow_and_update();
-            let Ok((entries, _)) = methods.effective_config().await else {
+            let Ok((entries, _)) = methods.effective_keys(FOLLOWED_KEYS).await else {
                 continue;
             };
             let now: BTreeMap<String, serde_json::Value> = entries
@@ -645,7 +645,11 @@ fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettin
             if changed.is_empty() {
                 continue;
             }
-            info!(revision, changed = changed.len(), "shared config applied");
+            info!(
+                revision,
+                changed = changed.len(),
+                "shared config settings applied"
+            );
             let fallback = shared_config::lookup(&entries, "gateway.failover.fallbackNode")
                 .and_then(|e| e.value.as_str().map(str::to_string))
                 .or_else(|| local_fallback.clone());
@@ -684,6 +688,16 @@ fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettin
 
 /// The shared-config key of the federation's default exec level for nodes.
 pub const EXEC_DEFAULT_KEY: &str = "security.exec.defaultLevel";
+
+/// The keys running components follow live: each revision reads only these, not the whole
+/// config (which may hold tens of thousands of keys).
+const FOLLOWED_KEYS: &[&str] = &[
+    "gateway.failover.fallbackNode",
+    "gateway.failover.healthCheckInterval",
+    "gateway.failover.unhealthyThreshold",
+    "logging.level",
+    EXEC_DEFAULT_KEY,
+];
 
 /// The health settings the effective config asks for (`gateway.failover.healthCheckInterval`
 /// and `unhealthyThreshold`), falling back to `base` for a key that is not set; `None` (and a

@@ -257,6 +257,25 @@ impl Methods {
         Ok(shared_config::effective(&sh.local, &rows, sh.policy))
     }
 
+    /// The effective config of only `keys` (one lookup each, not the whole table).
+    pub async fn effective_keys(
+        &self,
+        keys: &[&str],
+    ) -> Result<(Vec<shared_config::Effective>, Vec<shared_config::Ignored>), WireError> {
+        let sh = self.shared()?;
+        let mut rows = Vec::with_capacity(keys.len());
+        let mut local = BTreeMap::new();
+        for key in keys {
+            if let Some((value, revision)) = sh.replica.get(key).await.map_err(|e| e.to_wire())? {
+                rows.push((key.to_string(), value, revision));
+            }
+            if let Some(v) = sh.local.get(*key) {
+                local.insert(key.to_string(), v.clone());
+            }
+        }
+        Ok(shared_config::effective(&local, &rows, sh.policy))
+    }
+
     /// Records where the classic bridge listens (URL, TLS fingerprint), for status.
     pub fn set_front_doors(&self, v: Value) {
         let _ = self.inner.front_doors.set(v);
@@ -449,7 +468,7 @@ impl Methods {
         match method {
             "config.get" => {
                 let key = str_param(&params, "key", method)?;
-                let (entries, ignored) = self.effective_config().await?;
+                let (entries, ignored) = self.effective_keys(&[key]).await?;
                 let synced = sh.replica.get(key).await.map_err(|e| e.to_wire())?;
                 let mut doc = json!({
                     "key": key,

@@ -119,6 +119,32 @@ impl SyncPolicy {
     }
 }
 
+/// Every leaf of a JSON document as a dotted key (`{"models":{"default":"m"}}` gives
+/// `models.default`), in key order. A leaf is any value but a non-empty object: arrays, null
+/// and `{}` are values of their own.
+pub fn dotted_leaves(value: &Value) -> BTreeMap<String, Value> {
+    fn walk(v: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {
+        match v {
+            Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(v, &key, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(value, "", &mut out);
+    out
+}
+
 /// Checks a key before it is written to the shared config: dotted segments of letters,
 /// digits, `_` and `-`, and not one of the per-gateway keys (identity, addresses, secrets,
 /// the sync policy itself), which only that gateway's `clawmesh.json` may set.
@@ -370,6 +396,14 @@ mod tests {
         assert_eq!(keys, ["logging.level", "skills.web"]);
         assert_eq!(ign.len(), 2);
         assert!(ign[0].reason.contains("syncModels"));
+    }
+
+    #[test]
+    fn files_flatten_to_dotted_keys() {
+        let out = dotted_leaves(&json!({"models":{"default":"m","p":{"x":[1,2]}},"e":{}}));
+        assert_eq!(out["models.default"], json!("m"));
+        assert_eq!(out["models.p.x"], json!([1, 2]));
+        assert_eq!(out["e"], json!({}));
     }
 
     #[test]

@@ -544,20 +544,26 @@ fn offline_remote_catches_up_and_a_newcomer_gets_a_snapshot() {
             revisions.into_iter().max().unwrap()
         })
     };
+    // Frankfurt stops, misses writes `from..to`, restarts and catches up; returns the last
+    // write's revision and what frankfurt logged since the restart.
+    let away_during = |fed: &mut Fed, from: u64, to: u64| -> (u64, String) {
+        fed.term(2);
+        let last = write_many(from, to);
+        let log_len = std::fs::metadata(fra.with_extension("log")).unwrap().len() as usize;
+        fed.spawn(2);
+        assert!(
+            wait_until(Duration::from_secs(30), || applied(&fra) >= last),
+            "{}",
+            fed.report()
+        );
+        let log = std::fs::read_to_string(fra.with_extension("log")).unwrap();
+        (last, log[log_len..].to_string())
+    };
     // Frankfurt is away during 1 000 changes, then catches up: by the missing entries, as the
     // primary keeps the log a lagging voter still needs.
-    fed.term(2);
-    let last = write_many(0, 1000);
-    let log_len = std::fs::metadata(fra.with_extension("log")).unwrap().len() as usize;
-    fed.spawn(2);
+    let (_, log) = away_during(&mut fed, 0, 1000);
     assert!(
-        wait_until(Duration::from_secs(30), || applied(&fra) >= last),
-        "{}",
-        fed.report()
-    );
-    let log = std::fs::read_to_string(fra.with_extension("log")).unwrap();
-    assert!(
-        !log[log_len..].contains("installed a snapshot"),
+        !log.contains("installed a snapshot"),
         "frankfurt got a snapshot instead of the missing entries"
     );
     let s = shared(&fra);
@@ -571,18 +577,9 @@ fn offline_remote_catches_up_and_a_newcomer_gets_a_snapshot() {
         );
     }
     // Away again, for 1 600 changes: beyond the kept log, so a compressed snapshot.
-    fed.term(2);
-    let last = write_many(1000, 2600);
-    let log_len = std::fs::metadata(fra.with_extension("log")).unwrap().len() as usize;
-    fed.spawn(2);
+    let (last, log) = away_during(&mut fed, 1000, 2600);
     assert!(
-        wait_until(Duration::from_secs(30), || applied(&fra) >= last),
-        "{}",
-        fed.report()
-    );
-    let log = std::fs::read_to_string(fra.with_extension("log")).unwrap();
-    assert!(
-        log[log_len..].contains("installed a snapshot"),
+        log.contains("installed a snapshot"),
         "frankfurt was 1 600 changes behind a compacted log but got no snapshot: {}",
         consensus(&tyo)
     );

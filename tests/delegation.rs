@@ -33,19 +33,7 @@ fn invoke(
     params: &str,
     extra: &[&str],
 ) -> (bool, Value, String) {
-    let mut args = vec![
-        "nodes",
-        "invoke",
-        "--node",
-        node,
-        "--command",
-        command,
-        "--params",
-        params,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let out = cli(gw, &args);
+    let out = nodes_invoke(gw, node, command, params, extra);
     let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (
         out.status.success(),
@@ -182,53 +170,18 @@ fn delegation_across_three_gateways_over_the_wan_relay() {
         format!("quic://{}", addr(1)),
         format!("quic://{}", addr(2)),
     );
-    let n_tyo = Gw::spawn_cmd(
-        &tmp.path().join("n-tyo"),
-        &[
-            "node",
-            "run",
-            "--gateway",
-            &a0,
-            "--name",
-            "n-tyo",
-            "--label",
-            "role=web",
-            "--security",
-            "full",
-        ],
-    );
-    let n_bj = Gw::spawn_cmd(
-        &tmp.path().join("n-bj"),
-        &[
-            "node",
-            "run",
-            "--gateway",
-            &a1,
-            "--name",
-            "n-bj",
-            "--label",
-            "role=web",
-            "--security",
-            "full",
-        ],
-    );
-    let n_fra = Gw::spawn_cmd(
-        &tmp.path().join("n-fra"),
-        &[
-            "node",
-            "run",
-            "--gateway",
-            &a2,
-            "--gateway",
-            &a1,
-            "--name",
-            "n-fra",
-            "--label",
-            "role=db",
-            "--security",
-            "full",
-        ],
-    );
+    let node = |name: &str, gateways: &[&str], role: &str| {
+        let mut args = vec!["node", "run"];
+        for g in gateways {
+            args.extend(["--gateway", g]);
+        }
+        let label = format!("role={role}");
+        args.extend(["--name", name, "--label", &label, "--security", "full"]);
+        Gw::spawn_cmd(&tmp.path().join(name), &args)
+    };
+    let n_tyo = node("n-tyo", &[&a0], "web");
+    let n_bj = node("n-bj", &[&a1], "web");
+    let n_fra = node("n-fra", &[&a2, &a1], "db");
     approve(&dirs[0], "n-tyo");
     approve(&dirs[1], "n-bj");
     approve(&dirs[2], "n-fra");

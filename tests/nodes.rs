@@ -36,30 +36,8 @@ fn pending_request(gw: &Path, name: &str) -> Option<String> {
         .and_then(|p| p["requestId"].as_str().map(str::to_string))
 }
 
-fn invoke(
-    gw: &Path,
-    node: &str,
-    command: &str,
-    params: &str,
-    extra: &[&str],
-) -> std::process::Output {
-    let mut args = vec![
-        "nodes",
-        "invoke",
-        "--node",
-        node,
-        "--command",
-        command,
-        "--params",
-        params,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    cli(gw, &args)
-}
-
 fn invoke_ok(gw: &Path, node: &str, command: &str, params: &str) -> Value {
-    let out = invoke(gw, node, command, params, &[]);
+    let out = nodes_invoke(gw, node, command, params, &[]);
     assert!(
         out.status.success(),
         "{command} {params}: {}",
@@ -71,7 +49,7 @@ fn invoke_ok(gw: &Path, node: &str, command: &str, params: &str) -> Value {
 }
 
 fn invoke_err(gw: &Path, node: &str, command: &str, params: &str, extra: &[&str]) -> String {
-    let out = invoke(gw, node, command, params, extra);
+    let out = nodes_invoke(gw, node, command, params, extra);
     assert!(
         !out.status.success(),
         "{command} {params} should fail: {}",
@@ -327,7 +305,7 @@ fn system_run_which_timeouts_truncation_and_errors() {
     let gw2 = gw.clone();
     let t = std::thread::spawn(move || {
         let start = Instant::now();
-        let out = invoke(
+        let out = nodes_invoke(
             &gw2,
             "node-a",
             "system.run",
@@ -456,7 +434,7 @@ fn the_federation_default_exec_level_follows_the_shared_config_live() {
     // The federation says full: the node runs it, without a restart.
     set("full");
     assert!(
-        wait_until(Duration::from_secs(10), || invoke(
+        wait_until(Duration::from_secs(10), || nodes_invoke(
             &gw,
             "node-a",
             "system.run",
@@ -471,7 +449,7 @@ fn the_federation_default_exec_level_follows_the_shared_config_live() {
     // deny: refused, saying so.
     set("deny");
     assert!(wait_until(Duration::from_secs(10), || {
-        let out = invoke(&gw, "node-a", "system.run", run, &[]);
+        let out = nodes_invoke(&gw, "node-a", "system.run", run, &[]);
         String::from_utf8_lossy(&out.stderr).contains("SYSTEM_RUN_DISABLED")
     }));
     // The node's own file wins over the federation's default.

@@ -590,7 +590,11 @@ impl Mesh {
         if *key == self.inner.key {
             return true;
         }
-        let st = self.state();
+        self.peer_reachable(&self.state(), key)
+    }
+
+    /// Whether the link to peer `key` is up and answering pings, read from `st`.
+    fn peer_reachable(&self, st: &State, key: &PublicKey) -> bool {
         st.peers
             .get(key)
             .is_some_and(|p| p.link.is_some() && p.health.status(&self.health()) != Status::Offline)
@@ -1265,16 +1269,11 @@ impl Mesh {
         }
         // Only while the configured primary is unreachable: two gateways admitting at once
         // would both write the next epoch.
-        let health = self.health();
         !st.membership
             .members
             .iter()
             .filter(|m| m.primary && m.key != self.inner.key)
-            .any(|m| {
-                st.peers.get(&m.key).is_some_and(|p| {
-                    p.link.is_some() && p.health.status(&health) != Status::Offline
-                })
-            })
+            .any(|m| self.peer_reachable(st, &m.key))
     }
 
     /// The member list and its epoch, as this gateway knows it.

@@ -692,7 +692,7 @@ impl Registry {
 
     /// Every paired and revoked device, for a full exchange when two gateways link.
     pub fn records(&self) -> Result<Vec<PairingRecord>, PairingError> {
-        Ok(self.store.with_conn(read_records)?)
+        Ok(self.store.with_conn(|c| read_records(c))?)
     }
 
     /// Merges records from another gateway: for each device the newest decision wins.
@@ -729,13 +729,9 @@ pub(crate) fn ensure_schema(c: &rusqlite::Connection) -> rusqlite::Result<()> {
     c.execute_batch(SCHEMA)
 }
 
-/// Every paired and revoked device, read on `c` (inside the caller's transaction, if any).
-pub(crate) fn read_records(c: &mut rusqlite::Connection) -> rusqlite::Result<Vec<PairingRecord>> {
-    read_records_on(c)
-}
-
-/// [`read_records`] on a plain connection reference (a transaction derefs to one).
-pub(crate) fn read_records_on(c: &rusqlite::Connection) -> rusqlite::Result<Vec<PairingRecord>> {
+/// Every paired and revoked device, read on `c` (a transaction derefs to a connection, so
+/// callers read inside theirs).
+pub(crate) fn read_records(c: &rusqlite::Connection) -> rusqlite::Result<Vec<PairingRecord>> {
     type Row = (
         Vec<u8>,
         String,
@@ -809,10 +805,8 @@ pub(crate) fn apply_records(
     c: &rusqlite::Connection,
     records: &[PairingRecord],
 ) -> rusqlite::Result<Vec<PairingRecord>> {
-    let mut mine: HashMap<PublicKey, PairingRecord> = read_records_on(c)?
-        .into_iter()
-        .map(|r| (r.key, r))
-        .collect();
+    let mut mine: HashMap<PublicKey, PairingRecord> =
+        read_records(c)?.into_iter().map(|r| (r.key, r)).collect();
     let mut changed = Vec::new();
     for r in records.iter().take(MAX_SYNC_RECORDS) {
         if let Some(m) = mine.get(&r.key) {

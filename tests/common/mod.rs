@@ -171,6 +171,23 @@ pub fn cli(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `nodes invoke --node NODE --command COMMAND --params PARAMS --json EXTRA...` on `dir`.
+pub fn nodes_invoke(dir: &Path, node: &str, command: &str, params: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "nodes",
+        "invoke",
+        "--node",
+        node,
+        "--command",
+        command,
+        "--params",
+        params,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    cli(dir, &args)
+}
+
 /// `gateway status --all --json` of the gateway in `dir`, if it answers.
 pub fn status(dir: &Path) -> Option<Value> {
     let out = cli(dir, &["gateway", "status", "--all", "--json"]);

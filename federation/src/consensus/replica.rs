@@ -1015,8 +1015,7 @@ impl Replica {
             .write_once(&cmd, deadline, false)
             .await
             .map_err(|e| e.to_wire())?;
-        network::encode(&ack.revision, false)
-            .map_err(|e| WireError::new("UNAVAILABLE", e.to_string()))
+        reply(&ack.revision, false)
     }
 
     async fn serve_handoff(&self, from: PublicKey) -> Result<String, WireError> {
@@ -1060,22 +1059,19 @@ impl PeerService for Replica {
         Box::pin(async move {
             let raft = &this.raft();
             let bad = |e: network::PayloadError| WireError::new("INVALID_REQUEST", e.to_string());
-            let encode = |r: &dyn erased::Encode| {
-                r.encode(this.inner.cfg.compression)
-                    .map_err(|e| WireError::new("UNAVAILABLE", e.to_string()))
-            };
+            let compress = this.inner.cfg.compression;
             match req.method.as_str() {
                 network::METHOD_APPEND => {
                     let rpc = network::decode(&req.params).map_err(bad)?;
-                    encode(&raft.append_entries(rpc).await)
+                    reply(&raft.append_entries(rpc).await, compress)
                 }
                 network::METHOD_VOTE => {
                     let rpc = network::decode(&req.params).map_err(bad)?;
-                    encode(&raft.vote(rpc).await)
+                    reply(&raft.vote(rpc).await, compress)
                 }
                 network::METHOD_SNAPSHOT => {
                     let rpc = network::decode(&req.params).map_err(bad)?;
-                    encode(&raft.install_snapshot(rpc).await)
+                    reply(&raft.install_snapshot(rpc).await, compress)
                 }
                 METHOD_WRITE => this.serve_write(&req.params).await,
                 METHOD_HANDOFF => this.serve_handoff(from).await,
@@ -1088,16 +1084,9 @@ impl PeerService for Replica {
     }
 }
 
-mod erased {
-    //! Lets one closure encode the three reply types.
-    pub(super) trait Encode {
-        fn encode(&self, compress: bool) -> Result<String, super::network::PayloadError>;
-    }
-    impl<T: serde::Serialize> Encode for T {
-        fn encode(&self, compress: bool) -> Result<String, super::network::PayloadError> {
-            super::network::encode(self, compress)
-        }
-    }
+/// Encodes the reply to a consensus request.
+fn reply<T: serde::Serialize>(value: &T, compress: bool) -> Result<String, WireError> {
+    network::encode(value, compress).map_err(|e| WireError::new("UNAVAILABLE", e.to_string()))
 }
 
 /// Opens the raft log in `store` (checking every stored entry first) and starts a raft node

@@ -299,7 +299,7 @@ impl SqliteStateMachine {
             let applied = read_meta(&tx, LAST_APPLIED)?;
             let membership = read_meta(&tx, LAST_MEMBERSHIP)?;
             let rows = read_config(&tx)?;
-            let pairing = crate::pairing::read_records_on(&tx)?;
+            let pairing = crate::pairing::read_records(&tx)?;
             let members = read_meta(&tx, MEMBERS)?;
             tx.commit()?;
             Ok((applied, membership, rows, pairing, members))
@@ -667,6 +667,24 @@ mod tests {
     use super::*;
     use crate::consensus::testing::{blank, gateway, log_id, membership, normal, set, temp_store};
 
+    /// Builds `sm`'s snapshot.
+    async fn build(sm: &mut SqliteStateMachine) -> Snapshot {
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap()
+    }
+
+    /// Streams `snapshot` into `sm` as openraft does: receive the bytes, then install.
+    async fn receive(sm: &mut SqliteStateMachine, snapshot: &Snapshot) {
+        let mut received = sm.begin_receiving_snapshot().await.unwrap();
+        received
+            .get_mut()
+            .extend_from_slice(snapshot.snapshot.get_ref());
+        sm.install_snapshot(&snapshot.meta, received).await.unwrap();
+    }
+
     fn workload() -> Vec<Entry> {
         vec![
             membership(1, 1, &[1, 2]),
@@ -752,11 +770,7 @@ mod tests {
         let built = {
             let mut sm = SqliteStateMachine::open(store.clone()).unwrap();
             sm.apply(workload()).await.unwrap();
-            sm.get_snapshot_builder()
-                .await
-                .build_snapshot()
-                .await
-                .unwrap()
+            build(&mut sm).await
         };
         drop(store);
         let store = crate::store::Store::open(dir.path()).unwrap();
@@ -773,12 +787,7 @@ mod tests {
         let (_dir, store) = temp_store();
         let mut leader = SqliteStateMachine::open(store).unwrap();
         leader.apply(workload()).await.unwrap();
-        let snapshot = leader
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        let snapshot = build(&mut leader).await;
         assert_eq!(snapshot.meta.last_log_id, Some(log_id(3, 7)));
         assert_eq!(snapshot.meta.last_membership.log_id(), &Some(log_id(2, 6)));
         assert_eq!(
@@ -796,14 +805,7 @@ mod tests {
             ])
             .await
             .unwrap();
-        let mut received = follower.begin_receiving_snapshot().await.unwrap();
-        received
-            .get_mut()
-            .extend_from_slice(snapshot.snapshot.get_ref());
-        follower
-            .install_snapshot(&snapshot.meta, received)
-            .await
-            .unwrap();
+        receive(&mut follower, &snapshot).await;
 
         assert_eq!(follower.all().unwrap(), leader.all().unwrap());
         assert_eq!(follower.revision().unwrap(), leader.revision().unwrap());
@@ -872,22 +874,10 @@ mod tests {
         }
         assert_eq!(seen, vec![(1, true), (2, true), (2, false)]);
 
-        let snapshot = leader
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        let snapshot = build(&mut leader).await;
         let (_dir2, store2) = temp_store();
         let mut follower = SqliteStateMachine::open(store2.clone()).unwrap();
-        let mut received = follower.begin_receiving_snapshot().await.unwrap();
-        received
-            .get_mut()
-            .extend_from_slice(snapshot.snapshot.get_ref());
-        follower
-            .install_snapshot(&snapshot.meta, received)
-            .await
-            .unwrap();
+        receive(&mut follower, &snapshot).await;
         let registry2 = crate::pairing::Registry::open(store2).unwrap();
         assert_eq!(by_key(&registry2, 1), by_key(&registry, 1));
         assert_eq!(by_key(&registry2, 2), by_key(&registry, 2));
@@ -927,22 +917,10 @@ mod tests {
         )])
         .await
         .unwrap();
-        let snapshot = sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        let snapshot = build(&mut sm).await;
         let (_dir2, store2) = temp_store();
         let mut follower = SqliteStateMachine::open(store2.clone()).unwrap();
-        let mut received = follower.begin_receiving_snapshot().await.unwrap();
-        received
-            .get_mut()
-            .extend_from_slice(snapshot.snapshot.get_ref());
-        follower
-            .install_snapshot(&snapshot.meta, received)
-            .await
-            .unwrap();
+        receive(&mut follower, &snapshot).await;
         assert_eq!(
             follower
                 .members()
@@ -981,12 +959,7 @@ mod tests {
     async fn snapshot_of_nothing_round_trips() {
         let (_dir, store) = temp_store();
         let mut a = SqliteStateMachine::open(store).unwrap();
-        let snapshot = a
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        let snapshot = build(&mut a).await;
         assert_eq!(snapshot.meta.last_log_id, None);
         let (_dir2, store2) = temp_store();
         let mut b = SqliteStateMachine::open(store2).unwrap();
@@ -1004,12 +977,7 @@ mod tests {
         let (_dir, store) = temp_store();
         let mut leader = SqliteStateMachine::open(store).unwrap();
         leader.apply(workload()).await.unwrap();
-        let newer = leader
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        let newer = build(&mut leader).await;
 
         let (_dir2, store2) = temp_store();
         let mut sm = SqliteStateMachine::open(store2.clone()).unwrap();
@@ -1042,12 +1010,7 @@ mod tests {
         let (_dir, store) = temp_store();
         let mut leader = SqliteStateMachine::open(store).unwrap();
         leader.apply(workload()).await.unwrap();
-        let snapshot = leader
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        let snapshot = build(&mut leader).await;
         let good = snapshot.snapshot.into_inner();
         let meta = snapshot.meta;
 
@@ -1133,11 +1096,7 @@ mod tests {
         let (_dir, store) = temp_store();
         let mut sm = SqliteStateMachine::open(store.clone()).unwrap();
         sm.apply(workload()).await.unwrap();
-        sm.get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        build(&mut sm).await;
         let exec = |sql: &str| {
             let sql = sql.to_owned();
             store.with_conn(move |c| c.execute_batch(&sql)).unwrap();
