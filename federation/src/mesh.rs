@@ -85,6 +85,16 @@ pub enum MeshError {
         /// Presented key's device id.
         got: String,
     },
+    /// A discovered gateway proved a key other than the one its advertisement claimed.
+    #[error("peer at {addr} advertised device {advertised} but proved device {proven}; candidate dropped")]
+    AdvertisedKeyMismatch {
+        /// Where we dialed.
+        addr: SocketAddr,
+        /// The advertised key's device id.
+        advertised: String,
+        /// The proven key's device id.
+        proven: String,
+    },
     /// The acceptor did not prove it knows the join token.
     #[error(
         "{addr} did not prove it knows the join token; it may be an impostor, refusing to join"
@@ -871,17 +881,56 @@ impl Mesh {
         }
     }
 
+    /// Whether this gateway is in the federation's member list (the primary, or joined).
+    pub fn is_member(&self) -> bool {
+        let key = self.inner.key;
+        self.state().membership.members.iter().any(|m| m.key == key)
+    }
+
+    /// One join attempt through a discovered gateway at `addr` (mDNS, tailnet). `claimed` is
+    /// the key its advertisement claims: discovery only says where to knock, so a gateway that
+    /// proves another key is refused ([`MeshError::AdvertisedKeyMismatch`]) before any hello.
+    /// The join token proofs apply as for `--join`. Unlike the `--join` loop this does not
+    /// retry and never makes a refusal fatal: the caller tries its next candidate.
+    pub async fn join_via(
+        &self,
+        addr: SocketAddr,
+        claimed: Option<PublicKey>,
+    ) -> Result<(), MeshError> {
+        self.dial_gateway_claimed(addr, None, claimed).await
+    }
+
     /// Dials a gateway. `expected` is the member we think is there; `None` when joining.
     async fn dial_gateway(
         &self,
         addr: SocketAddr,
         expected: Option<(PublicKey, String)>,
     ) -> Result<(), MeshError> {
+        self.dial_gateway_claimed(addr, expected, None).await
+    }
+
+    /// [`Mesh::dial_gateway`], also refusing a peer that proves a key other than `claimed`.
+    async fn dial_gateway_claimed(
+        &self,
+        addr: SocketAddr,
+        expected: Option<(PublicKey, String)>,
+        claimed: Option<PublicKey>,
+    ) -> Result<(), MeshError> {
         let conn = endpoint::dial(&self.inner.endpoint, addr, DIAL_TIMEOUT).await?;
         let Some(key) = endpoint::peer_key(&conn) else {
             conn.close(VarInt::from_u32(CLOSE_REFUSED), b"no device key");
             return Err(MeshError::Config(format!("{addr} presented no device key")));
         };
+        if let Some(claimed) = claimed {
+            if claimed != key {
+                conn.close(VarInt::from_u32(CLOSE_REFUSED), b"not the advertised key");
+                return Err(MeshError::AdvertisedKeyMismatch {
+                    addr,
+                    advertised: claimed.device_id().short(),
+                    proven: key.device_id().short(),
+                });
+            }
+        }
         if key == self.inner.key {
             conn.close(VarInt::from_u32(CLOSE_REFUSED), b"self");
             return Err(MeshError::Config(format!(
