@@ -5,6 +5,11 @@
 //! the method table, publishes `gateway.json` for the local CLI, and runs until SIGINT/SIGTERM
 //! (links closed with a reason, runtime file removed) or a fatal join refusal.
 
+pub mod methods;
+pub mod registry;
+pub mod scopes;
+pub mod shared_config;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -28,11 +33,11 @@ use quinn::Connection;
 use tracing::{info, warn};
 
 use crate::config::FileConfig;
-use crate::methods::Methods;
-use crate::nodes::{NodeInfo, NodeLink, NodeRegistry};
-use crate::scopes;
-use crate::shared_config::{self, SyncPolicy};
+use crate::gateway::methods::Methods;
+use crate::gateway::registry::{NodeInfo, NodeLink, NodeRegistry};
+
 use crate::state_dir::{DirLock, Runtime};
+use shared_config::SyncPolicy;
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -567,7 +572,7 @@ impl Admission for GatewayAdmission {
                 let node_name = info.name.clone();
                 let session = registry.attach(info, NodeLink::Quic(conn.clone()));
                 if let Some(level) = self.methods.exec_default() {
-                    crate::methods::push_exec_default(
+                    crate::gateway::methods::push_exec_default(
                         NodeLink::Quic(conn.clone()),
                         Some(level),
                         node_name,
@@ -660,9 +665,7 @@ fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettin
             match shared_config::lookup(&entries, EXEC_DEFAULT_KEY).map(|e| &e.value) {
                 None | Some(serde_json::Value::Null) => methods.set_exec_default(None),
                 Some(serde_json::Value::String(level))
-                    if level
-                        .parse::<crate::node_host::approvals::Security>()
-                        .is_ok() =>
+                    if level.parse::<crate::node::approvals::Security>().is_ok() =>
                 {
                     methods.set_exec_default(Some(level.clone()));
                 }
@@ -762,7 +765,7 @@ fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods, region: Option<String>
                         commands: info.commands,
                         transport: transport.to_string(),
                         platform: info.platform,
-                        ip: crate::nodes::ip_of(&info.remote),
+                        ip: crate::gateway::registry::ip_of(&info.remote),
                         version: info.version,
                     }
                 })

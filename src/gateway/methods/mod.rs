@@ -17,9 +17,9 @@ use clawmesh_federation::wire::{Request, WireError};
 use futures_util::StreamExt as _;
 use serde_json::{json, Value};
 
-use crate::nodes::{self, NodeRegistry};
-use crate::scopes;
-use crate::shared_config::{self, SyncPolicy};
+use crate::gateway::registry::{self, NodeRegistry};
+use crate::gateway::scopes;
+use crate::gateway::shared_config::{self, SyncPolicy};
 
 /// Largest params document accepted (JSON text): operator requests are small; a bigger one
 /// is a mistake or an attack.
@@ -73,8 +73,8 @@ const TABLE: &[(&str, Access)] = &[
 
 /// Sends the federation's default exec level to one node, in the background; a node that is
 /// gone or too old to know the command is only logged.
-pub fn push_exec_default(link: nodes::NodeLink, level: Option<String>, name: String) {
-    if !matches!(link, nodes::NodeLink::Quic(_)) {
+pub fn push_exec_default(link: registry::NodeLink, level: Option<String>, name: String) {
+    if !matches!(link, registry::NodeLink::Quic(_)) {
         return;
     }
     tokio::spawn(async move {
@@ -82,7 +82,7 @@ pub fn push_exec_default(link: nodes::NodeLink, level: Option<String>, name: Str
         // Bounded: a node answers this at once; one that does not is being dropped anyway.
         let r = link
             .invoke(
-                crate::node_run::DEFAULTS_COMMAND,
+                crate::node::run::DEFAULTS_COMMAND,
                 &params,
                 Duration::from_secs(5),
                 "exec-default",
@@ -352,7 +352,7 @@ impl Methods {
             }
             "status" | "gateway.status" => {
                 let all = params.get("all").and_then(Value::as_bool).unwrap_or(true);
-                let mut doc = crate::status::to_json(&self.mesh()?.status(), all);
+                let mut doc = crate::cli::status::to_json(&self.mesh()?.status(), all);
                 if let Some(sh) = self.inner.shared.get() {
                     doc["consensus"] = json!(sh.replica.status());
                 }
@@ -387,7 +387,7 @@ impl Methods {
             "node.describe" => {
                 let sel = str_param(&params, "nodeId", method)?;
                 let entries = self.node_entries(true)?;
-                let mut e = nodes::resolve(sel, &entries)?.clone();
+                let mut e = registry::resolve(sel, &entries)?.clone();
                 e["ts"] = json!(now_ms());
                 Ok(e)
             }
@@ -649,7 +649,7 @@ impl Methods {
                 "clientMode": info.client_mode,
                 "deviceFamily": info.device_family,
                 "pathEnv": info.path_env,
-                "remoteIp": nodes::ip_of(&info.remote),
+                "remoteIp": registry::ip_of(&info.remote),
                 "paired": paired_ids.contains(id.as_str()),
                 "connected": true,
                 "connectedAtMs": info.connected_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -776,7 +776,7 @@ impl Methods {
                     "no node attached to gateway {gw:?} (see `clawmesh nodes status --all`)"
                 )));
             }
-            let one = nodes::resolve(name, &scoped)?;
+            let one = registry::resolve(name, &scoped)?;
             let id = one["nodeId"].clone();
             return Ok(entries
                 .iter()
@@ -784,7 +784,7 @@ impl Methods {
                 .take(1)
                 .collect());
         }
-        let one = nodes::resolve(sel, entries)?;
+        let one = registry::resolve(sel, entries)?;
         if all {
             let id = one["nodeId"].clone();
             return Ok(entries.iter().filter(|e| e["nodeId"] == id).collect());
@@ -993,7 +993,7 @@ impl Methods {
                     "payloadJSON": text,
                 }))
             }
-            Err(e) => Err(nodes::invoke_error(e, &name, timeout)),
+            Err(e) => Err(registry::invoke_error(e, &name, timeout)),
         }
     }
 
