@@ -144,7 +144,7 @@ impl FileConfig {
     /// Every leaf of the file (a value that is not an object) as a dotted key, in key order:
     /// the local side of `config show --effective`.
     pub fn leaves(&self) -> std::collections::BTreeMap<String, Value> {
-        let mut out = crate::shared_config::dotted_leaves(&self.root);
+        let mut out = crate::gateway::shared_config::dotted_leaves(&self.root);
         out.retain(|k, v| {
             !v.is_null() && *v != Value::Object(Default::default()) && k != "$schema"
         });
@@ -343,7 +343,7 @@ mod tests {
                 path.display(),
                 cfg.unknown
             );
-            crate::shared_config::SyncPolicy::from_file(&cfg).unwrap();
+            crate::gateway::shared_config::SyncPolicy::from_file(&cfg).unwrap();
         }
     }
 

@@ -12,21 +12,11 @@
 
 pub mod bridge;
 pub mod cli;
-pub mod client;
 pub mod config;
-pub mod config_cli;
-pub mod demo;
 pub mod gateway;
-pub mod methods;
-pub mod node_cli;
-pub mod node_host;
-pub mod node_run;
-pub mod nodes;
-pub mod relay;
-pub mod scopes;
-pub mod shared_config;
+pub mod node;
+pub mod sim;
 pub mod state_dir;
-pub mod status;
 
 /// Software version, reported in status and hellos.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -21,9 +21,9 @@ use clawmesh_federation::wire::{HelloRole, NodeHello, RefusalCode, Request, Wire
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::node_host::approvals::{ExecApprovals, Security, SetParams};
-use crate::node_host::exec::{self, ExecLimits, RunParams};
-use crate::node_host::which::{self, WhichParams};
+use crate::node::approvals::{ExecApprovals, Security, SetParams};
+use crate::node::exec::{self, ExecLimits, RunParams};
+use crate::node::which::{self, WhichParams};
 
 /// Commands a clawmesh node offers.
 pub const COMMANDS: &[&str] = &[

@@ -9,11 +9,11 @@ use comfy_table::presets::UTF8_FULL;
 use comfy_table::Table;
 use serde_json::{json, Value};
 
+use crate::cli::client::Target;
 use crate::cli::{call, ApprovalsCmd, DevicesCmd, NodeRunArgs, NodesCmd, TargetArgs};
-use crate::client::Target;
 use crate::config::FileConfig;
-use crate::node_host::approvals::{self, Security};
-use crate::node_run::NodeSettings;
+use crate::node::approvals::{self, Security};
+use crate::node::run::NodeSettings;
 
 fn target(t: TargetArgs, state_dir: &Path) -> Target {
     Target::from_flags(t.url, t.token, state_dir)

@@ -1,5 +1,11 @@
 //! The `clawmesh` command line: parsing and dispatch to the subcommands.
 
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod nodes;
+pub mod status;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -7,10 +13,10 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
-use crate::client::{self, ClientError, Target};
 use crate::config::FileConfig;
 use crate::gateway::{self, Bind, GatewaySettings, RunFlags};
 use crate::state_dir;
+use client::{ClientError, Target};
 
 /// Exit code when `--check` finds a gateway that is not healthy.
 pub const EXIT_UNHEALTHY: i32 = 1;
@@ -55,7 +61,7 @@ pub enum Command {
     Approvals(ApprovalsCmd),
     /// The federation's shared config: get, set, unset, import, show [--effective].
     #[command(subcommand)]
-    Config(crate::config_cli::ConfigCmd),
+    Config(crate::cli::config::ConfigCmd),
     /// Start a Tokyo / Beijing / Frankfurt federation on this machine and show it working.
     Demo(DemoArgs),
 }
@@ -467,9 +473,9 @@ pub async fn run(cli: Cli) -> Result<i32> {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
-                print!("{}", crate::status::render_table(&doc));
+                print!("{}", crate::cli::status::render_table(&doc));
             }
-            if a.check && !crate::status::all_healthy(&doc) {
+            if a.check && !crate::cli::status::all_healthy(&doc) {
                 return Ok(EXIT_UNHEALTHY);
             }
             Ok(0)
@@ -548,7 +554,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Config(cmd) => {
             init_logging(cli.log.as_deref(), "warn");
-            crate::config_cli::run(cmd, &state_dir).await
+            crate::cli::config::run(cmd, &state_dir).await
         }
         Command::Identity(IdentityCmd::Show { json }) => {
             init_logging(cli.log.as_deref(), "warn");
@@ -574,25 +580,25 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Node(NodeCmd::Run(a)) => {
             init_logging(cli.log.as_deref(), DEFAULT_LOG);
             let file = FileConfig::load(&state_dir)?;
-            let settings = crate::node_cli::node_settings(state_dir, a, &file)?;
-            crate::node_run::run(settings).await?;
+            let settings = crate::cli::nodes::node_settings(state_dir, a, &file)?;
+            crate::node::run::run(settings).await?;
             Ok(0)
         }
         Command::Nodes(cmd) => {
             init_logging(cli.log.as_deref(), "warn");
-            crate::node_cli::nodes(cmd, &state_dir).await
+            crate::cli::nodes::nodes(cmd, &state_dir).await
         }
         Command::Devices(cmd) => {
             init_logging(cli.log.as_deref(), "warn");
-            crate::node_cli::devices(cmd, &state_dir).await
+            crate::cli::nodes::devices(cmd, &state_dir).await
         }
         Command::Approvals(cmd) => {
             init_logging(cli.log.as_deref(), "warn");
-            crate::node_cli::approvals(cmd, &state_dir).await
+            crate::cli::nodes::approvals(cmd, &state_dir).await
         }
         Command::Demo(a) => {
             init_logging(cli.log.as_deref(), "warn");
-            crate::demo::run(a.health_interval).await?;
+            crate::cli::demo::run(a.health_interval).await?;
             Ok(0)
         }
     }
