@@ -69,8 +69,9 @@ pub struct Advertisement {
     pub version: String,
     /// Device key, base64url.
     pub device_key: String,
-    /// Federation id derived from the join token.
-    pub federation_id: FederationId,
+    /// Federation id derived from the join token; `None` for a gateway without a token
+    /// (it admits no joiners, so it says no federation).
+    pub federation_id: Option<FederationId>,
     /// The QUIC port.
     pub port: u16,
     /// The addresses to put in A/AAAA records: only those the gateway is bound to and that
@@ -92,14 +93,17 @@ impl Advertisement {
 
     /// The TXT records, in a fixed order.
     pub fn txt(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut txt = vec![
             (TXT_NAME, self.name.clone()),
             (TXT_REGION, self.region.clone()),
             (TXT_ROLE, self.role.clone()),
             (TXT_VERSION, self.version.clone()),
             (TXT_KEY, self.device_key.clone()),
-            (TXT_FED, self.federation_id.to_string()),
-        ]
+        ];
+        if let Some(f) = &self.federation_id {
+            txt.push((TXT_FED, f.to_string()));
+        }
+        txt
     }
 }
 
@@ -385,7 +389,7 @@ mod tests {
             role: "gateway".into(),
             version: "0.1.0".into(),
             device_key: "k3y".into(),
-            federation_id: FederationId::from_token("T"),
+            federation_id: Some(FederationId::from_token("T")),
             port: 4000,
             addrs: ips(&["10.1.0.2"]),
         };

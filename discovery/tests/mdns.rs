@@ -37,7 +37,7 @@ fn ad(name: &str, token: &str, port: u16) -> Advertisement {
         role: "gateway".into(),
         version: "0.1.0".into(),
         device_key: unique("key"),
-        federation_id: FederationId::from_token(token),
+        federation_id: Some(FederationId::from_token(token)),
         port,
         addrs: vec!["127.0.0.1".parse().unwrap()],
     }

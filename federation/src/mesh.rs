@@ -227,6 +227,10 @@ pub struct GatewayStatus {
     pub missed: u32,
     /// Last dial error, if the link is down.
     pub last_error: Option<String>,
+    /// How this gateway found the peer (`static`, `mdns`, `tailnet`), as the embedding
+    /// gateway recorded it with [`Mesh::note_found`]; `None` for one learned from the member
+    /// list or that joined us, and for self.
+    pub found: Option<String>,
 }
 
 /// The federation as seen from this gateway.
@@ -289,6 +293,8 @@ struct State {
     /// The raft leader as last reported by the consensus module (`None`: unknown, or no
     /// consensus attached — then the configured primary is shown as primary).
     leader: Option<Option<PublicKey>>,
+    /// How each peer was found (see [`GatewayStatus::found`]).
+    found: HashMap<PublicKey, String>,
 }
 
 struct Inner {
@@ -411,6 +417,7 @@ impl Mesh {
                 next_link_id: 1,
                 shutting_down: false,
                 leader: None,
+                found: HashMap::new(),
             }),
             shutdown: watch::channel(false).0,
             fatal: watch::channel(None).0,
@@ -667,6 +674,7 @@ impl Mesh {
                         p.last_error.clone()
                     }
                 }),
+                found: st.found.get(&m.key).cloned(),
             });
         }
         let me = st
@@ -695,6 +703,7 @@ impl Mesh {
             is_self: true,
             missed: 0,
             last_error: None,
+            found: None,
         };
         gateways.insert(0, self_row);
         MeshStatus {
@@ -844,9 +853,10 @@ impl Mesh {
             if *shutdown.borrow() {
                 return;
             }
-            match self.dial_gateway(addr, None).await {
-                Ok(()) => {
+            match self.dial_gateway_claimed(addr, None, None).await {
+                Ok(key) => {
                     info!(%addr, "joined the federation");
+                    self.note_found(key, "static");
                     return;
                 }
                 Err(MeshError::Handshake(HandshakeError::Refused { refusal, .. }))
@@ -896,8 +906,19 @@ impl Mesh {
         &self,
         addr: SocketAddr,
         claimed: Option<PublicKey>,
-    ) -> Result<(), MeshError> {
+    ) -> Result<PublicKey, MeshError> {
         self.dial_gateway_claimed(addr, None, claimed).await
+    }
+
+    /// Records how the peer with `key` was found (`static`, `mdns`, `tailnet`), shown by
+    /// `gateway status --all`; the first record wins.
+    pub fn note_found(&self, key: PublicKey, source: &str) {
+        if key != self.inner.key {
+            self.state()
+                .found
+                .entry(key)
+                .or_insert_with(|| source.to_string());
+        }
     }
 
     /// Dials a gateway. `expected` is the member we think is there; `None` when joining.
@@ -906,7 +927,9 @@ impl Mesh {
         addr: SocketAddr,
         expected: Option<(PublicKey, String)>,
     ) -> Result<(), MeshError> {
-        self.dial_gateway_claimed(addr, expected, None).await
+        self.dial_gateway_claimed(addr, expected, None)
+            .await
+            .map(|_| ())
     }
 
     /// [`Mesh::dial_gateway`], also refusing a peer that proves a key other than `claimed`.
@@ -915,7 +938,7 @@ impl Mesh {
         addr: SocketAddr,
         expected: Option<(PublicKey, String)>,
         claimed: Option<PublicKey>,
-    ) -> Result<(), MeshError> {
+    ) -> Result<PublicKey, MeshError> {
         let conn = endpoint::dial(&self.inner.endpoint, addr, DIAL_TIMEOUT).await?;
         let Some(key) = endpoint::peer_key(&conn) else {
             conn.close(VarInt::from_u32(CLOSE_REFUSED), b"no device key");
@@ -1000,7 +1023,7 @@ impl Mesh {
         );
         // Dial loops start after the link is installed, so none races this link.
         self.spawn_dial_loops();
-        Ok(())
+        Ok(key)
     }
 
     async fn accept_loop(&self) {
