@@ -3,6 +3,7 @@
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod discover;
 pub mod nodes;
 pub mod status;
 
@@ -64,6 +65,9 @@ pub enum Command {
     Config(crate::cli::config::ConfigCmd),
     /// Start a Tokyo / Beijing / Frankfurt federation on this machine and show it working.
     Demo(DemoArgs),
+    /// What mDNS and the tailnet see right now (source, name, federation match, address),
+    /// without joining anything: the first thing to run on a new machine.
+    Discover(crate::cli::discover::DiscoverArgs),
 }
 
 /// `clawmesh node ...`
@@ -92,6 +96,9 @@ pub struct NodeRunArgs {
     /// Override the exec approvals level: deny, allowlist or full (full: a lab, not production).
     #[arg(long)]
     pub security: Option<String>,
+    /// With no --gateway, do not look for gateways with mDNS (also OPENCLAW_DISABLE_BONJOUR=1).
+    #[arg(long)]
+    pub no_mdns: bool,
 }
 
 /// `clawmesh nodes ...`
@@ -320,6 +327,14 @@ pub struct RunArgs {
     /// PEM private key for wss:// (config: gateway.tls.key).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Neither advertise nor browse mDNS (config: gateway.discovery.mdns: false; also
+    /// OPENCLAW_DISABLE_BONJOUR=1). mDNS is on by default when bound beyond loopback.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Find peers in tailscaled's status (config: gateway.discovery.tailnet; the default with
+    /// --bind tailnet), selected by gateway.discovery.tailnetTags / tailnetHosts.
+    #[arg(long)]
+    pub tailnet: bool,
 }
 
 /// Where a CLI command sends its request.
@@ -455,6 +470,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     }
                     _ => None,
                 },
+                no_mdns: a.no_mdns,
+                tailnet: a.tailnet,
             };
             let settings = GatewaySettings::resolve(state_dir, flags, &file)?;
             gateway::run(settings).await?;
@@ -600,6 +617,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
             init_logging(cli.log.as_deref(), "warn");
             crate::cli::demo::run(a.health_interval).await?;
             Ok(0)
+        }
+        Command::Discover(a) => {
+            init_logging(cli.log.as_deref(), "warn");
+            crate::cli::discover::run(a, &state_dir).await
         }
     }
 }

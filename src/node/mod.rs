@@ -29,6 +29,7 @@
 
 pub mod approvals;
 pub mod exec;
+mod find;
 pub mod run;
 pub mod which;
 
