@@ -14,7 +14,9 @@ pub mod bridge;
 pub mod cli;
 pub mod config;
 pub mod gateway;
+pub mod logging;
 pub mod node;
+pub mod node_protocol;
 pub mod sim;
 pub mod state_dir;
 

@@ -173,9 +173,7 @@ pub async fn run(cmd: ConfigCmd, state_dir: &Path) -> Result<i32> {
                 bail!("{}: the top level must be a JSON object", file.display());
             }
             let values: serde_json::Map<String, Value> =
-                crate::gateway::shared_config::dotted_leaves(&v)
-                    .into_iter()
-                    .collect();
+                crate::config::dotted_leaves(&v).into_iter().collect();
             let n = values.len();
             let doc = call(
                 &target(t),

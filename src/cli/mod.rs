@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use crate::config::FileConfig;
 use crate::gateway::{self, Bind, GatewaySettings, RunFlags};
+use crate::logging;
 use crate::state_dir;
 use client::{ClientError, Target};
 
@@ -395,57 +396,12 @@ pub struct DemoArgs {
     pub health_interval: u64,
 }
 
-/// The default log filter of long-running commands: openraft reports every failed replication
-/// attempt to an offline gateway (several lines a second); the mesh already logs the link going
-/// down and coming back, so only openraft's errors outside replication are shown.
-const DEFAULT_LOG: &str = "info,openraft=error,openraft::replication=off";
-
-type FilterHandle =
-    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
-
-/// The live log filter, when it came from the default (not `--log` or `RUST_LOG`, which an
-/// operator set on purpose and the shared config must not override).
-static LOG_FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
-
-fn init_logging(filter: Option<&str>, default: &str) {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    let explicit = filter
-        .map(str::to_string)
-        .or_else(|| std::env::var("RUST_LOG").ok());
-    let (layer, handle) = tracing_subscriber::reload::Layer::new(
-        tracing_subscriber::EnvFilter::new(explicit.as_deref().unwrap_or(default)),
-    );
-    let ok = tracing_subscriber::registry()
-        .with(layer)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .try_init()
-        .is_ok();
-    if ok && explicit.is_none() {
-        let _ = LOG_FILTER.set(handle);
-    }
-}
-
-/// Replaces the log filter (`logging.level` from the shared config). Returns false when the
-/// operator chose the filter with `--log` or `RUST_LOG`, which then stays.
-pub fn set_log_filter(filter: &str) -> Result<bool> {
-    let Some(handle) = LOG_FILTER.get() else {
-        return Ok(false);
-    };
-    let f = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| anyhow!("not a log filter: {e}"))?;
-    handle
-        .reload(f)
-        .map_err(|e| anyhow!("cannot change the log filter: {e}"))?;
-    Ok(true)
-}
-
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<i32> {
     let state_dir = state_dir::resolve(cli.state_dir.as_deref())?;
     match cli.command {
         Command::Gateway(GatewayCmd::Run(a)) => {
-            init_logging(cli.log.as_deref(), DEFAULT_LOG);
+            logging::init(cli.log.as_deref(), logging::DEFAULT_LOG);
             let file = FileConfig::load(&state_dir)?;
             let flags = RunFlags {
                 name: a.name,
@@ -478,7 +434,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Gateway(GatewayCmd::Status(a)) => {
-            init_logging(cli.log.as_deref(), "warn");
+            logging::init(cli.log.as_deref(), "warn");
             let target = Target::from_flags(a.target.url, a.target.token, &state_dir);
             let doc = call(
                 &target,
@@ -498,7 +454,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Gateway(GatewayCmd::Call(a)) => {
-            init_logging(cli.log.as_deref(), "warn");
+            logging::init(cli.log.as_deref(), "warn");
             let params: Value = serde_json::from_str(&a.params)
                 .with_context(|| format!("--params is not valid JSON: {}", a.params))?;
             let target = Target::from_flags(a.target.url, a.target.token, &state_dir);
@@ -524,7 +480,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Gateway(GatewayCmd::Forget { name, target: t }) => {
-            init_logging(cli.log.as_deref(), "warn");
+            logging::init(cli.log.as_deref(), "warn");
             let target = Target::from_flags(t.url, t.token, &state_dir);
             let doc = call(
                 &target,
@@ -541,7 +497,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Gateway(GatewayCmd::Promote { force, target: t }) => {
-            init_logging(cli.log.as_deref(), "warn");
+            logging::init(cli.log.as_deref(), "warn");
             if !force {
                 return Err(anyhow!(
                     "promote overrides the quorum of voting gateways; pass --force if that is what you want"
@@ -570,11 +526,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Config(cmd) => {
-            init_logging(cli.log.as_deref(), "warn");
+            logging::init(cli.log.as_deref(), "warn");
             crate::cli::config::run(cmd, &state_dir).await
         }
         Command::Identity(IdentityCmd::Show { json }) => {
-            init_logging(cli.log.as_deref(), "warn");
+            logging::init(cli.log.as_deref(), "warn");
             let (id, _) =
                 clawmesh_federation::identity::DeviceIdentity::load_or_create(&state_dir)?;
             if json {
@@ -595,31 +551,31 @@ pub async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Node(NodeCmd::Run(a)) => {
-            init_logging(cli.log.as_deref(), DEFAULT_LOG);
+            logging::init(cli.log.as_deref(), logging::DEFAULT_LOG);
             let file = FileConfig::load(&state_dir)?;
             let settings = crate::cli::nodes::node_settings(state_dir, a, &file)?;
             crate::node::run::run(settings).await?;
             Ok(0)
         }
         Command::Nodes(cmd) => {
-            init_logging(cli.log.as_deref(), "warn");
+            logging::init(cli.log.as_deref(), "warn");
             crate::cli::nodes::nodes(cmd, &state_dir).await
         }
         Command::Devices(cmd) => {
-            init_logging(cli.log.as_deref(), "warn");
+            logging::init(cli.log.as_deref(), "warn");
             crate::cli::nodes::devices(cmd, &state_dir).await
         }
         Command::Approvals(cmd) => {
-            init_logging(cli.log.as_deref(), "warn");
+            logging::init(cli.log.as_deref(), "warn");
             crate::cli::nodes::approvals(cmd, &state_dir).await
         }
         Command::Demo(a) => {
-            init_logging(cli.log.as_deref(), "warn");
+            logging::init(cli.log.as_deref(), "warn");
             crate::cli::demo::run(a.health_interval).await?;
             Ok(0)
         }
         Command::Discover(a) => {
-            init_logging(cli.log.as_deref(), "warn");
+            logging::init(cli.log.as_deref(), "warn");
             crate::cli::discover::run(a, &state_dir).await
         }
     }

@@ -61,7 +61,7 @@ pub(super) fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &Ga
             match shared_config::lookup(&entries, EXEC_DEFAULT_KEY).map(|e| &e.value) {
                 None | Some(serde_json::Value::Null) => methods.set_exec_default(None),
                 Some(serde_json::Value::String(level))
-                    if level.parse::<crate::node::approvals::Security>().is_ok() =>
+                    if level.parse::<crate::node_protocol::Security>().is_ok() =>
                 {
                     methods.set_exec_default(Some(level.clone()));
                 }
@@ -73,7 +73,7 @@ pub(super) fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &Ga
                 shared_config::lookup(&entries, "logging.level").and_then(|e| e.value.as_str())
             {
                 if changed.iter().any(|k| *k == "logging.level") {
-                    match crate::cli::set_log_filter(level) {
+                    match crate::logging::set_log_filter(level) {
                         Ok(true) => info!(level, "log filter changed by the shared config"),
                         Ok(false) => {}
                         Err(e) => warn!("logging.level {level:?} not applied: {e}"),

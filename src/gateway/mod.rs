@@ -22,6 +22,7 @@ pub mod registry;
 pub mod scopes;
 mod settings;
 pub mod shared_config;
+pub mod status;
 
 pub use followers::EXEC_DEFAULT_KEY;
 pub use lifecycle::run;

@@ -61,9 +61,7 @@ pub struct NodeHandler {
     inner: Arc<NodeInner>,
 }
 
-/// What the gateway sends a node to set the federation's default exec level
-/// (`security.exec.defaultLevel` of the shared config); not offered to operators.
-pub const DEFAULTS_COMMAND: &str = "system.execApprovals.defaults";
+use crate::node_protocol::DEFAULTS_COMMAND;
 
 struct NodeInner {
     approvals: ExecApprovals,

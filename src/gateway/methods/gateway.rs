@@ -14,7 +14,7 @@ impl Methods {
         match method {
             "status" | "gateway.status" => {
                 let all = params.get("all").and_then(Value::as_bool).unwrap_or(true);
-                let mut doc = crate::cli::status::to_json(&self.mesh()?.status(), all);
+                let mut doc = crate::gateway::status::to_json(&self.mesh()?.status(), all);
                 if let Some(sh) = self.inner.shared.get() {
                     doc["consensus"] = json!(sh.replica.status());
                 }

@@ -91,7 +91,7 @@ pub fn push_exec_default(link: registry::NodeLink, level: Option<String>, name: 
         // Bounded: a node answers this at once; one that does not is being dropped anyway.
         let r = link
             .invoke(
-                crate::node::run::DEFAULTS_COMMAND,
+                crate::node_protocol::DEFAULTS_COMMAND,
                 &params,
                 Duration::from_secs(5),
                 "exec-default",
