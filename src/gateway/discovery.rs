@@ -349,3 +349,63 @@ async fn try_join(mesh: &Mesh, c: &Candidate) -> Outcome {
     }
     Outcome::Retry
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> FileConfig {
+        FileConfig::parse(text, None).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_the_bind() {
+        let none = file("{}");
+        let s = DiscoverySettings::resolve(&Bind::Loopback, false, false, &none).unwrap();
+        assert!(!s.any(), "a loopback gateway neither advertises nor looks");
+        let s = DiscoverySettings::resolve(&Bind::Lan, false, false, &none).unwrap();
+        assert!(s.mdns && !s.tailnet);
+        let s = DiscoverySettings::resolve(&Bind::Tailnet, false, false, &none).unwrap();
+        assert!(
+            s.mdns && s.tailnet,
+            "--bind tailnet polls the tailnet by default"
+        );
+        let s = DiscoverySettings::resolve(
+            &Bind::Ip("127.0.0.2".parse().unwrap()),
+            false,
+            false,
+            &none,
+        )
+        .unwrap();
+        assert!(!s.mdns);
+    }
+
+    #[test]
+    fn config_keys_and_flags() {
+        let f = file(
+            r#"{"gateway": {"discovery": {"mdns": false, "tailnet": true,
+                "tailnetTags": ["tag:clawmesh"], "tailnetHosts": ["mac-cn"],
+                "tailnetSocket": "/tmp/ts.sock"}}}"#,
+        );
+        let s = DiscoverySettings::resolve(&Bind::Lan, false, false, &f).unwrap();
+        assert!(!s.mdns && s.tailnet);
+        assert_eq!(s.tailnet_tags, ["tag:clawmesh"]);
+        assert_eq!(s.tailnet_hosts, ["mac-cn"]);
+        assert_eq!(s.tailnet_socket, Some(PathBuf::from("/tmp/ts.sock")));
+        assert!(f.unknown.is_empty(), "{:?}", f.unknown);
+        let s = DiscoverySettings::resolve(&Bind::Lan, true, false, &file("{}")).unwrap();
+        assert!(!s.mdns, "--no-mdns wins");
+        let s = DiscoverySettings::resolve(&Bind::Loopback, false, true, &file("{}")).unwrap();
+        assert!(s.tailnet, "--tailnet");
+        assert!(
+            DiscoverySettings::resolve(
+                &Bind::Lan,
+                false,
+                false,
+                &file(r#"{"gateway":{"discovery":{"mdns":"yes"}}}"#)
+            )
+            .is_err(),
+            "a wrong type names the key"
+        );
+    }
+}
