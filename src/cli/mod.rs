@@ -1,4 +1,7 @@
-//! The `clawmesh` command line: parsing and dispatch to the subcommands.
+//! The `clawmesh` command line: the grammar ([`args`]), the dispatch of a parsed command
+//! ([`run`]), and one file per command family. It is the only part that prints for people,
+//! and it may use every other part of the crate ([`crate::gateway`], [`crate::node`],
+//! [`crate::sim`]); none of them uses it.
 
 pub mod approvals;
 pub mod args;
