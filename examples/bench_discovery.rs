@@ -13,12 +13,12 @@
 //! - `mdns`: `--token` only, found by mDNS;
 //! - `tailnet`: `--token --no-mdns`, `gateway.discovery.tailnet` with the fake socket.
 //!
-//! The three modes rotate their order every round; after each sample the joiner is killed and
-//! tokyo forgets it. Needs root (namespaces). Run it (release):
+//! The three modes rotate their order every round; after each sample the joiner is killed,
+//! tokyo forgets it, and the next sample waits `--gap-ms` (default 0; see `gap`). Needs root (namespaces). Run it (release):
 //!
 //! ```text
 //! cargo build --release --bin clawmesh --example bench_discovery
-//! cargo run --release --example bench_discovery [-- ROUNDS]    # default 9 rounds
+//! cargo run --release --example bench_discovery [-- ROUNDS [--gap-ms MS]]   # 9 rounds, gap 0
 //! ```
 
 #[path = "support/mod.rs"]
@@ -45,6 +45,20 @@ const JOIN_DEADLINE: Duration = Duration::from_secs(20);
 
 /// The log is polled this often: small beside the join times measured (hundreds of ms).
 const POLL: Duration = Duration::from_millis(2);
+
+/// Pause between samples (`--gap-ms`, default 0). Every joiner bound to the LAN browses mDNS,
+/// and an mDNS responder answers the same record at most once a second per interface
+/// (RFC 6762 §6.2); a joiner starting within a second of the previous one's query may miss
+/// the answer and wait for its own 1 s retransmit. Run once with 0 and once with 1500 to see
+/// that effect apart.
+fn gap() -> Duration {
+    std::env::args()
+        .skip_while(|a| a != "--gap-ms")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::ZERO)
+}
 
 const TOKEN: &str = "bench-discovery-token";
 
@@ -100,6 +114,7 @@ fn main() -> Result<()> {
     support::install_ctrl_c();
     let rounds: usize = std::env::args()
         .nth(1)
+        .filter(|a| !a.starts_with("--"))
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(9);
@@ -191,6 +206,7 @@ fn main() -> Result<()> {
                     String::from_utf8_lossy(&out.stderr).trim()
                 );
             }
+            std::thread::sleep(gap());
         }
         eprintln!("round {}/{rounds} done", round + 1);
     }
@@ -198,7 +214,10 @@ fn main() -> Result<()> {
     for (k, v) in machine {
         println!("| {k} | {v} |");
     }
-    println!("| rounds | {rounds} (modes rotate their order each round) |\n");
+    println!(
+        "| rounds | {rounds} (modes rotate their order each round), gap between samples {:?} |\n",
+        gap()
+    );
     println!("| start-to-joined | n | p50 ms | min ms | max ms | mean ms | p50 − static p50 |\n|---|---|---|---|---|---|---|");
     let base = {
         let mut v = samples[0].clone();
