@@ -844,12 +844,15 @@ impl Mesh {
                 {
                     let msg = format!("join refused by {addr}: {}", refusal.message);
                     warn!("{msg}");
-                    let _ = self.inner.fatal.send(Some(msg));
+                    // send_replace: stored even before anyone subscribed (a plain send to a
+                    // channel without receivers is dropped, and the gateway subscribes only
+                    // once it is ready, which a fast refusal can beat).
+                    self.inner.fatal.send_replace(Some(msg));
                     return;
                 }
                 Err(e @ MeshError::BadWelcomeProof { .. }) => {
                     warn!("{e}");
-                    let _ = self.inner.fatal.send(Some(e.to_string()));
+                    self.inner.fatal.send_replace(Some(e.to_string()));
                     return;
                 }
                 Err(e) => warn!(%addr, "joining the federation: {e}; retrying"),
