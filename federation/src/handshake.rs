@@ -121,10 +121,6 @@ pub fn verify_welcome_proof(
     verify(token, WELCOME_LABEL, dialer, acceptor, proof)
 }
 
-/// Compares two secrets in constant time; see [`crate::secret::secrets_equal`] (kept here for
-/// the callers in the root crate until they move to the new path).
-pub use crate::secret::secrets_equal;
-
 /// Dialer side: sends `hello`, returns the acceptor's reply (a refusal is an error).
 pub async fn send_hello(
     conn: &Connection,
