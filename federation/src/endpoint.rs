@@ -232,7 +232,7 @@ pub async fn dial(
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => {
             if legacy::is_alpn_refusal(&e) {
-                match legacy::probe(ep, addr, timeout).await {
+                match legacy::probe(ep, addr, SERVER_NAME, timeout).await {
                     Ok(true) => return Err(EndpointError::OldPeer { addr }),
                     Ok(false) => {}
                     Err(probe) => tracing::debug!(%addr, "{probe}"),

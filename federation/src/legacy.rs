@@ -14,7 +14,7 @@
 //!   completes, says so. The probe presents a throwaway key (never the device key), trusts
 //!   nothing it learns and closes at once: it only names the cause of the failure.
 //!
-//! Either way the error is [`crate::endpoint::EndpointError::OldPeer`].
+//! The endpoint turns either into its `OldPeer` error.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,11 +64,16 @@ pub fn is_alpn_refusal(err: &ConnectionError) -> bool {
 #[error("building the clawmesh/1 probe: {0}")]
 pub struct ProbeError(String);
 
-/// One `clawmesh/1` handshake to `addr` from `ep`: true if the peer completes it (so it is an
-/// old clawmesh), false on any failure or after `timeout`.
-pub async fn probe(ep: &Endpoint, addr: SocketAddr, timeout: Duration) -> Result<bool, ProbeError> {
-    let config = probe_config()?;
-    let Ok(connecting) = ep.connect_with(config, addr, crate::endpoint::SERVER_NAME) else {
+/// One `clawmesh/1` handshake to `addr` (as `server_name`) from `ep`: true if the peer
+/// completes it (so it is an old clawmesh), false on any failure or after `timeout`.
+pub async fn probe(
+    ep: &Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    timeout: Duration,
+) -> Result<bool, ProbeError> {
+    let config = probe_config(server_name)?;
+    let Ok(connecting) = ep.connect_with(config, addr, server_name) else {
         return Ok(false);
     };
     let conn = match tokio::time::timeout(timeout, connecting).await {
@@ -87,10 +92,10 @@ pub async fn probe(ep: &Endpoint, addr: SocketAddr, timeout: Duration) -> Result
 /// A `clawmesh/1` client: a self-signed X.509 certificate over a throwaway ed25519 key (the old
 /// verifier requires one), ALPN [`OLD_ALPN`], and a verifier that checks only that the server's
 /// handshake signature matches its certificate (webpki parses it).
-fn probe_config() -> Result<quinn::ClientConfig, ProbeError> {
+fn probe_config(server_name: &str) -> Result<quinn::ClientConfig, ProbeError> {
     let err = |e: &dyn std::fmt::Display| ProbeError(e.to_string());
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| err(&e))?;
-    let cert = rcgen::CertificateParams::new(vec![crate::endpoint::SERVER_NAME.to_string()])
+    let cert = rcgen::CertificateParams::new(vec![server_name.to_string()])
         .map_err(|e| err(&e))?
         .self_signed(&key)
         .map_err(|e| err(&e))?;
