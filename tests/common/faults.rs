@@ -295,3 +295,82 @@ pub fn config_set(dir: &Path, key: &str, value: &str) -> Result<u64, String> {
         Err(String::from_utf8_lossy(&out.stderr).to_string())
     }
 }
+
+/// A native node host process, restartable with the same key (state dir).
+pub struct NodeProc {
+    pub name: String,
+    pub dir: PathBuf,
+    gateways: Vec<String>,
+    proc: Option<Gw>,
+}
+
+impl NodeProc {
+    /// Starts `clawmesh node run` with `gateways` (quic:// URLs) in order of preference.
+    pub fn start(root: &Path, name: &str, gateways: Vec<String>) -> NodeProc {
+        let mut n = NodeProc {
+            name: name.into(),
+            dir: root.join(name),
+            gateways,
+            proc: None,
+        };
+        n.spawn();
+        n
+    }
+
+    pub fn spawn(&mut self) {
+        let mut args = vec!["node", "run"];
+        for g in &self.gateways {
+            args.extend(["--gateway", g.as_str()]);
+        }
+        args.extend(["--name", self.name.as_str()]);
+        self.proc = Some(Gw::spawn_cmd(&self.dir, &args));
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.dir, 15)
+    }
+}
+
+/// `nodes status [--all] --json` on `dir`: the node rows, if it answers.
+pub fn node_rows(dir: &Path, all: bool) -> Option<Vec<Value>> {
+    let mut args = vec!["nodes", "status", "--json"];
+    if all {
+        args.push("--all");
+    }
+    let out = cli(dir, &args);
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["nodes"].as_array().cloned()
+}
+
+/// Approves the pending request of the device named `name` on whichever gateway of `c` it
+/// waits at; true once one approval succeeded.
+pub fn approve_anywhere(c: &Cluster, name: &str) -> bool {
+    wait_until(Duration::from_secs(20), || {
+        for i in c.answering() {
+            let out = cli(c.dir(i), &["devices", "list", "--json"]);
+            let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) else {
+                continue;
+            };
+            let req = v["pending"]
+                .as_array()
+                .and_then(|p| p.iter().find(|p| p["name"] == name))
+                .and_then(|p| p["requestId"].as_str().map(str::to_string));
+            if let Some(r) = req {
+                if cli(c.dir(i), &["devices", "approve", &r]).status.success() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
