@@ -3,6 +3,10 @@
 //!
 //! - a voter frozen (SIGSTOP) for 3.5 s and resumed does not start a new term while the
 //!   primary is healthy: no flapping;
+//! - the failover race: a node notices its gateway's death before the other gateways do
+//!   (the gateway is frozen, so the node's own pings miss first) and moves; every gateway lists
+//!   it once, at its new gateway, and invokes reach it from everywhere, while the old gateway
+//!   is frozen, after it is declared offline, and after it comes back;
 //! - a Jepsen-style fault schedule: a seeded random sequence of SIGKILL and restart,
 //!   SIGSTOP/SIGCONT, partitions and node restarts, with config writes and invokes in between;
 //!   after each step heals, the invariants of the federation are checked (see
@@ -80,6 +84,119 @@ fn a_stalled_voter_does_not_depose_a_healthy_primary() {
         others.len(),
         answered.len()
     );
+}
+
+/// Where `dir`'s gateway lists node `name` federation-wide: (gateway, connected) of every row
+/// for it.
+fn listed_at(dir: &std::path::Path, name: &str) -> Vec<(String, bool)> {
+    node_rows(dir, true)
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r["name"] == name)
+        .map(|r| {
+            (
+                r["gateway"].as_str().unwrap_or("?").to_string(),
+                r["connected"] == true,
+            )
+        })
+        .collect()
+}
+
+/// Every answering gateway lists `name` once, connected, at `at`, and reaches it.
+fn listed_once_at(c: &Cluster, name: &str, at: &str) -> Result<(), String> {
+    for i in c.answering() {
+        let rows = listed_at(c.dir(i), name);
+        if rows != vec![(at.to_string(), true)] {
+            return Err(format!("{} lists {name} as {rows:?}", c.name(i)));
+        }
+        let out = common::nodes_invoke(c.dir(i), name, "system.which", r#"{"bins":["sh"]}"#, &[]);
+        if !out.status.success() {
+            return Err(format!(
+                "invoke {name} from {}: {}",
+                c.name(i),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_node_that_moves_first_is_listed_at_its_new_gateway_everywhere() {
+    let _serial = serial();
+    let mut c = Cluster::start(3, 300);
+    // The node prefers beijing (second in member order), then frankfurt (third): a resolver
+    // taking the first claim in member order keeps beijing's.
+    let urls = vec![
+        format!("quic://{}", c.public(1)),
+        format!("quic://{}", c.public(2)),
+    ];
+    let mut node = NodeProc::start(c.tmp.path(), "fra-box", urls);
+    assert!(approve_anywhere(&c, "fra-box"), "{}", node.log_tail());
+    let mut last = String::new();
+    let ok = common::wait_until(Duration::from_secs(20), || {
+        listed_once_at(&c, "fra-box", "beijing")
+            .map_err(|e| last = e)
+            .is_ok()
+    });
+    assert!(ok, "not attached to beijing: {last}\n{}", node.log_tail());
+
+    for round in 0..2 {
+        // Freeze beijing: the node's pings (every half interval, two misses) notice before
+        // the gateways' (threshold 3); beijing's last announcement still claims the node.
+        c.pause(1);
+        let ok = common::wait_until(Duration::from_secs(20), || {
+            listed_once_at(&c, "fra-box", "frankfurt")
+                .map_err(|e| last = e)
+                .is_ok()
+        });
+        assert!(
+            ok,
+            "round {round}, beijing frozen: {last}\n{}\n{}",
+            c.report(),
+            node.log_tail()
+        );
+        // Still right once beijing is declared offline (its claim is the stale one).
+        let offline = common::wait_until(Duration::from_secs(20), || {
+            common::status(c.dir(0))
+                .and_then(|d| common::row(&d, "beijing").map(|g| g["status"] == "offline"))
+                .unwrap_or(false)
+        });
+        assert!(offline, "beijing never offline: {}", c.report());
+        if let Err(e) = listed_once_at(&c, "fra-box", "frankfurt") {
+            panic!("round {round}, beijing offline: {e}\n{}", c.report());
+        }
+        // And after beijing comes back (its own stale session must not win there either).
+        c.resume(1);
+        let ok = common::wait_until(Duration::from_secs(20), || {
+            c.converged()
+                && listed_once_at(&c, "fra-box", "frankfurt")
+                    .map_err(|e| last = e)
+                    .is_ok()
+        });
+        assert!(ok, "round {round}, beijing back: {last}\n{}", c.report());
+        // Move the node back to beijing for the next round: restart it (it prefers beijing).
+        node.kill9();
+        node.spawn();
+        let ok = common::wait_until(Duration::from_secs(20), || {
+            listed_once_at(&c, "fra-box", "beijing")
+                .map_err(|e| last = e)
+                .is_ok()
+        });
+        assert!(
+            ok,
+            "round {round}: not back on beijing: {last}\n{}",
+            node.log_tail()
+        );
+    }
+    // SIGKILL this time: beijing never says goodbye, and never comes back.
+    c.kill9(1);
+    let ok = common::wait_until(Duration::from_secs(20), || {
+        listed_once_at(&c, "fra-box", "frankfurt")
+            .map_err(|e| last = e)
+            .is_ok()
+    });
+    assert!(ok, "beijing killed: {last}\n{}", c.report());
 }
 
 /// splitmix64: a seeded, replayable sequence (the schedule must not depend on a crate's
@@ -250,26 +367,11 @@ fn real_gateways(c: &Cluster, nodes: &[NodeProc]) -> Vec<Option<String>> {
         .collect()
 }
 
-/// The invariants after a step heals, each waited for up to `within` (convergence takes a
-/// few health intervals; a bound, not a timing assertion):
-///
-/// 1. every live node is listed once, at its real gateway, connected, on every gateway, and
-///    invokable from every gateway;
-/// 2. every acknowledged config write is on every gateway with its value, and all gateways
-///    reach the same revision;
-/// 3. no term ever had two primaries, and no two acknowledged writes share a revision;
-/// 4. every gateway has the same paired devices.
-fn check_invariants(
-    c: &Cluster,
-    nodes: &[NodeProc],
-    obs: &Observed,
-    within: Duration,
-) -> Result<(), String> {
+/// Invariant 1, also checked while a gateway is down or frozen (the nodes it held must move and
+/// be found at their new gateway by every gateway that answers): every live node is listed
+/// once, at its real gateway, connected, on every answering gateway, and invokable from each.
+fn check_nodes(c: &Cluster, nodes: &[NodeProc], within: Duration) -> Result<(), String> {
     let mut last = String::new();
-    if !common::wait_until(within, || c.converged()) {
-        return Err("the gateways did not converge (health, one primary)".into());
-    }
-    // 1. Nodes.
     let ok = common::wait_until(within, || {
         let real = real_gateways(c, nodes);
         for (k, n) in nodes.iter().enumerate() {
@@ -324,6 +426,30 @@ fn check_invariants(
             }
         }
     }
+    Ok(())
+}
+
+/// The invariants after a step heals, each waited for up to `within` (convergence takes a
+/// few health intervals; a bound, not a timing assertion):
+///
+/// 1. every live node is listed once, at its real gateway, connected, on every gateway, and
+///    invokable from every gateway;
+/// 2. every acknowledged config write is on every gateway with its value, and all gateways
+///    reach the same revision;
+/// 3. no term ever had two primaries, and no two acknowledged writes share a revision;
+/// 4. every gateway has the same paired devices.
+fn check_invariants(
+    c: &Cluster,
+    nodes: &[NodeProc],
+    obs: &Observed,
+    within: Duration,
+) -> Result<(), String> {
+    let mut last = String::new();
+    if !common::wait_until(within, || c.converged()) {
+        return Err("the gateways did not converge (health, one primary)".into());
+    }
+    // 1. Nodes.
+    check_nodes(c, nodes, within)?;
     // 2. Config.
     let ok = common::wait_until(within, || {
         let views: Vec<_> = c.answering().iter().map(|i| shared(c.dir(*i))).collect();
@@ -441,10 +567,12 @@ fn run_schedule(seed: u64, steps: usize, gateways: usize) {
                 obs.write(c, &mut r, n_write);
             }
         };
+        let mut during = Ok(());
         match step.fault {
             Fault::KillRestart { gw, down_ms } => {
                 c.kill9(gw);
                 writes(&c, &mut obs);
+                during = check_nodes(&c, &nodes, within);
                 std::thread::sleep(Duration::from_millis(down_ms));
                 c.spawn(gw);
             }
@@ -452,6 +580,7 @@ fn run_schedule(seed: u64, steps: usize, gateways: usize) {
                 c.pause(gw);
                 let t = Instant::now();
                 writes(&c, &mut obs);
+                during = check_nodes(&c, &nodes, within);
                 std::thread::sleep(Duration::from_millis(ms).saturating_sub(t.elapsed()));
                 c.resume(gw);
             }
@@ -471,6 +600,13 @@ fn run_schedule(seed: u64, steps: usize, gateways: usize) {
             }
         }
         obs.sample_terms(&c);
+        if let Err(e) = during {
+            panic!(
+                "during step {i} ({step:?}): {e}\n{replay}\n{}{}",
+                c.report(),
+                node_logs(&nodes)
+            );
+        }
         if let Err(e) = check_invariants(&c, &nodes, &obs, within) {
             panic!(
                 "after step {i} ({step:?}): {e}\n{replay}\n{}{}",
