@@ -458,7 +458,10 @@ fn check_invariants(
         };
         for (k, (v, rev)) in &obs.acked {
             match first.get(k) {
-                Some((got, r)) if got == &Value::String(v.clone()) || got.to_string() == *v => {
+                // `config set` parses the value as JSON when it can.
+                Some((got, r))
+                    if *got == serde_json::from_str(v).unwrap_or(Value::String(v.clone())) =>
+                {
                     if r != rev {
                         last = format!("{k} acknowledged at revision {rev}, applied at {r}");
                         return false;

@@ -229,7 +229,7 @@ impl Cluster {
     /// Consensus status and the tail of the log of every gateway, for failure messages.
     pub fn report(&self) -> String {
         let mut out = String::new();
-        for i in 0..self.n {
+        for (i, name) in NAMES.iter().enumerate().take(self.n) {
             let state = if !self.is_up(i) {
                 "down"
             } else if self.paused[i] {
@@ -237,7 +237,7 @@ impl Cluster {
             } else {
                 "up"
             };
-            out.push_str(&format!("\n--- {} ({state})", NAMES[i]));
+            out.push_str(&format!("\n--- {name} ({state})"));
             if state == "up" {
                 out.push_str(&format!(": {}", consensus(self.dir(i))));
             }
