@@ -232,6 +232,8 @@ pub struct MeshStatus {
     pub gateways: Vec<GatewayStatus>,
     /// Health settings in force.
     pub health: HealthConfig,
+    /// Why this gateway has not joined its federation yet (`None`: it is a member).
+    pub not_joined: Option<String>,
 }
 
 struct Link {
@@ -279,6 +281,9 @@ struct State {
     /// The raft leader as last reported by the consensus module (`None`: unknown, or no
     /// consensus attached — then the configured primary is shown as primary).
     leader: Option<Option<PublicKey>>,
+    /// Why this gateway is not a member yet, while its join is unanswered or failing
+    /// (`None` once joined, and for the primary and members).
+    not_joined: Option<String>,
 }
 
 struct Inner {
@@ -401,6 +406,7 @@ impl Mesh {
                 next_link_id: 1,
                 shutting_down: false,
                 leader: None,
+                not_joined: None,
             }),
             shutdown: watch::channel(false).0,
             fatal: watch::channel(None).0,
@@ -418,6 +424,7 @@ impl Mesh {
             st.membership.members.iter().any(|m| m.key == key)
         };
         if let (Some(addr), false) = (mesh.inner.cfg.join, is_member) {
+            mesh.state().not_joined = Some(format!("joining through {addr}"));
             let join = mesh.clone();
             tokio::spawn(async move { join.join_loop(addr).await });
         }
@@ -698,6 +705,7 @@ impl Mesh {
             epoch: st.membership.epoch,
             gateways,
             health: self.health(),
+            not_joined: st.not_joined.clone(),
         }
     }
 
@@ -836,6 +844,7 @@ impl Mesh {
             }
             match self.dial_gateway(addr, None).await {
                 Ok(()) => {
+                    self.state().not_joined = None;
                     info!(%addr, "joined the federation");
                     return;
                 }
@@ -852,20 +861,24 @@ impl Mesh {
                     let _ = self.inner.fatal.send(Some(e.to_string()));
                     return;
                 }
-                Err(e) => warn!(%addr, "joining the federation: {e}; retrying"),
+                Err(e) => {
+                    self.state().not_joined = Some(format!("join through {addr} unanswered: {e}"));
+                    warn!(%addr, "joining the federation: {e}; retrying");
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {},
                 _ = shutdown.changed() => return,
             }
             // Joined meanwhile through another path (e.g. a member dial loop)?
-            let st = self.state();
+            let mut st = self.state();
             if st
                 .membership
                 .members
                 .iter()
                 .any(|m| m.key == self.inner.key)
             {
+                st.not_joined = None;
                 return;
             }
         }

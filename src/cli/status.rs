@@ -1,57 +1,19 @@
-//! The federation status view: the JSON of `gateway status --json` and the table people read.
+//! The federation status table people read (`gateway status`), and the `--check` verdict.
 //!
-//! The gateway builds the JSON from its mesh; the CLI renders whatever JSON it received, so
-//! the table is the same whether it came from the local gateway or one reached with `--url`.
+//! The gateway builds the JSON ([`crate::gateway::status`]); the CLI renders whatever JSON it
+//! received, so the table is the same whether it came from the local gateway or one reached
+//! with `--url`.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use clawmesh_federation::mesh::MeshStatus;
-use serde_json::{json, Value};
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-/// The JSON document of `gateway status --json`.
-pub fn to_json(s: &MeshStatus, all: bool) -> Value {
-    let gateways: Vec<Value> = s
-        .gateways
-        .iter()
-        .filter(|g| all || g.is_self)
-        .map(|g| {
-            json!({
-                "name": g.name,
-                "region": g.region,
-                "deviceId": g.device_id.to_string(),
-                "role": if g.primary { "primary" } else { "remote" },
-                "status": g.status.as_str(),
-                "latencyMs": g.latency.map(ms),
-                "lastSeen": g.last_seen.map(rfc3339),
-                "addr": g.addr,
-                "version": g.version,
-                "isSelf": g.is_self,
-                "latencyP99Ms": g.latency_p99.map(ms),
-                "missedPings": g.missed,
-                "lastError": g.last_error,
-            })
-        })
-        .collect();
-    json!({
-        "self": s.self_name,
-        "primary": s.primary,
-        "gateways": gateways,
-        "epoch": s.epoch,
-        "healthIntervalMs": s.health.interval.as_millis() as u64,
-        "unhealthyThreshold": s.health.unhealthy_threshold,
-    })
-}
+use serde_json::Value;
 
 /// Whether every gateway in a status document is healthy (for `--check`).
+/// A gateway that has not joined its federation is not healthy, whatever its own row says.
 pub fn all_healthy(doc: &Value) -> bool {
+    if !doc["notJoined"].is_null() {
+        return false;
+    }
     doc["gateways"]
         .as_array()
         .map(|gs| gs.iter().all(|g| g["status"] == "healthy"))
@@ -154,6 +116,9 @@ pub fn render_table(doc: &Value) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     }
+    if let Some(why) = doc["notJoined"].as_str() {
+        out.push_str(&format!("Not joined: {why}\n"));
+    }
     if let Some(c) = doc.get("consensus").filter(|c| c.is_object()) {
         out.push_str(&consensus_line(c));
     }
@@ -187,6 +152,7 @@ fn consensus_line(c: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn consensus_line_says_why_there_is_no_primary() {
@@ -218,6 +184,19 @@ mod tests {
         assert!(t.contains("✗ offline"), "{t}");
         assert!(t.contains("45ms"), "{t}");
         assert!(t.contains("d ago"), "{t}");
+        assert!(!all_healthy(&doc));
+    }
+
+    #[test]
+    fn a_gateway_that_has_not_joined_is_not_healthy() {
+        let doc = json!({"self":"osaka","primary":null,"notJoined":"join through 127.0.0.1:9 unanswered: timed out","gateways":[
+            {"name":"osaka","region":null,"role":"remote","status":"healthy","latencyMs":null,"lastSeen":null,"addr":"127.0.0.1:1","isSelf":true}
+        ]});
+        let t = render_table(&doc);
+        assert!(
+            t.contains("Not joined: join through 127.0.0.1:9 unanswered"),
+            "{t}"
+        );
         assert!(!all_healthy(&doc));
     }
 }
