@@ -277,6 +277,14 @@ impl Methods {
         })
     }
 
+    /// This gateway's region (`--region`), if it has one.
+    pub fn region(&self) -> Option<String> {
+        self.inner
+            .mesh
+            .get()
+            .and_then(|m| m.config().region.clone())
+    }
+
     fn gateway_name(&self) -> String {
         self.inner
             .mesh
