@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use clawmesh::relay::{PathSettings, WanRelay};
+use clawmesh::sim::relay::{PathSettings, WanRelay};
 use serde_json::Value;
 
 use crate::common::{cli, free_udp_port, log_tail, sees_healthy, status, wait_until, Gw};
