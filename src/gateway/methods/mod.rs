@@ -347,7 +347,7 @@ impl Methods {
             "device.pair.list"
             | "device.pair.approve"
             | "device.pair.reject"
-            | "device.pair.remove" => self.devices_method(caller, method, params),
+            | "device.pair.remove" => self.devices_method(caller, method, params).await,
             other => Err(bad(format!("unknown method: {other}"))),
         }
     }

@@ -576,7 +576,7 @@ impl Methods {
                     ),
                 ),
             },
-            Err(e) => fail(&nodes, &e.to_wire()),
+            Err(e) => fail(&nodes, &e.naming(&format!("gateway {gateway}")).to_wire()),
         }
     }
 
@@ -629,7 +629,10 @@ impl Methods {
             Err(e) => {
                 let mut w = WireError::new(
                     "UNAVAILABLE",
-                    format!("gateway {holder} (holding node {name}) did not answer: {e}"),
+                    format!(
+                        "{} (node {name} is attached there)",
+                        e.naming(&format!("gateway {holder}"))
+                    ),
                 );
                 w.retryable = true;
                 Err(w)
