@@ -8,7 +8,8 @@
 //!   it once, at its new gateway, and invokes reach it from everywhere, while the old gateway
 //!   is frozen, after it is declared offline, and after it comes back;
 //! - a Jepsen-style fault schedule: a seeded random sequence of SIGKILL and restart,
-//!   SIGSTOP/SIGCONT, partitions and node restarts, with config writes and invokes in between;
+//!   SIGSTOP/SIGCONT, partitions (one gateway cut off, or one direction between two cut),
+//!   node restarts, with config writes and invokes in between;
 //!   after each step heals, the invariants of the federation are checked (see
 //!   [`check_invariants`]). A failure prints the seed and the schedule; replay with
 //!   `CLAWMESH_FAULT_SEED=<seed> CLAWMESH_FAULT_STEPS=<n> cargo test --test faults schedule`.
@@ -228,6 +229,8 @@ enum Fault {
     Isolate { gw: usize, ms: u64 },
     /// SIGKILL node `node`, start it again after `down_ms`.
     NodeRestart { node: usize, down_ms: u64 },
+    /// Drop everything gateway `from` sends to gateway `to` for `ms`; the other way flows.
+    OneWay { from: usize, to: usize, ms: u64 },
 }
 
 /// A step: a fault, and `writes` config writes issued while it lasts.
@@ -242,7 +245,7 @@ fn schedule(seed: u64, steps: usize, gateways: usize, nodes: usize) -> Vec<Step>
     (0..steps)
         .map(|_| {
             let gw = r.below(gateways as u64) as usize;
-            let fault = match r.below(4) {
+            let fault = match r.below(5) {
                 0 => Fault::KillRestart {
                     gw,
                     down_ms: 500 + r.below(2500),
@@ -253,6 +256,11 @@ fn schedule(seed: u64, steps: usize, gateways: usize, nodes: usize) -> Vec<Step>
                 },
                 2 => Fault::Isolate {
                     gw,
+                    ms: 1000 + r.below(3000),
+                },
+                3 => Fault::OneWay {
+                    from: gw,
+                    to: (gw + 1 + r.below(gateways as u64 - 1) as usize) % gateways,
                     ms: 1000 + r.below(3000),
                 },
                 _ => Fault::NodeRestart {
@@ -594,6 +602,16 @@ fn run_schedule(seed: u64, steps: usize, gateways: usize) {
                 obs.sample_terms(&c);
                 std::thread::sleep(Duration::from_millis(ms).saturating_sub(t.elapsed()));
                 c.isolate(gw, false);
+            }
+            Fault::OneWay { from, to, ms } => {
+                c.relay.cut_one_way(c.name(from), c.name(to), true).unwrap();
+                let t = Instant::now();
+                writes(&c, &mut obs);
+                obs.sample_terms(&c);
+                std::thread::sleep(Duration::from_millis(ms).saturating_sub(t.elapsed()));
+                c.relay
+                    .cut_one_way(c.name(from), c.name(to), false)
+                    .unwrap();
             }
             Fault::NodeRestart { node, down_ms } => {
                 nodes[node].kill9();
