@@ -9,8 +9,10 @@
 //! So openraft's own election timer is off (`enable_elect: false`) and the gateway decides:
 //!
 //! 1. **Silence.** A voter considers an election only after the lease plus its election
-//!    timeout (drawn anew each round, between the shortest and the longest timeout) without a
-//!    message from a leader, exactly when openraft's timer would have fired.
+//!    timeout (drawn anew each round, from the shortest timeout to that plus twice the spread
+//!    of openraft's timeouts, so that two survivors seldom stand together) without a message
+//!    from a leader. A voter that has just granted another's pre-vote holds back for a
+//!    timeout: that one is about to win.
 //! 2. **Pre-vote.** It then asks every other voter, without changing any term, whether it would
 //!    grant a vote now ([`PreVoteRequest`], method `raft.prevote`). A voter says yes only if it
 //!    has not heard from a leader within the lease either, is not itself a leader that a

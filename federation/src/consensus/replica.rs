@@ -255,6 +255,8 @@ struct Inner {
     handing_off: AtomicBool,
     /// Revision applied here, for components that follow the shared config.
     applied: watch::Sender<u64>,
+    /// When this gateway last granted a pre-vote (it then holds back its own candidacy).
+    granted_prevote: Mutex<Option<Instant>>,
     /// Collision warnings already logged (so each is logged once).
     collisions: Mutex<BTreeSet<NodeId>>,
 }
@@ -333,6 +335,7 @@ impl Replica {
                 timings,
                 handing_off: AtomicBool::new(false),
                 applied,
+                granted_prevote: Mutex::new(None),
                 collisions: Mutex::new(BTreeSet::new()),
             }),
         };
@@ -760,7 +763,7 @@ impl Replica {
 
     /// What this gateway knows for a pre-vote: its role, how long since it heard a leader or
     /// a majority, and its last log id. `None` once the raft node has stopped.
-    async fn local_view(&self) -> Option<LocalView> {
+    async fn local_view(&self, with_log: bool) -> Option<LocalView> {
         let raft = self.raft();
         let m = raft.metrics().borrow().clone();
         let (committed, since_contact) = raft
@@ -772,12 +775,17 @@ impl Replica {
             })
             .await
             .ok()?;
-        // The durable log: what a vote compares (openraft appends before acknowledging).
-        let mut log = self.inner.log.clone();
-        let last_log = openraft::storage::RaftLogStorage::get_log_state(&mut log)
-            .await
-            .ok()?
-            .last_log_id;
+        // The durable log: what a vote compares (openraft appends before acknowledging). Read
+        // only when needed: the election timer checks the silence often.
+        let last_log = if with_log {
+            let mut log = self.inner.log.clone();
+            openraft::storage::RaftLogStorage::get_log_state(&mut log)
+                .await
+                .ok()?
+                .last_log_id
+        } else {
+            None
+        };
         let leading = m.state == ServerState::Leader;
         Some(LocalView {
             leading,
@@ -789,17 +797,24 @@ impl Replica {
     }
 
     async fn serve_prevote(&self, req: &PreVoteRequest) -> PreVoteReply {
-        let Some(view) = self.local_view().await else {
+        let Some(view) = self.local_view(true).await else {
             return PreVoteReply {
                 granted: false,
                 reason: "consensus stopped".into(),
             };
         };
         match election::grant(req, &view, self.inner.timings.election_max) {
-            Ok(()) => PreVoteReply {
-                granted: true,
-                reason: String::new(),
-            },
+            Ok(()) => {
+                // Another voter is about to stand: give it a head start instead of standing
+                // at the same moment (a split vote costs a whole extra timeout).
+                if let Ok(mut at) = self.inner.granted_prevote.lock() {
+                    *at = Some(Instant::now());
+                }
+                PreVoteReply {
+                    granted: true,
+                    reason: String::new(),
+                }
+            }
             Err(reason) => PreVoteReply {
                 granted: false,
                 reason,
@@ -849,12 +864,14 @@ impl Replica {
     async fn watch_leader(self) {
         let t = self.inner.timings;
         let lease = t.election_max;
-        // Half a heartbeat: an election starts at most that late after the silence threshold
-        // (openraft's own timer checked every 1.5 heartbeats).
-        let mut tick = tokio::time::interval(t.heartbeat / 2);
+        // A quarter of the spread of the random timeouts: coarser, and two voters' different
+        // timeouts would fall into the same tick and split the vote.
+        let spread = t.election_max.saturating_sub(t.election_min) * 2;
+        let mut tick = tokio::time::interval((spread / 4).max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let started = Instant::now();
-        let mut threshold = election::silence_threshold(lease, t.election_min, t.election_max);
+        let mut threshold =
+            election::silence_threshold(lease, t.election_min, t.election_min + spread);
         let mut next_round = Instant::now();
         loop {
             tick.tick().await;
@@ -871,10 +888,17 @@ impl Replica {
             if m.state == ServerState::Leader || !is_voter || Instant::now() < next_round {
                 continue;
             }
-            let Some(view) = self.local_view().await else {
+            let Some(view) = self.local_view(false).await else {
                 continue;
             };
             let silent = view.since_contact.unwrap_or_else(|| started.elapsed());
+            let granted_lately = self
+                .inner
+                .granted_prevote
+                .lock()
+                .ok()
+                .and_then(|at| *at)
+                .is_some_and(|at| at.elapsed() < t.election_min);
             // A follower of a known leader waits out the lease too (the others refuse votes
             // until it lapses); a candidate or a voter that never followed only its timeout.
             let needed = if view.following {
@@ -882,10 +906,13 @@ impl Replica {
             } else {
                 threshold.saturating_sub(lease)
             };
-            if silent < needed {
+            if silent < needed || granted_lately {
                 continue;
             }
-            threshold = election::silence_threshold(lease, t.election_min, t.election_max);
+            let Some(view) = self.local_view(true).await else {
+                continue;
+            };
+            threshold = election::silence_threshold(lease, t.election_min, t.election_min + spread);
             next_round = Instant::now() + threshold.saturating_sub(lease);
             let others: Vec<GatewayNode> = membership
                 .voter_ids()
