@@ -246,6 +246,8 @@ pub struct MeshStatus {
     pub gateways: Vec<GatewayStatus>,
     /// Health settings in force.
     pub health: HealthConfig,
+    /// Why this gateway has not joined its federation yet (`None`: it is a member).
+    pub not_joined: Option<String>,
 }
 
 struct Link {
@@ -295,6 +297,9 @@ struct State {
     leader: Option<Option<PublicKey>>,
     /// How each peer was found (see [`GatewayStatus::found`]).
     found: HashMap<PublicKey, String>,
+    /// Why this gateway is not a member yet, while its join is unanswered or failing
+    /// (`None` once joined, and for the primary and members).
+    not_joined: Option<String>,
 }
 
 struct Inner {
@@ -418,6 +423,7 @@ impl Mesh {
                 shutting_down: false,
                 leader: None,
                 found: HashMap::new(),
+                not_joined: None,
             }),
             shutdown: watch::channel(false).0,
             fatal: watch::channel(None).0,
@@ -435,6 +441,7 @@ impl Mesh {
             st.membership.members.iter().any(|m| m.key == key)
         };
         if let (Some(addr), false) = (mesh.inner.cfg.join, is_member) {
+            mesh.state().not_joined = Some(format!("joining through {addr}"));
             let join = mesh.clone();
             tokio::spawn(async move { join.join_loop(addr).await });
         }
@@ -717,6 +724,7 @@ impl Mesh {
             epoch: st.membership.epoch,
             gateways,
             health: self.health(),
+            not_joined: st.not_joined.clone(),
         }
     }
 
@@ -855,6 +863,7 @@ impl Mesh {
             }
             match self.dial_gateway_claimed(addr, None, None).await {
                 Ok(key) => {
+                    self.state().not_joined = None;
                     info!(%addr, "joined the federation");
                     self.note_found(key, "static");
                     return;
@@ -872,20 +881,24 @@ impl Mesh {
                     let _ = self.inner.fatal.send(Some(e.to_string()));
                     return;
                 }
-                Err(e) => warn!(%addr, "joining the federation: {e}; retrying"),
+                Err(e) => {
+                    self.state().not_joined = Some(format!("join through {addr} unanswered: {e}"));
+                    warn!(%addr, "joining the federation: {e}; retrying");
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {},
                 _ = shutdown.changed() => return,
             }
             // Joined meanwhile through another path (e.g. a member dial loop)?
-            let st = self.state();
+            let mut st = self.state();
             if st
                 .membership
                 .members
                 .iter()
                 .any(|m| m.key == self.inner.key)
             {
+                st.not_joined = None;
                 return;
             }
         }

@@ -1,400 +1,40 @@
-//! The `clawmesh` command line: parsing and dispatch to the subcommands.
+//! The `clawmesh` command line: the grammar ([`args`]), the dispatch of a parsed command
+//! ([`run`]), and one file per command family. It is the only part that prints for people,
+//! and it may use every other part of the crate ([`crate::gateway`], [`crate::node`],
+//! [`crate::sim`]); none of them uses it.
 
+pub mod approvals;
+pub mod args;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod devices;
 pub mod discover;
+pub mod node;
 pub mod nodes;
 pub mod status;
 
-use std::path::PathBuf;
+pub use args::{Cli, Command};
+
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use comfy_table::presets::UTF8_FULL;
+use comfy_table::Table;
 use serde_json::{json, Value};
 
 use crate::config::FileConfig;
-use crate::gateway::{self, Bind, GatewaySettings, RunFlags};
+use crate::gateway::{self, GatewaySettings, RunFlags};
 use crate::logging;
 use crate::state_dir;
+use args::*;
 use client::{ClientError, Target};
 
 /// Exit code when `--check` finds a gateway that is not healthy.
 pub const EXIT_UNHEALTHY: i32 = 1;
 /// Exit code for errors (unreachable gateway, bad input, refused request).
 pub const EXIT_ERROR: i32 = 2;
-
-/// clawmesh: one federation of AI-agent gateways across regions, over QUIC.
-#[derive(Debug, Parser)]
-#[command(name = "clawmesh", version, about, long_about = None)]
-pub struct Cli {
-    /// State dir (key, config, database); else CLAWMESH_STATE_DIR, else ~/.clawmesh.
-    #[arg(long, global = true, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Log filter (e.g. debug, clawmesh_federation=trace); else RUST_LOG.
-    #[arg(long, global = true, value_name = "FILTER")]
-    pub log: Option<String>,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Top-level commands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run or inspect gateways.
-    #[command(subcommand)]
-    Gateway(GatewayCmd),
-    /// This peer's device identity.
-    #[command(subcommand)]
-    Identity(IdentityCmd),
-    /// Run a node host: the hands that run approved commands for the gateway.
-    #[command(subcommand)]
-    Node(NodeCmd),
-    /// Nodes attached to a gateway: status, describe, invoke.
-    #[command(subcommand)]
-    Nodes(NodesCmd),
-    /// Device pairing on a gateway: list, approve, reject, revoke.
-    #[command(subcommand)]
-    Devices(DevicesCmd),
-    /// Exec approvals of a node: what system.run may run there.
-    #[command(subcommand)]
-    Approvals(ApprovalsCmd),
-    /// The federation's shared config: get, set, unset, import, show [--effective].
-    #[command(subcommand)]
-    Config(crate::cli::config::ConfigCmd),
-    /// Start a Tokyo / Beijing / Frankfurt federation on this machine and show it working.
-    Demo(DemoArgs),
-    /// What mDNS and the tailnet see right now (source, name, federation match, address),
-    /// without joining anything: the first thing to run on a new machine.
-    Discover(crate::cli::discover::DiscoverArgs),
-}
-
-/// `clawmesh node ...`
-#[derive(Debug, Subcommand)]
-pub enum NodeCmd {
-    /// Connect to a gateway and serve its commands (waits for pairing approval if needed).
-    Run(NodeRunArgs),
-}
-
-/// Flags of `node run`.
-#[derive(Debug, Args)]
-pub struct NodeRunArgs {
-    /// Gateway to attach to (quic://host:port); repeat for fallbacks, tried in order
-    /// (config: node.gateways or gateway.remote.url).
-    #[arg(long = "gateway", value_name = "quic://HOST:PORT")]
-    pub gateways: Vec<String>,
-    /// Display name (config: node.name; default: hostname).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Gateway token, if the gateway asks for one (config: gateway.remote.token).
-    #[arg(long, env = "CLAWMESH_NODE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Label KEY=VALUE, e.g. region=fra; repeatable (config: node.labels).
-    #[arg(long = "label", value_name = "KEY=VALUE")]
-    pub labels: Vec<String>,
-    /// Override the exec approvals level: deny, allowlist or full (full: a lab, not production).
-    #[arg(long)]
-    pub security: Option<String>,
-    /// With no --gateway, do not look for gateways with mDNS (also OPENCLAW_DISABLE_BONJOUR=1).
-    #[arg(long)]
-    pub no_mdns: bool,
-}
-
-/// `clawmesh nodes ...`
-#[derive(Debug, Subcommand)]
-pub enum NodesCmd {
-    /// Known, paired and connected nodes.
-    Status {
-        /// Every node of the federation, with the gateway it is attached to.
-        #[arg(long)]
-        all: bool,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-    /// Everything the gateway knows about one node.
-    Describe {
-        /// Node id, name, IP or id prefix.
-        node: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-    /// Run a command on a node (system.run, system.which, ...), on any gateway of the federation.
-    Invoke {
-        /// Node id, name, IP, id prefix, gateway/name, or label=value (one healthy match;
-        /// with --all every match; `*` with --all is every node).
-        #[arg(long)]
-        node: String,
-        /// Run on every matching node and print one result per node.
-        #[arg(long)]
-        all: bool,
-        /// Command, e.g. system.which.
-        #[arg(long)]
-        command: String,
-        /// Command params as JSON, e.g. '{"bins":["sh"]}'.
-        #[arg(long, default_value = "{}")]
-        params: String,
-        /// Milliseconds before the gateway gives up (and tells the node to cancel).
-        #[arg(long, default_value_t = 30_000)]
-        timeout: u64,
-        /// Print {"ok","nodeId","command","payload"}.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-}
-
-/// `clawmesh devices ...`
-#[derive(Debug, Subcommand)]
-pub enum DevicesCmd {
-    /// Pending and paired devices.
-    List {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-    /// Approve a pending device (request id, device id, name, or id prefix).
-    Approve {
-        /// Which.
-        selector: String,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-    /// Reject a pending device.
-    Reject {
-        /// Which.
-        selector: String,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-    /// Revoke a paired device; it is disconnected at once.
-    Revoke {
-        /// Which.
-        selector: String,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-}
-
-/// `clawmesh approvals ...`
-#[derive(Debug, Subcommand)]
-pub enum ApprovalsCmd {
-    /// Show a node's exec approvals file.
-    Get {
-        /// Node id, name, IP or id prefix.
-        #[arg(long)]
-        node: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-    /// Set a node's exec security level (deny, allowlist, full).
-    Set {
-        /// Node id, name, IP or id prefix.
-        #[arg(long)]
-        node: String,
-        /// deny, allowlist or full.
-        #[arg(long)]
-        security: String,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-    /// Allow a program (absolute path or glob such as /usr/bin/*) on a node.
-    Allow {
-        /// Node id, name, IP or id prefix.
-        #[arg(long)]
-        node: String,
-        /// Absolute path or glob.
-        pattern: String,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-    /// Remove a pattern from a node's allowlist.
-    Deny {
-        /// Node id, name, IP or id prefix.
-        #[arg(long)]
-        node: String,
-        /// The pattern to remove.
-        pattern: String,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-}
-
-/// `clawmesh identity ...`
-#[derive(Debug, Subcommand)]
-pub enum IdentityCmd {
-    /// Print the device id and public key (creating the key on first use).
-    Show {
-        /// Print JSON: {"deviceId","publicKey"}.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-/// `clawmesh gateway ...`
-#[derive(Debug, Subcommand)]
-pub enum GatewayCmd {
-    /// Run a gateway (primary or remote) in the foreground.
-    Run(RunArgs),
-    /// Show this gateway, or with --all every gateway of the federation.
-    Status(StatusArgs),
-    /// Call any operator method on a gateway.
-    Call(CallArgs),
-    /// Remove a gateway from the federation (on the primary): forgets its pinned key.
-    Forget {
-        /// Gateway name.
-        name: String,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-    /// Make this gateway the primary without a majority of voters (re-forms the voter set from
-    /// the gateways it can reach). Only for an operator who knowingly overrides quorum: writes
-    /// that only the unreachable voters have are lost when they rejoin.
-    Promote {
-        /// Required: acknowledges that quorum is overridden.
-        #[arg(long)]
-        force: bool,
-        #[command(flatten)]
-        /// Target.
-        target: TargetArgs,
-    },
-}
-
-/// Flags of `gateway run`.
-#[derive(Debug, Args)]
-pub struct RunArgs {
-    /// Gateway name, unique in the federation (config: gateway.nodeName; default: hostname).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Region label shown in status (e.g. ap-northeast-1).
-    #[arg(long)]
-    pub region: Option<String>,
-    /// Listen on: loopback, lan, tailnet, or an IP address.
-    #[arg(long, value_name = "WHERE")]
-    pub bind: Option<Bind>,
-    /// UDP port for QUIC (default 18789; 0 picks a free one).
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Address other gateways dial to reach this one (host:port), if not the bound one.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub advertise: Option<String>,
-    /// Run as the primary (the default when there is nothing to join).
-    #[arg(long, conflicts_with = "join")]
-    pub primary: bool,
-    /// Join the federation whose primary is at this URL (config: gateway.primaryUrl).
-    #[arg(long, value_name = "quic://HOST:PORT")]
-    pub join: Option<String>,
-    /// Federation join secret (config: gateway.authToken).
-    #[arg(long, env = "CLAWMESH_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
-    /// Milliseconds between health pings (config: gateway.failover.healthCheckInterval).
-    #[arg(long, value_name = "MS")]
-    pub health_interval: Option<u64>,
-    /// Missed pings before a gateway is offline (config: gateway.failover.unhealthyThreshold).
-    #[arg(long, value_name = "N")]
-    pub unhealthy_threshold: Option<u32>,
-    /// `auto`: serve the classic bridge over wss:// with a self-signed certificate kept in the
-    /// state dir (its SHA-256 fingerprint is printed and shown by `gateway status`).
-    #[arg(long, value_name = "auto", conflicts_with_all = ["tls_cert", "tls_key"])]
-    pub tls: Option<String>,
-    /// PEM certificate chain for wss:// (config: gateway.tls.cert).
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key for wss:// (config: gateway.tls.key).
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Neither advertise nor browse mDNS (config: gateway.discovery.mdns: false; also
-    /// OPENCLAW_DISABLE_BONJOUR=1). mDNS is on by default when bound beyond loopback.
-    #[arg(long)]
-    pub no_mdns: bool,
-    /// Find peers in tailscaled's status (config: gateway.discovery.tailnet; the default with
-    /// --bind tailnet), selected by gateway.discovery.tailnetTags / tailnetHosts.
-    #[arg(long)]
-    pub tailnet: bool,
-}
-
-/// Where a CLI command sends its request.
-#[derive(Debug, Args)]
-pub struct TargetArgs {
-    /// A gateway elsewhere (quic://host:port) instead of the local one.
-    #[arg(long, value_name = "quic://HOST:PORT")]
-    pub url: Option<String>,
-    /// Operator token for --url (else CLAWMESH_TOKEN).
-    #[arg(long)]
-    pub token: Option<String>,
-}
-
-/// Flags of `gateway status`.
-#[derive(Debug, Args)]
-pub struct StatusArgs {
-    /// Every gateway of the federation, not only this one.
-    #[arg(long)]
-    pub all: bool,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
-    /// Exit 1 when any gateway shown is not healthy (for cron and monitoring).
-    #[arg(long)]
-    pub check: bool,
-    #[command(flatten)]
-    /// Target.
-    pub target: TargetArgs,
-}
-
-/// Flags of `gateway call`.
-#[derive(Debug, Args)]
-pub struct CallArgs {
-    /// Method name (health, status, gateway.status, ...).
-    pub method: String,
-    /// Params as a JSON object.
-    #[arg(long, default_value = "{}")]
-    pub params: String,
-    /// Print the raw JSON result.
-    #[arg(long)]
-    pub json: bool,
-    /// Milliseconds to wait for the reply.
-    #[arg(long, default_value_t = 30_000)]
-    pub timeout: u64,
-    /// Run the method on this gateway of the federation (routed over the mesh).
-    #[arg(long, value_name = "NAME")]
-    pub gateway: Option<String>,
-    #[command(flatten)]
-    /// Target.
-    pub target: TargetArgs,
-}
-
-/// Flags of `demo`.
-#[derive(Debug, Args)]
-pub struct DemoArgs {
-    /// Milliseconds between health pings in the demo federation.
-    #[arg(long, default_value_t = 500)]
-    pub health_interval: u64,
-}
 
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<i32> {
@@ -553,7 +193,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Node(NodeCmd::Run(a)) => {
             logging::init(cli.log.as_deref(), logging::DEFAULT_LOG);
             let file = FileConfig::load(&state_dir)?;
-            let settings = crate::cli::nodes::node_settings(state_dir, a, &file)?;
+            let settings = crate::cli::node::node_settings(state_dir, a, &file)?;
             crate::node::run::run(settings).await?;
             Ok(0)
         }
@@ -563,11 +203,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Devices(cmd) => {
             logging::init(cli.log.as_deref(), "warn");
-            crate::cli::nodes::devices(cmd, &state_dir).await
+            crate::cli::devices::devices(cmd, &state_dir).await
         }
         Command::Approvals(cmd) => {
             logging::init(cli.log.as_deref(), "warn");
-            crate::cli::nodes::approvals(cmd, &state_dir).await
+            crate::cli::approvals::approvals(cmd, &state_dir).await
         }
         Command::Demo(a) => {
             logging::init(cli.log.as_deref(), "warn");
@@ -595,4 +235,20 @@ pub async fn call(
             ClientError::Remote(w) => anyhow!("{}: {}", w.code, w.message),
             ClientError::Transport(e) => e,
         })
+}
+
+/// Request timeout for listing and pairing calls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where a command sends its request: `--url`/`--token`, else the local gateway.
+fn target(t: TargetArgs, state_dir: &Path) -> Target {
+    Target::from_flags(t.url, t.token, state_dir)
+}
+
+/// A table in the CLI's style, with this header.
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL);
+    t.set_header(header.iter().map(|h| h.to_string()));
+    t
 }
