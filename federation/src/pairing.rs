@@ -332,9 +332,7 @@ fn migrate(c: &rusqlite::Connection) -> rusqlite::Result<()> {
         .prepare("SELECT 1 FROM pragma_table_info('revoked_devices') WHERE name = 'meta'")?
         .exists([])?;
     if !has_meta {
-        c.execute_batch(
-            "ALTER TABLE revoked_devices ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'",
-        )?;
+        c.execute_batch("ALTER TABLE revoked_devices ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")?;
     }
     Ok(())
 }
@@ -814,7 +812,11 @@ impl Registry {
         reason: &str,
     ) -> Result<Option<PairedDevice>, PairingError> {
         match self.paired(key)? {
-            Some(p) => Ok(Some(self.revoke_device(p, APPROVED_BY_TAILSCALE, reason)?)),
+            Some(p) => Ok(Some(self.revoke_device(
+                p,
+                APPROVED_BY_TAILSCALE,
+                reason,
+            )?)),
             None => Ok(None),
         }
     }
@@ -825,7 +827,8 @@ impl Registry {
         by: &str,
         reason: &str,
     ) -> Result<PairedDevice, PairingError> {
-        let meta = serde_json::json!({"name": p.name, "revokedBy": by, "reason": reason}).to_string();
+        let meta =
+            serde_json::json!({"name": p.name, "revokedBy": by, "reason": reason}).to_string();
         self.store.with_conn(|c| {
             let tx = c.transaction()?;
             tx.execute(

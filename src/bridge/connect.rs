@@ -346,7 +346,10 @@ pub fn authenticate(
                         let msg = if p.reason.is_empty() {
                             "pairing required: device is not approved yet".to_string()
                         } else {
-                            format!("pairing required: device is not approved yet ({})", p.reason)
+                            format!(
+                                "pairing required: device is not approved yet ({})",
+                                p.reason
+                            )
                         };
                         return Err(Reject {
                             error: err_with(

@@ -150,7 +150,9 @@ impl Admission for GatewayAdmission {
                     if let Some(tailnet) = self.methods.tailnet() {
                         match tokio::runtime::Handle::current().block_on(tailnet.lookup(remote)) {
                             Some(Lookup::Identity(id)) => {
-                                if let Some(scopes) = tailnet.policy().operator_scopes(&id, &op.scopes) {
+                                if let Some(scopes) =
+                                    tailnet.policy().operator_scopes(&id, &op.scopes)
+                                {
                                     info!(tailnet = %id.describe(), ?scopes, "operator admitted by the tailnet");
                                     return Ok(CallerKind::Operator {
                                         scopes,

@@ -23,9 +23,9 @@ use super::discovery::{AdvertiseArgs, GatewayDiscovery, FIND_WINDOW};
 use super::followers::{
     spawn_config_follower, spawn_federation_tasks, spawn_pairing_follower, spawn_tailnet_recheck,
 };
-use super::tailnet_auth::TailnetAuth;
 use super::listen::{bind_both, bind_ip, default_advertise};
 use super::settings::GatewaySettings;
+use super::tailnet_auth::TailnetAuth;
 use crate::state_dir::{DirLock, Runtime};
 
 /// Raises the open-files soft limit to the hard limit: a gateway holds one socket per classic

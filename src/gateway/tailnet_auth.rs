@@ -146,8 +146,9 @@ impl TailnetPolicy {
             p.operator_tags = v;
         }
         if let Some(v) = strings("gateway.auth.tailscale.operatorScopes", &mut warnings) {
-            let (known, unknown): (Vec<String>, Vec<String>) =
-                v.into_iter().partition(|s| scopes::ALL.contains(&s.as_str()));
+            let (known, unknown): (Vec<String>, Vec<String>) = v
+                .into_iter()
+                .partition(|s| scopes::ALL.contains(&s.as_str()));
             if !unknown.is_empty() {
                 warnings.push(format!(
                     "gateway.auth.tailscale.operatorScopes: unknown scopes {unknown:?} ignored"
@@ -184,7 +185,11 @@ impl TailnetPolicy {
 
     /// The scopes an operator with this identity gets, if the policy admits it: the policy's
     /// scopes, narrowed to `requested` when the client asked for particular ones.
-    pub fn operator_scopes(&self, id: &TailnetIdentity, requested: &[String]) -> Option<Vec<String>> {
+    pub fn operator_scopes(
+        &self,
+        id: &TailnetIdentity,
+        requested: &[String],
+    ) -> Option<Vec<String>> {
         if !self.allow || !Self::matches(&self.operator_tags, &self.operator_users, id) {
             return None;
         }
@@ -411,9 +416,9 @@ impl TailnetAuth {
                 Lookup::Unavailable(format!("tailscaled unreachable: {e}"))
             }
             Ok(Err(e)) => Lookup::Unavailable(format!("tailscale whois failed: {e}")),
-            Err(_) => Lookup::Unavailable(format!(
-                "tailscale whois timed out after {WHOIS_TIMEOUT:?}"
-            )),
+            Err(_) => {
+                Lookup::Unavailable(format!("tailscale whois timed out after {WHOIS_TIMEOUT:?}"))
+            }
         }
     }
 
@@ -530,11 +535,13 @@ mod tests {
 
     #[test]
     fn policy_matches_tags_and_users_never_the_tagged_pseudo_user() {
-        let p = policy(json!({"gateway": {"auth": {"allowTailscale": true, "tailscale": {
-            "nodeTags": ["tag:clawmesh-node"], "nodeUsers": ["alice@example.com", "tagged-devices"],
-            "operatorUsers": ["ops@example.com"], "operatorScopes": ["operator.read", "operator.write"],
-            "recheckInterval": 500,
-        }}}}));
+        let p = policy(
+            json!({"gateway": {"auth": {"allowTailscale": true, "tailscale": {
+                "nodeTags": ["tag:clawmesh-node"], "nodeUsers": ["alice@example.com", "tagged-devices"],
+                "operatorUsers": ["ops@example.com"], "operatorScopes": ["operator.read", "operator.write"],
+                "recheckInterval": 500,
+            }}}}),
+        );
         assert_eq!(p.recheck, Duration::from_millis(500));
         assert!(p.admits_node(&id(None, &["tag:clawmesh-node"])));
         assert!(!p.admits_node(&id(None, &["tag:other"])));
@@ -544,13 +551,22 @@ mod tests {
         assert!(!p.admits_node(&id(None, &[])));
         assert_eq!(
             p.operator_scopes(&id(Some("ops@example.com"), &[]), &[]),
-            Some(vec!["operator.read".to_string(), "operator.write".to_string()])
+            Some(vec![
+                "operator.read".to_string(),
+                "operator.write".to_string()
+            ])
         );
         assert_eq!(
-            p.operator_scopes(&id(Some("ops@example.com"), &[]), &["operator.admin".into(), "operator.read".into()]),
+            p.operator_scopes(
+                &id(Some("ops@example.com"), &[]),
+                &["operator.admin".into(), "operator.read".into()]
+            ),
             Some(vec!["operator.read".to_string()])
         );
-        assert_eq!(p.operator_scopes(&id(Some("alice@example.com"), &[]), &[]), None);
+        assert_eq!(
+            p.operator_scopes(&id(Some("alice@example.com"), &[]), &[]),
+            None
+        );
         let off = TailnetPolicy { allow: false, ..p };
         assert!(!off.admits_node(&id(None, &["tag:clawmesh-node"])));
     }

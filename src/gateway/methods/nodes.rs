@@ -75,6 +75,25 @@ impl Methods {
         let paired = self.inner.pairing.paired_all().map_err(pairing_err)?;
         let paired_ids: std::collections::HashSet<&str> =
             paired.iter().map(|p| p.device_id.as_str()).collect();
+        // How each paired node was admitted (pairing records are federation-wide, so this
+        // also covers nodes attached to other gateways).
+        let admitted: std::collections::HashMap<&str, (&str, Option<&Value>)> = paired
+            .iter()
+            .map(|p| {
+                (
+                    p.device_id.as_str(),
+                    (p.approved_by.as_str(), p.tailnet.as_ref()),
+                )
+            })
+            .collect();
+        let admission = |row: &mut Value, id: &str| {
+            if let Some((by, tailnet)) = admitted.get(id) {
+                row["approvedBy"] = json!(by);
+                if let Some(t) = tailnet {
+                    row["tailnet"] = (*t).clone();
+                }
+            }
+        };
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let region = self
@@ -94,7 +113,7 @@ impl Methods {
             if let Some(r) = &region {
                 labels.entry("region").or_insert_with(|| json!(r));
             }
-            out.push(json!({
+            let mut row = json!({
                 "nodeId": id,
                 "displayName": info.name,
                 "platform": info.platform,
@@ -116,7 +135,9 @@ impl Methods {
                 "local": true,
                 "labels": labels,
                 "approvalState": "approved",
-            }));
+            });
+            admission(&mut row, &id);
+            out.push(row);
         }
         if federation {
             if let Some(mesh) = self.inner.mesh.get() {
@@ -137,7 +158,7 @@ impl Methods {
                             .iter()
                             .map(|(k, v)| (k.clone(), json!(v)))
                             .collect();
-                        out.push(json!({
+                        let mut row = json!({
                             "nodeId": id,
                             "displayName": n.name,
                             "platform": n.platform,
@@ -155,7 +176,9 @@ impl Methods {
                             "local": false,
                             "labels": labels,
                             "approvalState": "approved",
-                        }));
+                        });
+                        admission(&mut row, &id);
+                        out.push(row);
                     }
                 }
             }
@@ -164,7 +187,7 @@ impl Methods {
             if seen.contains(&p.device_id) {
                 continue;
             }
-            out.push(json!({
+            let mut row = json!({
                 "nodeId": p.device_id,
                 "displayName": p.name,
                 "platform": p.platform,
@@ -180,7 +203,9 @@ impl Methods {
                 "local": false,
                 "approvedAt": p.approved_at,
                 "approvalState": "approved",
-            }));
+            });
+            admission(&mut row, &p.device_id);
+            out.push(row);
         }
         Ok(out)
     }
