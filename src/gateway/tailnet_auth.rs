@@ -292,7 +292,7 @@ pub enum NodeVerdict {
     /// vouched for): the normal pairing path decides.
     Normal,
     /// Paired now by the tailnet: share the record with the federation and let it in.
-    Approved(PairedDevice),
+    Approved(Box<PairedDevice>),
     /// The tailnet admitted it once and no longer vouches: revoked now (share the record);
     /// it waits as pending with `reason`.
     Revoked(String),
@@ -503,7 +503,7 @@ impl TailnetAuth {
             }
         }
         let device = pairing.approve_tailnet(key, meta, &id.to_json())?;
-        Ok(NodeVerdict::Approved(device))
+        Ok(NodeVerdict::Approved(Box::new(device)))
     }
 }
 
