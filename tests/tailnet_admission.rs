@@ -6,6 +6,8 @@
 //!
 //! Skipped loudly where namespaces cannot be made (not root), failing under CI=true.
 
+#[path = "common/classic.rs"]
+mod classic;
 mod common;
 #[path = "../discovery/tests/support/fake_tailscaled.rs"]
 mod fake_tailscaled;
@@ -456,5 +458,132 @@ fn tailnet_vouches_for_nodes_and_operators() {
         devices(&lan, &d("gw"))
     );
     assert!(!gw.log_text().contains("panicked"));
+    drop(fake);
+}
+
+/// The real classic node host (`openclaw node run`, no token) from a tagged tailnet address is
+/// admitted the same way, without approval, and serves a command.
+#[test]
+fn classic_node_host_admitted_by_the_tailnet() {
+    let Some(oc) = classic::openclaw() else {
+        return;
+    };
+    let Some(lan) = lan_or_skip(2, "classic_node_host_admitted_by_the_tailnet") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |n: &str| tmp.path().join(n);
+    let ips = [GW_IP, "100.64.7.12"];
+    for (i, ip) in ips.iter().enumerate() {
+        lan.add_addr(i, &format!("{ip}/10"));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sock = tmp.path().join("tailscaled.sock");
+    let fake = rt.block_on(fake_tailscaled::FakeTailscaled::start(&sock));
+    let ip = |i: usize| ips[i].parse().unwrap();
+    fake.add_peer("gw-osaka", ip(0), &["tag:clawmesh-gateway"], 0x80);
+    fake.add_peer("classic-box", ip(1), &["tag:clawmesh-node"], 0x81);
+    std::fs::create_dir_all(d("gw")).unwrap();
+    std::fs::write(
+        d("gw").join("clawmesh.json"),
+        json!({"gateway": {
+            "auth": {"allowTailscale": true, "tailscale": {
+                "nodeTags": ["tag:clawmesh-node"],
+            }},
+            "discovery": {"tailnetSocket": sock},
+        }})
+        .to_string(),
+    )
+    .unwrap();
+    let mut gw = Gw::spawn_wrapped(
+        &["ip", "netns", "exec", lan.ns(0)],
+        &d("gw"),
+        &[
+            "gateway",
+            "run",
+            "--name",
+            "osaka",
+            "--primary",
+            "--token",
+            "fed-T",
+            "--bind",
+            "lan",
+            "--port",
+            PORT,
+            "--no-mdns",
+        ],
+        &[],
+    );
+    gw.wait_ready();
+
+    let home = d("classic");
+    std::fs::create_dir_all(&home).unwrap();
+    let log = home.join("node.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let mut classic = lan
+        .command(1, oc.to_str().unwrap())
+        .args([
+            "node",
+            "run",
+            "--host",
+            GW_IP,
+            "--port",
+            PORT,
+            "--display-name",
+            "classic-box",
+            "--no-tls",
+        ])
+        .env("HOME", &home)
+        .env("OPENCLAW_STATE_DIR", home.join(".openclaw"))
+        // 100.64/10 is a private range to a tailnet, not the public internet.
+        .env("OPENCLAW_ALLOW_INSECURE_PRIVATE_WS", "1")
+        .env_remove("OPENCLAW_GATEWAY_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(f.try_clone().unwrap()))
+        .stderr(Stdio::from(f))
+        .spawn()
+        .unwrap();
+    let up = wait_until(Duration::from_secs(90), || {
+        connected(&lan, &d("gw"), "classic-box")
+    });
+    let node_log = std::fs::read_to_string(&log).unwrap_or_default();
+    if !up {
+        let _ = classic.kill();
+        let _ = classic.wait();
+        panic!(
+            "classic node host not admitted by the tailnet:\n{node_log}\n{}",
+            gw.log_text()
+        );
+    }
+    let row = node_row(&lan, &d("gw"), "classic-box").unwrap();
+    assert_eq!(row["transport"], "ws", "{row}");
+    assert_eq!(row["approvedBy"], "tailscale", "{row}");
+    assert_eq!(
+        row["tailnet"]["tags"],
+        json!(["tag:clawmesh-node"]),
+        "{row}"
+    );
+    let run = cli_json(
+        &lan,
+        0,
+        &d("gw"),
+        &[
+            "nodes",
+            "invoke",
+            "--node",
+            "classic-box",
+            "--command",
+            "system.run",
+            "--params",
+            r#"{"command":["echo","classic"]}"#,
+            "--json",
+        ],
+    );
+
+    let _ = classic.kill();
+    let _ = classic.wait();
+    let run = run.expect("invoke on the classic node");
+    assert_eq!(run["payload"]["stdout"], "classic\n", "{run}");
+    assert!(!node_log.contains("pairing required"), "{node_log}");
     drop(fake);
 }
