@@ -1143,4 +1143,79 @@ mod tests {
             Admission::Paired(_)
         ));
     }
+
+    #[test]
+    fn tailnet_approval_binding_and_revocation_travel_with_their_reasons() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(Store::open(dir.path()).unwrap()).unwrap();
+        let k = DeviceIdentity::ephemeral().public_key();
+        let identity = serde_json::json!({"tags": ["tag:clawmesh-node"], "node": "n1.ts.net", "nodeId": "nABC", "ip": "100.64.0.20"});
+        // A pending request first, with the reason the tailnet gave.
+        let mut m = meta("n1", "100.64.0.20:1");
+        m.reason = "tailscaled unreachable".into();
+        let Admission::Pending(p) = reg.admit(&k, &m).unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.reason, "tailscaled unreachable");
+        let d = reg
+            .approve_tailnet(&k, &meta("n1", "x"), &identity)
+            .unwrap();
+        assert_eq!(d.approved_by, APPROVED_BY_TAILSCALE);
+        assert_eq!(d.tailnet.as_ref(), Some(&identity));
+        assert!(
+            reg.pending().unwrap().is_empty(),
+            "approval clears the request"
+        );
+        assert!(reg.device_token(&k.device_id(), "node").unwrap().is_some());
+        assert_eq!(
+            reg.tailnet_binding("nABC").unwrap().map(|p| p.public_key),
+            Some(k.to_base64url())
+        );
+        assert!(reg.tailnet_binding("nOther").unwrap().is_none());
+        // Another gateway learns how it was admitted.
+        let dir2 = tempfile::tempdir().unwrap();
+        let other = Registry::open(Store::open(dir2.path()).unwrap()).unwrap();
+        other.apply(&reg.records().unwrap()).unwrap();
+        assert_eq!(other.paired(&k).unwrap().unwrap().approved_by, "tailscale");
+        // Revoked by the tailnet, with the reason, everywhere.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        reg.revoke_tailnet(&k, "tag removed").unwrap().unwrap();
+        assert_eq!(
+            reg.revocation(&k).unwrap(),
+            Some(("tailscale".to_string(), "tag removed".to_string()))
+        );
+        other.apply(&reg.records().unwrap()).unwrap();
+        let r = other.list().unwrap().revoked;
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].name.as_str(), r[0].reason.as_str()),
+            ("n1", "tag removed")
+        );
+        // An operator's revocation says so.
+        let k2 = DeviceIdentity::ephemeral().public_key();
+        reg.approve_tailnet(&k2, &meta("n2", "x"), &identity)
+            .unwrap();
+        reg.revoke(&k2.device_id().to_string()).unwrap();
+        assert_eq!(reg.revocation(&k2).unwrap().unwrap().0, "operator");
+    }
+
+    #[test]
+    fn old_revocation_table_gains_its_meta_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .with_conn(|c| {
+                c.execute_batch(
+                    "CREATE TABLE revoked_devices (public_key BLOB PRIMARY KEY, revoked_at_ms INTEGER NOT NULL);
+                     INSERT INTO revoked_devices VALUES (x'00', 5);",
+                )
+            })
+            .unwrap();
+        let reg = Registry::open(store).unwrap();
+        assert!(
+            reg.records().unwrap().is_empty(),
+            "a bad old key is skipped"
+        );
+        assert!(reg.revoked_all().unwrap().is_empty());
+    }
 }

@@ -403,6 +403,14 @@ mod tests {
             .unwrap_err()
             .contains("per-gateway"));
         assert!(check_key("gateway.sync.overrideLocal").is_err());
+        // The tailnet admission policy is shared (as security); the rest of gateway.auth is not.
+        assert!(check_key("gateway.auth.allowTailscale").is_ok());
+        assert!(check_key("gateway.auth.tailscale.nodeTags").is_ok());
+        assert!(check_key("gateway.auth.token").is_err());
+        assert_eq!(
+            Section::of("gateway.auth.tailscale.operatorUsers"),
+            Section::Security
+        );
         assert!(check_key("node.name").is_err());
         assert!(check_key("").is_err());
         assert!(check_key("a..b").is_err());
