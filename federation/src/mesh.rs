@@ -444,6 +444,10 @@ impl Mesh {
             mesh.state().not_joined = Some(format!("joining through {addr}"));
             let join = mesh.clone();
             tokio::spawn(async move { join.join_loop(addr).await });
+        } else if !is_member && !mesh.inner.cfg.primary {
+            // A remote without --join joins through discovered gateways (`join_via`).
+            mesh.state().not_joined =
+                Some("looking for a gateway of this federation (mDNS/tailnet)".into());
         }
         Ok(mesh)
     }
@@ -920,7 +924,19 @@ impl Mesh {
         addr: SocketAddr,
         claimed: Option<PublicKey>,
     ) -> Result<PublicKey, MeshError> {
-        self.dial_gateway_claimed(addr, None, claimed).await
+        let r = self.dial_gateway_claimed(addr, None, claimed).await;
+        let mut st = self.state();
+        let member = st
+            .membership
+            .members
+            .iter()
+            .any(|m| m.key == self.inner.key);
+        st.not_joined = match &r {
+            _ if member => None,
+            Ok(_) => None,
+            Err(e) => Some(format!("join through discovered {addr} failed: {e}")),
+        };
+        r
     }
 
     /// Records how the peer with `key` was found (`static`, `mdns`, `tailnet`), shown by

@@ -311,7 +311,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Neither advertise nor browse mDNS (config: gateway.discovery.mdns: false; also
-    /// OPENCLAW_DISABLE_BONJOUR=1). mDNS is on by default when bound beyond loopback.
+    /// OPENCLAW_DISABLE_BONJOUR=1). mDNS is on by default with --bind lan or a LAN IP.
     #[arg(long)]
     pub no_mdns: bool,
     /// Find peers in tailscaled's status (config: gateway.discovery.tailnet; the default with

@@ -58,9 +58,10 @@ pub fn bonjour_disabled() -> bool {
 }
 
 impl DiscoverySettings {
-    /// Resolves the settings: mDNS is on by default when bound beyond loopback, tailnet by
-    /// default with `--bind tailnet`; `--no-mdns` and `OPENCLAW_DISABLE_BONJOUR=1` turn mDNS
-    /// off whatever the file says.
+    /// Resolves the settings: mDNS is on by default when bound to a LAN (beyond loopback, and
+    /// not to the tailnet address, which is never advertised on a LAN), tailnet by default
+    /// with `--bind tailnet`; `--no-mdns` and `OPENCLAW_DISABLE_BONJOUR=1` turn mDNS off
+    /// whatever the file says.
     pub fn resolve(
         bind: &Bind,
         no_mdns: bool,
@@ -68,9 +69,9 @@ impl DiscoverySettings {
         file: &FileConfig,
     ) -> Result<DiscoverySettings> {
         let beyond_loopback = match bind {
-            Bind::Loopback => false,
-            Bind::Ip(ip) => !ip.is_loopback(),
-            Bind::Lan | Bind::Tailnet => true,
+            Bind::Loopback | Bind::Tailnet => false,
+            Bind::Ip(ip) => !ip.is_loopback() && !clawmesh_discovery::tsaddr::is_tailnet(ip),
+            Bind::Lan => true,
         };
         let mdns = !no_mdns
             && !bonjour_disabled()
@@ -373,8 +374,8 @@ mod tests {
         assert!(s.mdns && !s.tailnet);
         let s = DiscoverySettings::resolve(&Bind::Tailnet, false, false, &none).unwrap();
         assert!(
-            s.mdns && s.tailnet,
-            "--bind tailnet polls the tailnet by default"
+            !s.mdns && s.tailnet,
+            "--bind tailnet polls the tailnet by default, and has nothing to say on a LAN"
         );
         let s = DiscoverySettings::resolve(
             &Bind::Ip("127.0.0.2".parse().unwrap()),
