@@ -73,6 +73,9 @@ pub struct DeviceMeta {
     /// The tailnet identity whois gave for the connection, if any (shown, never trusted
     /// beyond what the gateway's own policy decided).
     pub tailnet: Option<serde_json::Value>,
+    /// Region of the gateway where the request waits: kept in the pairing record, it is the
+    /// node's `region` when the node has no label of its own, wherever it attaches later.
+    pub region: Option<String>,
 }
 
 /// Who approved a paired device: `devices approve` (an operator) or the tailnet policy.
@@ -88,6 +91,8 @@ pub use crate::wire::PairingRecord;
 pub struct PendingRequest {
     /// Request id (UUID), what `devices approve` takes.
     pub request_id: String,
+    /// Region of the gateway where it waits (see [`DeviceMeta::region`]).
+    pub region: Option<String>,
     /// Device id (hex).
     pub device_id: String,
     /// Public key, base64url.
@@ -181,6 +186,8 @@ pub struct PairedDevice {
     /// `node` (MagicDNS name), `nodeId` (stable id), `ip`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tailnet: Option<serde_json::Value>,
+    /// Region of the gateway where it was paired (see [`DeviceMeta::region`]).
+    pub region: Option<String>,
 }
 
 /// A revoked device, for `devices list`.
@@ -316,6 +323,7 @@ fn meta_json(m: &DeviceMeta) -> String {
         "deviceFamily": m.device_family,
         "clientId": m.client_id,
         "clientMode": m.client_mode,
+        "region": m.region,
     });
     if !m.reason.is_empty() {
         v["reason"] = serde_json::json!(m.reason);
@@ -335,6 +343,12 @@ fn migrate(c: &rusqlite::Connection) -> rusqlite::Result<()> {
         c.execute_batch("ALTER TABLE revoked_devices ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")?;
     }
     Ok(())
+}
+
+fn meta_region(meta: &serde_json::Value) -> Option<String> {
+    meta.get("region")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
 }
 
 fn meta_field(meta: &serde_json::Value, key: &str) -> String {
@@ -366,6 +380,7 @@ impl Registry {
         let meta: serde_json::Value = serde_json::from_str(&meta).unwrap_or_default();
         Some(PendingRequest {
             request_id,
+            region: meta_region(&meta),
             device_id: key.device_id().to_string(),
             public_key: key.to_base64url(),
             display_name: name.clone(),
@@ -425,6 +440,7 @@ impl Registry {
                 b => b,
             },
             tailnet: meta.get("tailnet").filter(|t| !t.is_null()).cloned(),
+            region: meta_region(&meta),
         }
     }
 
@@ -766,6 +782,7 @@ impl Registry {
         let now = now_ms();
         let meta = serde_json::json!({
             "deviceFamily": p.device_family, "clientId": p.client_id, "clientMode": p.client_mode,
+            "region": p.region,
         })
         .to_string();
         self.store.with_conn(|c| {

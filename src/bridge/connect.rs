@@ -114,6 +114,8 @@ fn lower_ascii(s: &str) -> String {
 pub struct Gate<'a> {
     /// Shared secrets (gateway token / password).
     pub secrets: &'a [String],
+    /// This gateway's region, kept with a pairing request made here.
+    pub region: Option<String>,
     /// The pairing registry.
     pub pairing: &'a Registry,
     /// Now, ms since the epoch.
@@ -273,6 +275,7 @@ pub fn authenticate(
                 device_family: device_family.clone(),
                 client_id: client_id.clone(),
                 client_mode: client_mode.clone(),
+                region: gate.region.clone(),
                 ..Default::default()
             };
             // A node from a tailnet address: the tailnet may pair it now, or say why not.
@@ -561,6 +564,7 @@ mod tests {
         let now = 1_800_000_000_000;
         let gate = Gate {
             secrets: &secrets,
+            region: None,
             pairing: &reg,
             now_ms: now,
             tailnet: None,
@@ -628,6 +632,7 @@ mod tests {
         let secrets = vec!["tok".to_string()];
         let gate = Gate {
             secrets: &secrets,
+            region: None,
             pairing: &reg,
             now_ms: 0,
             tailnet: None,

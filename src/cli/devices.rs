@@ -24,15 +24,16 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                     "requestId": p["requestId"], "deviceId": p["deviceId"], "name": p["name"], "role": p["role"],
                     "addr": p["addr"], "requestedAt": p["requestedAt"], "fingerprint": p["fingerprint"],
                     "reason": p.get("reason"), "tailnet": p.get("tailnet"),
+                    "gateway": p["gateway"], "region": p["region"],
                 })).collect();
                 let paired: Vec<Value> = doc["paired"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
                     "deviceId": p["deviceId"], "name": p["name"], "role": p["role"], "approvedAt": p["approvedAt"],
-                    "fingerprint": p["fingerprint"], "approvedBy": p["approvedBy"], "tailnet": p.get("tailnet"),
+                    "fingerprint": p["fingerprint"], "region": p["region"], "approvedBy": p["approvedBy"], "tailnet": p.get("tailnet"),
                 })).collect();
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &json!({"pending": pending, "paired": paired, "revoked": doc["revoked"]})
+                        &json!({"pending": pending, "paired": paired, "revoked": doc["revoked"], "unreachable": doc["unreachable"]})
                     )?
                 );
                 return Ok(0);
@@ -45,6 +46,7 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                     "Request",
                     "Name",
                     "Role",
+                    "Waits at",
                     "Address",
                     "Fingerprint",
                     "Requested",
@@ -56,6 +58,7 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                             "requestId",
                             "name",
                             "role",
+                            "gateway",
                             "addr",
                             "fingerprint",
                             "requestedAt",
@@ -98,6 +101,18 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                     t.add_row(row);
                 }
                 println!("{t}");
+            }
+            let unreachable: Vec<&str> = doc["unreachable"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if !unreachable.is_empty() {
+                println!(
+                    "Not listed: requests waiting at {} (unreachable now).",
+                    unreachable.join(", ")
+                );
             }
             println!("Compare fingerprints with `clawmesh identity show` on the device before approving.");
             Ok(0)
