@@ -7,65 +7,17 @@
 //! `CI=true` a failed install fails the tests; elsewhere they print loudly that they were
 //! skipped and why.
 
+#[path = "common/classic.rs"]
+mod classic;
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
+use classic::openclaw;
 use common::*;
 use serde_json::Value;
-
-fn install() -> Result<PathBuf, String> {
-    let cache = std::env::var_os("CLAWMESH_CLASSIC_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/clawmesh/classic"))
-        })
-        .ok_or("neither CLAWMESH_CLASSIC_CACHE nor HOME is set")?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-classic-client.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(&cache)
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("running {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let wrapper = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .map(|l| PathBuf::from(l.trim()))
-        .ok_or("the install script printed no wrapper path")?;
-    if !wrapper.exists() {
-        return Err(format!(
-            "{} does not exist after install",
-            wrapper.display()
-        ));
-    }
-    Ok(wrapper)
-}
-
-/// The `openclaw` wrapper, or None (skipped, said loudly) outside CI.
-fn openclaw() -> Option<PathBuf> {
-    static OC: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    match OC.get_or_init(install) {
-        Ok(p) => Some(p.clone()),
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("classic interop: installing the real OpenClaw client failed under CI=true: {e}")
-        }
-        Err(e) => {
-            eprintln!("\n*** SKIPPED classic interop test: the real OpenClaw client could not be installed: {e} ***\n");
-            None
-        }
-    }
-}
 
 /// Runs the real CLI with its own HOME, against `url` with `token`.
 fn oc(bin: &Path, home: &Path, url: &str, token: &str, args: &[&str]) -> Output {

@@ -67,10 +67,21 @@ pub struct DeviceMeta {
     pub client_id: String,
     /// Client mode (`node`, `cli`).
     pub client_mode: String,
+    /// Why the device waits, when something other than "nobody approved it yet" decided
+    /// (e.g. `tailscaled unreachable`), shown in `devices list`.
+    pub reason: String,
+    /// The tailnet identity whois gave for the connection, if any (shown, never trusted
+    /// beyond what the gateway's own policy decided).
+    pub tailnet: Option<serde_json::Value>,
     /// Region of the gateway where the request waits: kept in the pairing record, it is the
     /// node's `region` when the node has no label of its own, wherever it attaches later.
     pub region: Option<String>,
 }
+
+/// Who approved a paired device: `devices approve` (an operator) or the tailnet policy.
+pub const APPROVED_BY_OPERATOR: &str = "operator";
+/// The tailnet vouched for the device (`gateway.auth.allowTailscale`).
+pub const APPROVED_BY_TAILSCALE: &str = "tailscale";
 
 pub use crate::wire::PairingRecord;
 
@@ -120,6 +131,13 @@ pub struct PendingRequest {
     pub ts: u64,
     /// Classic: the address it connected from.
     pub remote_ip: String,
+    /// Why it waits beyond "not approved yet" (tailscaled unreachable, tailnet identity not
+    /// allowed, another key bound to the same tailnet node, ...); empty otherwise.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// What the tailnet said about the connection, if it was asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tailnet: Option<serde_json::Value>,
     #[serde(skip)]
     refreshed_ms: u64,
 }
@@ -162,8 +180,30 @@ pub struct PairedDevice {
     pub created_at_ms: u64,
     /// Classic: tokens held (values never listed).
     pub tokens: Vec<serde_json::Value>,
+    /// How it was admitted: [`APPROVED_BY_OPERATOR`] or [`APPROVED_BY_TAILSCALE`].
+    pub approved_by: String,
+    /// For a tailnet admission, the identity the tailnet vouched for: `login` or `tags`,
+    /// `node` (MagicDNS name), `nodeId` (stable id), `ip`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tailnet: Option<serde_json::Value>,
     /// Region of the gateway where it was paired (see [`DeviceMeta::region`]).
     pub region: Option<String>,
+}
+
+/// A revoked device, for `devices list`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokedDevice {
+    /// Device id (hex).
+    pub device_id: String,
+    /// Name it had when revoked (may be empty for old records).
+    pub name: String,
+    /// Revocation time, RFC 3339.
+    pub revoked_at: String,
+    /// Who revoked it: `operator` or `tailscale`.
+    pub revoked_by: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// What the registry says about a connecting device.
@@ -182,6 +222,8 @@ pub struct Listing {
     pub pending: Vec<PendingRequest>,
     /// Approved devices.
     pub paired: Vec<PairedDevice>,
+    /// Revoked devices (tombstones), newest first.
+    pub revoked: Vec<RevokedDevice>,
 }
 
 fn now_ms() -> u64 {
@@ -277,13 +319,30 @@ type PendingRow = (
 );
 
 fn meta_json(m: &DeviceMeta) -> String {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "deviceFamily": m.device_family,
         "clientId": m.client_id,
         "clientMode": m.client_mode,
         "region": m.region,
-    })
-    .to_string()
+    });
+    if !m.reason.is_empty() {
+        v["reason"] = serde_json::json!(m.reason);
+    }
+    if let Some(t) = &m.tailnet {
+        v["tailnet"] = t.clone();
+    }
+    v.to_string()
+}
+
+/// Adds what later versions keep in old tables: the revocation's metadata (who, why).
+fn migrate(c: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let has_meta: bool = c
+        .prepare("SELECT 1 FROM pragma_table_info('revoked_devices') WHERE name = 'meta'")?
+        .exists([])?;
+    if !has_meta {
+        c.execute_batch("ALTER TABLE revoked_devices ADD COLUMN meta TEXT NOT NULL DEFAULT '{}'")?;
+    }
+    Ok(())
 }
 
 fn meta_region(meta: &serde_json::Value) -> Option<String> {
@@ -302,7 +361,10 @@ fn meta_field(meta: &serde_json::Value, key: &str) -> String {
 impl Registry {
     /// Opens the registry, creating its tables if needed.
     pub fn open(store: Store) -> Result<Registry, PairingError> {
-        store.with_conn(|c| c.execute_batch(SCHEMA))?;
+        store.with_conn(|c| {
+            c.execute_batch(SCHEMA)?;
+            migrate(c)
+        })?;
         Ok(Registry { store })
     }
 
@@ -339,6 +401,8 @@ impl Registry {
             silent: false,
             is_repair: false,
             ts: refreshed.max(0) as u64,
+            reason: meta_field(&meta, "reason"),
+            tailnet: meta.get("tailnet").filter(|t| !t.is_null()).cloned(),
         })
     }
 
@@ -371,6 +435,11 @@ impl Registry {
             approved_at_ms: at,
             created_at_ms: at,
             tokens,
+            approved_by: match meta_field(&meta, "approvedBy") {
+                b if b.is_empty() => APPROVED_BY_OPERATOR.to_string(),
+                b => b,
+            },
+            tailnet: meta.get("tailnet").filter(|t| !t.is_null()).cloned(),
             region: meta_region(&meta),
         }
     }
@@ -520,7 +589,96 @@ impl Registry {
         Ok(Listing {
             pending: self.pending()?,
             paired: self.paired_all()?,
+            revoked: self.revoked_all()?,
         })
+    }
+
+    /// Every revocation tombstone, newest first.
+    pub fn revoked_all(&self) -> Result<Vec<RevokedDevice>, PairingError> {
+        let rows: Vec<(Vec<u8>, i64, String)> = self.store.with_conn(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT public_key, revoked_at_ms, meta FROM revoked_devices ORDER BY revoked_at_ms DESC",
+            )?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(k, at, meta)| {
+                let key = Self::key_of(&k)?;
+                let meta: serde_json::Value = serde_json::from_str(&meta).unwrap_or_default();
+                Some(RevokedDevice {
+                    device_id: key.device_id().to_string(),
+                    name: meta_field(&meta, "name"),
+                    revoked_at: rfc3339(at.max(0) as u64),
+                    revoked_by: match meta_field(&meta, "revokedBy") {
+                        b if b.is_empty() => APPROVED_BY_OPERATOR.to_string(),
+                        b => b,
+                    },
+                    reason: meta_field(&meta, "reason"),
+                })
+            })
+            .collect())
+    }
+
+    /// The revocation tombstone of a key, if it is revoked: (who, why).
+    pub fn revocation(&self, key: &PublicKey) -> Result<Option<(String, String)>, PairingError> {
+        let id = key.device_id().to_string();
+        Ok(self
+            .revoked_all()?
+            .into_iter()
+            .find(|r| r.device_id == id)
+            .map(|r| (r.revoked_by, r.reason)))
+    }
+
+    /// Pairs `key` at once because the tailnet vouched for it (`approvedBy: tailscale`),
+    /// keeping the tailnet `identity` in the record; issues its device token and clears any
+    /// pending request or tombstone. The caller shares the record with the federation.
+    pub fn approve_tailnet(
+        &self,
+        key: &PublicKey,
+        m: &DeviceMeta,
+        identity: &serde_json::Value,
+    ) -> Result<PairedDevice, PairingError> {
+        let now = now_ms();
+        let device_id = key.device_id().to_string();
+        let meta = serde_json::json!({
+            "deviceFamily": m.device_family, "clientId": m.client_id, "clientMode": m.client_mode,
+            "approvedBy": APPROVED_BY_TAILSCALE, "tailnet": identity,
+        })
+        .to_string();
+        let kb = key.0.to_vec();
+        self.store.with_conn(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO paired_devices(public_key, device_id, name, role, platform, approved_at_ms, meta)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(public_key) DO UPDATE SET name = excluded.name, role = excluded.role,
+                    platform = excluded.platform, approved_at_ms = excluded.approved_at_ms, meta = excluded.meta",
+                params![kb, device_id, m.name, m.role, m.platform, now as i64, meta],
+            )?;
+            Self::issue_token(&tx, &device_id, &m.role, now)?;
+            tx.execute("DELETE FROM pending_devices WHERE public_key = ?1", [&kb])?;
+            tx.execute("DELETE FROM revoked_devices WHERE public_key = ?1", [&kb])?;
+            tx.commit()
+        })?;
+        self.paired(key)?
+            .ok_or_else(|| PairingError::NotFound(device_id))
+    }
+
+    /// The paired device the tailnet admitted for tailnet node `node_id` (its stable id), if
+    /// any: one tailnet node binds one device key.
+    pub fn tailnet_binding(&self, node_id: &str) -> Result<Option<PairedDevice>, PairingError> {
+        Ok(self.paired_all()?.into_iter().find(|p| {
+            p.approved_by == APPROVED_BY_TAILSCALE
+                && p.tailnet
+                    .as_ref()
+                    .and_then(|t| t.get("nodeId"))
+                    .and_then(|v| v.as_str())
+                    == Some(node_id)
+        }))
     }
 
     /// Unexpired pending requests, oldest first (at most [`MAX_PENDING`] rows).
@@ -660,6 +818,34 @@ impl Registry {
     /// Revokes a paired device: it must be approved again to attach.
     pub fn revoke(&self, selector: &str) -> Result<PairedDevice, PairingError> {
         let p = self.find_paired(selector)?;
+        self.revoke_device(p, APPROVED_BY_OPERATOR, "revoked by an operator")
+    }
+
+    /// Revokes `key` because the tailnet no longer vouches for it (`revokedBy: tailscale`,
+    /// with `reason`); `None` if it is not paired.
+    pub fn revoke_tailnet(
+        &self,
+        key: &PublicKey,
+        reason: &str,
+    ) -> Result<Option<PairedDevice>, PairingError> {
+        match self.paired(key)? {
+            Some(p) => Ok(Some(self.revoke_device(
+                p,
+                APPROVED_BY_TAILSCALE,
+                reason,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    fn revoke_device(
+        &self,
+        p: PairedDevice,
+        by: &str,
+        reason: &str,
+    ) -> Result<PairedDevice, PairingError> {
+        let meta =
+            serde_json::json!({"name": p.name, "revokedBy": by, "reason": reason}).to_string();
         self.store.with_conn(|c| {
             let tx = c.transaction()?;
             tx.execute(
@@ -668,9 +854,9 @@ impl Registry {
             )?;
             if let Ok(key) = PublicKey::from_base64(&p.public_key) {
                 tx.execute(
-                    "INSERT INTO revoked_devices(public_key, revoked_at_ms) VALUES (?1, ?2)
-                     ON CONFLICT(public_key) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms",
-                    params![key.0.to_vec(), now_ms().max(1) as i64],
+                    "INSERT INTO revoked_devices(public_key, revoked_at_ms, meta) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(public_key) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms, meta = excluded.meta",
+                    params![key.0.to_vec(), now_ms().max(1) as i64, meta],
                 )?;
             }
             tx.execute(
@@ -723,7 +909,8 @@ impl Registry {
 /// Creates the pairing tables if needed (for the consensus state machine, which applies
 /// replicated pairing decisions into them).
 pub(crate) fn ensure_schema(c: &rusqlite::Connection) -> rusqlite::Result<()> {
-    c.execute_batch(SCHEMA)
+    c.execute_batch(SCHEMA)?;
+    migrate(c)
 }
 
 /// Every paired and revoked device, read on `c` (a transaction derefs to a connection, so
@@ -757,9 +944,10 @@ pub(crate) fn read_records(c: &rusqlite::Connection) -> rusqlite::Result<Vec<Pai
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let mut stmt = c.prepare_cached("SELECT public_key, revoked_at_ms FROM revoked_devices")?;
-    let revoked: Vec<(Vec<u8>, i64)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+    let mut stmt =
+        c.prepare_cached("SELECT public_key, revoked_at_ms, meta FROM revoked_devices")?;
+    let revoked: Vec<(Vec<u8>, i64, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<Vec<_>, _>>()?;
     let mut out = Vec::new();
     for (k, name, role, platform, at, meta, token, token_at) in paired {
@@ -777,7 +965,7 @@ pub(crate) fn read_records(c: &rusqlite::Connection) -> rusqlite::Result<Vec<Pai
             token: token.map(|t| (t, token_at.unwrap_or(0).max(0) as u64)),
         });
     }
-    for (k, at) in revoked {
+    for (k, at, meta) in revoked {
         let Some(key) = Registry::key_of(&k) else {
             continue;
         };
@@ -788,7 +976,7 @@ pub(crate) fn read_records(c: &rusqlite::Connection) -> rusqlite::Result<Vec<Pai
             name: String::new(),
             role: String::new(),
             platform: String::new(),
-            meta: "{}".into(),
+            meta,
             token: None,
         });
     }
@@ -836,9 +1024,9 @@ pub(crate) fn apply_records(
             c.execute("DELETE FROM paired_devices WHERE public_key = ?1", [&kb])?;
             c.execute("DELETE FROM device_tokens WHERE device_id = ?1", [&id])?;
             c.execute(
-                "INSERT INTO revoked_devices(public_key, revoked_at_ms) VALUES (?1, ?2)
-                 ON CONFLICT(public_key) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms",
-                params![kb, r.changed_at_ms as i64],
+                "INSERT INTO revoked_devices(public_key, revoked_at_ms, meta) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(public_key) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms, meta = excluded.meta",
+                params![kb, r.changed_at_ms as i64, r.meta],
             )?;
         }
         // Later records of the same batch compare against this one.
@@ -971,5 +1159,80 @@ mod tests {
             reg.admit(&k1, &meta("node-a", "x")).unwrap(),
             Admission::Paired(_)
         ));
+    }
+
+    #[test]
+    fn tailnet_approval_binding_and_revocation_travel_with_their_reasons() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(Store::open(dir.path()).unwrap()).unwrap();
+        let k = DeviceIdentity::ephemeral().public_key();
+        let identity = serde_json::json!({"tags": ["tag:clawmesh-node"], "node": "n1.ts.net", "nodeId": "nABC", "ip": "100.64.0.20"});
+        // A pending request first, with the reason the tailnet gave.
+        let mut m = meta("n1", "100.64.0.20:1");
+        m.reason = "tailscaled unreachable".into();
+        let Admission::Pending(p) = reg.admit(&k, &m).unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.reason, "tailscaled unreachable");
+        let d = reg
+            .approve_tailnet(&k, &meta("n1", "x"), &identity)
+            .unwrap();
+        assert_eq!(d.approved_by, APPROVED_BY_TAILSCALE);
+        assert_eq!(d.tailnet.as_ref(), Some(&identity));
+        assert!(
+            reg.pending().unwrap().is_empty(),
+            "approval clears the request"
+        );
+        assert!(reg.device_token(&k.device_id(), "node").unwrap().is_some());
+        assert_eq!(
+            reg.tailnet_binding("nABC").unwrap().map(|p| p.public_key),
+            Some(k.to_base64url())
+        );
+        assert!(reg.tailnet_binding("nOther").unwrap().is_none());
+        // Another gateway learns how it was admitted.
+        let dir2 = tempfile::tempdir().unwrap();
+        let other = Registry::open(Store::open(dir2.path()).unwrap()).unwrap();
+        other.apply(&reg.records().unwrap()).unwrap();
+        assert_eq!(other.paired(&k).unwrap().unwrap().approved_by, "tailscale");
+        // Revoked by the tailnet, with the reason, everywhere.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        reg.revoke_tailnet(&k, "tag removed").unwrap().unwrap();
+        assert_eq!(
+            reg.revocation(&k).unwrap(),
+            Some(("tailscale".to_string(), "tag removed".to_string()))
+        );
+        other.apply(&reg.records().unwrap()).unwrap();
+        let r = other.list().unwrap().revoked;
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].name.as_str(), r[0].reason.as_str()),
+            ("n1", "tag removed")
+        );
+        // An operator's revocation says so.
+        let k2 = DeviceIdentity::ephemeral().public_key();
+        reg.approve_tailnet(&k2, &meta("n2", "x"), &identity)
+            .unwrap();
+        reg.revoke(&k2.device_id().to_string()).unwrap();
+        assert_eq!(reg.revocation(&k2).unwrap().unwrap().0, "operator");
+    }
+
+    #[test]
+    fn old_revocation_table_gains_its_meta_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .with_conn(|c| {
+                c.execute_batch(
+                    "CREATE TABLE revoked_devices (public_key BLOB PRIMARY KEY, revoked_at_ms INTEGER NOT NULL);
+                     INSERT INTO revoked_devices VALUES (x'00', 5);",
+                )
+            })
+            .unwrap();
+        let reg = Registry::open(store).unwrap();
+        assert!(
+            reg.records().unwrap().is_empty(),
+            "a bad old key is skipped"
+        );
+        assert!(reg.revoked_all().unwrap().is_empty());
     }
 }

@@ -11,6 +11,7 @@ use clawmesh_federation::wire::WireError;
 use serde_json::{json, Value};
 
 use super::frames::err_with;
+use crate::gateway::tailnet_auth::{Lookup, NodeVerdict, TailnetAuth};
 
 /// The protocol version this bridge speaks.
 pub const PROTOCOL: u64 = 4;
@@ -119,6 +120,13 @@ pub struct Gate<'a> {
     pub pairing: &'a Registry,
     /// Now, ms since the epoch.
     pub now_ms: i64,
+    /// Tailnet admission (`gateway.auth.allowTailscale`), if the gateway has it.
+    pub tailnet: Option<&'a TailnetAuth>,
+    /// whois of this connection's own source address (`None`: not the tailnet's to judge).
+    /// Never anything the client sent.
+    pub lookup: Option<&'a Lookup>,
+    /// Shares a pairing decision made here (by the tailnet) with the federation.
+    pub publish: &'a (dyn Fn(&str) + Sync),
 }
 
 /// Authenticates a `connect` request's params against the challenge nonce.
@@ -206,6 +214,31 @@ pub fn authenticate(
         )?),
     };
 
+    // An operator the tailnet vouches for needs no token (whois of the source address only).
+    if role == Role::Operator && !shared_ok && offered.is_none() && device_token.is_none() {
+        if let (Some(t), Some(Lookup::Identity(id))) = (gate.tailnet, gate.lookup) {
+            if let Some(granted) = t.policy().operator_scopes(id, &scopes) {
+                tracing::info!(tailnet = %id.describe(), scopes = ?granted, "classic operator admitted by the tailnet");
+                return Ok(Authed {
+                    role,
+                    scopes: granted,
+                    method: "tailscale",
+                    device,
+                    device_token: None,
+                    client_id,
+                    client_mode,
+                    version,
+                    platform,
+                    device_family,
+                    display_name,
+                    caps: Vec::new(),
+                    commands: Vec::new(),
+                    path_env: None,
+                });
+            }
+        }
+    }
+
     let mut method = "token";
     match (&device, shared_ok) {
         (None, _) if role == Role::Node => {
@@ -234,6 +267,42 @@ pub fn authenticate(
         }
         (Some(key), _) => {
             let id = key.device_id();
+            let mut meta = DeviceMeta {
+                name: display_name.clone(),
+                role: role.as_str().into(),
+                addr: remote.to_string(),
+                platform: platform.clone(),
+                device_family: device_family.clone(),
+                client_id: client_id.clone(),
+                client_mode: client_mode.clone(),
+                region: gate.region.clone(),
+                ..Default::default()
+            };
+            // A node from a tailnet address: the tailnet may pair it now, or say why not.
+            let tailnet_judged = role == Role::Node && gate.lookup.is_some();
+            let mut tailnet_paired = false;
+            if let (Some(t), true) = (gate.tailnet, tailnet_judged) {
+                match t
+                    .decide_node(gate.pairing, key, &meta, gate.lookup)
+                    .map_err(|e| reject(WireError::new("UNAVAILABLE", e.to_string()), 1013))?
+                {
+                    NodeVerdict::Normal => {}
+                    NodeVerdict::Approved(d) => {
+                        tracing::info!(device = %d.device_id, name = %d.name, "classic node admitted by the tailnet (approvedBy: tailscale)");
+                        (gate.publish)(&d.public_key);
+                        tailnet_paired = true;
+                    }
+                    NodeVerdict::Revoked(reason) => {
+                        tracing::warn!(device = %id, "tailnet admission revoked: {reason}");
+                        (gate.publish)(&key.to_base64url());
+                        meta.reason = reason;
+                    }
+                    NodeVerdict::Pending { reason, tailnet } => {
+                        meta.reason = reason;
+                        meta.tailnet = tailnet;
+                    }
+                }
+            }
             let stored = gate
                 .pairing
                 .device_token(&id, role.as_str())
@@ -255,7 +324,9 @@ pub fn authenticate(
                         ))
                     }
                     (Some(_), _) => return Err(token_mismatch()),
-                    (None, _) if gate.secrets.is_empty() => {}
+                    // No token: fine without secrets, and for a node the tailnet judges (its
+                    // pairing, by the tailnet or an operator, is the gate).
+                    (None, _) if gate.secrets.is_empty() || tailnet_judged => {}
                     (None, _) => {
                         return Err(reject(
                             err_with(
@@ -271,28 +342,26 @@ pub fn authenticate(
                 method = "password";
             }
             // 5. Pairing gate: nodes always; operators with a device but no shared secret.
-            if role == Role::Node || !shared_ok {
-                let meta = DeviceMeta {
-                    name: display_name.clone(),
-                    role: role.as_str().into(),
-                    addr: remote.to_string(),
-                    platform: platform.clone(),
-                    device_family: device_family.clone(),
-                    client_id: client_id.clone(),
-                    client_mode: client_mode.clone(),
-                    region: gate.region.clone(),
-                };
+            if !tailnet_paired && (role == Role::Node || !shared_ok) {
                 match gate.pairing.admit(key, &meta) {
                     Ok(Admission::Paired(_)) => {}
                     Ok(Admission::Pending(p)) => {
-                        let msg = "pairing required: device is not approved yet";
+                        let msg = if p.reason.is_empty() {
+                            "pairing required: device is not approved yet".to_string()
+                        } else {
+                            format!(
+                                "pairing required: device is not approved yet ({})",
+                                p.reason
+                            )
+                        };
                         return Err(Reject {
                             error: err_with(
                                 "NOT_PAIRED",
-                                msg,
+                                &msg,
                                 json!({
                                     "code": "PAIRING_REQUIRED",
                                     "reason": "not-paired",
+                                    "pendingReason": p.reason,
                                     "requestId": p.request_id,
                                     "remediationHint": format!("Approve this device from the pending pairing requests: clawmesh devices approve {}", p.request_id),
                                     "deviceId": p.device_id,
@@ -498,6 +567,9 @@ mod tests {
             region: None,
             pairing: &reg,
             now_ms: now,
+            tailnet: None,
+            lookup: None,
+            publish: &|_| {},
         };
         let id = DeviceIdentity::ephemeral();
         let remote: SocketAddr = "127.0.0.1:9".parse().unwrap();
@@ -563,6 +635,9 @@ mod tests {
             region: None,
             pairing: &reg,
             now_ms: 0,
+            tailnet: None,
+            lookup: None,
+            publish: &|_| {},
         };
         let remote: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let p = json!({"minProtocol":4,"maxProtocol":4,"client":{"id":"cli","mode":"cli","version":"x","platform":"linux"},

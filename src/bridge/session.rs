@@ -345,12 +345,23 @@ async fn handshake(
         nonce.to_string(),
         bridge.methods.region(),
     );
+    // Identity from the tailnet comes only from whois of the socket's own peer address.
+    let tailnet = bridge.methods.tailnet().cloned();
+    let lookup = match &tailnet {
+        Some(t) => t.lookup(remote).await,
+        None => None,
+    };
+    let methods = bridge.methods.clone();
     let decided = tokio::task::spawn_blocking(move || {
+        let publish = |key: &str| methods.publish_pairing(key);
         let gate = connect::Gate {
             secrets: &secrets,
             region,
             pairing: &pairing,
             now_ms: now_ms() as i64,
+            tailnet: tailnet.as_deref(),
+            lookup: lookup.as_ref(),
+            publish: &publish,
         };
         connect::authenticate(&gate, &params, &nonce_owned, remote)
     })

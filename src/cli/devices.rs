@@ -23,16 +23,17 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                 let pending: Vec<Value> = doc["pending"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
                     "requestId": p["requestId"], "deviceId": p["deviceId"], "name": p["name"], "role": p["role"],
                     "addr": p["addr"], "requestedAt": p["requestedAt"], "fingerprint": p["fingerprint"],
+                    "reason": p.get("reason"), "tailnet": p.get("tailnet"),
                     "gateway": p["gateway"], "region": p["region"],
                 })).collect();
                 let paired: Vec<Value> = doc["paired"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
                     "deviceId": p["deviceId"], "name": p["name"], "role": p["role"], "approvedAt": p["approvedAt"],
-                    "fingerprint": p["fingerprint"], "region": p["region"],
+                    "fingerprint": p["fingerprint"], "region": p["region"], "approvedBy": p["approvedBy"], "tailnet": p.get("tailnet"),
                 })).collect();
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &json!({"pending": pending, "paired": paired, "unreachable": doc["unreachable"]})
+                        &json!({"pending": pending, "paired": paired, "revoked": doc["revoked"], "unreachable": doc["unreachable"]})
                     )?
                 );
                 return Ok(0);
@@ -49,6 +50,7 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                     "Address",
                     "Fingerprint",
                     "Requested",
+                    "Waiting because",
                 ]);
                 for p in &pending {
                     t.add_row(
@@ -60,6 +62,7 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                             "addr",
                             "fingerprint",
                             "requestedAt",
+                            "reason",
                         ]
                         .map(|k| p[k].as_str().unwrap_or("-").to_string()),
                     );
@@ -68,10 +71,32 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
             }
             println!("Paired ({})", paired.len());
             if !paired.is_empty() {
-                let mut t = table(&["Device", "Name", "Role", "Fingerprint", "Approved"]);
+                let mut t = table(&[
+                    "Device",
+                    "Name",
+                    "Role",
+                    "Fingerprint",
+                    "Approved",
+                    "Admitted by",
+                ]);
                 for p in &paired {
-                    let mut row = ["deviceId", "name", "role", "fingerprint", "approvedAt"]
-                        .map(|k| p[k].as_str().unwrap_or("-").to_string());
+                    let mut row: Vec<String> =
+                        ["deviceId", "name", "role", "fingerprint", "approvedAt"]
+                            .map(|k| p[k].as_str().unwrap_or("-").to_string())
+                            .to_vec();
+                    row[0].truncate(16);
+                    row.push(admitted_by(p));
+                    t.add_row(row);
+                }
+                println!("{t}");
+            }
+            let revoked = doc["revoked"].as_array().cloned().unwrap_or_default();
+            if !revoked.is_empty() {
+                println!("Revoked ({})", revoked.len());
+                let mut t = table(&["Device", "Name", "Revoked", "By", "Reason"]);
+                for r in &revoked {
+                    let mut row = ["deviceId", "name", "revokedAt", "revokedBy", "reason"]
+                        .map(|k| r[k].as_str().unwrap_or("-").to_string());
                     row[0].truncate(16);
                     t.add_row(row);
                 }
@@ -154,4 +179,30 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// How a device was admitted, for people: `operator`, or `tailscale: <identity>`.
+pub fn admitted_by(row: &Value) -> String {
+    let by = row["approvedBy"].as_str().unwrap_or("operator");
+    let t = &row["tailnet"];
+    if by != "tailscale" || !t.is_object() {
+        return by.to_string();
+    }
+    let who = match t["login"].as_str() {
+        Some(l) => l.to_string(),
+        None => t["tags"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default(),
+    };
+    format!(
+        "tailscale: {who} on {} ({})",
+        t["node"].as_str().unwrap_or("?"),
+        t["ip"].as_str().unwrap_or("?")
+    )
 }

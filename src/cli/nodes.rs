@@ -35,6 +35,7 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                             "nodeId": n["nodeId"], "name": n["displayName"], "ip": n["remoteIp"],
                             "gateway": n["gateway"], "paired": n["paired"], "connected": n["connected"],
                             "transport": n["transport"], "labels": n["labels"],
+                            "approvedBy": n.get("approvedBy"), "tailnet": n.get("tailnet"),
                         })
                     })
                     .collect();
@@ -50,7 +51,15 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                     nodes.len()
                 );
                 if !nodes.is_empty() {
-                    let mut t = table(&["Node", "IP", "Status", "Gateway", "Transport", "Labels"]);
+                    let mut t = table(&[
+                        "Node",
+                        "IP",
+                        "Status",
+                        "Gateway",
+                        "Transport",
+                        "Labels",
+                        "Admitted by",
+                    ]);
                     for n in &nodes {
                         let mut status = Vec::new();
                         status.push(if n["paired"] == true {
@@ -78,6 +87,11 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                                         .join(",")
                                 })
                                 .unwrap_or_default(),
+                            if n["paired"] == true {
+                                crate::cli::devices::admitted_by(n)
+                            } else {
+                                "-".to_string()
+                            },
                         ]);
                     }
                     println!("{t}");

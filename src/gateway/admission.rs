@@ -14,12 +14,13 @@ use clawmesh_federation::rpc::{self, Caller, CallerKind};
 use clawmesh_federation::secret;
 use clawmesh_federation::wire::{Hello, HelloRole, NodeHello, Refusal, RefusalCode};
 use quinn::Connection;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::gateway::methods::Methods;
 use crate::gateway::registry::{NodeInfo, NodeLink};
 
 use crate::gateway::scopes;
+use crate::gateway::tailnet_auth::{Lookup, NodeVerdict};
 
 /// Decides on operators and nodes that dial this gateway.
 pub(super) struct GatewayAdmission {
@@ -49,27 +50,52 @@ impl GatewayAdmission {
                 });
             }
         }
+        let mut meta = DeviceMeta {
+            name: hello.name.clone(),
+            role: "node".into(),
+            addr: remote.to_string(),
+            platform: hello.platform.clone(),
+            client_id: "clawmesh-node".into(),
+            client_mode: "node".into(),
+            region: self.methods.region(),
+            ..Default::default()
+        };
+        let unavailable = |e: clawmesh_federation::pairing::PairingError| Refusal {
+            code: RefusalCode::Unavailable,
+            message: format!("pairing registry unavailable: {e}"),
+            retryable: true,
+        };
+        if let Some(tailnet) = self.methods.tailnet() {
+            // admit() runs on a blocking thread (see the mesh), so waiting here is fine.
+            let lookup = tokio::runtime::Handle::current().block_on(tailnet.lookup(remote));
+            match tailnet
+                .decide_node(self.methods.pairing(), key, &meta, lookup.as_ref())
+                .map_err(unavailable)?
+            {
+                NodeVerdict::Normal => {}
+                NodeVerdict::Approved(d) => {
+                    info!(device = %d.device_id, name = %d.name, tailnet = %d.tailnet.clone().unwrap_or_default(), "node admitted by the tailnet (approvedBy: tailscale)");
+                    self.methods.publish_pairing(&d.public_key);
+                    return Ok(CallerKind::Node {
+                        name: hello.name.clone(),
+                    });
+                }
+                NodeVerdict::Revoked(reason) => {
+                    warn!(device = %key.device_id(), name = %hello.name, "tailnet admission revoked: {reason}");
+                    self.methods.publish_pairing(&key.to_base64url());
+                    meta.reason = reason;
+                }
+                NodeVerdict::Pending { reason, tailnet } => {
+                    meta.reason = reason;
+                    meta.tailnet = tailnet;
+                }
+            }
+        }
         let decision = self
             .methods
             .pairing()
-            .admit(
-                key,
-                &DeviceMeta {
-                    name: hello.name.clone(),
-                    role: "node".into(),
-                    addr: remote.to_string(),
-                    platform: hello.platform.clone(),
-                    client_id: "clawmesh-node".into(),
-                    client_mode: "node".into(),
-                    region: self.methods.region(),
-                    ..Default::default()
-                },
-            )
-            .map_err(|e| Refusal {
-                code: RefusalCode::Unavailable,
-                message: format!("pairing registry unavailable: {e}"),
-                retryable: true,
-            })?;
+            .admit(key, &meta)
+            .map_err(unavailable)?;
         match decision {
             PairingDecision::Paired(_) => Ok(CallerKind::Node {
                 name: hello.name.clone(),
@@ -79,13 +105,15 @@ impl GatewayAdmission {
                     device = %p.device_id,
                     name = %p.name,
                     request = %p.request_id,
+                    reason = %p.reason,
                     "pairing request pending; approve with `clawmesh devices approve {}`",
                     p.request_id
                 );
                 Err(Refusal {
                     code: RefusalCode::PairingRequired,
                     message: format!(
-                        "pairing required: device is not approved yet; on the gateway run `clawmesh devices approve {}` (fingerprint {}) (requestId: {})",
+                        "pairing required: device is not approved yet{}; on the gateway run `clawmesh devices approve {}` (fingerprint {}) (requestId: {})",
+                        if p.reason.is_empty() { String::new() } else { format!(" ({})", p.reason) },
                         p.request_id, p.fingerprint, p.request_id
                     ),
                     retryable: true,
@@ -117,9 +145,30 @@ impl Admission for GatewayAdmission {
                     });
                 }
                 let Some(token) = &op.token else {
+                    let mut why = String::new();
+                    if let Some(tailnet) = self.methods.tailnet() {
+                        match tokio::runtime::Handle::current().block_on(tailnet.lookup(remote)) {
+                            Some(Lookup::Identity(id)) => {
+                                if let Some(scopes) =
+                                    tailnet.policy().operator_scopes(&id, &op.scopes)
+                                {
+                                    info!(tailnet = %id.describe(), ?scopes, "operator admitted by the tailnet");
+                                    return Ok(CallerKind::Operator {
+                                        scopes,
+                                        client: op.client.clone(),
+                                    });
+                                }
+                                why = format!(" (tailnet identity {} is not allowed by gateway.auth.tailscale.operatorUsers/operatorTags)", id.describe());
+                            }
+                            Some(other) => {
+                                why = format!(" ({})", other.failure().unwrap_or_default());
+                            }
+                            None => {}
+                        }
+                    }
                     return Err(Refusal {
                         code: RefusalCode::BadToken,
-                        message: "operator token required: pass --token (or CLAWMESH_TOKEN), or run the CLI on the gateway's machine with its state dir".into(),
+                        message: format!("operator token required{why}: pass --token (or CLAWMESH_TOKEN), or run the CLI on the gateway's machine with its state dir"),
                         retryable: false,
                     });
                 };

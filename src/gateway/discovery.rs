@@ -102,13 +102,19 @@ impl DiscoverySettings {
         self.mdns || self.tailnet
     }
 
+    /// A LocalAPI client for this machine's tailscaled (`tailnetSocket`, else `$TS_SOCKET`,
+    /// else the default socket); also what tailnet admission asks.
+    pub fn local_api(&self) -> LocalApi {
+        match &self.tailnet_socket {
+            Some(p) => LocalApi::new(p),
+            None => LocalApi::default_socket(),
+        }
+    }
+
     /// The tailnet poller's settings for federation port `port`.
     pub fn tailnet_config(&self, port: u16) -> TailnetConfig {
         TailnetConfig {
-            api: match &self.tailnet_socket {
-                Some(p) => LocalApi::new(p),
-                None => LocalApi::default_socket(),
-            },
+            api: self.local_api(),
             selector: Selector {
                 tags: self.tailnet_tags.clone(),
                 hosts: self.tailnet_hosts.clone(),

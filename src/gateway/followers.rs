@@ -13,6 +13,7 @@ use crate::gateway::methods::Methods;
 
 use super::settings::GatewaySettings;
 use crate::gateway::shared_config;
+use crate::gateway::tailnet_auth::{Lookup, TailnetPolicy};
 
 /// Applies shared-config changes that running components can take without a restart
 /// ([`FOLLOWED_KEYS`]): the fallback gateway, the health settings, the log filter (unless
@@ -69,6 +70,25 @@ pub(super) fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &Ga
                     warn!("{EXEC_DEFAULT_KEY} must be \"deny\", \"allowlist\" or \"full\", not {other}; nodes keep the previous default");
                 }
             }
+            if let Some(tailnet) = methods.tailnet() {
+                let (policy, warnings) = TailnetPolicy::from_lookup(|k| {
+                    shared_config::lookup(&entries, k).map(|e| e.value.clone())
+                });
+                for w in warnings {
+                    warn!("{w}");
+                }
+                if tailnet.set_policy(policy.clone()) {
+                    info!(
+                        allow = policy.allow,
+                        node_tags = ?policy.node_tags,
+                        node_users = ?policy.node_users,
+                        operator_users = ?policy.operator_users,
+                        operator_tags = ?policy.operator_tags,
+                        recheck = ?policy.recheck,
+                        "tailnet admission policy applied"
+                    );
+                }
+            }
             if let Some(level) =
                 shared_config::lookup(&entries, "logging.level").and_then(|e| e.value.as_str())
             {
@@ -96,6 +116,13 @@ const FOLLOWED_KEYS: &[&str] = &[
     "gateway.failover.unhealthyThreshold",
     "logging.level",
     EXEC_DEFAULT_KEY,
+    "gateway.auth.allowTailscale",
+    "gateway.auth.tailscale.nodeTags",
+    "gateway.auth.tailscale.nodeUsers",
+    "gateway.auth.tailscale.operatorUsers",
+    "gateway.auth.tailscale.operatorTags",
+    "gateway.auth.tailscale.operatorScopes",
+    "gateway.auth.tailscale.recheckInterval",
 ];
 
 /// The health settings the effective config asks for (`gateway.failover.healthCheckInterval`
@@ -209,6 +236,76 @@ pub(super) fn spawn_pairing_follower(replica: &Replica, methods: &Methods) {
                     warn!("missed {n} pairing changes from the log");
                 }
                 Err(_) => return,
+            }
+        }
+    });
+}
+
+/// How often the re-check loop wakes to see whether a re-check is due: fine enough for the
+/// shortest `recheckInterval` tests use, cheap when nothing is due.
+const RECHECK_TICK: Duration = Duration::from_millis(100);
+
+/// Revocation follows the tailnet: every `gateway.auth.tailscale.recheckInterval`, each node
+/// attached here that the tailnet admitted, connected from a tailnet address, is looked up
+/// again (whois, never the cache). An identity that no longer matches the policy, or a node
+/// gone from the tailnet (whois 404), is revoked federation-wide with the reason and
+/// disconnected. When tailscaled cannot answer, nothing is revoked (only logged): the daemon's
+/// trouble is not the device's.
+pub(super) fn spawn_tailnet_recheck(methods: &Methods) {
+    let methods = methods.clone();
+    tokio::spawn(async move {
+        let Some(tailnet) = methods.tailnet().cloned() else {
+            return;
+        };
+        let mut last = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(RECHECK_TICK).await;
+            let policy = tailnet.policy();
+            if !policy.allow || last.elapsed() < policy.recheck {
+                continue;
+            }
+            last = tokio::time::Instant::now();
+            for (info, _) in methods.nodes().list() {
+                let Ok(remote) = info.remote.parse::<std::net::SocketAddr>() else {
+                    continue;
+                };
+                if !tailnet.applies(&remote) {
+                    continue;
+                }
+                let paired = match methods.pairing().paired(&info.key) {
+                    Ok(Some(p)) => p,
+                    _ => continue,
+                };
+                if paired.approved_by != clawmesh_federation::pairing::APPROVED_BY_TAILSCALE {
+                    continue;
+                }
+                let reason = match tailnet.lookup_fresh(remote).await {
+                    Lookup::Identity(id) if tailnet.policy().admits_node(&id) => continue,
+                    Lookup::Identity(id) => format!(
+                        "the tailnet no longer vouches: {} is not allowed by gateway.auth.tailscale.nodeTags/nodeUsers",
+                        id.describe()
+                    ),
+                    Lookup::NotInTailnet(r) => r,
+                    Lookup::Unavailable(r) => {
+                        warn!(node = %info.name, "tailnet re-check skipped: {r}");
+                        continue;
+                    }
+                };
+                let (pairing, key) = (methods.pairing().clone(), info.key);
+                let why = reason.clone();
+                let revoked =
+                    tokio::task::spawn_blocking(move || pairing.revoke_tailnet(&key, &why)).await;
+                match revoked {
+                    Ok(Ok(_)) => {
+                        methods.publish_pairing(&info.key.to_base64url());
+                        methods
+                            .nodes()
+                            .disconnect(&info.node_id, &format!("revoked: {reason}"));
+                        warn!(node = %info.name, device = %info.node_id.short(), "tailnet admission revoked and node disconnected: {reason}");
+                    }
+                    Ok(Err(e)) => warn!(node = %info.name, "tailnet revocation not stored: {e}"),
+                    Err(e) => warn!(node = %info.name, "tailnet revocation failed: {e}"),
+                }
             }
         }
     });

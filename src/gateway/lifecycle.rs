@@ -20,9 +20,12 @@ use crate::gateway::registry::NodeRegistry;
 
 use super::admission::GatewayAdmission;
 use super::discovery::{AdvertiseArgs, GatewayDiscovery, FIND_WINDOW};
-use super::followers::{spawn_config_follower, spawn_federation_tasks, spawn_pairing_follower};
+use super::followers::{
+    spawn_config_follower, spawn_federation_tasks, spawn_pairing_follower, spawn_tailnet_recheck,
+};
 use super::listen::{bind_both, bind_ip, default_advertise};
 use super::settings::GatewaySettings;
+use super::tailnet_auth::TailnetAuth;
 use crate::state_dir::{DirLock, Runtime};
 
 /// Raises the open-files soft limit to the hard limit: a gateway holds one socket per classic
@@ -105,6 +108,10 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         None => None,
     };
     let methods = Methods::new(pairing, Arc::new(NodeRegistry::default()));
+    methods.set_tailnet(Arc::new(TailnetAuth::new(
+        s.discovery.local_api(),
+        s.tailnet_policy.clone(),
+    )));
     let mut tokens: Vec<String> = s.token.iter().cloned().collect();
     tokens.extend(s.operator_token.iter().cloned());
     let admission = Arc::new(GatewayAdmission {
@@ -149,6 +156,7 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     spawn_federation_tasks(&mesh, &methods);
     spawn_config_follower(&replica, &methods, &s);
     spawn_pairing_follower(&replica, &methods);
+    spawn_tailnet_recheck(&methods);
     // The classic WebSocket bridge on the same port, TCP.
     let (bridge_stop, bridge_rx) = tokio::sync::watch::channel(None);
     let mut secrets: Vec<String> = s.token.iter().cloned().collect();

@@ -8,7 +8,8 @@
 //! - [`methods`]: the operator method table, one file per family, behind every front door;
 //! - [`registry`]: the nodes attached here, whatever their transport;
 //! - [`scopes`]: operator scopes; [`shared_config`]: the replicated config under the sync policy;
-//! - [`status`]: the federation status document served by `status` and `gateway.status`.
+//! - [`status`]: the federation status document served by `status` and `gateway.status`;
+//! - [`tailnet_auth`]: nodes and operators the tailnet vouches for (`gateway.auth.allowTailscale`).
 //!
 //! A gateway never imports the CLI ([`crate::cli`]); the classic front door is [`crate::bridge`].
 
@@ -23,6 +24,7 @@ pub mod scopes;
 mod settings;
 pub mod shared_config;
 pub mod status;
+pub mod tailnet_auth;
 
 pub use followers::EXEC_DEFAULT_KEY;
 pub use lifecycle::run;

@@ -15,6 +15,7 @@ use tracing::warn;
 use crate::config::FileConfig;
 
 use super::discovery::DiscoverySettings;
+use super::tailnet_auth::TailnetPolicy;
 
 use crate::gateway::shared_config::SyncPolicy;
 
@@ -115,6 +116,9 @@ pub struct GatewaySettings {
     pub consensus: ReplicaConfig,
     /// mDNS and tailnet discovery (`gateway.discovery.*`).
     pub discovery: DiscoverySettings,
+    /// Tailnet admission from this gateway's own `clawmesh.json` (`gateway.auth.allowTailscale`,
+    /// `gateway.auth.tailscale.*`), in force until the shared config's effective view arrives.
+    pub tailnet_policy: TailnetPolicy,
     /// Started with a token and neither `--primary` nor `--join`: look for a gateway of the
     /// federation and join it; start the federation only if none shows (and the mode allows).
     pub find_federation: bool,
@@ -239,6 +243,14 @@ impl GatewaySettings {
                 local
             },
             consensus: consensus_settings(file)?,
+            tailnet_policy: {
+                let leaves = file.leaves();
+                let (policy, warnings) = TailnetPolicy::from_lookup(|k| leaves.get(k).cloned());
+                for w in warnings {
+                    warn!("{w}");
+                }
+                policy
+            },
             tls: match flags.tls.clone() {
                 Some(t) => Some(t),
                 None => tls_from_file(file)?,

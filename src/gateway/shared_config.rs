@@ -38,6 +38,11 @@ pub enum Section {
 impl Section {
     /// The section of a dotted key: its first segment.
     pub fn of(key: &str) -> Section {
+        // The tailnet admission policy is security policy: a gateway that does not apply
+        // synced security keys keeps its own.
+        if is_tailnet_policy(key) {
+            return Section::Security;
+        }
         match key.split('.').next().unwrap_or_default() {
             "models" => Section::Models,
             "skills" => Section::Skills,
@@ -147,16 +152,22 @@ pub fn check_key(key: &str) -> std::result::Result<(), String> {
         }
     }
     let per_gateway = match segments[0] {
-        "gateway" => segments.get(1) != Some(&"failover"),
+        "gateway" => segments.get(1) != Some(&"failover") && !is_tailnet_policy(key),
         "node" | "$schema" => true,
         _ => false,
     };
     if per_gateway {
         return Err(format!(
-            "{key} is per-gateway: set it in that gateway's clawmesh.json (only gateway.failover.* of the gateway.* keys is shared)"
+            "{key} is per-gateway: set it in that gateway's clawmesh.json (of the gateway.* keys only gateway.failover.*, gateway.auth.allowTailscale and gateway.auth.tailscale.* are shared)"
         ));
     }
     Ok(())
+}
+
+/// Whether `key` is part of the tailnet admission policy (`gateway.auth.allowTailscale`,
+/// `gateway.auth.tailscale.*`): shared, unlike the rest of `gateway.auth.*` (secrets).
+pub fn is_tailnet_policy(key: &str) -> bool {
+    key == "gateway.auth.allowTailscale" || key.starts_with("gateway.auth.tailscale.")
 }
 
 /// Whether a key holds a secret whose value `config show` must not print.
@@ -392,6 +403,14 @@ mod tests {
             .unwrap_err()
             .contains("per-gateway"));
         assert!(check_key("gateway.sync.overrideLocal").is_err());
+        // The tailnet admission policy is shared (as security); the rest of gateway.auth is not.
+        assert!(check_key("gateway.auth.allowTailscale").is_ok());
+        assert!(check_key("gateway.auth.tailscale.nodeTags").is_ok());
+        assert!(check_key("gateway.auth.token").is_err());
+        assert_eq!(
+            Section::of("gateway.auth.tailscale.operatorUsers"),
+            Section::Security
+        );
         assert!(check_key("node.name").is_err());
         assert!(check_key("").is_err());
         assert!(check_key("a..b").is_err());

@@ -53,6 +53,8 @@ struct State {
     text: Option<String>,
     /// Fixture whois answers by node key.
     whois: Vec<(String, String)>,
+    /// Owners' logins of user-owned peers by node key (default `user@example.com`).
+    logins: Vec<(String, String)>,
 }
 
 /// A running fake daemon. Dropping it stops it and removes the socket.
@@ -100,6 +102,7 @@ impl FakeTailscaled {
                     WHOIS_LAPTOP_ALICE.to_string(),
                 ),
             ],
+            logins: Vec::new(),
         }));
         let mut fake = FakeTailscaled {
             path: path.to_path_buf(),
@@ -239,6 +242,32 @@ impl FakeTailscaled {
         }
         v["Peer"][key] = peer;
         self.set_status(v);
+    }
+
+    /// Sets the login of the user who owns the (untagged) peer `host`; whois of it answers
+    /// with that `UserProfile.LoginName`.
+    pub fn set_login(&self, host: &str, login: &str) {
+        let key = self.key_of(host).expect("no such peer");
+        let mut s = self.state.lock().expect("lock");
+        s.logins.retain(|(k, _)| *k != key);
+        s.logins.push((key, login.to_string()));
+    }
+
+    /// Removes the peer `host` from the tailnet: whois of its address answers 404.
+    pub fn remove_peer(&self, host: &str) {
+        let mut v = self.status();
+        if let Some(peers) = v["Peer"].as_object_mut() {
+            peers.retain(|_, p| p["HostName"] != host);
+        }
+        self.set_status(v);
+    }
+
+    fn key_of(&self, host: &str) -> Option<String> {
+        self.status()["Peer"]
+            .as_object()?
+            .iter()
+            .find(|(_, p)| p["HostName"] == host)
+            .map(|(k, _)| k.clone())
     }
 
     /// Stops serving and removes the socket: "tailscaled not running".
@@ -384,6 +413,12 @@ fn whois(s: &State, addr: &str) -> Reply {
     }
     let tagged = node["Tags"].as_array().is_some_and(|t| !t.is_empty());
     let user_id = node["UserID"].clone();
+    let login = s
+        .logins
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, l)| l.as_str())
+        .unwrap_or("user@example.com");
     let mut resp = json!({
         "Node": {
             "ID": node["NodeID"],
@@ -401,7 +436,7 @@ fn whois(s: &State, addr: &str) -> Reply {
         },
         "UserProfile": {
             "ID": user_id,
-            "LoginName": if tagged { "tagged-devices" } else { "user@example.com" },
+            "LoginName": if tagged { "tagged-devices" } else { login },
             "DisplayName": if tagged { "Tagged Devices" } else { "Example User" },
         },
         "CapMap": null

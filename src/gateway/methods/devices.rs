@@ -196,7 +196,7 @@ impl Methods {
     }
 
     /// Sends one device's pairing decision to every gateway of the federation.
-    pub(super) fn publish_pairing(&self, public_key: &str) {
+    pub fn publish_pairing(&self, public_key: &str) {
         let (Some(mesh), Ok(key)) = (
             self.inner.mesh.get(),
             clawmesh_federation::identity::PublicKey::from_base64(public_key),

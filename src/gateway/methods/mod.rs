@@ -33,6 +33,7 @@ mod nodes;
 use crate::gateway::registry::{self, NodeRegistry};
 use crate::gateway::scopes;
 use crate::gateway::shared_config::SyncPolicy;
+use crate::gateway::tailnet_auth::TailnetAuth;
 
 /// Largest params document accepted (JSON text): operator requests are small; a bigger one
 /// is a mistake or an attack.
@@ -129,6 +130,7 @@ struct Inner {
     front_doors: OnceLock<Value>,
     nodes: Arc<NodeRegistry>,
     pairing: Registry,
+    tailnet: OnceLock<Arc<TailnetAuth>>,
     started: Instant,
     started_at: SystemTime,
 }
@@ -168,6 +170,7 @@ impl Methods {
                 front_doors: OnceLock::new(),
                 nodes,
                 pairing,
+                tailnet: OnceLock::new(),
                 started: Instant::now(),
                 started_at: SystemTime::now(),
             }),
@@ -267,6 +270,16 @@ impl Methods {
     /// The pairing registry.
     pub fn pairing(&self) -> &Registry {
         &self.inner.pairing
+    }
+
+    /// Attaches the tailnet admission service (once, at start).
+    pub fn set_tailnet(&self, t: Arc<TailnetAuth>) {
+        let _ = self.inner.tailnet.set(t);
+    }
+
+    /// The tailnet admission service, once attached.
+    pub fn tailnet(&self) -> Option<&Arc<TailnetAuth>> {
+        self.inner.tailnet.get()
     }
 
     fn mesh(&self) -> Result<&Mesh, WireError> {

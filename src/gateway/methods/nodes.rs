@@ -227,6 +227,18 @@ impl Methods {
                 "approvalState": "approved",
             }));
         }
+        // How each paired node was admitted (pairing records are federation-wide, so this
+        // also covers nodes attached to other gateways).
+        let admitted: HashMap<&str, _> = paired.iter().map(|p| (p.device_id.as_str(), p)).collect();
+        for row in &mut out {
+            let Some(p) = row["nodeId"].as_str().and_then(|id| admitted.get(id)) else {
+                continue;
+            };
+            row["approvedBy"] = json!(p.approved_by);
+            if let Some(t) = &p.tailnet {
+                row["tailnet"] = t.clone();
+            }
+        }
         Ok(out)
     }
 
