@@ -756,11 +756,17 @@ mod tests {
             .unwrap();
         assert_eq!(all.records[0].record.audit, audit.audit);
         // Newest n, still in time order.
-        let last2 = q(Query {
-            limit: 2,
-            ..Query::default()
-        });
-        assert_eq!(last2.len(), 2);
+        let last2: Vec<String> = c
+            .query_now(&Query {
+                limit: 2,
+                ..Query::default()
+            })
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|s| s.record.message)
+            .collect();
+        assert_eq!(last2, vec!["exec failed", "hello"]);
     }
 
     #[test]
