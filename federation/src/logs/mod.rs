@@ -5,11 +5,13 @@
 //! - [`layer`]: the tracing layer that hands events to the spool without blocking the caller;
 //! - [`ship`]: batches from the spool to the current primary over the mesh, resumed from the
 //!   collector's cursor after any fault, backfilled to a new collector;
+//! - [`service`]: the `logs.*` requests between gateways and the mesh router;
 //! - [`collector`]: the primary's durable store, deduplicated by (origin, seq), queried by
 //!   `clawmesh logs`.
 
 pub mod collector;
 pub mod layer;
+pub mod service;
 pub mod record;
 pub mod ship;
 pub mod spool;
