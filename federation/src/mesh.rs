@@ -159,8 +159,10 @@ impl Handler for LinkHandler {
         match service.get() {
             Some(s) => s.handle(self.from, req),
             None => Box::pin(async move {
-                let mut e =
-                    WireError::new("UNAVAILABLE", format!("{what} is not running on this gateway"));
+                let mut e = WireError::new(
+                    "UNAVAILABLE",
+                    format!("{what} is not running on this gateway"),
+                );
                 e.retryable = true;
                 Err(e)
             }),

@@ -132,19 +132,35 @@ pub fn start_writer(spool: Spool, gateway: &str, capacity: usize) -> std::io::Re
 }
 
 /// The tracing layer: every event at or above the configured level goes to the hand-off.
+///
+/// A process installs its subscriber before it knows whether it will be a gateway (and under
+/// which name): the layer may start without a hand-off ([`SpoolLayer::unattached`]) and get
+/// one later ([`SpoolLayer::attach`]); until then it ignores events at the cost of one load.
 #[derive(Debug, Clone)]
 pub struct SpoolLayer {
-    handoff: Handoff,
+    handoff: Arc<std::sync::OnceLock<Handoff>>,
     max_level: Arc<AtomicU8>,
 }
 
 impl SpoolLayer {
     /// A layer that offers events up to `max_level` (e.g. `Info`) to `handoff`.
     pub fn new(handoff: Handoff, max_level: Level) -> SpoolLayer {
+        let layer = SpoolLayer::unattached(max_level);
+        layer.attach(handoff);
+        layer
+    }
+
+    /// A layer without a hand-off yet (events are ignored until [`SpoolLayer::attach`]).
+    pub fn unattached(max_level: Level) -> SpoolLayer {
         SpoolLayer {
-            handoff,
+            handoff: Arc::new(std::sync::OnceLock::new()),
             max_level: Arc::new(AtomicU8::new(max_level.as_u8())),
         }
+    }
+
+    /// Gives the layer its hand-off (once; a second call is ignored).
+    pub fn attach(&self, handoff: Handoff) {
+        let _ = self.handoff.set(handoff);
     }
 
     /// Changes the level live (the shared config's log level).
@@ -155,6 +171,9 @@ impl SpoolLayer {
 
 impl<S: Subscriber> Layer<S> for SpoolLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let Some(handoff) = self.handoff.get() else {
+            return;
+        };
         let meta = event.metadata();
         let level = Level::from_tracing(meta.level());
         if level.as_u8() > self.max_level.load(Ordering::Relaxed) {
@@ -166,7 +185,7 @@ impl<S: Subscriber> Layer<S> for SpoolLayer {
         }
         let mut v = Fields::default();
         event.record(&mut v);
-        self.handoff.offer(Entry {
+        handoff.offer(Entry {
             ts_ms: now_ms(),
             level,
             node: None,

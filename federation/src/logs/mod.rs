@@ -11,8 +11,8 @@
 
 pub mod collector;
 pub mod layer;
-pub mod service;
 pub mod record;
+pub mod service;
 pub mod ship;
 pub mod spool;
 

@@ -12,6 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use quinn::Connection;
+
 use super::collector::{Batch, Collector, Query, QueryReply};
 use super::ship::{Destination, LocalDestination, Router, ShipError};
 use crate::consensus::network::{decode, encode};
@@ -77,53 +79,80 @@ impl PeerService for LogService {
     fn handle(&self, _from: PublicKey, req: Request) -> BoxFuture<Result<String, WireError>> {
         let me = self.clone();
         Box::pin(async move {
-            match req.method.as_str() {
-                METHOD_CURSOR => {
-                    if !me.is_primary() {
-                        return Err(not_primary());
-                    }
-                    let c = me.collector.clone();
-                    let cur = tokio::task::spawn_blocking(move || c.cursor())
-                        .await
-                        .map_err(unavailable)?
-                        .map_err(unavailable)?;
-                    encode(&cur, true).map_err(unavailable)
-                }
-                METHOD_PUSH => {
-                    if !me.is_primary() {
-                        return Err(not_primary());
-                    }
-                    let batch: Batch = decode(&req.params).map_err(bad)?;
-                    let c = me.collector.clone();
-                    let ack = tokio::task::spawn_blocking(move || c.ingest(&batch))
-                        .await
-                        .map_err(unavailable)?
-                        .map_err(unavailable)?;
-                    encode(&ack, true).map_err(unavailable)
-                }
-                METHOD_QUERY => {
-                    let q: Query = decode(&req.params).map_err(bad)?;
-                    let reply = me.collector.query(&q).await.map_err(unavailable)?;
-                    encode(&reply, true).map_err(unavailable)
-                }
-                other => Err(WireError::new(
-                    "INVALID_REQUEST",
-                    format!("unknown method {other}"),
-                )),
+            let ships = req.method == METHOD_CURSOR || req.method == METHOD_PUSH;
+            if ships && !me.is_primary() {
+                return Err(not_primary());
             }
+            answer(&me.collector, &req).await
         })
     }
 }
 
+/// Answers one `logs.*` request from `collector` (the caller checked that it should).
+pub async fn answer(collector: &Collector, req: &Request) -> Result<String, WireError> {
+    match req.method.as_str() {
+        METHOD_CURSOR => {
+            let c = collector.clone();
+            let cur = tokio::task::spawn_blocking(move || c.cursor())
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)?;
+            encode(&cur, true).map_err(unavailable)
+        }
+        METHOD_PUSH => {
+            let batch: Batch = decode(&req.params).map_err(bad)?;
+            let c = collector.clone();
+            let ack = tokio::task::spawn_blocking(move || c.ingest(&batch))
+                .await
+                .map_err(unavailable)?
+                .map_err(unavailable)?;
+            encode(&ack, true).map_err(unavailable)
+        }
+        METHOD_QUERY => {
+            let q: Query = decode(&req.params).map_err(bad)?;
+            let reply = collector.query(&q).await.map_err(unavailable)?;
+            encode(&reply, true).map_err(unavailable)
+        }
+        other => Err(WireError::new(
+            "INVALID_REQUEST",
+            format!("unknown method {other}"),
+        )),
+    }
+}
+
+/// Finds the live connection to a collector (the mesh link to the primary).
+pub type ConnFn = Arc<dyn Fn() -> Option<Connection> + Send + Sync>;
+
 /// A collector on another gateway, reached over its mesh link.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RemoteDestination {
-    mesh: Mesh,
-    key: PublicKey,
     name: String,
+    conn: ConnFn,
+}
+
+impl std::fmt::Debug for RemoteDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteDestination")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RemoteDestination {
+    /// The collector `name`, reached over whatever connection `conn` finds at each call.
+    pub fn new(name: &str, conn: ConnFn) -> RemoteDestination {
+        RemoteDestination {
+            name: name.to_string(),
+            conn,
+        }
+    }
+
+    /// The collector on the gateway with `key`, over its mesh link.
+    fn on_mesh(mesh: &Mesh, key: PublicKey, name: &str) -> RemoteDestination {
+        let mesh = mesh.clone();
+        RemoteDestination::new(name, Arc::new(move || mesh.connection_by_key(&key)))
+    }
+
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
         method: &str,
@@ -134,10 +163,7 @@ impl RemoteDestination {
             collector: self.name.clone(),
             reason,
         };
-        let conn = self
-            .mesh
-            .connection_by_key(&self.key)
-            .ok_or_else(|| unreachable("no link".into()))?;
+        let conn = (self.conn)().ok_or_else(|| unreachable("no link".into()))?;
         let text = rpc::call(&conn, method, params, 1, timeout)
             .await
             .map_err(|e| match e {
@@ -194,14 +220,8 @@ impl Router for MeshRouter {
         if key == self.mesh.key() {
             return Some((name, Arc::new(LocalDestination(self.local.clone()))));
         }
-        Some((
-            name.clone(),
-            Arc::new(RemoteDestination {
-                mesh: self.mesh.clone(),
-                key,
-                name,
-            }),
-        ))
+        let dest = RemoteDestination::on_mesh(&self.mesh, key, &name);
+        Some((name, Arc::new(dest)))
     }
 }
 
@@ -224,11 +244,7 @@ pub async fn query(
         })?;
         return Ok((name, reply));
     }
-    let dest = RemoteDestination {
-        mesh: mesh.clone(),
-        key,
-        name: name.clone(),
-    };
+    let dest = RemoteDestination::on_mesh(mesh, key, &name);
     let params = encode(q, true).map_err(|e| ShipError::Refused {
         collector: name.clone(),
         reason: e.to_string(),
