@@ -7,7 +7,7 @@
 //! * three gateways `tokyo` (the configured primary), `beijing` and `frankfurt`, each with
 //!   `--health-interval 1000` (raft timings derive from it: the report shows them, from
 //!   [`clawmesh_federation::consensus::Timings::for_interval`]), joined
-//!   through the in-process WAN relay ([`clawmesh::relay::WanRelay`], on its own one-worker
+//!   through the in-process WAN relay ([`clawmesh::sim::relay::WanRelay`], on its own one-worker
 //!   tokio runtime): each gateway runs with `--advertise <relay public addr of its site>`, so
 //!   every gateway-to-gateway datagram (raft, health pings, mesh events) crosses the relay and
 //!   is counted there. Every path starts at 45 ms round trip, set before the gateways start.
@@ -17,7 +17,7 @@
 //!   Each gateway keeps its UDP port (picked free up front, passed as `--port`) across
 //!   restarts, so the relay site's target stays right.
 //! * The benchmark client is this process: one operator connection per gateway
-//!   (`clawmesh::client::Client::connect(&Target::Local(state_dir))`, straight to the gateway
+//!   (`clawmesh::cli::client::Client::connect(&Target::Local(state_dir))`, straight to the gateway
 //!   on loopback, not through the relay) on a tokio **`current_thread`** runtime.
 //!
 //! 1. **Write visible on all three gateways.** Case A: 45 ms on every path. Case B: 120 ms on
@@ -102,8 +102,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clawmesh::client::{Client, Target};
-use clawmesh::relay::{PathSettings, Peer, RelayStats, WanRelay};
+use clawmesh::cli::client::{Client, Target};
+use clawmesh::sim::relay::{PathSettings, Peer, RelayStats, WanRelay};
 use clawmesh_federation::consensus::Timings;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt as _;

@@ -5,7 +5,7 @@
 //! Everything runs on 127.0.0.1 with real processes (release `clawmesh` binary):
 //!
 //! * three gateways `gw-a` (primary, region `ra`), `gw-b` (`rb`) and `gw-c` (`rc`), joined
-//!   through the in-process WAN relay ([`clawmesh::relay::WanRelay`], on its own one-worker
+//!   through the in-process WAN relay ([`clawmesh::sim::relay::WanRelay`], on its own one-worker
 //!   tokio runtime): each gateway runs with `--advertise <relay public addr>`, so every
 //!   gateway-to-gateway datagram crosses the relay, whose paths start at 0 ms added latency;
 //! * nodes are real `clawmesh node run --gateway quic://<gateway> --label fleet=bench
@@ -15,7 +15,7 @@
 //!   an operator connection for the fleet).
 //!
 //! The benchmark client is this process: one operator connection per gateway
-//! (`clawmesh::client::Client::connect(&Target::Local(state_dir))`) on a tokio
+//! (`clawmesh::cli::client::Client::connect(&Target::Local(state_dir))`) on a tokio
 //! **`current_thread`** runtime.
 //!
 //! 1. **Cross-gateway invoke overhead.** Node `n-a` on gw-a, node `n-b` on gw-b. From the
@@ -72,8 +72,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clawmesh::client::{Client, Target};
-use clawmesh::relay::{PathSettings, WanRelay};
+use clawmesh::cli::client::{Client, Target};
+use clawmesh::sim::relay::{PathSettings, WanRelay};
 use futures_util::FutureExt as _;
 use serde_json::{json, Value};
 use support::{

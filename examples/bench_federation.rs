@@ -53,7 +53,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clawmesh::client::{Client, Target};
+use clawmesh::cli::client::{Client, Target};
 use clawmesh_federation::endpoint::{self, TransportOptions};
 use clawmesh_federation::frame::{self, MAX_FRAME};
 use clawmesh_federation::identity::DeviceIdentity;

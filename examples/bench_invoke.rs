@@ -7,7 +7,7 @@
 //!    `clawmesh node run --gateway quic://ADDR --security full` (release binary), approves the
 //!    node with `clawmesh devices approve` and waits until it is attached. Then, from this
 //!    process, over one QUIC operator connection
-//!    (`clawmesh::client::Client::connect(&Target::Local(gateway_state_dir))`):
+//!    (`clawmesh::cli::client::Client::connect(&Target::Local(gateway_state_dir))`):
 //!    - `node.invoke` `system.which {"bins":["sh"]}`: 10 warm-up calls, then n = 2000 strictly
 //!      sequential calls (p50 / p90 / p99 / max / mean);
 //!    - the same method with 100 concurrent callers for 5 s, first as 100 tasks sharing the one
@@ -72,8 +72,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clawmesh::client::{Client, Target};
-use clawmesh::node_host::which::{self, WhichParams};
+use clawmesh::cli::client::{Client, Target};
+use clawmesh::node::which::{self, WhichParams};
 use serde_json::{json, Value};
 use support::{
     approve_node_cli, check_stop, classic_cmd, classic_gateway_cmd, classic_node_cmd,

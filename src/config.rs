@@ -144,7 +144,7 @@ impl FileConfig {
     /// Every leaf of the file (a value that is not an object) as a dotted key, in key order:
     /// the local side of `config show --effective`.
     pub fn leaves(&self) -> std::collections::BTreeMap<String, Value> {
-        let mut out = crate::shared_config::dotted_leaves(&self.root);
+        let mut out = dotted_leaves(&self.root);
         out.retain(|k, v| {
             !v.is_null() && *v != Value::Object(Default::default()) && k != "$schema"
         });
@@ -285,9 +285,36 @@ fn substitute_env(v: &mut Value, path: &str) -> Result<()> {
     Ok(())
 }
 
+/// Every leaf of a JSON document as a dotted key (`{"models":{"default":"m"}}` gives
+/// `models.default`), in key order. A leaf is any value but a non-empty object: arrays, null
+/// and `{}` are values of their own.
+pub fn dotted_leaves(value: &Value) -> std::collections::BTreeMap<String, Value> {
+    fn walk(v: &Value, prefix: &str, out: &mut std::collections::BTreeMap<String, Value>) {
+        match v {
+            Value::Object(map) if !map.is_empty() => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(v, &key, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.clone());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(value, "", &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn seed_keys_are_known_and_unknown_keys_reported() {
@@ -343,8 +370,15 @@ mod tests {
                 path.display(),
                 cfg.unknown
             );
-            crate::shared_config::SyncPolicy::from_file(&cfg).unwrap();
         }
+    }
+
+    #[test]
+    fn files_flatten_to_dotted_keys() {
+        let out = dotted_leaves(&json!({"models":{"default":"m","p":{"x":[1,2]}},"e":{}}));
+        assert_eq!(out["models.default"], json!("m"));
+        assert_eq!(out["models.p.x"], json!([1, 2]));
+        assert_eq!(out["e"], json!({}));
     }
 
     #[test]

@@ -1,32 +1,57 @@
 //! clawmesh: one federation of AI-agent gateways across regions.
 //!
-//! The `clawmesh` binary is a thin shell over this library: [`cli`] parses and dispatches;
-//! [`gateway`] runs a gateway (mesh + [`methods`] table); [`client`] is the operator side the
-//! CLI uses; [`status`] renders the federation view; [`config`] reads `clawmesh.json`; [`shared_config`] merges it with the federation's
-//! replicated config ([`config_cli`] is `clawmesh config`);
-//! [`state_dir`] finds the state dir and the running gateway; [`relay`] simulates WAN latency
-//! on loopback for [`demo`] and the tests. [`nodes`] is the gateway's registry of attached
-//! nodes; [`node_run`] is the node host process, serving the commands of [`node_host`].
+//! The `clawmesh` binary is a thin shell over this library. Every running instance is a peer:
+//! a gateway (`clawmesh gateway run`, the brain of a region) or a node (`clawmesh node run`,
+//! the hands that run commands). Gateways link over QUIC ([`clawmesh_federation`]) and find
+//! each other through [`clawmesh_discovery`].
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line: the grammar ([`cli::args`]), one file per command family, the
+//!   operator client ([`cli::client`]), the tables people read, and `clawmesh demo`. Only the
+//!   CLI prints for people; it uses everything below, nothing below uses it.
+//! - [`gateway`]: a gateway process: settings, listening, admission, the lifecycle, the
+//!   followers of the shared config, and the operator method table ([`gateway::methods`],
+//!   one file per family of methods) over the node registry ([`gateway::registry`]).
+//! - [`bridge`]: the gateway's classic front door, the OpenClaw WebSocket protocol, into the
+//!   same method table.
+//! - [`node`]: a node host process: pairing, failover between gateways, and the commands it
+//!   serves (`system.run`, `system.which`, exec approvals).
+//! - [`sim`]: the WAN relay that gives loopback paths a continent's latency, loss and cuts.
+//! - Shared by all of them: [`node_protocol`] (what gateways and nodes both say),
+//!   [`config`] (`clawmesh.json`), [`logging`], [`state_dir`].
+//!
+//! # The path of one request
+//!
+//! `clawmesh nodes invoke --node fra-box --command system.run --params '{"command":["uptime"]}'`
+//! on Tokyo, for a node attached to Frankfurt:
+//!
+//! 1. [`cli::args`] parses it; [`cli::nodes`] builds the `node.invoke` params and
+//!    [`cli::client`] dials the local gateway (its address and key come from
+//!    [`state_dir`]), says hello as an operator and sends one request on one QUIC stream.
+//! 2. On Tokyo, `clawmesh_federation::rpc` reads the bounded frame and hands it to
+//!    [`gateway::methods::Methods`]: the table checks the caller's scope, and the `nodes`
+//!    family resolves `fra-box` in the federation's node directory: it is Frankfurt's.
+//! 3. Tokyo forwards the request once over its mesh link to Frankfurt, as a gateway caller;
+//!    Frankfurt's table serves it locally: [`gateway::registry`] holds the node's
+//!    `NodeLink` (a QUIC session, or a classic WebSocket session from [`bridge`]).
+//! 4. On the node, [`node::exec`] checks the exec approvals and runs the argv in its own
+//!    process group; the result travels back the same way, and [`cli`] prints it.
+//!
+//! A classic `openclaw gateway call node.invoke` enters at step 2 through [`bridge`] instead;
+//! the rest is the same.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod bridge;
 pub mod cli;
-pub mod client;
 pub mod config;
-pub mod config_cli;
-pub mod demo;
 pub mod gateway;
-pub mod methods;
-pub mod node_cli;
-pub mod node_host;
-pub mod node_run;
-pub mod nodes;
-pub mod relay;
-pub mod scopes;
-pub mod shared_config;
+pub mod logging;
+pub mod node;
+pub mod node_protocol;
+pub mod sim;
 pub mod state_dir;
-pub mod status;
 
 /// Software version, reported in status and hellos.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clawmesh::relay::{PathSettings, WanRelay};
+use clawmesh::sim::relay::{PathSettings, WanRelay};
 use common::*;
 use serde_json::Value;
 
@@ -523,8 +523,10 @@ fn offline_remote_catches_up_and_a_newcomer_gets_a_snapshot() {
     let write_many = |from: u64, to: u64| -> u64 {
         rt.block_on(async {
             use futures_util::StreamExt as _;
-            let target = clawmesh::client::Target::Local(tyo.clone());
-            let client = clawmesh::client::Client::connect(&target).await.unwrap();
+            let target = clawmesh::cli::client::Target::Local(tyo.clone());
+            let client = clawmesh::cli::client::Client::connect(&target)
+                .await
+                .unwrap();
             let client = &client;
             let revisions: Vec<u64> = futures_util::stream::iter(from..to)
                 .map(|i| async move {

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clawmesh::relay::{PathSettings, WanRelay};
+use clawmesh::sim::relay::{PathSettings, WanRelay};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};

@@ -29,7 +29,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clawmesh::relay::WanRelay;
+use clawmesh::sim::relay::WanRelay;
 use futures_util::future::LocalBoxFuture;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;

@@ -69,27 +69,7 @@ pub struct DeviceMeta {
     pub client_mode: String,
 }
 
-/// One device's pairing state, as gateways exchange it so that a device approved (or revoked)
-/// on any gateway is approved (or revoked) on all: the newest change wins.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct PairingRecord {
-    /// The device key.
-    pub key: PublicKey,
-    /// Paired (true) or revoked (false).
-    pub approved: bool,
-    /// When this state was decided (ms since the epoch): the newest wins.
-    pub changed_at_ms: u64,
-    /// Name.
-    pub name: String,
-    /// Role.
-    pub role: String,
-    /// Platform.
-    pub platform: String,
-    /// Classic metadata (JSON text).
-    pub meta: String,
-    /// Device token for the role and its issue time, so the device can use it on any gateway.
-    pub token: Option<(String, u64)>,
-}
+pub use crate::wire::PairingRecord;
 
 /// A device waiting for approval.
 #[derive(Debug, Clone, PartialEq, Serialize)]

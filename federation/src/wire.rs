@@ -259,7 +259,7 @@ pub enum Event {
     /// The nodes attached to the sender.
     NodeDirectory(crate::directory::NodeDirectory),
     /// Pairing decisions (approvals and revocations), newest wins.
-    PairingSync(Vec<crate::pairing::PairingRecord>),
+    PairingSync(Vec<PairingRecord>),
 }
 
 /// Health datagrams.
@@ -275,4 +275,26 @@ pub enum Datagram {
         /// The ping's sequence number.
         seq: u64,
     },
+}
+
+/// One device's pairing state, as gateways exchange it so that a device approved (or revoked)
+/// on any gateway is approved (or revoked) on all: the newest change wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PairingRecord {
+    /// The device key.
+    pub key: PublicKey,
+    /// Paired (true) or revoked (false).
+    pub approved: bool,
+    /// When this state was decided (ms since the epoch): the newest wins.
+    pub changed_at_ms: u64,
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: String,
+    /// Platform.
+    pub platform: String,
+    /// Classic metadata (JSON text).
+    pub meta: String,
+    /// Device token for the role and its issue time, so the device can use it on any gateway.
+    pub token: Option<(String, u64)>,
 }

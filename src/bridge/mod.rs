@@ -31,7 +31,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::methods::Methods;
+use crate::gateway::methods::Methods;
 
 /// Largest frame after `hello-ok` (classic `policy.maxPayload`, 25 MiB).
 pub const MAX_PAYLOAD: usize = 26_214_400;
@@ -75,7 +75,7 @@ impl Bridge {
     }
 
     fn features_methods(&self) -> Vec<&'static str> {
-        let mut m = crate::methods::method_names();
+        let mut m = crate::gateway::methods::method_names();
         m.extend([
             "node.invoke.result",
             "node.event",

@@ -20,7 +20,7 @@ use super::connect::{self, Authed, Role};
 use super::frames::{self, Inbound};
 use super::outbox::{Outbound, Outbox};
 use super::Bridge;
-use crate::nodes::{NodeInfo, NodeLink};
+use crate::gateway::registry::{NodeInfo, NodeLink};
 
 /// Largest frame before `hello-ok` (classic: 64 KiB, close 1009).
 pub const PREAUTH_MAX: usize = 65_536;

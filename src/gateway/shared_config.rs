@@ -119,32 +119,6 @@ impl SyncPolicy {
     }
 }
 
-/// Every leaf of a JSON document as a dotted key (`{"models":{"default":"m"}}` gives
-/// `models.default`), in key order. A leaf is any value but a non-empty object: arrays, null
-/// and `{}` are values of their own.
-pub fn dotted_leaves(value: &Value) -> BTreeMap<String, Value> {
-    fn walk(v: &Value, prefix: &str, out: &mut BTreeMap<String, Value>) {
-        match v {
-            Value::Object(map) if !map.is_empty() => {
-                for (k, v) in map {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    walk(v, &key, out);
-                }
-            }
-            other => {
-                out.insert(prefix.to_string(), other.clone());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(value, "", &mut out);
-    out
-}
-
 /// Checks a key before it is written to the shared config: dotted segments of letters,
 /// digits, `_` and `-`, and not one of the per-gateway keys (identity, addresses, secrets,
 /// the sync policy itself), which only that gateway's `clawmesh.json` may set.
@@ -356,6 +330,18 @@ mod tests {
     }
 
     #[test]
+    fn shipped_deploy_configs_have_valid_sync_policies() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/deploy");
+        for name in ["tokyo", "beijing", "frankfurt"] {
+            let path = dir.join(format!("{name}.clawmesh.json"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = text.replace("{{CLAWMESH_TOKEN}}", "t");
+            let cfg = FileConfig::parse(&text, Some(path.clone())).unwrap();
+            SyncPolicy::from_file(&cfg).unwrap();
+        }
+    }
+
+    #[test]
     fn local_wins_unless_override() {
         let l = local(&[("models.default", json!("ernie-4.0"))]);
         let s = synced(&[("models.default", "\"gpt-5\"", 7), ("channels.x", "1", 8)]);
@@ -396,14 +382,6 @@ mod tests {
         assert_eq!(keys, ["logging.level", "skills.web"]);
         assert_eq!(ign.len(), 2);
         assert!(ign[0].reason.contains("syncModels"));
-    }
-
-    #[test]
-    fn files_flatten_to_dotted_keys() {
-        let out = dotted_leaves(&json!({"models":{"default":"m","p":{"x":[1,2]}},"e":{}}));
-        assert_eq!(out["models.default"], json!("m"));
-        assert_eq!(out["models.p.x"], json!([1, 2]));
-        assert_eq!(out["e"], json!({}));
     }
 
     #[test]

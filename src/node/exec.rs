@@ -702,7 +702,7 @@ async fn drain<R: AsyncRead + Unpin>(pipe: Option<R>, capture: &mut Capture) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node_host::approvals::{Security, SetParams};
+    use crate::node::approvals::{Security, SetParams};
     use std::time::Instant;
 
     fn params(argv: &[&str]) -> RunParams {

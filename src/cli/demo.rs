@@ -16,8 +16,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
-use crate::client::{self, Target};
-use crate::relay::{PathSettings, WanRelay};
+use crate::cli::client::{self, Target};
+use crate::sim::relay::{PathSettings, WanRelay};
 use crate::state_dir::Runtime;
 
 struct Site {
@@ -242,7 +242,7 @@ pub async fn run(health_interval_ms: u64) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(health_interval_ms * 4)).await;
         let doc = status(&tokyo).await.unwrap_or(doc);
         println!("\n$ clawmesh gateway status --all   (on tokyo)");
-        print!("{}", crate::status::render_table(&doc));
+        print!("{}", crate::cli::status::render_table(&doc));
 
         // One node per region, attached to its own gateway; pairing approved on that gateway.
         println!("\nStarting a node in each region and approving its pairing on its gateway...");
@@ -340,7 +340,7 @@ pub async fn run(health_interval_ms: u64) -> Result<()> {
             health_interval_ms
         );
         println!("$ clawmesh gateway status --all   (on tokyo)");
-        print!("{}", crate::status::render_table(&doc));
+        print!("{}", crate::cli::status::render_table(&doc));
         // frankfurt's node learned the other gateways when it attached: it moves on by itself.
         let moved = wait_call(&tokyo, "node.list", json!({"all": true}), Duration::from_secs(30), |d| {
             d["nodes"].as_array().into_iter().flatten().any(|n| {

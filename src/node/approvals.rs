@@ -86,7 +86,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -129,50 +128,7 @@ const NODE_PLACEHOLDER: &str = "<node>";
 /// whole file is bounded by [`MAX_FILE_BYTES`] anyway.
 const READ_CHUNK: usize = 8192;
 
-/// Exec security level: what the node runs without asking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Security {
-    /// Nothing runs.
-    Deny,
-    /// Only programs matching an allowlist pattern run.
-    Allowlist,
-    /// Everything runs (the node's `--security full` start flag, or the file).
-    Full,
-}
-
-impl Security {
-    /// The level's name as written in the file and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Security::Deny => "deny",
-            Security::Allowlist => "allowlist",
-            Security::Full => "full",
-        }
-    }
-}
-
-impl fmt::Display for Security {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Security {
-    type Err = String;
-
-    /// Parse `deny|allowlist|full` (for `--security` flags).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "deny" => Ok(Security::Deny),
-            "allowlist" => Ok(Security::Allowlist),
-            "full" => Ok(Security::Full),
-            other => Err(format!(
-                "unknown exec security {other:?}; expected deny, allowlist or full"
-            )),
-        }
-    }
-}
+pub use crate::node_protocol::Security;
 
 /// The approvals file, typed where the node needs it, with every other key
 /// kept in `extra` maps so a rewrite preserves what it does not understand.

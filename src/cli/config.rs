@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde_json::{json, Value};
 
+use crate::cli::client::Target;
 use crate::cli::{call, TargetArgs};
-use crate::client::Target;
 
 /// How long the CLI waits for a write: the gateway's own write timeout (5 s by default,
 /// covering an election) plus a WAN round trip.
@@ -172,9 +172,8 @@ pub async fn run(cmd: ConfigCmd, state_dir: &Path) -> Result<i32> {
             if !v.is_object() {
                 bail!("{}: the top level must be a JSON object", file.display());
             }
-            let values: serde_json::Map<String, Value> = crate::shared_config::dotted_leaves(&v)
-                .into_iter()
-                .collect();
+            let values: serde_json::Map<String, Value> =
+                crate::config::dotted_leaves(&v).into_iter().collect();
             let n = values.len();
             let doc = call(
                 &target(t),

@@ -29,6 +29,7 @@
 
 pub mod approvals;
 pub mod exec;
+pub mod run;
 pub mod which;
 
 /// Classic error code for a request whose parameters are wrong: the caller

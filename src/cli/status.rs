@@ -1,54 +1,12 @@
-//! The federation status view: the JSON of `gateway status --json` and the table people read.
+//! The federation status table people read (`gateway status`), and the `--check` verdict.
 //!
-//! The gateway builds the JSON from its mesh; the CLI renders whatever JSON it received, so
-//! the table is the same whether it came from the local gateway or one reached with `--url`.
+//! The gateway builds the JSON ([`crate::gateway::status`]); the CLI renders whatever JSON it
+//! received, so the table is the same whether it came from the local gateway or one reached
+//! with `--url`.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use clawmesh_federation::mesh::MeshStatus;
-use serde_json::{json, Value};
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-/// The JSON document of `gateway status --json`.
-pub fn to_json(s: &MeshStatus, all: bool) -> Value {
-    let gateways: Vec<Value> = s
-        .gateways
-        .iter()
-        .filter(|g| all || g.is_self)
-        .map(|g| {
-            json!({
-                "name": g.name,
-                "region": g.region,
-                "deviceId": g.device_id.to_string(),
-                "role": if g.primary { "primary" } else { "remote" },
-                "status": g.status.as_str(),
-                "latencyMs": g.latency.map(ms),
-                "lastSeen": g.last_seen.map(rfc3339),
-                "addr": g.addr,
-                "version": g.version,
-                "isSelf": g.is_self,
-                "latencyP99Ms": g.latency_p99.map(ms),
-                "missedPings": g.missed,
-                "lastError": g.last_error,
-            })
-        })
-        .collect();
-    json!({
-        "self": s.self_name,
-        "primary": s.primary,
-        "gateways": gateways,
-        "epoch": s.epoch,
-        "healthIntervalMs": s.health.interval.as_millis() as u64,
-        "unhealthyThreshold": s.health.unhealthy_threshold,
-    })
-}
+use serde_json::Value;
 
 /// Whether every gateway in a status document is healthy (for `--check`).
 pub fn all_healthy(doc: &Value) -> bool {
@@ -187,6 +145,7 @@ fn consensus_line(c: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn consensus_line_says_why_there_is_no_primary() {

@@ -21,9 +21,9 @@ use clawmesh_federation::wire::{HelloRole, NodeHello, RefusalCode, Request, Wire
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::node_host::approvals::{ExecApprovals, Security, SetParams};
-use crate::node_host::exec::{self, ExecLimits, RunParams};
-use crate::node_host::which::{self, WhichParams};
+use crate::node::approvals::{ExecApprovals, Security, SetParams};
+use crate::node::exec::{self, ExecLimits, RunParams};
+use crate::node::which::{self, WhichParams};
 
 /// Commands a clawmesh node offers.
 pub const COMMANDS: &[&str] = &[
@@ -59,9 +59,7 @@ pub struct NodeHandler {
     inner: Arc<NodeInner>,
 }
 
-/// What the gateway sends a node to set the federation's default exec level
-/// (`security.exec.defaultLevel` of the shared config); not offered to operators.
-pub const DEFAULTS_COMMAND: &str = "system.execApprovals.defaults";
+use crate::node_protocol::DEFAULTS_COMMAND;
 
 struct NodeInner {
     approvals: ExecApprovals,

@@ -1,0 +1,140 @@
+//! `clawmesh devices list|approve|reject|revoke`: who may join, decided by an operator.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::{json, Value};
+
+use crate::cli::args::DevicesCmd;
+use crate::cli::{call, table, target, CALL_TIMEOUT};
+
+/// `clawmesh devices ...`
+pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
+    match cmd {
+        DevicesCmd::List { json, target: t } => {
+            let doc = call(
+                &target(t, state_dir),
+                "device.pair.list",
+                json!({}),
+                CALL_TIMEOUT,
+            )
+            .await?;
+            if json {
+                let pending: Vec<Value> = doc["pending"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
+                    "requestId": p["requestId"], "deviceId": p["deviceId"], "name": p["name"], "role": p["role"],
+                    "addr": p["addr"], "requestedAt": p["requestedAt"], "fingerprint": p["fingerprint"],
+                })).collect();
+                let paired: Vec<Value> = doc["paired"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
+                    "deviceId": p["deviceId"], "name": p["name"], "role": p["role"], "approvedAt": p["approvedAt"],
+                    "fingerprint": p["fingerprint"],
+                })).collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"pending": pending, "paired": paired}))?
+                );
+                return Ok(0);
+            }
+            let pending = doc["pending"].as_array().cloned().unwrap_or_default();
+            let paired = doc["paired"].as_array().cloned().unwrap_or_default();
+            println!("Pending ({})", pending.len());
+            if !pending.is_empty() {
+                let mut t = table(&[
+                    "Request",
+                    "Name",
+                    "Role",
+                    "Address",
+                    "Fingerprint",
+                    "Requested",
+                ]);
+                for p in &pending {
+                    t.add_row(
+                        [
+                            "requestId",
+                            "name",
+                            "role",
+                            "addr",
+                            "fingerprint",
+                            "requestedAt",
+                        ]
+                        .map(|k| p[k].as_str().unwrap_or("-").to_string()),
+                    );
+                }
+                println!("{t}");
+            }
+            println!("Paired ({})", paired.len());
+            if !paired.is_empty() {
+                let mut t = table(&["Device", "Name", "Role", "Fingerprint", "Approved"]);
+                for p in &paired {
+                    let mut row = ["deviceId", "name", "role", "fingerprint", "approvedAt"]
+                        .map(|k| p[k].as_str().unwrap_or("-").to_string());
+                    row[0].truncate(16);
+                    t.add_row(row);
+                }
+                println!("{t}");
+            }
+            println!("Compare fingerprints with `clawmesh identity show` on the device before approving.");
+            Ok(0)
+        }
+        DevicesCmd::Approve {
+            selector,
+            target: t,
+        } => {
+            let doc = call(
+                &target(t, state_dir),
+                "device.pair.approve",
+                json!({"requestId": selector}),
+                CALL_TIMEOUT,
+            )
+            .await?;
+            let d = &doc["device"];
+            println!(
+                "approved {} ({}) as {}; it attaches by itself on its next retry",
+                d["name"].as_str().unwrap_or("?"),
+                d["deviceId"].as_str().unwrap_or("?"),
+                d["role"].as_str().unwrap_or("?")
+            );
+            Ok(0)
+        }
+        DevicesCmd::Reject {
+            selector,
+            target: t,
+        } => {
+            let doc = call(
+                &target(t, state_dir),
+                "device.pair.reject",
+                json!({"requestId": selector}),
+                CALL_TIMEOUT,
+            )
+            .await?;
+            println!(
+                "rejected pairing request {} (device {})",
+                doc["requestId"].as_str().unwrap_or("?"),
+                doc["deviceId"].as_str().unwrap_or("?")
+            );
+            Ok(0)
+        }
+        DevicesCmd::Revoke {
+            selector,
+            target: t,
+        } => {
+            let doc = call(
+                &target(t, state_dir),
+                "device.pair.remove",
+                json!({"deviceId": selector}),
+                CALL_TIMEOUT,
+            )
+            .await?;
+            println!(
+                "revoked {} ({}){}",
+                doc["name"].as_str().unwrap_or("?"),
+                doc["deviceId"].as_str().unwrap_or("?"),
+                if doc["disconnected"] == true {
+                    "; disconnected it"
+                } else {
+                    ""
+                }
+            );
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! `clawmesh nodes status|describe|invoke`: the federation's nodes, listed and invoked.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use crate::cli::args::NodesCmd;
+use crate::cli::{call, table, target, CALL_TIMEOUT};
+
+/// `clawmesh nodes ...`
+pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
+    match cmd {
+        NodesCmd::Status {
+            all,
+            json,
+            target: t,
+        } => {
+            let doc = call(
+                &target(t, state_dir),
+                "node.list",
+                json!({"all": all}),
+                CALL_TIMEOUT,
+            )
+            .await?;
+            let nodes = doc["nodes"].as_array().cloned().unwrap_or_default();
+            let paired = nodes.iter().filter(|n| n["paired"] == true).count();
+            let connected = nodes.iter().filter(|n| n["connected"] == true).count();
+            if json {
+                let out: Vec<Value> = nodes
+                    .iter()
+                    .map(|n| {
+                        json!({
+                            "nodeId": n["nodeId"], "name": n["displayName"], "ip": n["remoteIp"],
+                            "gateway": n["gateway"], "paired": n["paired"], "connected": n["connected"],
+                            "transport": n["transport"], "labels": n["labels"],
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "known": nodes.len(), "paired": paired, "connected": connected, "nodes": out
+                    }))?
+                );
+            } else {
+                println!(
+                    "Known: {} · Paired: {paired} · Connected: {connected}",
+                    nodes.len()
+                );
+                if !nodes.is_empty() {
+                    let mut t = table(&["Node", "IP", "Status", "Gateway", "Transport", "Labels"]);
+                    for n in &nodes {
+                        let mut status = Vec::new();
+                        status.push(if n["paired"] == true {
+                            "paired"
+                        } else {
+                            "unpaired"
+                        });
+                        status.push(if n["connected"] == true {
+                            "connected"
+                        } else {
+                            "disconnected"
+                        });
+                        t.add_row(vec![
+                            n["displayName"].as_str().unwrap_or("?").to_string(),
+                            n["remoteIp"].as_str().unwrap_or("-").to_string(),
+                            status.join(" · "),
+                            n["gateway"].as_str().unwrap_or("-").to_string(),
+                            n["transport"].as_str().unwrap_or("-").to_string(),
+                            n["labels"]
+                                .as_object()
+                                .map(|m| {
+                                    m.iter()
+                                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                                        .collect::<Vec<_>>()
+                                        .join(",")
+                                })
+                                .unwrap_or_default(),
+                        ]);
+                    }
+                    println!("{t}");
+                }
+            }
+            Ok(0)
+        }
+        NodesCmd::Describe {
+            node,
+            json,
+            target: t,
+        } => {
+            let doc = call(
+                &target(t, state_dir),
+                "node.describe",
+                json!({"nodeId": node}),
+                CALL_TIMEOUT,
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                let mut t = table(&["Field", "Value"]);
+                for k in [
+                    "displayName",
+                    "nodeId",
+                    "remoteIp",
+                    "gateway",
+                    "transport",
+                    "platform",
+                    "version",
+                    "paired",
+                    "connected",
+                    "commands",
+                    "labels",
+                ] {
+                    let v = &doc[k];
+                    let text = match v {
+                        Value::String(s) => s.clone(),
+                        Value::Null => "-".into(),
+                        other => other.to_string(),
+                    };
+                    t.add_row(vec![k.to_string(), text]);
+                }
+                println!("{t}");
+            }
+            Ok(0)
+        }
+        NodesCmd::Invoke {
+            node,
+            all,
+            command,
+            params,
+            timeout,
+            json,
+            target: t,
+        } => {
+            let params: Value = serde_json::from_str(&params)
+                .with_context(|| format!("--params is not valid JSON: {params}"))?;
+            let req = json!({
+                "nodeId": node,
+                "command": command,
+                "params": params,
+                "timeoutMs": timeout,
+                "idempotencyKey": format!("{:032x}", rand::random::<u128>()),
+                "all": all,
+            });
+            // The gateway enforces `timeout`; wait a little longer for its answer.
+            let doc = call(
+                &target(t, state_dir),
+                "node.invoke",
+                req,
+                Duration::from_millis(timeout) + Duration::from_secs(5),
+            )
+            .await?;
+            if all {
+                if json {
+                    println!("{}", serde_json::to_string(&doc)?);
+                } else {
+                    for r in doc["results"].as_array().into_iter().flatten() {
+                        let who = format!(
+                            "{}/{}",
+                            r["gateway"].as_str().unwrap_or("?"),
+                            r["displayName"].as_str().unwrap_or("?")
+                        );
+                        if r["ok"] == true {
+                            println!("{who}: {}", serde_json::to_string(&r["payload"])?);
+                        } else {
+                            println!(
+                                "{who}: error: {}",
+                                r["error"]["message"].as_str().unwrap_or("?")
+                            );
+                        }
+                    }
+                }
+                return Ok(if doc["failed"].as_u64().unwrap_or(0) > 0 {
+                    crate::cli::EXIT_ERROR
+                } else {
+                    0
+                });
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&json!({
+                        "ok": doc["ok"], "nodeId": doc["nodeId"], "command": doc["command"], "payload": doc["payload"]
+                    }))?
+                );
+            } else {
+                println!("{}", serde_json::to_string_pretty(&doc["payload"])?);
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Who may come in: operators (token, paired device) and nodes (paired, pending, refused)
+//! dialing this gateway over QUIC, and what happens once they are in.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Result;
+use clawmesh_federation::handshake;
+use clawmesh_federation::health::HealthConfig;
+use clawmesh_federation::identity::PublicKey;
+use clawmesh_federation::liveness;
+use clawmesh_federation::mesh::Admission;
+use clawmesh_federation::pairing::{Admission as PairingDecision, DeviceMeta};
+use clawmesh_federation::rpc::{self, Caller, CallerKind};
+use clawmesh_federation::wire::{Hello, HelloRole, NodeHello, Refusal, RefusalCode};
+use quinn::Connection;
+use tracing::info;
+
+use crate::gateway::methods::Methods;
+use crate::gateway::registry::{NodeInfo, NodeLink};
+
+use crate::gateway::scopes;
+
+/// Decides on operators and nodes that dial this gateway.
+pub(super) struct GatewayAdmission {
+    /// This gateway's own key (a peer showing it is refused).
+    pub(super) own_key: PublicKey,
+    /// Operator tokens accepted (`--token`, `gateway.auth.token`).
+    pub(super) tokens: Vec<String>,
+    /// The method table, for the registries and the shared config.
+    pub(super) methods: Methods,
+    /// Health settings nodes are told to use.
+    pub(super) health: HealthConfig,
+}
+
+impl GatewayAdmission {
+    fn admit_node(
+        &self,
+        key: &PublicKey,
+        remote: SocketAddr,
+        hello: &NodeHello,
+    ) -> Result<CallerKind, Refusal> {
+        if let Some(t) = &hello.token {
+            if !self.tokens.is_empty()
+                && !self.tokens.iter().any(|x| handshake::secrets_equal(x, t))
+            {
+                return Err(Refusal {
+                    code: RefusalCode::BadToken,
+                    message: "unauthorized: gateway token mismatch".into(),
+                    retryable: false,
+                });
+            }
+        }
+        let decision = self
+            .methods
+            .pairing()
+            .admit(
+                key,
+                &DeviceMeta {
+                    name: hello.name.clone(),
+                    role: "node".into(),
+                    addr: remote.to_string(),
+                    platform: hello.platform.clone(),
+                    client_id: "clawmesh-node".into(),
+                    client_mode: "node".into(),
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| Refusal {
+                code: RefusalCode::Unavailable,
+                message: format!("pairing registry unavailable: {e}"),
+                retryable: true,
+            })?;
+        match decision {
+            PairingDecision::Paired(_) => Ok(CallerKind::Node {
+                name: hello.name.clone(),
+            }),
+            PairingDecision::Pending(p) => {
+                info!(
+                    device = %p.device_id,
+                    name = %p.name,
+                    request = %p.request_id,
+                    "pairing request pending; approve with `clawmesh devices approve {}`",
+                    p.request_id
+                );
+                Err(Refusal {
+                    code: RefusalCode::PairingRequired,
+                    message: format!(
+                        "pairing required: device is not approved yet; on the gateway run `clawmesh devices approve {}` (fingerprint {}) (requestId: {})",
+                        p.request_id, p.fingerprint, p.request_id
+                    ),
+                    retryable: true,
+                })
+            }
+        }
+    }
+}
+
+impl Admission for GatewayAdmission {
+    fn admit(
+        &self,
+        key: &PublicKey,
+        remote: SocketAddr,
+        hello: &Hello,
+    ) -> Result<CallerKind, Refusal> {
+        match &hello.role {
+            HelloRole::Operator(op) => {
+                let all = || {
+                    scopes::ALL
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                };
+                if *key == self.own_key {
+                    return Ok(CallerKind::Operator {
+                        scopes: all(),
+                        client: op.client.clone(),
+                    });
+                }
+                let Some(token) = &op.token else {
+                    return Err(Refusal {
+                        code: RefusalCode::BadToken,
+                        message: "operator token required: pass --token (or CLAWMESH_TOKEN), or run the CLI on the gateway's machine with its state dir".into(),
+                        retryable: false,
+                    });
+                };
+                if !self
+                    .tokens
+                    .iter()
+                    .any(|t| handshake::secrets_equal(t, token))
+                {
+                    return Err(Refusal {
+                        code: RefusalCode::BadToken,
+                        message: "unauthorized: gateway token mismatch".into(),
+                        retryable: false,
+                    });
+                }
+                let scopes = if op.scopes.is_empty() {
+                    all()
+                } else {
+                    op.scopes
+                        .iter()
+                        .filter(|s| scopes::ALL.contains(&s.as_str()))
+                        .cloned()
+                        .collect()
+                };
+                Ok(CallerKind::Operator {
+                    scopes,
+                    client: op.client.clone(),
+                })
+            }
+            HelloRole::Node(n) => self.admit_node(key, remote, n),
+            HelloRole::Gateway(_) => Err(Refusal {
+                code: RefusalCode::BadHello,
+                message: "gateway hellos are handled by the mesh".into(),
+                retryable: false,
+            }),
+        }
+    }
+
+    fn connected(&self, conn: Connection, caller: Caller, hello: Hello) {
+        let methods = Arc::new(self.methods.clone());
+        match (&caller.kind, hello.role, caller.key) {
+            (CallerKind::Node { .. }, HelloRole::Node(n), Some(key)) => {
+                let info = NodeInfo {
+                    node_id: key.device_id(),
+                    key,
+                    name: n.name.clone(),
+                    remote: caller.remote.to_string(),
+                    platform: n.platform,
+                    version: hello.software,
+                    // Bounded: a node declares a handful of commands and labels.
+                    commands: n.commands.into_iter().take(256).collect(),
+                    labels: n.labels.into_iter().take(64).collect(),
+                    connected_at: std::time::SystemTime::now(),
+                    client_id: "clawmesh-node".into(),
+                    client_mode: "node".into(),
+                    device_family: String::new(),
+                    caps: Vec::new(),
+                    path_env: None,
+                };
+                let node_id = info.node_id;
+                let registry = self.methods.nodes().clone();
+                let node_name = info.name.clone();
+                let session = registry.attach(info, NodeLink::Quic(conn.clone()));
+                if let Some(level) = self.methods.exec_default() {
+                    crate::gateway::methods::push_exec_default(
+                        NodeLink::Quic(conn.clone()),
+                        Some(level),
+                        node_name,
+                    );
+                }
+                info!(node = %n.name, device = %node_id.short(), remote = %caller.remote, "node attached");
+                let health = self.methods.health_settings().unwrap_or(self.health);
+                tokio::spawn(async move {
+                    // Serve the node's own requests while pinging it: a node that stops
+                    // answering is closed, which fails its pending invokes at once.
+                    let live = liveness::Liveness::default();
+                    tokio::join!(
+                        rpc::serve(conn.clone(), caller, methods),
+                        liveness::monitor(conn.clone(), health, live),
+                    );
+                    registry.detach(&node_id, session);
+                    let reason = conn
+                        .close_reason()
+                        .map(|r| r.to_string())
+                        .unwrap_or_default();
+                    info!(node = %n.name, "node detached: {reason}");
+                });
+            }
+            _ => {
+                tokio::spawn(rpc::serve(conn, caller, methods));
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Background tasks that keep a running gateway in step with the federation: shared-config
+//! keys applied live, the node directory announced, revocations made elsewhere enforced.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clawmesh_federation::consensus::Replica;
+use clawmesh_federation::health::HealthConfig;
+use clawmesh_federation::mesh::Mesh;
+use tracing::{info, warn};
+
+use crate::gateway::methods::Methods;
+
+use super::settings::GatewaySettings;
+use crate::gateway::shared_config;
+
+/// Applies shared-config changes that running components can take without a restart
+/// ([`FOLLOWED_KEYS`]): the fallback gateway, the health settings, the log filter (unless
+/// `--log` or `RUST_LOG` set one) and the nodes' default exec level. Each change is logged.
+pub(super) fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &GatewaySettings) {
+    let mut revisions = replica.subscribe();
+    let methods = methods.clone();
+    let local_fallback = s.fallback.clone();
+    let base_health = s.health;
+    tokio::spawn(async move {
+        let mut last: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        loop {
+            if revisions.changed().await.is_err() {
+                return;
+            }
+            // Coalesce a burst of revisions (a catch-up) into one pass.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let revision = *revisions.borrow_and_update();
+            let Ok((entries, _)) = methods.effective_keys(FOLLOWED_KEYS).await else {
+                continue;
+            };
+            let now: BTreeMap<String, serde_json::Value> = entries
+                .iter()
+                .map(|e| (e.key.clone(), e.value.clone()))
+                .collect();
+            let changed: Vec<&String> = now
+                .keys()
+                .filter(|k| last.get(*k) != now.get(*k))
+                .chain(last.keys().filter(|k| !now.contains_key(*k)))
+                .collect();
+            if changed.is_empty() {
+                continue;
+            }
+            info!(
+                revision,
+                changed = changed.len(),
+                "shared config settings applied"
+            );
+            let fallback = shared_config::lookup(&entries, "gateway.failover.fallbackNode")
+                .and_then(|e| e.value.as_str().map(str::to_string))
+                .or_else(|| local_fallback.clone());
+            methods.set_fallback(fallback);
+            if let Some(health) = effective_health(&entries, base_health) {
+                methods.set_health(health);
+            }
+            match shared_config::lookup(&entries, EXEC_DEFAULT_KEY).map(|e| &e.value) {
+                None | Some(serde_json::Value::Null) => methods.set_exec_default(None),
+                Some(serde_json::Value::String(level))
+                    if level.parse::<crate::node_protocol::Security>().is_ok() =>
+                {
+                    methods.set_exec_default(Some(level.clone()));
+                }
+                Some(other) => {
+                    warn!("{EXEC_DEFAULT_KEY} must be \"deny\", \"allowlist\" or \"full\", not {other}; nodes keep the previous default");
+                }
+            }
+            if let Some(level) =
+                shared_config::lookup(&entries, "logging.level").and_then(|e| e.value.as_str())
+            {
+                if changed.iter().any(|k| *k == "logging.level") {
+                    match crate::logging::set_log_filter(level) {
+                        Ok(true) => info!(level, "log filter changed by the shared config"),
+                        Ok(false) => {}
+                        Err(e) => warn!("logging.level {level:?} not applied: {e}"),
+                    }
+                }
+            }
+            last = now;
+        }
+    });
+}
+
+/// The shared-config key of the federation's default exec level for nodes.
+pub const EXEC_DEFAULT_KEY: &str = "security.exec.defaultLevel";
+
+/// The keys running components follow live: each revision reads only these, not the whole
+/// config (which may hold tens of thousands of keys).
+const FOLLOWED_KEYS: &[&str] = &[
+    "gateway.failover.fallbackNode",
+    "gateway.failover.healthCheckInterval",
+    "gateway.failover.unhealthyThreshold",
+    "logging.level",
+    EXEC_DEFAULT_KEY,
+];
+
+/// The health settings the effective config asks for (`gateway.failover.healthCheckInterval`
+/// and `unhealthyThreshold`), falling back to `base` for a key that is not set; `None` (and a
+/// warning) for an out-of-range value.
+fn effective_health(
+    entries: &[shared_config::Effective],
+    base: HealthConfig,
+) -> Option<HealthConfig> {
+    let num = |key: &str| shared_config::lookup(entries, key).map(|e| e.value.as_u64());
+    let interval = match num("gateway.failover.healthCheckInterval") {
+        None => base.interval,
+        Some(Some(ms)) if (10..=3_600_000).contains(&ms) => Duration::from_millis(ms),
+        Some(_) => {
+            warn!(
+                "gateway.failover.healthCheckInterval must be 10 to 3600000 ms; keeping {:?}",
+                base.interval
+            );
+            return None;
+        }
+    };
+    let threshold = match num("gateway.failover.unhealthyThreshold") {
+        None => base.unhealthy_threshold,
+        Some(Some(t)) if (1..=1000).contains(&t) => t as u32,
+        Some(_) => {
+            warn!(
+                "gateway.failover.unhealthyThreshold must be 1 to 1000; keeping {}",
+                base.unhealthy_threshold
+            );
+            return None;
+        }
+    };
+    Some(HealthConfig {
+        interval,
+        unhealthy_threshold: threshold,
+    })
+}
+
+/// Keeps the federation in step with this gateway: announces the attached nodes whenever they
+/// change, and disconnects devices revoked on other gateways.
+pub(super) fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods, region: Option<String>) {
+    let (m, registry) = (mesh.clone(), methods.nodes().clone());
+    let mut changes = registry.changes();
+    tokio::spawn(async move {
+        loop {
+            // Coalesce bursts (hundreds of nodes reconnecting after a restart) into one
+            // announcement per 50 ms.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let summaries = registry
+                .list()
+                .into_iter()
+                .map(|(info, transport)| {
+                    let mut labels = info.labels.clone();
+                    if let Some(r) = &region {
+                        if !labels.iter().any(|(k, _)| k == "region") {
+                            labels.push(("region".into(), r.clone()));
+                        }
+                    }
+                    clawmesh_federation::directory::NodeSummary {
+                        id: info.node_id,
+                        name: info.name,
+                        labels,
+                        commands: info.commands,
+                        transport: transport.to_string(),
+                        platform: info.platform,
+                        ip: crate::gateway::registry::ip_of(&info.remote),
+                        version: info.version,
+                    }
+                })
+                .collect();
+            m.set_local_nodes(summaries);
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut notices = mesh.notices();
+    let registry = methods.nodes().clone();
+    tokio::spawn(async move {
+        loop {
+            match notices.recv().await {
+                Ok(clawmesh_federation::mesh::MeshNotice::Revoked(id)) => {
+                    if registry.disconnect(&id, "device removed") {
+                        info!(device = %id.short(), "disconnected a node revoked elsewhere in the federation");
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!("missed {n} federation notices");
+                }
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+/// Disconnects nodes whose revocation arrives through the replicated log (a decision made on
+/// another gateway, or made while this one was away).
+pub(super) fn spawn_pairing_follower(replica: &Replica, methods: &Methods) {
+    let mut changes = replica.pairing_changes();
+    let registry = methods.nodes().clone();
+    tokio::spawn(async move {
+        loop {
+            match changes.recv().await {
+                Ok(r) if !r.approved => {
+                    let id = r.key.device_id();
+                    if registry.disconnect(&id, "device removed") {
+                        info!(device = %id.short(), "disconnected a node revoked in the federation's log");
+                    }
+                }
+                Ok(r) => {
+                    info!(device = %r.key.device_id().short(), name = %r.name, "pairing approved in the federation's log");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!("missed {n} pairing changes from the log");
+                }
+                Err(_) => return,
+            }
+        }
+    });
+}

@@ -1,0 +1,599 @@
+//! `node.*` and a node's exec approvals: listing, resolving and invoking nodes anywhere.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use clawmesh_federation::rpc::{Caller, CallerKind};
+use clawmesh_federation::wire::WireError;
+use futures_util::StreamExt as _;
+use serde_json::{json, Value};
+
+use super::{
+    bad, now_ms, pairing_err, str_param, Methods, DEFAULT_INVOKE_TIMEOUT, FORWARD_MARGIN,
+    MAX_INVOKE_TIMEOUT,
+};
+use crate::gateway::registry;
+
+/// Invokes in flight during a fan-out (`node.invoke` with `all`): enough to reach 100 nodes in
+/// a couple of round trips without opening hundreds of streams at once.
+const FANOUT_CONCURRENCY: usize = 64;
+
+impl Methods {
+    /// `node.list`, `node.describe`, `node.invoke` and the exec approvals of a node.
+    pub(super) async fn nodes_method(
+        &self,
+        caller: &Caller,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, WireError> {
+        match method {
+            "node.list" => {
+                let all = params.get("all").and_then(Value::as_bool).unwrap_or(false);
+                Ok(json!({"ts": now_ms(), "nodes": self.node_entries(all)?}))
+            }
+            "node.describe" => {
+                let sel = str_param(&params, "nodeId", method)?;
+                let entries = self.node_entries(true)?;
+                let mut e = registry::resolve(sel, &entries)?.clone();
+                e["ts"] = json!(now_ms());
+                Ok(e)
+            }
+            "node.invoke" => {
+                let forwarded = matches!(caller.kind, CallerKind::Gateway { .. });
+                self.node_invoke(params, forwarded).await
+            }
+            "exec.approvals.node.get" | "exec.approvals.node.set" => {
+                let sel = str_param(&params, "nodeId", method)?.to_string();
+                let (command, inner) = if method.ends_with(".get") {
+                    ("system.execApprovals.get", json!({}))
+                } else {
+                    let file = params.get("file").cloned().ok_or_else(|| {
+                        bad(format!(
+                            "invalid {method} params: must have required property 'file'"
+                        ))
+                    })?;
+                    let mut p = json!({"file": file});
+                    if let Some(h) = params.get("baseHash") {
+                        p["baseHash"] = h.clone();
+                    }
+                    ("system.execApprovals.set", p)
+                };
+                let key = clawmesh_federation::pairing::uuid_v4();
+                let r = self
+                    .invoke_on(&sel, command, inner, DEFAULT_INVOKE_TIMEOUT, &key)
+                    .await?;
+                Ok(r["payload"].clone())
+            }
+            other => Err(bad(format!("unknown method: {other}"))),
+        }
+    }
+
+    /// Nodes this gateway can name: its own (connected here, or paired and attached nowhere
+    /// it knows of) and, for the federation view, every other gateway's announced nodes.
+    pub(super) fn node_entries(&self, federation: bool) -> Result<Vec<Value>, WireError> {
+        let gateway = self.gateway_name();
+        let connected = self.inner.nodes.list();
+        let paired = self.inner.pairing.paired_all().map_err(pairing_err)?;
+        let paired_ids: std::collections::HashSet<&str> =
+            paired.iter().map(|p| p.device_id.as_str()).collect();
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let region = self
+            .inner
+            .mesh
+            .get()
+            .and_then(|m| m.config().region.clone());
+        for (info, transport) in &connected {
+            let id = info.node_id.to_string();
+            seen.insert(id.clone());
+            let mut labels: serde_json::Map<String, Value> = info
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect();
+            // A node's region defaults to its gateway's.
+            if let Some(r) = &region {
+                labels.entry("region").or_insert_with(|| json!(r));
+            }
+            out.push(json!({
+                "nodeId": id,
+                "displayName": info.name,
+                "platform": info.platform,
+                "version": info.version,
+                "caps": info.caps,
+                "commands": info.commands,
+                "clientId": info.client_id,
+                "clientMode": info.client_mode,
+                "deviceFamily": info.device_family,
+                "pathEnv": info.path_env,
+                "remoteIp": registry::ip_of(&info.remote),
+                "paired": paired_ids.contains(id.as_str()),
+                "connected": true,
+                "connectedAtMs": info.connected_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+                "transport": transport,
+                "gateway": gateway,
+                "gatewayStatus": "healthy",
+                "gatewayLatencyMs": 0.0,
+                "local": true,
+                "labels": labels,
+                "approvalState": "approved",
+            }));
+        }
+        if federation {
+            if let Some(mesh) = self.inner.mesh.get() {
+                let latency: std::collections::HashMap<String, Option<f64>> = mesh
+                    .status()
+                    .gateways
+                    .iter()
+                    .map(|g| (g.name.clone(), g.latency.map(|d| d.as_secs_f64() * 1000.0)))
+                    .collect();
+                for r in mesh.remote_nodes() {
+                    for n in &r.nodes {
+                        let id = n.id.to_string();
+                        if !seen.insert(id.clone()) {
+                            continue;
+                        }
+                        let labels: serde_json::Map<String, Value> = n
+                            .labels
+                            .iter()
+                            .map(|(k, v)| (k.clone(), json!(v)))
+                            .collect();
+                        out.push(json!({
+                            "nodeId": id,
+                            "displayName": n.name,
+                            "platform": n.platform,
+                            "version": n.version,
+                            "caps": [],
+                            "commands": n.commands,
+                            "remoteIp": n.ip,
+                            "paired": true,
+                            "connected": r.status != clawmesh_federation::health::Status::Offline,
+                            "transport": n.transport,
+                            "gateway": r.gateway,
+                            "gatewayStatus": r.status.as_str(),
+                            "gatewayLastSeen": r.last_seen.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                            "gatewayLatencyMs": latency.get(&r.gateway).cloned().flatten(),
+                            "local": false,
+                            "labels": labels,
+                            "approvalState": "approved",
+                        }));
+                    }
+                }
+            }
+        }
+        for p in paired.iter().filter(|p| p.role == "node") {
+            if seen.contains(&p.device_id) {
+                continue;
+            }
+            out.push(json!({
+                "nodeId": p.device_id,
+                "displayName": p.name,
+                "platform": p.platform,
+                "clientId": p.client_id,
+                "clientMode": p.client_mode,
+                "deviceFamily": p.device_family,
+                "caps": [],
+                "commands": [],
+                "paired": true,
+                "connected": false,
+                "transport": null,
+                "gateway": if federation { Value::Null } else { json!(gateway) },
+                "local": false,
+                "approvedAt": p.approved_at,
+                "approvalState": "approved",
+            }));
+        }
+        Ok(out)
+    }
+
+    /// The nodes a selector means: `id`, `name`, `ip`, id prefix, `gateway/name`, or
+    /// `label=value` (one healthy match, local first, then the nearest gateway; with `all`,
+    /// every connected match; `*` with `all` is every connected node).
+    pub(super) fn select<'a>(
+        &self,
+        sel: &str,
+        entries: &'a [Value],
+        all: bool,
+    ) -> Result<Vec<&'a Value>, WireError> {
+        let sel = sel.trim();
+        let live = |e: &&Value| e["connected"] == true;
+        let rank = |e: &&Value| {
+            let local = if e["local"] == true { 0 } else { 1 };
+            let lat = e["gatewayLatencyMs"].as_f64().unwrap_or(f64::MAX);
+            (local, (lat * 1000.0) as u64)
+        };
+        if all && sel == "*" {
+            return Ok(entries.iter().filter(live).collect());
+        }
+        if let Some((k, v)) = sel.split_once('=').filter(|_| !sel.contains('/')) {
+            let mut hits: Vec<&Value> = entries
+                .iter()
+                .filter(live)
+                .filter(|e| e["labels"][k.trim()] == v.trim())
+                .collect();
+            if hits.is_empty() {
+                return Err(bad(format!(
+                    "no connected node has the label {k}={v} (see `clawmesh nodes status --all`)"
+                )));
+            }
+            hits.sort_by_key(rank);
+            if !all {
+                hits.truncate(1);
+            }
+            return Ok(hits);
+        }
+        if let Some((gw, name)) = sel.split_once('/') {
+            let scoped: Vec<Value> = entries
+                .iter()
+                .filter(|e| e["gateway"] == gw)
+                .cloned()
+                .collect();
+            if scoped.is_empty() {
+                return Err(bad(format!(
+                    "no node attached to gateway {gw:?} (see `clawmesh nodes status --all`)"
+                )));
+            }
+            let one = registry::resolve(name, &scoped)?;
+            let id = one["nodeId"].clone();
+            return Ok(entries
+                .iter()
+                .filter(|e| e["nodeId"] == id)
+                .take(1)
+                .collect());
+        }
+        let one = registry::resolve(sel, entries)?;
+        if all {
+            let id = one["nodeId"].clone();
+            return Ok(entries.iter().filter(|e| e["nodeId"] == id).collect());
+        }
+        Ok(vec![one])
+    }
+
+    pub(super) async fn node_invoke(
+        &self,
+        params: Value,
+        forwarded: bool,
+    ) -> Result<Value, WireError> {
+        let sel = str_param(&params, "nodeId", "node.invoke")?.to_string();
+        let command = str_param(&params, "command", "node.invoke")?.to_string();
+        if command.starts_with("system.execApprovals.") {
+            return Err(bad(format!(
+                "node.invoke does not run {command}; use exec.approvals.node.get/set (clawmesh approvals get|set --node)"
+            )));
+        }
+        let timeout = match params.get("timeoutMs") {
+            None | Some(Value::Null) => DEFAULT_INVOKE_TIMEOUT,
+            Some(v) => match v.as_u64() {
+                Some(ms) => Duration::from_millis(ms).min(MAX_INVOKE_TIMEOUT),
+                None => {
+                    return Err(bad(
+                        "invalid node.invoke params: timeoutMs must be a non-negative integer",
+                    ))
+                }
+            },
+        };
+        // Classic clients must send one; it reaches the node unchanged.
+        let key = str_param(&params, "idempotencyKey", "node.invoke")?.to_string();
+        let inner = params.get("params").cloned().unwrap_or(Value::Null);
+        let inner = if inner.is_null() { json!({}) } else { inner };
+        let all = params.get("all").and_then(Value::as_bool).unwrap_or(false);
+        // Fast path: an exact id needs no federation-wide listing: a node attached here, or one
+        // another gateway announced.
+        if !all {
+            if let Some(entry) = self.exact_entry(&sel, forwarded) {
+                return self
+                    .invoke_entry(&entry, &command, inner, timeout, &key, forwarded)
+                    .await;
+            }
+        }
+        // A forwarded fan-out names its nodes by id (one request per holder gateway).
+        let targets: Vec<Value> = match params.get("nodeIds").and_then(Value::as_array) {
+            Some(ids) if forwarded => ids
+                .iter()
+                .filter_map(Value::as_str)
+                .filter_map(|id| self.exact_entry(id, true))
+                .collect(),
+            _ => {
+                let entries = self.node_entries(!forwarded)?;
+                self.select(&sel, &entries, all)?
+                    .into_iter()
+                    .cloned()
+                    .collect()
+            }
+        };
+        if !all {
+            let target = targets
+                .into_iter()
+                .next()
+                .ok_or_else(|| bad(format!("unknown node: {sel}")))?;
+            return self
+                .invoke_entry(&target, &command, inner, timeout, &key, forwarded)
+                .await;
+        }
+        // Fan-out: local nodes directly (at most FANOUT_CONCURRENCY in flight); the nodes of
+        // each other gateway in one forwarded request, which that gateway fans out itself, so
+        // a hundred remote nodes cost one round trip, not one per node.
+        let me = self.gateway_name();
+        let mut by_gateway: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+        let mut local = Vec::new();
+        for t in targets {
+            match t["gateway"].as_str() {
+                Some(g) if !forwarded && g != me => {
+                    by_gateway.entry(g.to_string()).or_default().push(t)
+                }
+                _ => local.push(t),
+            }
+        }
+        let remote = futures_util::future::join_all(by_gateway.into_iter().map(|(g, nodes)| {
+            let (command, inner, key) = (command.clone(), inner.clone(), key.clone());
+            async move {
+                self.forward_fanout(&g, nodes, &command, inner, timeout, &key)
+                    .await
+            }
+        }));
+        let local_results = futures_util::stream::iter(local.into_iter().map(|t| {
+            let (command, inner, key) = (command.clone(), inner.clone(), key.clone());
+            async move {
+                let r = self.invoke_entry(&t, &command, inner, timeout, &key, forwarded).await;
+                let mut row = json!({"nodeId": t["nodeId"], "displayName": t["displayName"], "gateway": t["gateway"]});
+                match r {
+                    Ok(v) => {
+                        row["ok"] = json!(true);
+                        row["payload"] = v["payload"].clone();
+                    }
+                    Err(e) => {
+                        row["ok"] = json!(false);
+                        row["error"] = json!({"code": e.code, "message": e.message});
+                    }
+                }
+                row
+            }
+        }))
+        .buffer_unordered(FANOUT_CONCURRENCY)
+        .collect::<Vec<Value>>();
+        let (mut results, remote) = futures_util::future::join(local_results, remote).await;
+        results.extend(remote.into_iter().flatten());
+        let failed = results.iter().filter(|r| r["ok"] != true).count();
+        Ok(
+            json!({"ok": true, "command": command, "count": results.len(), "failed": failed, "results": results}),
+        )
+    }
+
+    pub(super) async fn invoke_on(
+        &self,
+        sel: &str,
+        command: &str,
+        params: Value,
+        timeout: Duration,
+        idempotency_key: &str,
+    ) -> Result<Value, WireError> {
+        let entries = self.node_entries(true)?;
+        let target = self
+            .select(sel, &entries, false)?
+            .into_iter()
+            .next()
+            .cloned();
+        let target = target.ok_or_else(|| bad(format!("unknown node: {sel}")))?;
+        self.invoke_entry(&target, command, params, timeout, idempotency_key, false)
+            .await
+    }
+
+    /// Runs `command` on the node `entry` names: here if it is attached here, else forwarded
+    /// once over QUIC to the gateway holding it (never further).
+    pub(super) async fn invoke_entry(
+        &self,
+        entry: &Value,
+        command: &str,
+        params: Value,
+        timeout: Duration,
+        idempotency_key: &str,
+        forwarded: bool,
+    ) -> Result<Value, WireError> {
+        let node_id = entry["nodeId"].as_str().unwrap_or_default().to_string();
+        let name = entry["displayName"]
+            .as_str()
+            .unwrap_or(&node_id)
+            .to_string();
+        let link = clawmesh_federation::identity::DeviceId::parse(&node_id)
+            .and_then(|id| self.inner.nodes.get(&id));
+        let holder = entry["gateway"].as_str().unwrap_or_default().to_string();
+        if link.is_none() && !forwarded && !holder.is_empty() && holder != self.gateway_name() {
+            return self
+                .forward_invoke(
+                    entry,
+                    &holder,
+                    &node_id,
+                    &name,
+                    command,
+                    params,
+                    timeout,
+                    idempotency_key,
+                )
+                .await;
+        }
+        let Some((info, link)) = link else {
+            let mut e = WireError::new(
+                "UNAVAILABLE",
+                format!(
+                    "node not connected: {name} ({}) is paired but not attached to gateway {}",
+                    &node_id[..node_id.len().min(12)],
+                    self.gateway_name()
+                ),
+            );
+            e.details = Some(json!({"code":"NOT_CONNECTED","nodeError":{"code":"NOT_CONNECTED","message":"node not connected"},"nodeCommandDispatched":false}).to_string());
+            e.retryable = true;
+            return Err(e);
+        };
+        if !info.commands.iter().any(|c| c == command) {
+            let mut e = bad(format!("node command not allowed: {command} is not declared by node {name} (it offers: {})", info.commands.join(", ")));
+            e.details = Some(
+                json!({"reason":"command not declared by node","command":command}).to_string(),
+            );
+            return Err(e);
+        }
+        let started = Instant::now();
+        let span = tracing::info_span!("invoke", node = %name, %command);
+        match tracing::Instrument::instrument(
+            link.invoke(command, &params, timeout, idempotency_key),
+            span,
+        )
+        .await
+        {
+            Ok(text) => {
+                let payload: Value =
+                    serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "invoke ok"
+                );
+                Ok(json!({
+                    "ok": true,
+                    "nodeId": node_id,
+                    "command": command,
+                    "payload": payload,
+                    "payloadJSON": text,
+                }))
+            }
+            Err(e) => Err(registry::invoke_error(e, &name, timeout)),
+        }
+    }
+
+    /// The entry for an exact node id without listing anything: attached here, or announced
+    /// by another gateway (not for forwarded requests, which only serve local nodes).
+    pub(super) fn exact_entry(&self, sel: &str, local_only: bool) -> Option<Value> {
+        let id = clawmesh_federation::identity::DeviceId::parse(sel)?;
+        if let Some((info, _)) = self.inner.nodes.get(&id) {
+            return Some(
+                json!({"nodeId": sel, "displayName": info.name, "gateway": self.gateway_name()}),
+            );
+        }
+        if local_only {
+            return None;
+        }
+        let mesh = self.inner.mesh.get()?;
+        mesh.remote_nodes().into_iter().find_map(|r| {
+            r.nodes.iter().find(|n| n.id == id).map(|n| {
+                json!({
+                    "nodeId": sel,
+                    "displayName": n.name,
+                    "gateway": r.gateway,
+                    "gatewayLastSeen": r.last_seen.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                })
+            })
+        })
+    }
+
+    /// Sends one fan-out request for all of `nodes` to the gateway holding them; one result
+    /// row per node, errors included.
+    pub(super) async fn forward_fanout(
+        &self,
+        gateway: &str,
+        nodes: Vec<Value>,
+        command: &str,
+        params: Value,
+        timeout: Duration,
+        key: &str,
+    ) -> Vec<Value> {
+        let fail = |nodes: &[Value], e: &WireError| -> Vec<Value> {
+            nodes
+                .iter()
+                .map(|t| json!({"nodeId": t["nodeId"], "displayName": t["displayName"], "gateway": t["gateway"], "ok": false, "error": {"code": e.code, "message": e.message}}))
+                .collect()
+        };
+        let conn = match self.mesh().map(|m| m.connection_to(gateway)) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                let e = WireError::new("UNAVAILABLE", format!("gateway {gateway} is offline"));
+                return fail(&nodes, &e);
+            }
+            Err(e) => return fail(&nodes, &e),
+        };
+        let ids: Vec<Value> = nodes.iter().map(|t| t["nodeId"].clone()).collect();
+        let req = json!({
+            "nodeId": "*",
+            "nodeIds": ids,
+            "all": true,
+            "command": command,
+            "params": params,
+            "timeoutMs": timeout.as_millis() as u64,
+            "idempotencyKey": key,
+        });
+        match clawmesh_federation::rpc::call(
+            &conn,
+            "node.invoke",
+            req.to_string(),
+            1,
+            timeout + FORWARD_MARGIN,
+        )
+        .await
+        {
+            Ok(text) => match serde_json::from_str::<Value>(&text) {
+                Ok(v) => v["results"].as_array().cloned().unwrap_or_default(),
+                Err(e) => fail(
+                    &nodes,
+                    &WireError::new(
+                        "UNAVAILABLE",
+                        format!("bad reply from gateway {gateway}: {e}"),
+                    ),
+                ),
+            },
+            Err(e) => fail(&nodes, &e.to_wire()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn forward_invoke(
+        &self,
+        entry: &Value,
+        holder: &str,
+        node_id: &str,
+        name: &str,
+        command: &str,
+        params: Value,
+        timeout: Duration,
+        idempotency_key: &str,
+    ) -> Result<Value, WireError> {
+        let mesh = self.mesh()?;
+        let Some(conn) = mesh.connection_to(holder) else {
+            let seen = entry["gatewayLastSeen"].as_str().unwrap_or("never");
+            let mut e = WireError::new(
+                "UNAVAILABLE",
+                format!("node {name} is attached to gateway {holder}, which is offline (last seen {seen})"),
+            );
+            e.details = Some(json!({"code":"GATEWAY_OFFLINE","gateway":holder,"lastSeen":entry["gatewayLastSeen"]}).to_string());
+            e.retryable = true;
+            return Err(e);
+        };
+        let req = json!({
+            "nodeId": node_id,
+            "command": command,
+            "params": params,
+            "timeoutMs": timeout.as_millis() as u64,
+            "idempotencyKey": idempotency_key,
+        });
+        let span = tracing::info_span!("forward", gateway = %holder, node = %name, %command);
+        // The holder enforces `timeout`; allow one more round trip for its answer.
+        let wait = timeout + FORWARD_MARGIN;
+        match tracing::Instrument::instrument(
+            clawmesh_federation::rpc::call(&conn, "node.invoke", req.to_string(), 1, wait),
+            span,
+        )
+        .await
+        {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                WireError::new(
+                    "UNAVAILABLE",
+                    format!("bad reply from gateway {holder}: {e}"),
+                )
+            }),
+            Err(clawmesh_federation::rpc::CallError::Remote(e)) => Err(e),
+            Err(e) => {
+                let mut w = WireError::new(
+                    "UNAVAILABLE",
+                    format!("gateway {holder} (holding node {name}) did not answer: {e}"),
+                );
+                w.retryable = true;
+                Err(w)
+            }
+        }
+    }
+}

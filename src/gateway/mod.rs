@@ -1,0 +1,27 @@
+//! The gateway: the brain of a region, one peer of the federation.
+//!
+//! - `settings`: flags over `clawmesh.json` over defaults; `listen`: bind address and ports;
+//! - `lifecycle`: the process from start to stop ([`run`]);
+//! - `admission`: who may come in over QUIC (operators, nodes, pending devices);
+//! - `followers`: shared-config keys applied live, the node directory announced, revocations;
+//! - [`methods`]: the operator method table, one file per family, behind every front door;
+//! - [`registry`]: the nodes attached here, whatever their transport;
+//! - [`scopes`]: operator scopes; [`shared_config`]: the replicated config under the sync policy;
+//! - [`status`]: the federation status document served by `status` and `gateway.status`.
+//!
+//! A gateway never imports the CLI ([`crate::cli`]); the classic front door is [`crate::bridge`].
+
+mod admission;
+mod followers;
+mod lifecycle;
+mod listen;
+pub mod methods;
+pub mod registry;
+pub mod scopes;
+mod settings;
+pub mod shared_config;
+pub mod status;
+
+pub use followers::EXEC_DEFAULT_KEY;
+pub use lifecycle::run;
+pub use settings::{Bind, GatewaySettings, RunFlags};

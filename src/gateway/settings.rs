@@ -1,0 +1,309 @@
+//! What a gateway runs with: `gateway run` flags over `clawmesh.json` over defaults, resolved
+//! once at start ([`GatewaySettings::resolve`]).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use clawmesh_discovery::PeerUrl;
+use clawmesh_federation::consensus::ReplicaConfig;
+use clawmesh_federation::health::HealthConfig;
+use tracing::warn;
+
+use crate::config::FileConfig;
+
+use crate::gateway::shared_config::SyncPolicy;
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bind {
+    /// 127.0.0.1 only (the default, as for the classic gateway).
+    Loopback,
+    /// Every interface.
+    Lan,
+    /// The machine's Tailscale address (100.64.0.0/10).
+    Tailnet,
+    /// One address.
+    Ip(IpAddr),
+}
+
+impl std::str::FromStr for Bind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "loopback" => Ok(Bind::Loopback),
+            "lan" => Ok(Bind::Lan),
+            "tailnet" => Ok(Bind::Tailnet),
+            ip => ip.parse().map(Bind::Ip).map_err(|_| {
+                format!("--bind takes loopback, lan, tailnet or an IP address, not {ip:?}")
+            }),
+        }
+    }
+}
+
+/// Command-line flags of `gateway run` (None = not given).
+#[derive(Debug, Clone, Default)]
+pub struct RunFlags {
+    /// `--name`.
+    pub name: Option<String>,
+    /// `--region`.
+    pub region: Option<String>,
+    /// `--bind`.
+    pub bind: Option<Bind>,
+    /// `--port`.
+    pub port: Option<u16>,
+    /// `--advertise`.
+    pub advertise: Option<String>,
+    /// `--primary`.
+    pub primary: bool,
+    /// `--join`.
+    pub join: Option<String>,
+    /// `--token` / `CLAWMESH_TOKEN`.
+    pub token: Option<String>,
+    /// `--health-interval` (ms).
+    pub health_interval: Option<u64>,
+    /// `--unhealthy-threshold`.
+    pub unhealthy_threshold: Option<u32>,
+    /// `--tls auto` or `--tls-cert` + `--tls-key`.
+    pub tls: Option<crate::bridge::tls::TlsSource>,
+}
+
+/// Everything a gateway runs with, after merging flags, file and defaults.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    /// State dir.
+    pub state_dir: PathBuf,
+    /// Name.
+    pub name: String,
+    /// Region.
+    pub region: Option<String>,
+    /// Listen address.
+    pub bind: Bind,
+    /// UDP port (0 = any).
+    pub port: u16,
+    /// Advertised address override.
+    pub advertise: Option<String>,
+    /// Configured as primary.
+    pub primary: bool,
+    /// Primary to join.
+    pub join: Option<PeerUrl>,
+    /// Federation join secret.
+    pub token: Option<String>,
+    /// Extra operator token (`gateway.auth.token`).
+    pub operator_token: Option<String>,
+    /// Health settings.
+    pub health: HealthConfig,
+    /// TLS for the classic bridge (`wss://`), if any.
+    pub tls: Option<crate::bridge::tls::TlsSource>,
+    /// Gateway serving work for offline gateways (`gateway.failover.fallbackNode`).
+    pub fallback: Option<String>,
+    /// Which synced sections apply here and whether they override local keys
+    /// (`gateway.sync.*`).
+    pub sync: SyncPolicy,
+    /// This gateway's own config keys (`clawmesh.json` leaves), for the effective config.
+    pub local_config: BTreeMap<String, serde_json::Value>,
+    /// Consensus settings (`gateway.federation.*`, `gateway.sync.compression|batchSize`);
+    /// `preferred` and `health_interval` are filled in from the rest at start.
+    pub consensus: ReplicaConfig,
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".into())
+}
+
+impl GatewaySettings {
+    /// Merges flags over the config file over defaults; reports unknown config keys.
+    pub fn resolve(state_dir: PathBuf, flags: RunFlags, file: &FileConfig) -> Result<Self> {
+        for k in &file.unknown {
+            warn!(
+                "unknown key {k} in {} (ignored)",
+                file.path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+        }
+        let mode = file.str("gateway.mode")?;
+        if let Some(m) = &mode {
+            if !["remote", "primary", "local"].contains(&m.as_str()) {
+                bail!("gateway.mode must be \"primary\" or \"remote\", not {m:?}");
+            }
+        }
+        let join = match flags.join.clone() {
+            Some(j) => Some(j),
+            None => file.first_str(&["gateway.primaryUrl"])?,
+        };
+        if flags.primary && flags.join.is_some() {
+            bail!("--primary and --join exclude each other: a primary is joined, it does not join");
+        }
+        let primary = flags.primary || (join.is_none() && mode.as_deref() != Some("remote"));
+        if mode.as_deref() == Some("remote") && !flags.primary && join.is_none() {
+            bail!("gateway.mode is \"remote\" but no primary is given: set gateway.primaryUrl or pass --join quic://host:port");
+        }
+        let join = match (primary, join) {
+            (false, Some(j)) => Some(PeerUrl::parse(&j, crate::DEFAULT_PORT)?),
+            _ => None,
+        };
+        let token = flags
+            .token
+            .clone()
+            .or(file.first_str(&["gateway.authToken", "gateway.remote.authToken"])?);
+        let interval = flags
+            .health_interval
+            .or(file.first_u64(&["gateway.failover.healthCheckInterval"])?)
+            .unwrap_or(10_000);
+        if interval < 10 {
+            bail!("health interval must be at least 10 ms, not {interval}");
+        }
+        let threshold = match flags.unhealthy_threshold {
+            Some(t) => u64::from(t),
+            None => file
+                .first_u64(&["gateway.failover.unhealthyThreshold"])?
+                .unwrap_or(3),
+        };
+        if threshold == 0 || threshold > 1000 {
+            bail!("unhealthy threshold must be between 1 and 1000, not {threshold}");
+        }
+        let port = match flags.port {
+            Some(p) => p,
+            None => match file.first_u64(&["gateway.port", "gateway.remote.listenPort"])? {
+                Some(p) => {
+                    u16::try_from(p).map_err(|_| anyhow!("gateway.port {p} is not a port"))?
+                }
+                None => crate::DEFAULT_PORT,
+            },
+        };
+        let bind = match flags.bind.clone() {
+            Some(b) => b,
+            None => match file.str("gateway.bind")? {
+                Some(b) => b.parse().map_err(|e: String| anyhow!(e))?,
+                None => Bind::Loopback,
+            },
+        };
+        Ok(GatewaySettings {
+            state_dir,
+            name: flags
+                .name
+                .clone()
+                .or(file.first_str(&["gateway.nodeName", "gateway.name"])?)
+                .unwrap_or_else(hostname),
+            region: flags.region.clone().or(file.str("gateway.region")?),
+            bind,
+            port,
+            advertise: flags.advertise.clone().or(file.str("gateway.advertise")?),
+            primary,
+            join,
+            token,
+            operator_token: file.str("gateway.auth.token")?,
+            health: HealthConfig {
+                interval: Duration::from_millis(interval),
+                unhealthy_threshold: threshold as u32,
+            },
+            fallback: file.str("gateway.failover.fallbackNode")?,
+            sync: SyncPolicy::from_file(file)?,
+            local_config: {
+                // Flags are this gateway's own settings too: they show (and win) as local keys.
+                let mut local = file.leaves();
+                if let Some(ms) = flags.health_interval {
+                    local.insert("gateway.failover.healthCheckInterval".into(), ms.into());
+                }
+                if let Some(t) = flags.unhealthy_threshold {
+                    local.insert("gateway.failover.unhealthyThreshold".into(), t.into());
+                }
+                local
+            },
+            consensus: consensus_settings(file)?,
+            tls: match flags.tls.clone() {
+                Some(t) => Some(t),
+                None => tls_from_file(file)?,
+            },
+        })
+    }
+}
+
+/// Consensus settings from `gateway.federation.*` and `gateway.sync.*`.
+fn consensus_settings(file: &FileConfig) -> Result<ReplicaConfig> {
+    let d = ReplicaConfig::default();
+    let max_voters = file
+        .u64("gateway.federation.maxVoters")?
+        .unwrap_or(d.max_voters as u64);
+    if !(1..=9).contains(&max_voters) {
+        bail!("gateway.federation.maxVoters must be 1 to 9, not {max_voters}");
+    }
+    let batch = file.u64("gateway.sync.batchSize")?.unwrap_or(d.batch_size);
+    if !(1..=10_000).contains(&batch) {
+        bail!("gateway.sync.batchSize must be 1 to 10000, not {batch}");
+    }
+    let write_timeout = file
+        .u64("gateway.federation.writeTimeout")?
+        .map(Duration::from_millis)
+        .unwrap_or(d.write_timeout);
+    if write_timeout < Duration::from_millis(100) {
+        bail!("gateway.federation.writeTimeout must be at least 100 ms");
+    }
+    if file.bool("gateway.sync.deltaSync")? == Some(false) {
+        warn!("gateway.sync.deltaSync is false, but clawmesh always syncs by deltas (the replicated log); a remote far behind receives a compressed snapshot");
+    }
+    let snapshot_every = file
+        .u64("gateway.federation.snapshotEvery")?
+        .unwrap_or(d.snapshot_every);
+    if snapshot_every < 10 {
+        bail!("gateway.federation.snapshotEvery must be at least 10 entries");
+    }
+    let heartbeat = file.u64("gateway.federation.heartbeat")?;
+    if let Some(ms) = heartbeat {
+        if !(100..=60_000).contains(&ms) {
+            bail!("gateway.federation.heartbeat must be 100 to 60000 ms, not {ms}");
+        }
+    }
+    Ok(ReplicaConfig {
+        heartbeat: heartbeat.map(Duration::from_millis),
+        voters: file
+            .strings("gateway.federation.voters")?
+            .unwrap_or_default(),
+        max_voters: max_voters as usize,
+        write_timeout,
+        compression: file
+            .bool("gateway.sync.compression")?
+            .unwrap_or(d.compression),
+        batch_size: batch,
+        snapshot_every,
+        keep_log: file
+            .u64("gateway.federation.keepLog")?
+            .unwrap_or(d.keep_log),
+        ..d
+    })
+}
+
+fn tls_from_file(file: &FileConfig) -> Result<Option<crate::bridge::tls::TlsSource>> {
+    use crate::bridge::tls::TlsSource;
+    for prefix in ["gateway.tls", "gateway.remote.tls"] {
+        let enabled = file.bool(&format!("{prefix}.enabled"))?;
+        if enabled == Some(false) {
+            continue;
+        }
+        let cert = file.str(&format!("{prefix}.cert"))?;
+        let key = file.str(&format!("{prefix}.key"))?;
+        match (cert, key) {
+            (Some(c), Some(k)) => {
+                return Ok(Some(TlsSource::Files {
+                    cert: c.into(),
+                    key: k.into(),
+                }))
+            }
+            (None, None) if enabled == Some(true) => return Ok(Some(TlsSource::Auto)),
+            (None, None) => {}
+            _ => bail!("{prefix}: give both cert and key, or neither"),
+        }
+    }
+    if file.bool("gateway.tls.auto")? == Some(true) {
+        return Ok(Some(TlsSource::Auto));
+    }
+    Ok(None)
+}

@@ -1,0 +1,50 @@
+//! The federation status document: the JSON of `status`, `gateway.status` and
+//! `gateway status --json`, built from the mesh's view. The CLI's table
+//! ([`crate::cli::status`]) renders it.
+
+use std::time::{Duration, SystemTime};
+
+use clawmesh_federation::mesh::MeshStatus;
+use serde_json::{json, Value};
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0 * 100.0).round() / 100.0
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The JSON document of `gateway status --json`.
+pub fn to_json(s: &MeshStatus, all: bool) -> Value {
+    let gateways: Vec<Value> = s
+        .gateways
+        .iter()
+        .filter(|g| all || g.is_self)
+        .map(|g| {
+            json!({
+                "name": g.name,
+                "region": g.region,
+                "deviceId": g.device_id.to_string(),
+                "role": if g.primary { "primary" } else { "remote" },
+                "status": g.status.as_str(),
+                "latencyMs": g.latency.map(ms),
+                "lastSeen": g.last_seen.map(rfc3339),
+                "addr": g.addr,
+                "version": g.version,
+                "isSelf": g.is_self,
+                "latencyP99Ms": g.latency_p99.map(ms),
+                "missedPings": g.missed,
+                "lastError": g.last_error,
+            })
+        })
+        .collect();
+    json!({
+        "self": s.self_name,
+        "primary": s.primary,
+        "gateways": gateways,
+        "epoch": s.epoch,
+        "healthIntervalMs": s.health.interval.as_millis() as u64,
+        "unhealthyThreshold": s.health.unhealthy_threshold,
+    })
+}

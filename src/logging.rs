@@ -1,0 +1,54 @@
+//! Logging setup shared by every process kind (gateway, node, CLI): the subscriber, the
+//! default filter, and the live filter the shared config (`logging.level`) may replace.
+//!
+//! It lives apart from the CLI so that a gateway can change its own filter without importing
+//! the command line.
+
+use anyhow::{anyhow, Result};
+
+/// The default log filter of long-running commands: openraft reports every failed replication
+/// attempt to an offline gateway (several lines a second); the mesh already logs the link going
+/// down and coming back, so only openraft's errors outside replication are shown.
+pub const DEFAULT_LOG: &str = "info,openraft=error,openraft::replication=off";
+
+type FilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// The live log filter, when it came from the default (not `--log` or `RUST_LOG`, which an
+/// operator set on purpose and the shared config must not override).
+static LOG_FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
+
+/// Installs the process's subscriber: `filter` (`--log`), else `RUST_LOG`, else `default`,
+/// written to stderr. The default filter stays reloadable by [`set_log_filter`].
+pub fn init(filter: Option<&str>, default: &str) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let explicit = filter
+        .map(str::to_string)
+        .or_else(|| std::env::var("RUST_LOG").ok());
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(
+        tracing_subscriber::EnvFilter::new(explicit.as_deref().unwrap_or(default)),
+    );
+    let ok = tracing_subscriber::registry()
+        .with(layer)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .try_init()
+        .is_ok();
+    if ok && explicit.is_none() {
+        let _ = LOG_FILTER.set(handle);
+    }
+}
+
+/// Replaces the log filter (`logging.level` from the shared config). Returns false when the
+/// operator chose the filter with `--log` or `RUST_LOG`, which then stays.
+pub fn set_log_filter(filter: &str) -> Result<bool> {
+    let Some(handle) = LOG_FILTER.get() else {
+        return Ok(false);
+    };
+    let f = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| anyhow!("not a log filter: {e}"))?;
+    handle
+        .reload(f)
+        .map_err(|e| anyhow!("cannot change the log filter: {e}"))?;
+    Ok(true)
+}
