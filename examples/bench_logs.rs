@@ -9,7 +9,7 @@
 //! (`logstore.db`, fsynced per batch) behind a QUIC endpoint that serves `logs.cursor` and
 //! `logs.push` with `logs::service::answer`, the function the gateway's log service calls.
 //! Every datagram between a remote and the collector crosses the in-process WAN relay
-//! (`clawmesh::relay::WanRelay`) at 45 ms round trip, so the relay's payload bytes are what a
+//! (`clawmesh::sim::relay::WanRelay`) at 45 ms round trip, so the relay's payload bytes are what a
 //! record costs on the wire (QUIC, TLS, postcard, deflate, base64 and acks included).
 //!
 //! 1. **One remote, 45 ms.** A producer thread appends N = 1 000 000 records (a typical gateway
@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clawmesh::relay::{PathSettings, WanRelay};
+use clawmesh::sim::relay::{PathSettings, WanRelay};
 use clawmesh_federation::endpoint::{self, TransportOptions};
 use clawmesh_federation::identity::DeviceIdentity;
 use clawmesh_federation::logs::collector::{Collector, Query, StoreLimits};

@@ -3,6 +3,7 @@
 //! - `settings`: flags over `clawmesh.json` over defaults; `listen`: bind address and ports;
 //! - `lifecycle`: the process from start to stop ([`run`]);
 //! - `admission`: who may come in over QUIC (operators, nodes, pending devices);
+//! - `logs`: the log spool, shipping to the primary, the collector and the audit trail;
 //! - `followers`: shared-config keys applied live, the node directory announced, revocations;
 //! - [`methods`]: the operator method table, one file per family, behind every front door;
 //! - [`registry`]: the nodes attached here, whatever their transport;
@@ -16,6 +17,7 @@ mod followers;
 mod lifecycle;
 mod listen;
 pub mod methods;
+mod logs;
 pub mod registry;
 pub mod scopes;
 mod settings;
@@ -24,4 +26,5 @@ pub mod status;
 
 pub use followers::EXEC_DEFAULT_KEY;
 pub use lifecycle::run;
-pub use settings::{Bind, GatewaySettings, RunFlags};
+pub use logs::GatewayLogs;
+pub use settings::{Bind, GatewaySettings, RemoteLogs, RunFlags};

@@ -107,6 +107,36 @@ pub struct GatewaySettings {
     /// Consensus settings (`gateway.federation.*`, `gateway.sync.compression|batchSize`);
     /// `preferred` and `health_interval` are filled in from the rest at start.
     pub consensus: ReplicaConfig,
+    /// Log shipping to the primary (`logging.remote.*`).
+    pub remote_logs: RemoteLogs,
+}
+
+/// `logging.remote.*`: whether this gateway spools and ships its logs, and how often.
+#[derive(Debug, Clone)]
+pub struct RemoteLogs {
+    /// `logging.remote.enabled` (default true: logs from every region in one place).
+    pub enabled: bool,
+    /// `logging.remote.endpoint`: accepted and shown; the mesh already knows the primary,
+    /// which is where records go.
+    pub endpoint: Option<String>,
+    /// `logging.remote.batchInterval` (default 5000 ms).
+    pub batch_interval: Duration,
+}
+
+impl RemoteLogs {
+    fn from_file(file: &FileConfig) -> Result<RemoteLogs> {
+        let ms = file.u64("logging.remote.batchInterval")?.unwrap_or(5000);
+        // 10 ms at least: below that a batch is a request per record; 10 minutes at most, so
+        // a typo cannot leave records unshipped for days.
+        if !(10..=600_000).contains(&ms) {
+            bail!("logging.remote.batchInterval must be between 10 and 600000 ms, not {ms}");
+        }
+        Ok(RemoteLogs {
+            enabled: file.bool("logging.remote.enabled")?.unwrap_or(true),
+            endpoint: file.str("logging.remote.endpoint")?,
+            batch_interval: Duration::from_millis(ms),
+        })
+    }
 }
 
 fn hostname() -> String {
@@ -219,6 +249,7 @@ impl GatewaySettings {
                 local
             },
             consensus: consensus_settings(file)?,
+            remote_logs: RemoteLogs::from_file(file)?,
             tls: match flags.tls.clone() {
                 Some(t) => Some(t),
                 None => tls_from_file(file)?,

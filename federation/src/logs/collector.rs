@@ -693,7 +693,7 @@ mod tests {
             exit_code: Some(0),
             duration_ms: 3,
             outcome: Outcome::Ok,
-            request_id: 1,
+            key: "k1".into(),
         });
         c.ingest(&batch(vec![
             rec("fra", 1, Level::Warn, "disk low"),

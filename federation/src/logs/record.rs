@@ -125,8 +125,8 @@ pub struct Audit {
     pub duration_ms: u64,
     /// How it ended.
     pub outcome: Outcome,
-    /// The request id (correlates with the gateways' logs).
-    pub request_id: u64,
+    /// The invoke's idempotency key (the same at the entry gateway, the holder and the node).
+    pub key: String,
 }
 
 /// One record: what a gateway or node logged, or an audit entry.
@@ -197,14 +197,14 @@ pub fn audit_line(a: &Audit) -> String {
         .map(|c| format!(" exit={c}"))
         .unwrap_or_default();
     format!(
-        "{} {} on {} by {} via {}{argv}{exit} {}ms req={}",
+        "{} {} on {} by {} via {}{argv}{exit} {}ms key={}",
         a.outcome.as_str(),
         a.command,
         a.node,
         a.caller,
         a.entry_gateway,
         a.duration_ms,
-        a.request_id
+        a.key
     )
 }
 
@@ -242,7 +242,7 @@ mod tests {
             exit_code: Some(0),
             duration_ms: 12,
             outcome: Outcome::Ok,
-            request_id: 7,
+            key: "k7".into(),
         };
         let line = audit_line(&a);
         for part in [
