@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod devices;
+pub mod logs;
 pub mod node;
 pub mod nodes;
 pub mod status;
@@ -205,6 +206,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Approvals(cmd) => {
             logging::init(cli.log.as_deref(), "warn");
             crate::cli::approvals::approvals(cmd, &state_dir).await
+        }
+        Command::Logs(a) => {
+            logging::init(cli.log.as_deref(), "warn");
+            crate::cli::logs::logs(a, &state_dir).await
         }
         Command::Demo(a) => {
             logging::init(cli.log.as_deref(), "warn");

@@ -38,9 +38,11 @@ impl Methods {
                     ),
                     None => None,
                 };
+                let local = params.get("local").and_then(Value::as_bool).unwrap_or(false);
                 let q = Query {
                     since_ms: u("sinceMs"),
-                    gateway: s("gateway"),
+                    // `local`: this gateway's own records (the CLI without --all).
+                    gateway: s("gateway").or_else(|| local.then(|| self.gateway_name())),
                     node: s("node"),
                     level,
                     grep: s("grep"),
