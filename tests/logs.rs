@@ -201,13 +201,19 @@ fn three_regions_audit_and_follow() {
     assert!(
         wait_until(Duration::from_secs(20), || {
             let out = cli(fed.dir(0), &["nodes", "status", "--all", "--json"]);
-            String::from_utf8_lossy(&out.stdout).contains("n-fra")
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            v["nodes"].as_array().is_some_and(|n| {
+                n.iter().any(|n| {
+                    n["name"] == "n-fra" && n["connected"] == true && n["gateway"] == "frankfurt"
+                })
+            })
         }),
         "n-fra not visible from tokyo"
     );
     // Allow `sh` only; `ls` is refused by the allowlist.
     let sh = std::fs::canonicalize("/bin/sh").unwrap();
-    let set = cli(fed.dir(0), &["approvals", "allow", "--node", "n-fra", sh.to_str().unwrap()]);
+    // On frankfurt, which holds the node (approvals are not forwarded between gateways).
+    let set = cli(fed.dir(2), &["approvals", "allow", "--node", "n-fra", sh.to_str().unwrap()]);
     assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
     let ok = nodes_invoke(fed.dir(0), "n-fra", "system.run", r#"{"command":["sh","-c","exit 3"]}"#, &[]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
