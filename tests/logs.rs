@@ -40,12 +40,17 @@ struct Fed {
     dirs: Vec<PathBuf>,
     gws: Vec<Option<Gw>>,
     _rt: tokio::runtime::Runtime,
-    _relay: WanRelay,
+    relay: WanRelay,
 }
 
 impl Fed {
     /// Three gateways behind the relay, tokyo the configured primary.
     fn start() -> Fed {
+        Self::start_with("")
+    }
+
+    /// The same, with `beijing_spool` (e.g. `"maxBytes":20000`) as beijing's `logging.spool`.
+    fn start_with(beijing_spool: &str) -> Fed {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -57,7 +62,11 @@ impl Fed {
         }
         for (a, b, ms) in [(0, 1, 45), (0, 2, 120), (1, 2, 165)] {
             relay
-                .set_path(NAMES[a], NAMES[b], PathSettings::with_rtt(Duration::from_millis(ms)))
+                .set_path(
+                    NAMES[a],
+                    NAMES[b],
+                    PathSettings::with_rtt(Duration::from_millis(ms)),
+                )
                 .unwrap();
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -74,17 +83,28 @@ impl Fed {
                 join = format!("quic://{adv}");
             }
             std::fs::create_dir_all(&dirs[i]).unwrap();
+            let spool = if i == 1 { beijing_spool } else { "" };
             std::fs::write(
                 dirs[i].join("clawmesh.json"),
                 format!(
-                    r#"{{"logging":{{"remote":{{"enabled":true,"endpoint":"https://primary.example.com:3100/logs","batchInterval":{BATCH_MS}}}}}}}"#
+                    r#"{{"logging":{{"remote":{{"enabled":true,"endpoint":"https://primary.example.com:3100/logs","batchInterval":{BATCH_MS}}},"spool":{{{spool}}}}}}}"#
                 ),
             )
             .unwrap();
             let port = port.to_string();
             let mut args = vec![
-                "gateway", "run", "--name", n, "--port", &port, "--token", "fed-token",
-                "--health-interval", "500", "--advertise", &adv,
+                "gateway",
+                "run",
+                "--name",
+                n,
+                "--port",
+                &port,
+                "--token",
+                "fed-token",
+                "--health-interval",
+                "500",
+                "--advertise",
+                &adv,
             ];
             if i == 0 {
                 args.push("--primary");
@@ -100,7 +120,7 @@ impl Fed {
             dirs,
             gws,
             _rt: rt,
-            _relay: relay,
+            relay,
         };
         for d in &fed.dirs {
             assert!(
@@ -164,7 +184,9 @@ fn approve(gw: &Path, name: &str) {
         }),
         "{name} never asked to pair"
     );
-    assert!(cli(gw, &["devices", "approve", req.as_deref().unwrap()]).status.success());
+    assert!(cli(gw, &["devices", "approve", req.as_deref().unwrap()])
+        .status
+        .success());
 }
 
 #[test]
@@ -178,13 +200,21 @@ fn three_regions_audit_and_follow() {
             NAMES.iter().all(|n| o.contains_key(*n))
         }),
         "not every region in logs --all: {:?}",
-        origins(&logs_json(fed.dir(0), &["--all"])).keys().collect::<Vec<_>>()
+        origins(&logs_json(fed.dir(0), &["--all"]))
+            .keys()
+            .collect::<Vec<_>>()
     );
     // In time order, origin on each text line.
     let text = String::from_utf8_lossy(&cli(fed.dir(0), &["logs", "--all"]).stdout).to_string();
-    assert!(NAMES.iter().all(|n| text.contains(&format!(" {n}  "))), "{text}");
+    assert!(
+        NAMES.iter().all(|n| text.contains(&format!(" {n}  "))),
+        "{text}"
+    );
     let recs = logs_json(fed.dir(0), &["--all"]);
-    let ts: Vec<String> = recs.iter().map(|r| r["ts"].as_str().unwrap_or("").to_string()).collect();
+    let ts: Vec<String> = recs
+        .iter()
+        .map(|r| r["ts"].as_str().unwrap_or("").to_string())
+        .collect();
     let mut sorted = ts.clone();
     sorted.sort();
     assert_eq!(ts, sorted, "not in time order");
@@ -195,7 +225,16 @@ fn three_regions_audit_and_follow() {
     let fra = format!("quic://{}", fed.gws[2].as_ref().unwrap().addr());
     let _node = Gw::spawn_cmd(
         &fed.tmp.path().join("n-fra"),
-        &["node", "run", "--gateway", &fra, "--name", "n-fra", "--security", "allowlist"],
+        &[
+            "node",
+            "run",
+            "--gateway",
+            &fra,
+            "--name",
+            "n-fra",
+            "--security",
+            "allowlist",
+        ],
     );
     approve(fed.dir(2), "n-fra");
     assert!(
@@ -213,13 +252,48 @@ fn three_regions_audit_and_follow() {
     // Allow `sh` only; `ls` is refused by the allowlist.
     let sh = std::fs::canonicalize("/bin/sh").unwrap();
     // On frankfurt, which holds the node (approvals are not forwarded between gateways).
-    let set = cli(fed.dir(2), &["approvals", "allow", "--node", "n-fra", sh.to_str().unwrap()]);
-    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
-    let ok = nodes_invoke(fed.dir(0), "n-fra", "system.run", r#"{"command":["sh","-c","exit 3"]}"#, &[]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    let refused = nodes_invoke(fed.dir(0), "n-fra", "system.run", r#"{"command":["ls","/"]}"#, &[]);
+    let set = cli(
+        fed.dir(2),
+        &[
+            "approvals",
+            "allow",
+            "--node",
+            "n-fra",
+            sh.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let ok = nodes_invoke(
+        fed.dir(0),
+        "n-fra",
+        "system.run",
+        r#"{"command":["sh","-c","exit 3"]}"#,
+        &[],
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let refused = nodes_invoke(
+        fed.dir(0),
+        "n-fra",
+        "system.run",
+        r#"{"command":["ls","/"]}"#,
+        &[],
+    );
     assert!(!refused.status.success());
-    let _slow = nodes_invoke(fed.dir(0), "n-fra", "system.run", r#"{"command":["sh","-c","sleep 5"],"timeoutMs":300}"#, &[]);
+    let _slow = nodes_invoke(
+        fed.dir(0),
+        "n-fra",
+        "system.run",
+        r#"{"command":["sh","-c","sleep 5"],"timeoutMs":300}"#,
+        &[],
+    );
     let mut audits = Vec::new();
     assert!(
         wait_until(Duration::from_secs(20), || {
@@ -228,11 +302,19 @@ fn three_regions_audit_and_follow() {
         }),
         "audit records: {audits:?}"
     );
-    assert!(audits.iter().all(|a| a["level"] == "audit" && a["origin"] == "frankfurt"), "{audits:?}");
+    assert!(
+        audits
+            .iter()
+            .all(|a| a["level"] == "audit" && a["origin"] == "frankfurt"),
+        "{audits:?}"
+    );
     let by = |argv0: &str| {
         audits
             .iter()
-            .find(|a| a["audit"]["argv"][0] == argv0 && (argv0 != "sh" || a["audit"]["argv"][2] == "exit 3"))
+            .find(|a| {
+                a["audit"]["argv"][0] == argv0
+                    && (argv0 != "sh" || a["audit"]["argv"][2] == "exit 3")
+            })
             .cloned()
             .unwrap_or(Value::Null)
     };
@@ -241,7 +323,13 @@ fn three_regions_audit_and_follow() {
     assert_eq!(a_ok["audit"]["exit_code"], 3);
     assert_eq!(a_ok["audit"]["entry_gateway"], "tokyo");
     assert_eq!(a_ok["audit"]["node"], "n-fra");
-    assert!(a_ok["audit"]["caller"].as_str().unwrap_or("").starts_with("device:"), "{a_ok}");
+    assert!(
+        a_ok["audit"]["caller"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("device:"),
+        "{a_ok}"
+    );
     assert_eq!(by("ls")["audit"]["outcome"], "Refused", "{audits:?}");
     assert!(
         audits.iter().any(|a| a["audit"]["outcome"] == "Timeout"),
@@ -253,7 +341,9 @@ fn three_regions_audit_and_follow() {
     let mut child = std::process::Command::new(BIN)
         .arg("--state-dir")
         .arg(fed.dir(0))
-        .args(["logs", "--all", "--audit", "--follow", "--json", "--lines", "1"])
+        .args([
+            "logs", "--all", "--audit", "--follow", "--json", "--lines", "1",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -262,7 +352,10 @@ fn three_regions_audit_and_follow() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
-        for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(l).is_err() {
                 break;
             }
@@ -272,7 +365,13 @@ fn three_regions_audit_and_follow() {
     let _ = rx.recv_timeout(Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(500));
     let t = Instant::now();
-    let r = nodes_invoke(fed.dir(0), "n-fra", "system.run", r#"{"command":["cat","/etc/hostname"]}"#, &[]);
+    let r = nodes_invoke(
+        fed.dir(0),
+        "n-fra",
+        "system.run",
+        r#"{"command":["cat","/etc/hostname"]}"#,
+        &[],
+    );
     assert!(!r.status.success());
     let mut seen = false;
     while t.elapsed() < Duration::from_secs(15) {
@@ -288,7 +387,10 @@ fn three_regions_audit_and_follow() {
     assert!(seen, "--follow did not print the new audit record");
     // Seen within a batch interval plus the path and the poll (not asserted as a timing: it
     // is logged for the reader).
-    eprintln!("follow saw the record {:?} after the invoke returned", t.elapsed());
+    eprintln!(
+        "follow saw the record {:?} after the invoke returned",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -327,7 +429,10 @@ fn primary_killed_during_a_stream_nothing_lost_nothing_twice() {
     for w in writers {
         w.join().unwrap();
     }
-    let p = NAMES.iter().position(|n| Some(*n) == new_primary.as_deref()).unwrap();
+    let p = NAMES
+        .iter()
+        .position(|n| Some(*n) == new_primary.as_deref())
+        .unwrap();
     // Every surviving origin: 1..=max, each once, and max is at least what its spool holds.
     let mut last = BTreeMap::new();
     let ok = wait_until(Duration::from_secs(30), || {
@@ -335,20 +440,162 @@ fn primary_killed_during_a_stream_nothing_lost_nothing_twice() {
         last = o.clone();
         ["beijing", "frankfurt"].iter().all(|g| {
             let Some(seqs) = o.get(*g) else { return false };
-            let spooled = spooled_max(&fed.dir(NAMES.iter().position(|n| n == g).unwrap()).join("logspool.db"), g);
+            let spooled = spooled_max(
+                &fed.dir(NAMES.iter().position(|n| n == g).unwrap())
+                    .join("logspool.db"),
+                g,
+            );
             let mut s = seqs.clone();
             s.sort();
             s.dedup();
-            s.len() == seqs.len() && s == (1..=s.len() as u64).collect::<Vec<_>>() && s.len() as u64 >= spooled
+            s.len() == seqs.len()
+                && s == (1..=s.len() as u64).collect::<Vec<_>>()
+                && s.len() as u64 >= spooled
         })
     });
-    assert!(ok, "survivors' sequences on {new_primary:?}: {:?}", last.iter().map(|(k, v)| (k.clone(), v.len(), v.iter().max().copied())).collect::<Vec<_>>());
+    assert!(
+        ok,
+        "survivors' sequences on {new_primary:?}: {:?}",
+        last.iter()
+            .map(|(k, v)| (k.clone(), v.len(), v.iter().max().copied()))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Logs on beijing at warn (a refused pairing approval) from `threads` threads until `stop`.
+fn chatter(
+    dir: &Path,
+    threads: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    (0..threads)
+        .map(|_| {
+            let d = dir.to_path_buf();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = cli(&d, &["devices", "approve", "no-such-request"]);
+                }
+            })
+        })
+        .collect()
+}
+
+/// Cuts (or heals) the path between tokyo (the primary) and beijing only: tokyo keeps its
+/// majority with frankfurt, beijing cannot ship.
+fn cut(fed: &Fed, blocked: bool) {
+    fed.relay
+        .set_path(
+            "tokyo",
+            "beijing",
+            PathSettings {
+                blocked,
+                ..PathSettings::with_rtt(Duration::from_millis(45))
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn link_cut_then_healed_no_gap_no_duplicate() {
+    let _s = serial();
+    let fed = Fed::start();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = chatter(fed.dir(1), 2, &stop);
+    std::thread::sleep(Duration::from_secs(2));
+    cut(&fed, true);
+    std::thread::sleep(Duration::from_secs(4));
+    cut(&fed, false);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let mut last = Vec::new();
+    let ok = wait_until(Duration::from_secs(30), || {
+        let o = origins(&logs_json(fed.dir(0), &["--all", "--gateway", "beijing"]));
+        let seqs = o.get("beijing").cloned().unwrap_or_default();
+        let spooled = spooled_max(&fed.dir(1).join("logspool.db"), "beijing");
+        let mut s = seqs.clone();
+        s.sort();
+        last = s.clone();
+        s.len() == seqs.len()
+            && s == (1..=s.len() as u64).collect::<Vec<_>>()
+            && s.len() as u64 >= spooled
+            && spooled > 20
+    });
+    assert!(
+        ok,
+        "beijing's sequence on tokyo: {} records, max {:?}",
+        last.len(),
+        last.last()
+    );
+}
+
+#[test]
+fn spool_limit_drops_are_counted_and_shown() {
+    let _s = serial();
+    // 20 KB of spool: a few hundred records.
+    let fed = Fed::start_with(r#""maxBytes":20000"#);
+    cut(&fed, true);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = chatter(fed.dir(1), 3, &stop);
+    let spool = fed.dir(1).join("logspool.db");
+    assert!(
+        wait_until(Duration::from_secs(60), || spool_dropped(&spool, "beijing")
+            > 0),
+        "beijing's spool never hit its limit"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    cut(&fed, false);
+    let mut text = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let out = cli(fed.dir(0), &["logs", "--all", "--gateway", "beijing"]);
+            text = String::from_utf8_lossy(&out.stdout).to_string();
+            text.contains("records from beijing dropped by the spool limit")
+        }),
+        "no drop line: {text}"
+    );
+    // What is held plus what was dropped is everything beijing numbered.
+    let ok = wait_until(Duration::from_secs(30), || {
+        let o = origins(&logs_json(fed.dir(0), &["--all", "--gateway", "beijing"]));
+        let held = o.get("beijing").map(Vec::len).unwrap_or(0) as u64;
+        let max = o
+            .get("beijing")
+            .and_then(|s| s.iter().max().copied())
+            .unwrap_or(0);
+        held + spool_dropped(&spool, "beijing") >= max && max > 0
+    });
+    assert!(ok, "held + dropped does not account for beijing's sequence");
+}
+
+fn spool_dropped(db: &Path, origin: &str) -> u64 {
+    let Ok(c) =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return 0;
+    };
+    c.query_row(
+        "SELECT spool_dropped FROM origins WHERE origin = ?1",
+        [origin],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap_or(0) as u64
 }
 
 /// The highest seq a spool had numbered when the test looked (read-only, while the gateway
 /// runs: SQLite WAL allows a reader).
 fn spooled_max(db: &Path, origin: &str) -> u64 {
-    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    c.query_row("SELECT COALESCE(next_seq, 1) - 1 FROM origins WHERE origin = ?1", [origin], |r| r.get::<_, i64>(0))
-        .unwrap_or(0) as u64
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    c.query_row(
+        "SELECT COALESCE(next_seq, 1) - 1 FROM origins WHERE origin = ?1",
+        [origin],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap_or(0) as u64
 }

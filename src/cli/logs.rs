@@ -142,7 +142,10 @@ fn line(r: &Value, origin: &str) -> String {
     );
     let level = r["level"].as_str().unwrap_or("?").to_uppercase();
     if level == "AUDIT" {
-        format!("{ts} {level:<5} {origin}  {}", r["message"].as_str().unwrap_or(""))
+        format!(
+            "{ts} {level:<5} {origin}  {}",
+            r["message"].as_str().unwrap_or("")
+        )
     } else {
         format!(
             "{ts} {level:<5} {origin}  {}: {}",

@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clawmesh_federation::logs::collector::{Collector, Query, QueryReply, StoreLimits};
+use clawmesh_federation::logs::collector::{Collector, Query, QueryReply};
 use clawmesh_federation::logs::layer::{start_writer, Handoff, HANDOFF_CAPACITY};
 use clawmesh_federation::logs::record::{Audit, Entry};
 use clawmesh_federation::logs::service::{self, LogService, MeshRouter};
 use clawmesh_federation::logs::ship::{ShipConfig, Shipper};
-use clawmesh_federation::logs::spool::{Spool, SpoolLimits};
+use clawmesh_federation::logs::spool::Spool;
 use clawmesh_federation::mesh::Mesh;
 use clawmesh_federation::wire::WireError;
 use tracing::warn;
@@ -38,12 +38,11 @@ impl GatewayLogs {
     /// log events to the spool and ships them to the primary.
     pub fn start(state_dir: &Path, mesh: &Mesh, remote: &RemoteLogs) -> Result<GatewayLogs> {
         let name = mesh.config().name.clone();
-        let spool = Spool::open(state_dir, SpoolLimits::default())
-            .context("opening the log spool")?;
-        let collector = Collector::open(state_dir, StoreLimits::default())
-            .context("opening the log store")?;
-        let handoff =
-            start_writer(spool.clone(), &name, HANDOFF_CAPACITY).context("starting the log writer")?;
+        let spool = Spool::open(state_dir, remote.spool).context("opening the log spool")?;
+        let collector =
+            Collector::open(state_dir, remote.store).context("opening the log store")?;
+        let handoff = start_writer(spool.clone(), &name, HANDOFF_CAPACITY)
+            .context("starting the log writer")?;
         mesh.attach_log_service(Arc::new(LogService::new(mesh.clone(), collector.clone())));
         let shipper = if remote.enabled {
             crate::logging::attach_spool(handoff.clone());

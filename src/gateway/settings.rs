@@ -10,6 +10,8 @@ use anyhow::{anyhow, bail, Result};
 use clawmesh_discovery::PeerUrl;
 use clawmesh_federation::consensus::ReplicaConfig;
 use clawmesh_federation::health::HealthConfig;
+use clawmesh_federation::logs::collector::StoreLimits;
+use clawmesh_federation::logs::spool::SpoolLimits;
 use tracing::warn;
 
 use crate::config::FileConfig;
@@ -121,6 +123,10 @@ pub struct RemoteLogs {
     pub endpoint: Option<String>,
     /// `logging.remote.batchInterval` (default 5000 ms).
     pub batch_interval: Duration,
+    /// `logging.spool.maxBytes|maxAge|retainAcked` (ages in ms).
+    pub spool: SpoolLimits,
+    /// `logging.store.maxBytes|maxAge` (age in ms): the collector's store on the primary.
+    pub store: StoreLimits,
 }
 
 impl RemoteLogs {
@@ -131,10 +137,23 @@ impl RemoteLogs {
         if !(10..=600_000).contains(&ms) {
             bail!("logging.remote.batchInterval must be between 10 and 600000 ms, not {ms}");
         }
+        let (sd, cd) = (SpoolLimits::default(), StoreLimits::default());
+        let ms_or = |key: &str, d: Duration| -> Result<Duration> {
+            Ok(file.u64(key)?.map(Duration::from_millis).unwrap_or(d))
+        };
         Ok(RemoteLogs {
             enabled: file.bool("logging.remote.enabled")?.unwrap_or(true),
             endpoint: file.str("logging.remote.endpoint")?,
             batch_interval: Duration::from_millis(ms),
+            spool: SpoolLimits {
+                max_bytes: file.u64("logging.spool.maxBytes")?.unwrap_or(sd.max_bytes),
+                max_age: ms_or("logging.spool.maxAge", sd.max_age)?,
+                retain_acked: ms_or("logging.spool.retainAcked", sd.retain_acked)?,
+            },
+            store: StoreLimits {
+                max_bytes: file.u64("logging.store.maxBytes")?.unwrap_or(cd.max_bytes),
+                max_age: ms_or("logging.store.maxAge", cd.max_age)?,
+            },
         })
     }
 }

@@ -32,13 +32,17 @@ impl Methods {
                 let s = |k: &str| params.get(k).and_then(Value::as_str).map(str::to_string);
                 let u = |k: &str| params.get(k).and_then(Value::as_u64);
                 let level = match s("level") {
-                    Some(l) => Some(
-                        Level::parse(&l)
-                            .ok_or_else(|| bad(format!("unknown level {l:?} (error, warn, info, debug, trace)")))?,
-                    ),
+                    Some(l) => Some(Level::parse(&l).ok_or_else(|| {
+                        bad(format!(
+                            "unknown level {l:?} (error, warn, info, debug, trace)"
+                        ))
+                    })?),
                     None => None,
                 };
-                let local = params.get("local").and_then(Value::as_bool).unwrap_or(false);
+                let local = params
+                    .get("local")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
                 let q = Query {
                     since_ms: u("sinceMs"),
                     // `local`: this gateway's own records (the CLI without --all).
@@ -46,7 +50,10 @@ impl Methods {
                     node: s("node"),
                     level,
                     grep: s("grep"),
-                    audit: params.get("audit").and_then(Value::as_bool).unwrap_or(false),
+                    audit: params
+                        .get("audit")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false),
                     after_id: params.get("afterId").and_then(Value::as_i64),
                     limit: u("limit").unwrap_or(1000) as usize,
                     wait_ms: u("waitMs").unwrap_or(0),
@@ -61,10 +68,9 @@ impl Methods {
                 let CallerKind::Node { name } = &caller.kind else {
                     return Err(bad("node.logs is sent by nodes only"));
                 };
-                let entries: Vec<Entry> = serde_json::from_value(
-                    params.get("entries").cloned().unwrap_or(json!([])),
-                )
-                .map_err(|e| bad(format!("invalid node.logs entries: {e}")))?;
+                let entries: Vec<Entry> =
+                    serde_json::from_value(params.get("entries").cloned().unwrap_or(json!([])))
+                        .map_err(|e| bad(format!("invalid node.logs entries: {e}")))?;
                 if entries.len() > MAX_NODE_BATCH {
                     return Err(bad(format!(
                         "{} records in one node.logs; at most {MAX_NODE_BATCH}",

@@ -337,7 +337,15 @@ impl Methods {
                 .next()
                 .ok_or_else(|| bad(format!("unknown node: {sel}")))?;
             return self
-                .invoke_entry(&target, &command, inner, timeout, &key, forwarded, Some(who))
+                .invoke_entry(
+                    &target,
+                    &command,
+                    inner,
+                    timeout,
+                    &key,
+                    forwarded,
+                    Some(who),
+                )
                 .await;
         }
         // Fan-out: local nodes directly (at most FANOUT_CONCURRENCY in flight); the nodes of
@@ -404,8 +412,16 @@ impl Methods {
             .next()
             .cloned();
         let target = target.ok_or_else(|| bad(format!("unknown node: {sel}")))?;
-        self.invoke_entry(&target, command, params, timeout, idempotency_key, false, None)
-            .await
+        self.invoke_entry(
+            &target,
+            command,
+            params,
+            timeout,
+            idempotency_key,
+            false,
+            None,
+        )
+        .await
     }
 
     /// Runs `command` on the node `entry` names: here if it is attached here, else forwarded
@@ -467,7 +483,14 @@ impl Methods {
         }
         let started = Instant::now();
         // Dropped unfinished (the caller went away): recorded as cancelled.
-        let audit = AuditGuard::new(self.inner.logs.get(), who, &name, command, &params, idempotency_key);
+        let audit = AuditGuard::new(
+            self.inner.logs.get(),
+            who,
+            &name,
+            command,
+            &params,
+            idempotency_key,
+        );
         let span = tracing::info_span!("invoke", node = %name, %command);
         match tracing::Instrument::instrument(
             link.invoke(command, &params, timeout, idempotency_key),
@@ -696,7 +719,11 @@ impl AuditGuard {
                     .as_array()
                     .map(|a| {
                         a.iter()
-                            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+                            .map(|v| {
+                                v.as_str()
+                                    .map(str::to_string)
+                                    .unwrap_or_else(|| v.to_string())
+                            })
                             .collect()
                     })
                     .unwrap_or_default()
