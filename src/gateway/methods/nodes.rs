@@ -560,6 +560,7 @@ impl Methods {
 
     /// Sends one fan-out request for all of `nodes` to the gateway holding them; one result
     /// row per node, errors included.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn forward_fanout(
         &self,
         gateway: &str,
