@@ -136,7 +136,7 @@ fn print_records(reply: &Value, json_out: bool, shown: &mut HashMap<String, u64>
 }
 
 /// One record as a line: time, level, origin, target, message.
-fn line(r: &Value, origin: &str) -> String {
+pub fn line(r: &Value, origin: &str) -> String {
     let ts = humantime::format_rfc3339_millis(
         std::time::UNIX_EPOCH + Duration::from_millis(r["ts_ms"].as_u64().unwrap_or(0)),
     );
