@@ -2,8 +2,8 @@
 //! gateway-to-gateway traffic crosses the UDP delay relay (Tokyo-Beijing 45 ms, Tokyo-Frankfurt
 //! 120 ms, Beijing-Frankfurt 165 ms):
 //!
-//! - records of all three regions appear in `logs --all` on the primary, in time order with
-//!   the origin on each line, and `--follow` prints a record logged after it started within
+//! - records of all three regions and of a node (through its gateway) appear in `logs --all`
+//!   on the primary, in time order with the origin on each line, and `--follow` prints a record logged after it started within
 //!   one batch interval (plus the path);
 //! - audit records for an ok, a refused and a timed-out `system.run` on a node attached to
 //!   Frankfurt, invoked from Tokyo: caller, entry gateway, node, argv, exit code, outcome,
@@ -248,6 +248,19 @@ fn three_regions_audit_and_follow() {
             })
         }),
         "n-fra not visible from tokyo"
+    );
+    // The node's own records, through its gateway, to the primary.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            logs_json(fed.dir(0), &["--all", "--node", "n-fra"])
+                .iter()
+                .any(|r| {
+                    r["origin"] == "frankfurt/n-fra"
+                        && r["message"].as_str().unwrap_or("").contains("attached")
+                })
+        }),
+        "no record of n-fra: {:?}",
+        logs_json(fed.dir(0), &["--all", "--node", "n-fra"])
     );
     // Allow `sh` only; `ls` is refused by the allowlist.
     let sh = std::fs::canonicalize("/bin/sh").unwrap();

@@ -66,6 +66,21 @@ impl Handoff {
         }
     }
 
+    /// Takes the count of entries the channel had no room for since the last call (all
+    /// origins together).
+    pub fn take_overflow(&self) -> u64 {
+        let nodes: u64 = std::mem::take(
+            &mut *self
+                .overflow
+                .nodes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+        .values()
+        .sum();
+        self.overflow.own.swap(0, Ordering::Relaxed) + nodes
+    }
+
     /// Entries offered so far (accepted or not).
     pub fn offered(&self) -> u64 {
         self.offered.load(Ordering::Relaxed)
@@ -83,6 +98,20 @@ impl Handoff {
             *m.entry(node.to_string()).or_default() += n;
         }
     }
+}
+
+/// A hand-off without a spool: what callers offer waits in the returned receiver (a node
+/// host drains it and sends the entries to its gateway).
+pub fn channel(capacity: usize) -> (Handoff, mpsc::Receiver<Entry>) {
+    let (tx, rx) = mpsc::sync_channel::<Entry>(capacity);
+    (
+        Handoff {
+            tx,
+            overflow: Arc::new(Overflow::default()),
+            offered: Arc::new(AtomicU64::new(0)),
+        },
+        rx,
+    )
 }
 
 /// Starts the writer thread for `spool`, numbering entries under `gateway`; returns the
