@@ -238,6 +238,8 @@ pub struct MeshStatus {
     pub gateways: Vec<GatewayStatus>,
     /// Health settings in force.
     pub health: HealthConfig,
+    /// Why this gateway has not joined its federation yet (`None`: it is a member).
+    pub not_joined: Option<String>,
 }
 
 struct Link {
@@ -285,6 +287,9 @@ struct State {
     /// The raft leader as last reported by the consensus module (`None`: unknown, or no
     /// consensus attached — then the configured primary is shown as primary).
     leader: Option<Option<PublicKey>>,
+    /// Why this gateway is not a member yet, while its join is unanswered or failing
+    /// (`None` once joined, and for the primary and members).
+    not_joined: Option<String>,
 }
 
 struct Inner {
@@ -408,6 +413,7 @@ impl Mesh {
                 next_link_id: 1,
                 shutting_down: false,
                 leader: None,
+                not_joined: None,
             }),
             shutdown: watch::channel(false).0,
             fatal: watch::channel(None).0,
@@ -426,6 +432,7 @@ impl Mesh {
             st.membership.members.iter().any(|m| m.key == key)
         };
         if let (Some(addr), false) = (mesh.inner.cfg.join, is_member) {
+            mesh.state().not_joined = Some(format!("joining through {addr}"));
             let join = mesh.clone();
             tokio::spawn(async move { join.join_loop(addr).await });
         }
@@ -741,6 +748,7 @@ impl Mesh {
             epoch: st.membership.epoch,
             gateways,
             health: self.health(),
+            not_joined: st.not_joined.clone(),
         }
     }
 
@@ -879,6 +887,7 @@ impl Mesh {
             }
             match self.dial_gateway(addr, None).await {
                 Ok(()) => {
+                    self.state().not_joined = None;
                     info!(%addr, "joined the federation");
                     return;
                 }
@@ -887,28 +896,35 @@ impl Mesh {
                 {
                     let msg = format!("join refused by {addr}: {}", refusal.message);
                     warn!("{msg}");
-                    let _ = self.inner.fatal.send(Some(msg));
+                    // send_replace: stored even before anyone subscribed (a plain send to a
+                    // channel without receivers is dropped, and the gateway subscribes only
+                    // once it is ready, which a fast refusal can beat).
+                    self.inner.fatal.send_replace(Some(msg));
                     return;
                 }
                 Err(e @ MeshError::BadWelcomeProof { .. }) => {
                     warn!("{e}");
-                    let _ = self.inner.fatal.send(Some(e.to_string()));
+                    self.inner.fatal.send_replace(Some(e.to_string()));
                     return;
                 }
-                Err(e) => warn!(%addr, "joining the federation: {e}; retrying"),
+                Err(e) => {
+                    self.state().not_joined = Some(format!("join through {addr} unanswered: {e}"));
+                    warn!(%addr, "joining the federation: {e}; retrying");
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff.next_delay()) => {},
                 _ = shutdown.changed() => return,
             }
             // Joined meanwhile through another path (e.g. a member dial loop)?
-            let st = self.state();
+            let mut st = self.state();
             if st
                 .membership
                 .members
                 .iter()
                 .any(|m| m.key == self.inner.key)
             {
+                st.not_joined = None;
                 return;
             }
         }
@@ -969,9 +985,7 @@ impl Mesh {
         };
         if proof.is_some() {
             let ok = match (&welcome.join_proof, &self.inner.cfg.token) {
-                (Some(p), Some(t)) => {
-                    handshake::proofs_equal(p, &handshake::welcome_proof(t, &self.inner.key, &key))
-                }
+                (Some(p), Some(t)) => handshake::verify_welcome_proof(t, &self.inner.key, &key, p),
                 _ => false,
             };
             if !ok {
@@ -1013,10 +1027,10 @@ impl Mesh {
             let mesh = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                let conn = match incoming.await {
+                let conn = match endpoint::accept(incoming).await {
                     Ok(c) => c,
                     Err(e) => {
-                        warn!(%remote, "refused connection: TLS/QUIC handshake failed: {e}");
+                        warn!(%remote, "refused connection: {e}");
                         return;
                     }
                 };
@@ -1028,11 +1042,8 @@ impl Mesh {
     async fn handle_connection(&self, conn: Connection) {
         let remote = conn.remote_address();
         let Some(key) = endpoint::peer_key(&conn) else {
-            warn!(%remote, "refused connection: no device certificate");
-            conn.close(
-                VarInt::from_u32(CLOSE_REFUSED),
-                b"device certificate required",
-            );
+            warn!(%remote, "refused connection: no device key");
+            conn.close(VarInt::from_u32(CLOSE_REFUSED), b"device key required");
             return;
         };
         let (hello, mut send) = match handshake::read_hello(&conn).await {
@@ -1206,8 +1217,7 @@ impl Mesh {
                 false,
             ));
         };
-        let want = handshake::join_proof(token, &key, &self.inner.key);
-        if !handshake::proofs_equal(proof, &want) {
+        if !handshake::verify_join_proof(token, &key, &self.inner.key, proof) {
             return Err(refuse(
                 RefusalCode::BadToken,
                 "join token mismatch: the token given to this gateway is not the federation's"

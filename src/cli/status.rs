@@ -9,7 +9,11 @@ use std::time::SystemTime;
 use serde_json::Value;
 
 /// Whether every gateway in a status document is healthy (for `--check`).
+/// A gateway that has not joined its federation is not healthy, whatever its own row says.
 pub fn all_healthy(doc: &Value) -> bool {
+    if !doc["notJoined"].is_null() {
+        return false;
+    }
     doc["gateways"]
         .as_array()
         .map(|gs| gs.iter().all(|g| g["status"] == "healthy"))
@@ -112,6 +116,9 @@ pub fn render_table(doc: &Value) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     }
+    if let Some(why) = doc["notJoined"].as_str() {
+        out.push_str(&format!("Not joined: {why}\n"));
+    }
     if let Some(c) = doc.get("consensus").filter(|c| c.is_object()) {
         out.push_str(&consensus_line(c));
     }
@@ -177,6 +184,19 @@ mod tests {
         assert!(t.contains("✗ offline"), "{t}");
         assert!(t.contains("45ms"), "{t}");
         assert!(t.contains("d ago"), "{t}");
+        assert!(!all_healthy(&doc));
+    }
+
+    #[test]
+    fn a_gateway_that_has_not_joined_is_not_healthy() {
+        let doc = json!({"self":"osaka","primary":null,"notJoined":"join through 127.0.0.1:9 unanswered: timed out","gateways":[
+            {"name":"osaka","region":null,"role":"remote","status":"healthy","latencyMs":null,"lastSeen":null,"addr":"127.0.0.1:1","isSelf":true}
+        ]});
+        let t = render_table(&doc);
+        assert!(
+            t.contains("Not joined: join through 127.0.0.1:9 unanswered"),
+            "{t}"
+        );
         assert!(!all_healthy(&doc));
     }
 }

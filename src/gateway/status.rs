@@ -46,5 +46,6 @@ pub fn to_json(s: &MeshStatus, all: bool) -> Value {
         "epoch": s.epoch,
         "healthIntervalMs": s.health.interval.as_millis() as u64,
         "unhealthyThreshold": s.health.unhealthy_threshold,
+        "notJoined": s.not_joined,
     })
 }
