@@ -8,6 +8,12 @@
 //! - audit records for an ok, a refused and a timed-out `system.run` on a node attached to
 //!   Frankfurt, invoked from Tokyo: caller, entry gateway, node, argv, exit code, outcome,
 //!   queryable on their own with `--audit`;
+//! - a link cut between beijing and the primary for 4 s, then healed: beijing's sequence on the
+//!   primary is 1..n with no gap and no duplicate;
+//! - beijing's spool limited to 20 KB during a cut: the drop count reaches the primary and
+//!   `logs` prints `N records from beijing dropped by the spool limit`;
+//! - `--follow` started on beijing keeps following when the primary is SIGKILLed: it prints a
+//!   record frankfurt logged after the failover;
 //! - the primary SIGKILLed while the others keep logging: after failover every record of each
 //!   surviving gateway's sequence is on the new primary once, from 1 without a gap.
 //!
@@ -611,4 +617,80 @@ fn spooled_max(db: &Path, origin: &str) -> u64 {
         |r| r.get::<_, i64>(0),
     )
     .unwrap_or(0) as u64
+}
+
+#[test]
+fn follow_keeps_following_across_a_failover() {
+    let _s = serial();
+    let mut fed = Fed::start();
+    // Follow from beijing (which forwards each poll to the primary it knows).
+    let mut child = std::process::Command::new(BIN)
+        .arg("--state-dir")
+        .arg(fed.dir(1))
+        .args([
+            "logs",
+            "--all",
+            "--follow",
+            "--json",
+            "--lines",
+            "1",
+            "--grep",
+            "shared config written",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    fed.gws[0].as_mut().unwrap().kill9();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            status(fed.dir(1))
+                .and_then(|d| d["primary"].as_str().map(str::to_string))
+                .is_some_and(|p| p != "tokyo")
+        }),
+        "no new primary"
+    );
+    // A record logged on frankfurt after the failover: the follower must print it.
+    let set = cli(fed.dir(2), &["config", "set", "demo.after", "failover"]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let mut seen = false;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            let v: Value = serde_json::from_str(&l).unwrap_or(Value::Null);
+            if v["origin"] == "frankfurt"
+                && v["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("shared config written")
+            {
+                seen = true;
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen,
+        "the follower did not print frankfurt's record after the failover"
+    );
 }
