@@ -117,6 +117,11 @@ impl Fed {
             } else {
                 args.extend(["--join", join.as_str()]);
             }
+            if i == 1 {
+                // beijing logs at debug: every operator request it serves is then a record,
+                // which is what `chatter` relies on.
+                args.extend(["--log", "debug,openraft=error,quinn=info,rustls=info"]);
+            }
             let mut g = Gw::spawn_cmd(&dirs[i], &args);
             g.wait_ready();
             gws.push(Some(g));
