@@ -48,6 +48,9 @@ pub enum Command {
     Config(crate::cli::config::ConfigCmd),
     /// Start a Tokyo / Beijing / Frankfurt federation on this machine and show it working.
     Demo(DemoArgs),
+    /// What mDNS and the tailnet see right now (source, name, federation match, address),
+    /// without joining anything: the first thing to run on a new machine.
+    Discover(crate::cli::discover::DiscoverArgs),
     /// Logs of every region from the primary's collector, and the audit trail of node.invoke.
     Logs(LogsArgs),
 }
@@ -116,6 +119,9 @@ pub struct NodeRunArgs {
     /// Override the exec approvals level: deny, allowlist or full (full: a lab, not production).
     #[arg(long)]
     pub security: Option<String>,
+    /// With no --gateway, do not look for gateways with mDNS (also OPENCLAW_DISABLE_BONJOUR=1).
+    #[arg(long)]
+    pub no_mdns: bool,
 }
 
 /// `clawmesh nodes ...`
@@ -344,6 +350,14 @@ pub struct RunArgs {
     /// PEM private key for wss:// (config: gateway.tls.key).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Neither advertise nor browse mDNS (config: gateway.discovery.mdns: false; also
+    /// OPENCLAW_DISABLE_BONJOUR=1). mDNS is on by default with --bind lan or a LAN IP.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Find peers in tailscaled's status (config: gateway.discovery.tailnet; the default with
+    /// --bind tailnet), selected by gateway.discovery.tailnetTags / tailnetHosts.
+    #[arg(long)]
+    pub tailnet: bool,
 }
 
 /// Where a CLI command sends its request.
