@@ -5,6 +5,8 @@
 //! the command line.
 
 use anyhow::{anyhow, Result};
+use clawmesh_federation::logs::layer::{Handoff, SpoolLayer};
+use clawmesh_federation::logs::record::Level;
 
 /// The default log filter of long-running commands: openraft reports every failed replication
 /// attempt to an offline gateway (several lines a second); the mesh already logs the link going
@@ -18,8 +20,26 @@ type FilterHandle =
 /// operator set on purpose and the shared config must not override).
 static LOG_FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
 
+/// The layer that copies every event the filter lets through into the log spool, once a
+/// gateway has opened one ([`attach_spool`]); until then it does nothing.
+static SPOOL: std::sync::OnceLock<SpoolLayer> = std::sync::OnceLock::new();
+
+fn spool_layer() -> SpoolLayer {
+    // Trace: the spool takes whatever the process's filter lets through, i.e. the configured
+    // level.
+    SPOOL
+        .get_or_init(|| SpoolLayer::unattached(Level::Trace))
+        .clone()
+}
+
+/// Sends this process's log events (those its filter passes) to `handoff` from now on.
+pub fn attach_spool(handoff: Handoff) {
+    spool_layer().attach(handoff);
+}
+
 /// Installs the process's subscriber: `filter` (`--log`), else `RUST_LOG`, else `default`,
-/// written to stderr. The default filter stays reloadable by [`set_log_filter`].
+/// written to stderr (and to the log spool once a gateway attaches one). The default filter
+/// stays reloadable by [`set_log_filter`].
 pub fn init(filter: Option<&str>, default: &str) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
@@ -32,6 +52,7 @@ pub fn init(filter: Option<&str>, default: &str) {
     let ok = tracing_subscriber::registry()
         .with(layer)
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(spool_layer())
         .try_init()
         .is_ok();
     if ok && explicit.is_none() {

@@ -10,6 +10,7 @@
 //! - [`mesh`]: membership, the full mesh of gateway links, redial and [`health`];
 //! - [`pairing`]: the registry of approved and pending devices, replicated between gateways;
 //! - [`directory`]: which node is attached to which gateway;
+//! - [`logs`]: the log spool, shipping to the primary, the collector and the audit trail;
 //! - [`consensus`]: the openraft log store and state machine (shared config) over SQLite;
 //! - [`store`]: the SQLite state database; [`backoff`]: redial timing.
 //!
@@ -27,6 +28,7 @@ pub mod health;
 pub mod identity;
 pub mod legacy;
 pub mod liveness;
+pub mod logs;
 pub mod mesh;
 pub mod pairing;
 pub mod raw_key;

@@ -149,8 +149,8 @@ pub trait PeerService: Send + Sync + 'static {
     fn handle(&self, from: PublicKey, req: Request) -> BoxFuture<Result<String, WireError>>;
 }
 
-/// Routes a gateway link's requests: `raft.*` to the [`PeerService`], the rest to the
-/// method table.
+/// Routes a gateway link's requests: `raft.*` to the [`PeerService`], `logs.*` to the log
+/// service, the rest to the method table.
 struct LinkHandler {
     mesh: Mesh,
     from: PublicKey,
@@ -159,18 +159,24 @@ struct LinkHandler {
 
 impl Handler for LinkHandler {
     fn handle(&self, caller: Caller, req: Request) -> BoxFuture<Result<String, WireError>> {
-        if req.method.starts_with("raft.") {
-            return match self.mesh.inner.peer_service.get() {
-                Some(s) => s.handle(self.from, req),
-                None => Box::pin(async {
-                    Err(WireError::new(
-                        "UNAVAILABLE",
-                        "consensus is not running on this gateway",
-                    ))
-                }),
-            };
+        let (service, what) = if req.method.starts_with("raft.") {
+            (&self.mesh.inner.peer_service, "consensus")
+        } else if req.method.starts_with("logs.") {
+            (&self.mesh.inner.log_service, "log collection")
+        } else {
+            return self.methods.handle(caller, req);
+        };
+        match service.get() {
+            Some(s) => s.handle(self.from, req),
+            None => Box::pin(async move {
+                let mut e = WireError::new(
+                    "UNAVAILABLE",
+                    format!("{what} is not running on this gateway"),
+                );
+                e.retryable = true;
+                Err(e)
+            }),
         }
-        self.methods.handle(caller, req)
     }
 }
 
@@ -316,6 +322,7 @@ struct Inner {
     pairing: std::sync::OnceLock<Registry>,
     notices: broadcast::Sender<MeshNotice>,
     peer_service: std::sync::OnceLock<Arc<dyn PeerService>>,
+    log_service: std::sync::OnceLock<Arc<dyn PeerService>>,
     /// Health settings in force: start from [`MeshConfig::health`], changed live by
     /// [`Mesh::set_health`] (a shared-config change of the interval or threshold).
     health: watch::Sender<HealthConfig>,
@@ -430,6 +437,7 @@ impl Mesh {
             pairing: std::sync::OnceLock::new(),
             notices: broadcast::channel(NOTICE_QUEUE).0,
             peer_service: std::sync::OnceLock::new(),
+            log_service: std::sync::OnceLock::new(),
             health: watch::channel(health).0,
         });
         let mesh = Mesh { inner };
@@ -593,6 +601,41 @@ impl Mesh {
     /// Plugs in the service for `raft.*` requests from other gateways (once).
     pub fn attach_peer_service(&self, service: Arc<dyn PeerService>) {
         let _ = self.inner.peer_service.set(service);
+    }
+
+    /// Plugs in the service for `logs.*` requests from other gateways (once): shipping to the
+    /// collector and queries of it.
+    pub fn attach_log_service(&self, service: Arc<dyn PeerService>) {
+        let _ = self.inner.log_service.set(service);
+    }
+
+    /// The federation's primary as this gateway sees it: the raft leader the consensus
+    /// reported, or the configured primary while no consensus has reported (`None`: an
+    /// election is under way).
+    pub fn primary_key(&self) -> Option<PublicKey> {
+        let st = self.state();
+        match st.leader {
+            Some(leader) => leader,
+            None => st
+                .membership
+                .members
+                .iter()
+                .find(|m| m.primary)
+                .map(|m| m.key),
+        }
+    }
+
+    /// The name of the member with `key` (this gateway's own name for its own key).
+    pub fn member_name(&self, key: &PublicKey) -> Option<String> {
+        if *key == self.inner.key {
+            return Some(self.inner.cfg.name.clone());
+        }
+        let st = self.state();
+        st.membership
+            .members
+            .iter()
+            .find(|m| m.key == *key)
+            .map(|m| m.name.clone())
     }
 
     /// Reports the raft leader, which `status()` then shows as the primary (`None`: no leader

@@ -51,6 +51,46 @@ pub enum Command {
     /// What mDNS and the tailnet see right now (source, name, federation match, address),
     /// without joining anything: the first thing to run on a new machine.
     Discover(crate::cli::discover::DiscoverArgs),
+    /// Logs of every region from the primary's collector, and the audit trail of node.invoke.
+    Logs(LogsArgs),
+}
+
+/// Flags of `clawmesh logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Every gateway and node of the federation, merged in time order (default: this gateway).
+    #[arg(long)]
+    pub all: bool,
+    /// Only this gateway (its own records and its nodes').
+    #[arg(long, value_name = "NAME")]
+    pub gateway: Option<String>,
+    /// Only this node.
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// This level or more severe: error, warn, info, debug, trace (audit records always show).
+    #[arg(long)]
+    pub level: Option<String>,
+    /// Only records of the last DURATION (10m, 2h, 1d).
+    #[arg(long, value_name = "DURATION")]
+    pub since: Option<String>,
+    /// Only records whose message contains TEXT.
+    #[arg(long, value_name = "TEXT")]
+    pub grep: Option<String>,
+    /// Only the audit trail (who ran what, where).
+    #[arg(long)]
+    pub audit: bool,
+    /// Keep printing new records as they arrive (across a failover of the primary).
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// The newest N records (before following).
+    #[arg(long, short = 'n', default_value_t = 200)]
+    pub lines: usize,
+    /// Where to ask.
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 /// `clawmesh node ...`

@@ -322,6 +322,33 @@ pub async fn run(health_interval_ms: u64) -> Result<()> {
             started.elapsed().as_millis()
         );
 
+        // Logs of the three regions, collected on the primary; the invoke above left an audit
+        // record at frankfurt, the gateway that ran it. Shipping is every 5 s (the default
+        // batch interval), so this waits for a batch from each gateway.
+        let logs = wait_call(&tokyo, "logs.query", json!({"limit": 2000}), Duration::from_secs(30), |d| {
+            let recs = d["records"].as_array().cloned().unwrap_or_default();
+            let has = |g: &str| recs.iter().any(|r| r["record"]["gateway"] == g);
+            has("tokyo") && has("beijing") && has("frankfurt")
+                && recs.iter().any(|r| r["record"]["level"] == "Audit")
+        })
+        .await?;
+        println!("\n$ clawmesh logs --all   (on tokyo; the last lines of each region and the audit trail)");
+        let recs = logs["records"].as_array().cloned().unwrap_or_default();
+        let mut shown: Vec<&Value> = Vec::new();
+        for g in ["tokyo", "beijing", "frankfurt"] {
+            let mine: Vec<&Value> = recs
+                .iter()
+                .filter(|r| r["record"]["origin"] == g && r["record"]["level"] != "Audit")
+                .collect();
+            shown.extend(mine.iter().rev().take(2));
+        }
+        shown.extend(recs.iter().filter(|r| r["record"]["level"] == "Audit"));
+        shown.sort_by_key(|r| r["record"]["ts_ms"].as_u64());
+        for r in shown {
+            let origin = r["record"]["origin"].as_str().unwrap_or("?");
+            println!("  {}", crate::cli::logs::line(&r["record"], origin));
+        }
+
         println!(
             "\nKilling frankfurt with SIGKILL (no goodbye: tokyo must notice the missed pings)..."
         );

@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod devices;
 pub mod discover;
+pub mod logs;
 pub mod node;
 pub mod nodes;
 pub mod status;
@@ -208,6 +209,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Approvals(cmd) => {
             logging::init(cli.log.as_deref(), "warn");
             crate::cli::approvals::approvals(cmd, &state_dir).await
+        }
+        Command::Logs(a) => {
+            logging::init(cli.log.as_deref(), "warn");
+            crate::cli::logs::logs(a, &state_dir).await
         }
         Command::Demo(a) => {
             logging::init(cli.log.as_deref(), "warn");

@@ -153,6 +153,11 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     .await
     .map_err(|e| anyhow!("cannot start the federation's consensus: {e}"))?;
     methods.set_consensus(replica.clone(), s.sync, s.local_config.clone());
+    methods.set_logs(super::logs::GatewayLogs::start(
+        &s.state_dir,
+        &mesh,
+        &s.remote_logs,
+    )?);
     spawn_federation_tasks(&mesh, &methods);
     spawn_config_follower(&replica, &methods, &s);
     spawn_pairing_follower(&replica, &methods);

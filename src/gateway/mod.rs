@@ -4,6 +4,7 @@
 //! - `lifecycle`: the process from start to stop ([`run`]);
 //! - `admission`: who may come in over QUIC (operators, nodes, pending devices);
 //! - [`discovery`]: advertised with mDNS, finding the federation by mDNS and the tailnet;
+//! - `logs`: the log spool, shipping to the primary, the collector and the audit trail;
 //! - `followers`: shared-config keys applied live, the node directory announced, revocations;
 //! - [`methods`]: the operator method table, one file per family, behind every front door;
 //! - [`registry`]: the nodes attached here, whatever their transport;
@@ -18,6 +19,7 @@ pub mod discovery;
 mod followers;
 mod lifecycle;
 mod listen;
+mod logs;
 pub mod methods;
 pub mod registry;
 pub mod scopes;
@@ -28,4 +30,5 @@ pub mod tailnet_auth;
 
 pub use followers::EXEC_DEFAULT_KEY;
 pub use lifecycle::run;
-pub use settings::{Bind, GatewaySettings, RunFlags};
+pub use logs::GatewayLogs;
+pub use settings::{Bind, GatewaySettings, RemoteLogs, RunFlags};

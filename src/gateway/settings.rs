@@ -10,6 +10,8 @@ use anyhow::{anyhow, bail, Result};
 use clawmesh_discovery::PeerUrl;
 use clawmesh_federation::consensus::ReplicaConfig;
 use clawmesh_federation::health::HealthConfig;
+use clawmesh_federation::logs::collector::StoreLimits;
+use clawmesh_federation::logs::spool::SpoolLimits;
 use tracing::warn;
 
 use crate::config::FileConfig;
@@ -114,6 +116,8 @@ pub struct GatewaySettings {
     /// Consensus settings (`gateway.federation.*`, `gateway.sync.compression|batchSize`);
     /// `preferred` and `health_interval` are filled in from the rest at start.
     pub consensus: ReplicaConfig,
+    /// Log shipping to the primary (`logging.remote.*`).
+    pub remote_logs: RemoteLogs,
     /// mDNS and tailnet discovery (`gateway.discovery.*`).
     pub discovery: DiscoverySettings,
     /// Tailnet admission from this gateway's own `clawmesh.json` (`gateway.auth.allowTailscale`,
@@ -122,6 +126,51 @@ pub struct GatewaySettings {
     /// Started with a token and neither `--primary` nor `--join`: look for a gateway of the
     /// federation and join it; start the federation only if none shows (and the mode allows).
     pub find_federation: bool,
+}
+
+/// `logging.remote.*`: whether this gateway spools and ships its logs, and how often.
+#[derive(Debug, Clone)]
+pub struct RemoteLogs {
+    /// `logging.remote.enabled` (default true: logs from every region in one place).
+    pub enabled: bool,
+    /// `logging.remote.endpoint`: accepted and shown; the mesh already knows the primary,
+    /// which is where records go.
+    pub endpoint: Option<String>,
+    /// `logging.remote.batchInterval` (default 5000 ms).
+    pub batch_interval: Duration,
+    /// `logging.spool.maxBytes|maxAge|retainAcked` (ages in ms).
+    pub spool: SpoolLimits,
+    /// `logging.store.maxBytes|maxAge` (age in ms): the collector's store on the primary.
+    pub store: StoreLimits,
+}
+
+impl RemoteLogs {
+    fn from_file(file: &FileConfig) -> Result<RemoteLogs> {
+        let ms = file.u64("logging.remote.batchInterval")?.unwrap_or(5000);
+        // 10 ms at least: below that a batch is a request per record; 10 minutes at most, so
+        // a typo cannot leave records unshipped for days.
+        if !(10..=600_000).contains(&ms) {
+            bail!("logging.remote.batchInterval must be between 10 and 600000 ms, not {ms}");
+        }
+        let (sd, cd) = (SpoolLimits::default(), StoreLimits::default());
+        let ms_or = |key: &str, d: Duration| -> Result<Duration> {
+            Ok(file.u64(key)?.map(Duration::from_millis).unwrap_or(d))
+        };
+        Ok(RemoteLogs {
+            enabled: file.bool("logging.remote.enabled")?.unwrap_or(true),
+            endpoint: file.str("logging.remote.endpoint")?,
+            batch_interval: Duration::from_millis(ms),
+            spool: SpoolLimits {
+                max_bytes: file.u64("logging.spool.maxBytes")?.unwrap_or(sd.max_bytes),
+                max_age: ms_or("logging.spool.maxAge", sd.max_age)?,
+                retain_acked: ms_or("logging.spool.retainAcked", sd.retain_acked)?,
+            },
+            store: StoreLimits {
+                max_bytes: file.u64("logging.store.maxBytes")?.unwrap_or(cd.max_bytes),
+                max_age: ms_or("logging.store.maxAge", cd.max_age)?,
+            },
+        })
+    }
 }
 
 fn hostname() -> String {
@@ -251,6 +300,7 @@ impl GatewaySettings {
                 }
                 policy
             },
+            remote_logs: RemoteLogs::from_file(file)?,
             tls: match flags.tls.clone() {
                 Some(t) => Some(t),
                 None => tls_from_file(file)?,

@@ -193,6 +193,14 @@ pub async fn run(mut s: NodeSettings) -> Result<()> {
     let attach = crate::node::boot::AttachCounter::start(&s.state_dir)?;
     info!(device = %identity.device_id(), name = %s.name, "node host starting");
     let handler: Arc<dyn Handler> = Arc::new(NodeHandler::new(&s));
+    // This host's log events go to its gateway (`node.logs`), which spools and ships them.
+    let (handoff, records) = clawmesh_federation::logs::layer::channel(NODE_LOG_QUEUE);
+    crate::logging::attach_spool(handoff.clone());
+    let logs = NodeLogs {
+        handoff,
+        records: Arc::new(std::sync::Mutex::new(records)),
+        lost: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let stop = async move {
@@ -215,7 +223,7 @@ pub async fn run(mut s: NodeSettings) -> Result<()> {
         let url = gateways[idx % gateways.len()].clone();
         let url = &url;
         let attempt = tokio::select! {
-            r = session(&s, &identity, &mut endpoints, url, attach.next(), handler.clone()) => r,
+            r = session(&s, &identity, &mut endpoints, url, attach.next(), handler.clone(), &logs) => r,
             sig = &mut stop => {
                 info!("node host stopping ({sig})");
                 return Ok(());
@@ -314,6 +322,58 @@ impl Endpoints {
     }
 }
 
+/// Log entries queued on a node host before they are sent to its gateway: a second of a very
+/// chatty host; what does not fit is counted and reported to the gateway.
+const NODE_LOG_QUEUE: usize = 10_000;
+
+/// How often a node host sends its queued log entries (a gateway ships on to the primary at
+/// its own batch interval).
+const NODE_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// A `node.logs` request must be answered within this (the gateway only queues the entries).
+const NODE_LOG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// This host's log entries on their way to its gateway.
+#[derive(Clone)]
+struct NodeLogs {
+    handoff: clawmesh_federation::logs::layer::Handoff,
+    records:
+        Arc<std::sync::Mutex<std::sync::mpsc::Receiver<clawmesh_federation::logs::record::Entry>>>,
+    /// Entries lost (queue full, or a send that failed) not yet reported to a gateway.
+    lost: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Sends queued log entries to the gateway every second until the connection ends.
+async fn forward_logs(conn: quinn::Connection, logs: &NodeLogs) {
+    use std::sync::atomic::Ordering;
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(NODE_LOG_EVERY) => {}
+        }
+        let entries: Vec<_> = {
+            let rx = logs.records.lock().unwrap_or_else(|p| p.into_inner());
+            // The gateway takes at most this many per request.
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .take(10_000)
+                .collect()
+        };
+        let lost = logs.lost.swap(0, Ordering::Relaxed) + logs.handoff.take_overflow();
+        if entries.is_empty() && lost == 0 {
+            continue;
+        }
+        let n = entries.len() as u64;
+        let params = serde_json::json!({"entries": entries, "lost": lost});
+        if rpc::call(&conn, "node.logs", params.to_string(), 0, NODE_LOG_TIMEOUT)
+            .await
+            .is_err()
+        {
+            // Not retried: the entries are counted as lost and reported with the next send.
+            logs.lost.fetch_add(n + lost, Ordering::Relaxed);
+        }
+    }
+}
+
 /// One attachment to one gateway: connect, hello, serve until the connection ends.
 async fn session(
     s: &NodeSettings,
@@ -322,6 +382,7 @@ async fn session(
     url: &PeerUrl,
     attach: clawmesh_federation::directory::AttachOrder,
     handler: Arc<dyn Handler>,
+    logs: &NodeLogs,
 ) -> Result<Vec<PeerUrl>, SessionError> {
     let addr = clawmesh_federation::mesh::resolve(&url.authority())
         .await
@@ -377,6 +438,7 @@ async fn session(
     tokio::join!(
         rpc::serve(conn.clone(), caller, handler),
         clawmesh_federation::liveness::monitor(conn.clone(), health, Default::default()),
+        forward_logs(conn.clone(), logs),
     );
     let reason = conn
         .close_reason()

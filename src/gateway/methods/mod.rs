@@ -12,7 +12,9 @@
 //! - `gateway`: `status`, `health`, `gateway.identity|forget|call`;
 //! - `nodes`: `node.list|describe|invoke` and a node's exec approvals, local or delegated;
 //! - `devices`: `device.pair.*`, the pairing registry;
-//! - `config`: `config.*` and `gateway.promote`, the shared config.
+//! - `config`: `config.*` and `gateway.promote`, the shared config;
+//! - `logs`: `logs.query` (answered by the primary's collector) and `node.logs` (a node's
+//!   records, into this gateway's spool).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -28,6 +30,7 @@ use serde_json::{json, Value};
 mod config;
 mod devices;
 mod gateway;
+mod logs;
 mod nodes;
 
 use crate::gateway::registry::{self, NodeRegistry};
@@ -55,6 +58,8 @@ enum Access {
     Any,
     /// Operators holding this scope (gateways of the federation are trusted).
     Scope(&'static str),
+    /// Only node hosts (a node sending its own records).
+    Node,
 }
 
 /// Every method the table serves, with its access rule.
@@ -79,6 +84,8 @@ const TABLE: &[(&str, Access)] = &[
     ("config.set", Access::Scope(scopes::ADMIN)),
     ("config.unset", Access::Scope(scopes::ADMIN)),
     ("gateway.promote", Access::Scope(scopes::ADMIN)),
+    ("logs.query", Access::Scope(scopes::READ)),
+    ("node.logs", Access::Node),
 ];
 
 /// Sends the federation's default exec level to one node, in the background; a node that is
@@ -128,6 +135,7 @@ struct Inner {
     fallback: RwLock<Option<String>>,
     exec_default: RwLock<Option<String>>,
     front_doors: OnceLock<Value>,
+    logs: OnceLock<crate::gateway::logs::GatewayLogs>,
     nodes: Arc<NodeRegistry>,
     pairing: Registry,
     tailnet: OnceLock<Arc<TailnetAuth>>,
@@ -168,6 +176,7 @@ impl Methods {
                 fallback: RwLock::new(None),
                 exec_default: RwLock::new(None),
                 front_doors: OnceLock::new(),
+                logs: OnceLock::new(),
                 nodes,
                 pairing,
                 tailnet: OnceLock::new(),
@@ -257,6 +266,11 @@ impl Methods {
         })
     }
 
+    /// Attaches the gateway's logs (spool, shipper, collector, audit trail).
+    pub fn set_logs(&self, logs: crate::gateway::logs::GatewayLogs) {
+        let _ = self.inner.logs.set(logs);
+    }
+
     /// Records where the classic bridge listens (URL, TLS fingerprint), for status.
     pub fn set_front_doors(&self, v: Value) {
         let _ = self.inner.front_doors.set(v);
@@ -323,7 +337,9 @@ impl Methods {
             return Err(bad(format!("unknown method: {method}")));
         };
         match (&caller.kind, access) {
+            (CallerKind::Node { .. }, Access::Node) => {}
             (CallerKind::Node { .. }, _) => return Err(bad("unauthorized role: node")),
+            (_, Access::Node) => return Err(bad(format!("{method} is sent by nodes only"))),
             (
                 CallerKind::Operator {
                     scopes: granted, ..
@@ -361,6 +377,7 @@ impl Methods {
             | "device.pair.approve"
             | "device.pair.reject"
             | "device.pair.remove" => self.devices_method(caller, method, params).await,
+            "logs.query" | "node.logs" => self.logs_method(caller, method, params).await,
             other => Err(bad(format!("unknown method: {other}"))),
         }
     }

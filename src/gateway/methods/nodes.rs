@@ -5,7 +5,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clawmesh_federation::directory::{self, Claim};
 use clawmesh_federation::identity::DeviceId;
-use clawmesh_federation::rpc::{Caller, CallerKind};
+use clawmesh_federation::logs::record::{Audit, Outcome};
+use clawmesh_federation::rpc::{CallError, Caller, CallerKind};
 use clawmesh_federation::wire::WireError;
 use futures_util::StreamExt as _;
 use serde_json::{json, Value};
@@ -42,7 +43,8 @@ impl Methods {
             }
             "node.invoke" => {
                 let forwarded = matches!(caller.kind, CallerKind::Gateway { .. });
-                self.node_invoke(params, forwarded).await
+                let who = self.who(caller, &params);
+                self.node_invoke(params, forwarded, &who).await
             }
             "exec.approvals.node.get" | "exec.approvals.node.set" => {
                 let sel = str_param(&params, "nodeId", method)?.to_string();
@@ -305,10 +307,39 @@ impl Methods {
         Ok(vec![one])
     }
 
+    /// Who is behind a `node.invoke`, for the audit trail: the operator (device or token
+    /// client) and the gateway of entry; a forwarded request carries both from its entry.
+    fn who(&self, caller: &Caller, params: &Value) -> Who {
+        match &caller.kind {
+            CallerKind::Gateway { name } => Who {
+                caller: params["audit"]["caller"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("gateway:{name}")),
+                entry: params["audit"]["entryGateway"]
+                    .as_str()
+                    .unwrap_or(name)
+                    .to_string(),
+            },
+            CallerKind::Operator { client, .. } => Who {
+                caller: match &caller.key {
+                    Some(k) => format!("device:{} ({client})", k.device_id().short()),
+                    None => format!("token:{client}"),
+                },
+                entry: self.gateway_name(),
+            },
+            CallerKind::Node { name } => Who {
+                caller: format!("node:{name}"),
+                entry: self.gateway_name(),
+            },
+        }
+    }
+
     pub(super) async fn node_invoke(
         &self,
         params: Value,
         forwarded: bool,
+        who: &Who,
     ) -> Result<Value, WireError> {
         let sel = str_param(&params, "nodeId", "node.invoke")?.to_string();
         let command = str_param(&params, "command", "node.invoke")?.to_string();
@@ -340,7 +371,7 @@ impl Methods {
         if !all {
             if let Some(entry) = self.exact_entry(&sel, forwarded) {
                 return self
-                    .invoke_entry(&entry, &command, inner, timeout, &key, forwarded)
+                    .invoke_entry(&entry, &command, inner, timeout, &key, forwarded, Some(who))
                     .await;
             }
         }
@@ -365,7 +396,15 @@ impl Methods {
                 .next()
                 .ok_or_else(|| bad(format!("unknown node: {sel}")))?;
             return self
-                .invoke_entry(&target, &command, inner, timeout, &key, forwarded)
+                .invoke_entry(
+                    &target,
+                    &command,
+                    inner,
+                    timeout,
+                    &key,
+                    forwarded,
+                    Some(who),
+                )
                 .await;
         }
         // Fan-out: local nodes directly (at most FANOUT_CONCURRENCY in flight); the nodes of
@@ -385,14 +424,14 @@ impl Methods {
         let remote = futures_util::future::join_all(by_gateway.into_iter().map(|(g, nodes)| {
             let (command, inner, key) = (command.clone(), inner.clone(), key.clone());
             async move {
-                self.forward_fanout(&g, nodes, &command, inner, timeout, &key)
+                self.forward_fanout(&g, nodes, &command, inner, timeout, &key, who)
                     .await
             }
         }));
         let local_results = futures_util::stream::iter(local.into_iter().map(|t| {
             let (command, inner, key) = (command.clone(), inner.clone(), key.clone());
             async move {
-                let r = self.invoke_entry(&t, &command, inner, timeout, &key, forwarded).await;
+                let r = self.invoke_entry(&t, &command, inner, timeout, &key, forwarded, Some(who)).await;
                 let mut row = json!({"nodeId": t["nodeId"], "displayName": t["displayName"], "gateway": t["gateway"]});
                 match r {
                     Ok(v) => {
@@ -432,12 +471,22 @@ impl Methods {
             .next()
             .cloned();
         let target = target.ok_or_else(|| bad(format!("unknown node: {sel}")))?;
-        self.invoke_entry(&target, command, params, timeout, idempotency_key, false)
-            .await
+        self.invoke_entry(
+            &target,
+            command,
+            params,
+            timeout,
+            idempotency_key,
+            false,
+            None,
+        )
+        .await
     }
 
     /// Runs `command` on the node `entry` names: here if it is attached here, else forwarded
-    /// once over QUIC to the gateway holding it (never further).
+    /// once over QUIC to the gateway holding it (never further). With `who`, the gateway that
+    /// runs it leaves an audit record.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn invoke_entry(
         &self,
         entry: &Value,
@@ -446,6 +495,7 @@ impl Methods {
         timeout: Duration,
         idempotency_key: &str,
         forwarded: bool,
+        who: Option<&Who>,
     ) -> Result<Value, WireError> {
         let node_id = entry["nodeId"].as_str().unwrap_or_default().to_string();
         let name = entry["displayName"]
@@ -467,6 +517,7 @@ impl Methods {
                     params,
                     timeout,
                     idempotency_key,
+                    who,
                 )
                 .await;
         }
@@ -491,6 +542,15 @@ impl Methods {
             return Err(e);
         }
         let started = Instant::now();
+        // Dropped unfinished (the caller went away): recorded as cancelled.
+        let audit = AuditGuard::new(
+            self.inner.logs.get(),
+            who,
+            &name,
+            command,
+            &params,
+            idempotency_key,
+        );
         let span = tracing::info_span!("invoke", node = %name, %command);
         match tracing::Instrument::instrument(
             link.invoke(command, &params, timeout, idempotency_key),
@@ -501,6 +561,12 @@ impl Methods {
             Ok(text) => {
                 let payload: Value =
                     serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+                let outcome = if payload["timedOut"] == true {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Ok
+                };
+                audit.finish(outcome, payload["exitCode"].as_i64().map(|c| c as i32));
                 tracing::debug!(
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "invoke ok"
@@ -513,7 +579,17 @@ impl Methods {
                     "payloadJSON": text,
                 }))
             }
-            Err(e) => Err(registry::invoke_error(e, &name, timeout)),
+            Err(e) => {
+                let outcome = match &e {
+                    CallError::Timeout { .. } => Outcome::Timeout,
+                    CallError::Remote(w) if w.message.contains("SYSTEM_RUN_DENIED") => {
+                        Outcome::Refused
+                    }
+                    _ => Outcome::Error,
+                };
+                audit.finish(outcome, None);
+                Err(registry::invoke_error(e, &name, timeout))
+            }
         }
     }
 
@@ -536,6 +612,7 @@ impl Methods {
 
     /// Sends one fan-out request for all of `nodes` to the gateway holding them; one result
     /// row per node, errors included.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn forward_fanout(
         &self,
         gateway: &str,
@@ -544,6 +621,7 @@ impl Methods {
         params: Value,
         timeout: Duration,
         key: &str,
+        who: &Who,
     ) -> Vec<Value> {
         let fail = |nodes: &[Value], e: &WireError| -> Vec<Value> {
             nodes
@@ -568,6 +646,7 @@ impl Methods {
             "params": params,
             "timeoutMs": timeout.as_millis() as u64,
             "idempotencyKey": key,
+            "audit": who.to_json(),
         });
         match clawmesh_federation::rpc::call(
             &conn,
@@ -603,6 +682,7 @@ impl Methods {
         params: Value,
         timeout: Duration,
         idempotency_key: &str,
+        who: Option<&Who>,
     ) -> Result<Value, WireError> {
         let mesh = self.mesh()?;
         let Some(conn) = mesh.connection_to(holder) else {
@@ -615,13 +695,16 @@ impl Methods {
             e.retryable = true;
             return Err(e);
         };
-        let req = json!({
+        let mut req = json!({
             "nodeId": node_id,
             "command": command,
             "params": params,
             "timeoutMs": timeout.as_millis() as u64,
             "idempotencyKey": idempotency_key,
         });
+        if let Some(w) = who {
+            req["audit"] = w.to_json();
+        }
         let span = tracing::info_span!("forward", gateway = %holder, node = %name, %command);
         // The holder enforces `timeout`; allow one more round trip for its answer.
         let wait = timeout + FORWARD_MARGIN;
@@ -650,5 +733,87 @@ impl Methods {
                 Err(w)
             }
         }
+    }
+}
+
+/// Who is behind an invoke, carried to the gateway that runs it.
+pub(super) struct Who {
+    caller: String,
+    entry: String,
+}
+
+impl Who {
+    fn to_json(&self) -> Value {
+        json!({"caller": self.caller, "entryGateway": self.entry})
+    }
+}
+
+/// The audit record of one dispatched invoke: finished with its outcome, or, when dropped
+/// unfinished (the caller cancelled, the request stream was stopped), written as cancelled.
+struct AuditGuard {
+    logs: Option<crate::gateway::logs::GatewayLogs>,
+    audit: Option<Audit>,
+    started: Instant,
+}
+
+impl AuditGuard {
+    fn new(
+        logs: Option<&crate::gateway::logs::GatewayLogs>,
+        who: Option<&Who>,
+        node: &str,
+        command: &str,
+        params: &Value,
+        key: &str,
+    ) -> AuditGuard {
+        let audit = who.map(|w| Audit {
+            caller: w.caller.clone(),
+            entry_gateway: w.entry.clone(),
+            node: node.to_string(),
+            command: command.to_string(),
+            argv: if command == "system.run" {
+                params["command"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|v| {
+                                v.as_str()
+                                    .map(str::to_string)
+                                    .unwrap_or_else(|| v.to_string())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            },
+            exit_code: None,
+            duration_ms: 0,
+            outcome: Outcome::Cancelled,
+            key: key.to_string(),
+        });
+        AuditGuard {
+            logs: logs.cloned(),
+            audit,
+            started: Instant::now(),
+        }
+    }
+
+    fn finish(mut self, outcome: Outcome, exit_code: Option<i32>) {
+        self.write(outcome, exit_code);
+    }
+
+    fn write(&mut self, outcome: Outcome, exit_code: Option<i32>) {
+        if let (Some(logs), Some(mut a)) = (self.logs.take(), self.audit.take()) {
+            a.outcome = outcome;
+            a.exit_code = exit_code;
+            a.duration_ms = self.started.elapsed().as_millis() as u64;
+            logs.audit(a);
+        }
+    }
+}
+
+impl Drop for AuditGuard {
+    fn drop(&mut self) {
+        self.write(Outcome::Cancelled, None);
     }
 }

@@ -1,0 +1,107 @@
+//! The gateway's logs: its spool, the hand-off every log call of this process goes through,
+//! the shipper to the primary, the collector it serves while it is the primary, and the audit
+//! trail of `node.invoke`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clawmesh_federation::logs::collector::{Collector, Query, QueryReply};
+use clawmesh_federation::logs::layer::{start_writer, Handoff, HANDOFF_CAPACITY};
+use clawmesh_federation::logs::record::{Audit, Entry};
+use clawmesh_federation::logs::service::{self, LogService, MeshRouter};
+use clawmesh_federation::logs::ship::{ShipConfig, Shipper};
+use clawmesh_federation::logs::spool::Spool;
+use clawmesh_federation::mesh::Mesh;
+use clawmesh_federation::wire::WireError;
+use tracing::warn;
+
+use super::settings::RemoteLogs;
+
+/// Records a node may send in one `node.logs` request: a node flushes every second, so this
+/// is a burst of 10 000 lines a second from one node; more is refused, not queued.
+pub const MAX_NODE_BATCH: usize = 10_000;
+
+/// The running log machinery of one gateway; cheap to clone.
+#[derive(Clone)]
+pub struct GatewayLogs {
+    spool: Spool,
+    collector: Collector,
+    handoff: Handoff,
+    mesh: Mesh,
+    _shipper: Option<Arc<Shipper>>,
+}
+
+impl GatewayLogs {
+    /// Opens the spool and the store in `state_dir`, starts the writer, serves `logs.*` to
+    /// other gateways, and (unless `logging.remote.enabled` is false) sends this process's
+    /// log events to the spool and ships them to the primary.
+    pub fn start(state_dir: &Path, mesh: &Mesh, remote: &RemoteLogs) -> Result<GatewayLogs> {
+        let name = mesh.config().name.clone();
+        let spool = Spool::open(state_dir, remote.spool).context("opening the log spool")?;
+        let collector =
+            Collector::open(state_dir, remote.store).context("opening the log store")?;
+        let handoff = start_writer(spool.clone(), &name, HANDOFF_CAPACITY)
+            .context("starting the log writer")?;
+        mesh.attach_log_service(Arc::new(LogService::new(mesh.clone(), collector.clone())));
+        let shipper = if remote.enabled {
+            crate::logging::attach_spool(handoff.clone());
+            let cfg = ShipConfig {
+                interval: remote.batch_interval,
+                ..ShipConfig::new(&name)
+            };
+            Some(Arc::new(Shipper::spawn(
+                spool.clone(),
+                Arc::new(MeshRouter::new(mesh.clone(), collector.clone())),
+                cfg,
+            )))
+        } else {
+            None
+        };
+        Ok(GatewayLogs {
+            spool,
+            collector,
+            handoff,
+            mesh: mesh.clone(),
+            _shipper: shipper,
+        })
+    }
+
+    /// Writes an audit record straight to the spool (not through the lossy hand-off, and
+    /// whatever the log level).
+    pub fn audit(&self, a: Audit) {
+        let spool = self.spool.clone();
+        let gateway = self.mesh.config().name.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = spool.append(&gateway, vec![Entry::audit(a)]) {
+                warn!("audit record not spooled: {e}");
+            }
+        });
+    }
+
+    /// Takes records a node sent (`node.logs`); `lost` counts what the node's own hand-off
+    /// dropped.
+    pub fn from_node(&self, node: &str, entries: Vec<Entry>, lost: u64) {
+        self.handoff.count_lost(node, lost);
+        for mut e in entries {
+            e.node = Some(node.to_string());
+            // A node's audit records are not trusted: the gateway writes its own.
+            e.audit = None;
+            if e.level == clawmesh_federation::logs::record::Level::Audit {
+                e.level = clawmesh_federation::logs::record::Level::Info;
+            }
+            self.handoff.offer(e);
+        }
+    }
+
+    /// Answers `logs.query` from the primary's store; also names the gateway that answered.
+    pub async fn query(&self, q: &Query) -> Result<(String, QueryReply), WireError> {
+        service::query(&self.mesh, &self.collector, q)
+            .await
+            .map_err(|e| {
+                let mut w = WireError::new("UNAVAILABLE", e.to_string());
+                w.retryable = true;
+                w
+            })
+    }
+}
