@@ -157,6 +157,10 @@ pub async fn run(cmd: ConfigCmd, state_dir: &Path) -> Result<i32> {
             target: t,
         } => {
             let doc = call(&target(t), "config.unset", json!({"key": key}), WRITE_WAIT).await?;
+            if doc["keys"] == 0 && !j {
+                println!("{key} is not set; nothing written (still revision {})", doc["revision"]);
+                return Ok(0);
+            }
             print_write(&doc, j, &format!("unset {key}"))?;
             Ok(0)
         }

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 
 use crate::cli::args::NodesCmd;
@@ -135,8 +135,7 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
             json,
             target: t,
         } => {
-            let params: Value = serde_json::from_str(&params)
-                .with_context(|| format!("--params is not valid JSON: {params}"))?;
+            let params: Value = crate::cli::output::read_params(&params)?;
             let req = json!({
                 "nodeId": node,
                 "command": command,
@@ -179,17 +178,24 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                     0
                 });
             }
+            // `system.run` exits like ssh: with the remote command's own status.
+            let code = if command == "system.run" {
+                crate::cli::exit::for_system_run(&doc["payload"])
+            } else {
+                0
+            };
             if json {
                 println!(
                     "{}",
                     serde_json::to_string(&json!({
-                        "ok": doc["ok"], "nodeId": doc["nodeId"], "command": doc["command"], "payload": doc["payload"]
+                        "ok": doc["ok"], "nodeId": doc["nodeId"], "command": doc["command"], "payload": doc["payload"],
+                        "exitCode": code,
                     }))?
                 );
             } else {
                 println!("{}", serde_json::to_string_pretty(&doc["payload"])?);
             }
-            Ok(0)
+            Ok(code)
         }
     }
 }

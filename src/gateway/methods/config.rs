@@ -82,6 +82,7 @@ impl Methods {
                 if method == "config.set" {
                     if let Some(values) = params.get("values").and_then(Value::as_object) {
                         for (k, v) in values {
+                            crate::config_schema::check(k, v).map_err(bad)?;
                             changes.push((k.clone(), Some(v.to_string())));
                         }
                     } else {
@@ -89,6 +90,7 @@ impl Methods {
                         let value = params.get("value").ok_or_else(|| {
                             bad("invalid config.set params: must have required property 'value'")
                         })?;
+                        crate::config_schema::check(key, value).map_err(bad)?;
                         changes.push((key.to_string(), Some(value.to_string())));
                     }
                 } else if let Some(keys) = params.get("keys").and_then(Value::as_array) {
@@ -103,6 +105,29 @@ impl Methods {
                 }
                 if changes.is_empty() {
                     return Err(bad(format!("{method}: nothing to change")));
+                }
+                if method == "config.unset" {
+                    // Unsetting a key that is not set writes nothing (no revision is spent)
+                    // and says which keys those were.
+                    let mut absent = Vec::new();
+                    let mut present = Vec::new();
+                    for (k, v) in changes {
+                        shared_config::check_key(&k).map_err(bad)?;
+                        if sh.replica.get(&k).await.map_err(|e| e.to_wire())?.is_some() {
+                            present.push((k, v));
+                        } else {
+                            absent.push(k);
+                        }
+                    }
+                    if present.is_empty() {
+                        return Ok(json!({
+                            "revision": sh.replica.revision(),
+                            "primary": sh.replica.status().leader,
+                            "keys": 0,
+                            "notSet": absent,
+                        }));
+                    }
+                    changes = present;
                 }
                 let mut size = 0;
                 for (k, v) in &changes {
