@@ -39,8 +39,23 @@ pub const EXIT_ERROR: i32 = exit::ERROR;
 
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<i32> {
+    logging::set_json_format(cli.log_format == "json");
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "clawmesh", &mut std::io::stdout());
+            return Ok(0);
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            return Ok(0);
+        }
+        _ => {}
+    }
     let state_dir = state_dir::resolve(cli.state_dir.as_deref())?;
     match cli.command {
+        Command::Completions { .. } | Command::Man => Ok(0),
         Command::Gateway(GatewayCmd::Run(a)) => {
             logging::init(cli.log.as_deref(), logging::DEFAULT_LOG);
             let file = FileConfig::load(&state_dir)?;
@@ -94,14 +109,32 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Gateway(GatewayCmd::Call(a)) => {
             logging::init(cli.log.as_deref(), "warn");
+            if a.list {
+                let methods = gateway::methods::method_scopes();
+                if a.json {
+                    let list: Vec<Value> = methods
+                        .iter()
+                        .map(|(m, s)| json!({"method": m, "scope": if *s == "-" { Value::Null } else { json!(s) }}))
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else {
+                    let mut t = table(&["Method", "Scope"]);
+                    for (m, s) in methods {
+                        t.add_row([m, s]);
+                    }
+                    println!("{t}");
+                }
+                return Ok(0);
+            }
+            let method = a.method.unwrap_or_default();
             let params: Value = output::read_params(&a.params)?;
             let target = Target::from_flags(a.target.url, a.target.token, &state_dir);
             let (method, params) = match &a.gateway {
                 Some(g) => (
                     "gateway.call".to_string(),
-                    json!({"gateway": g, "method": a.method, "params": params, "timeoutMs": a.timeout}),
+                    json!({"gateway": g, "method": method, "params": params, "timeoutMs": a.timeout}),
                 ),
-                None => (a.method.clone(), params),
+                None => (method.clone(), params),
             };
             let doc = call(
                 &target,

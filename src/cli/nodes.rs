@@ -87,9 +87,11 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
         }
         NodesCmd::Describe {
             node,
+            node_flag,
             json,
             target: t,
         } => {
+            let node = node.or(node_flag).unwrap_or_default();
             let doc = call(
                 &target(t, state_dir),
                 "node.describe",

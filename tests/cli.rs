@@ -1,0 +1,295 @@
+//! The operator's command line through the real binary: cancelling with Ctrl-C, exit codes,
+//! `--json` errors, `--params` from a file or stdin, a closed stdout, typed config writes,
+//! and the tooling (completions, man page, method list, probes).
+
+mod common;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// A primary gateway with one approved node (`--security full`), in a temp dir.
+struct Fed {
+    _tmp: tempfile::TempDir,
+    gw_dir: PathBuf,
+    _gw: Gw,
+    _node: Gw,
+}
+
+fn fed(node_args: &[&str]) -> Fed {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gw");
+    let mut gw = Gw::spawn(&gw_dir, &["--name", "tokyo", "--primary"]);
+    let addr = gw.wait_ready();
+    let url = format!("quic://{addr}");
+    let mut args = vec!["node", "run", "--gateway", url.as_str(), "--name", "box-1"];
+    args.extend_from_slice(node_args);
+    let node = Gw::spawn_cmd(&tmp.path().join("node"), &args);
+    let mut req = None;
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let v = cli_json(&gw_dir, &["devices", "list", "--json"]);
+            req = v["pending"]
+                .as_array()
+                .and_then(|p| p.iter().find(|p| p["name"] == "box-1"))
+                .and_then(|p| p["requestId"].as_str().map(str::to_string));
+            req.is_some()
+        }),
+        "{}",
+        node.log_text()
+    );
+    let out = cli(&gw_dir, &["devices", "approve", req.as_deref().unwrap()]);
+    assert!(out.status.success());
+    assert!(wait_until(Duration::from_secs(15), || {
+        let v = cli_json(&gw_dir, &["nodes", "status", "--json"]);
+        v["nodes"][0]["connected"] == true
+    }));
+    Fed {
+        _tmp: tmp,
+        gw_dir,
+        _gw: gw,
+        _node: node,
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+}
+
+/// Ctrl-C / SIGTERM while `nodes invoke` or `gateway call node.invoke` waits: the CLI exits
+/// 130 / 143 at once and the node kills the command's process group, long before the
+/// request's own timeout (60 s here) would have.
+#[test]
+fn ctrl_c_and_sigterm_cancel_the_remote_command() {
+    let f = fed(&["--security", "full"]);
+    for (sig, code, marker, via_call) in [
+        ("INT", 130, "sleep 41.25", false),
+        ("TERM", 143, "sleep 42.5", true),
+    ] {
+        let params = format!(r#"{{"command":["sh","-c","{marker} & {marker}; wait"]}}"#);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--state-dir").arg(&f.gw_dir);
+        if via_call {
+            let p = format!(
+                r#"{{"nodeId":"box-1","command":"system.run","params":{params},"timeoutMs":60000,"idempotencyKey":"k-{sig}"}}"#
+            );
+            cmd.args(["gateway", "call", "node.invoke", "--timeout", "60000", "--params"])
+                .arg(p);
+        } else {
+            cmd.args([
+                "nodes",
+                "invoke",
+                "--node",
+                "box-1",
+                "--command",
+                "system.run",
+                "--timeout",
+                "60000",
+                "--params",
+                &params,
+            ]);
+        }
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || process_running(marker)),
+            "{marker} never started"
+        );
+        signal(child.id(), sig);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("CANCELLED"), "{err}");
+        // The node killed the group: gone well before the 60 s timeout could fire.
+        assert!(
+            wait_until(Duration::from_secs(10), || !process_running(marker)),
+            "{marker} survived the cancel"
+        );
+    }
+}
+
+/// `system.run` exits like ssh; `--json` errors are a JSON document on stdout with a
+/// non-zero exit; `--params` reads `@file` and `-`; a closed stdout ends the CLI quietly.
+#[test]
+fn exit_codes_json_errors_params_from_file_and_stdin() {
+    let f = fed(&["--security", "allowlist"]);
+    let gw = &f.gw_dir;
+    let out = cli(gw, &["approvals", "allow", "--node", "box-1", "/usr/bin/*"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(gw, &["approvals", "allow", "--node", "box-1", "/bin/*"]);
+    assert!(out.status.success(), "{out:?}");
+
+    // The remote exit status.
+    let out = nodes_invoke(gw, "box-1", "system.run", r#"{"command":["sh","-c","exit 3"]}"#, &[]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    // The command's own timeout: 124, as timeout(1).
+    let out = nodes_invoke(
+        gw,
+        "box-1",
+        "system.run",
+        r#"{"command":["sleep","5"],"timeoutMs":200}"#,
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    // Refused by the exec approvals: 126, and the --json error on stdout.
+    let out = nodes_invoke(gw, "box-1", "system.run", r#"{"command":["/opt/nope"]}"#, &[]);
+    assert_eq!(out.status.code(), Some(126), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(v["error"]["code"].is_string());
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("SYSTEM_RUN_DENIED"),
+        "{v}"
+    );
+    // An unknown node: 2, JSON on stdout.
+    let out = nodes_invoke(gw, "nobody", "system.which", r#"{"bins":["sh"]}"#, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(v["error"]["message"].as_str().unwrap().contains("unknown node"));
+    // A usage error under --json is JSON too.
+    let out = cli(gw, &["nodes", "status", "--json", "--bogus"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "USAGE");
+
+    // --params @file and --params - (stdin), each larger than one argument could be.
+    let big = "x".repeat(200 * 1024);
+    let params = format!(r#"{{"command":["sh","-c","echo ${{#CLAWMESH_BIG}}"],"env":{{"CLAWMESH_BIG":"{big}"}}}}"#);
+    let file = gw.with_extension("params.json");
+    std::fs::write(&file, &params).unwrap();
+    let at = format!("@{}", file.display());
+    let out = nodes_invoke(gw, "box-1", "system.run", &at, &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["payload"]["stdout"], format!("{}\n", big.len()));
+    let mut child = Command::new(BIN)
+        .arg("--state-dir")
+        .arg(gw)
+        .args(["nodes", "invoke", "--node", "box-1", "--command", "system.run"])
+        .args(["--params", "-", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(params.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = nodes_invoke(gw, "box-1", "system.run", "@/nonexistent/params.json", &[]);
+    assert_eq!(out.status.code(), Some(2));
+
+    // stdout closed before the CLI writes: no panic, no backtrace, 141.
+    for args in [
+        &["nodes", "status"][..],
+        &["identity", "show"][..],
+        &["completions", "bash"][..],
+    ] {
+        let mut child = Command::new(BIN)
+            .arg("--state-dir")
+            .arg(gw)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            out.status.code() == Some(141) || out.status.code() == Some(0),
+            "{args:?}: {out:?}"
+        );
+    }
+}
+
+fn config(gw: &Path, args: &[&str]) -> std::process::Output {
+    let mut full = vec!["config"];
+    full.extend_from_slice(args);
+    cli(gw, &full)
+}
+
+/// `config set` and `config import` check every known key by type and range before
+/// anything is written (the rules `clawmesh.json` is parsed with); free-form sections stay
+/// free; `unset` of an absent key spends no revision.
+#[test]
+fn config_writes_are_typed_and_unset_of_nothing_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gw_dir = tmp.path().join("gw");
+    let mut gw = Gw::spawn(&gw_dir, &["--name", "tokyo", "--primary"]);
+    gw.wait_ready();
+    let rev = |gw: &Path| cli_json(gw, &["config", "show", "--json"])["revision"].clone();
+    let out = config(&gw_dir, &["set", "models.default", "gpt-5"]);
+    assert!(out.status.success(), "{out:?}");
+    let r0 = rev(&gw_dir);
+    for (key, value) in [
+        ("gateway.failover.healthCheckInterval", "fast"),
+        ("gateway.failover.healthCheckInterval", "5"),
+        ("gateway.failover.unhealthyThreshold", "0"),
+        ("security.exec.defaultLevel", "yolo"),
+        ("logging.level", "42"),
+    ] {
+        let out = config(&gw_dir, &["set", key, value]);
+        assert_eq!(out.status.code(), Some(2), "{key}={value}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key) && err.contains("must be"), "{err}");
+    }
+    let file = tmp.path().join("import.json");
+    std::fs::write(
+        &file,
+        r#"{"skills":{"web":true},"security":{"exec":{"defaultLevel":"sometimes"}}}"#,
+    )
+    .unwrap();
+    let out = config(&gw_dir, &["import", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(rev(&gw_dir), r0, "a refused write spent a revision");
+    // Good values and free-form sections pass.
+    let out = config(&gw_dir, &["set", "security.exec.defaultLevel", "allowlist"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = config(&gw_dir, &["set", "models.providers.x", r#"{"any":[1,"shape"]}"#]);
+    assert!(out.status.success(), "{out:?}");
+    // unset of an absent key: says so, no revision spent.
+    let r1 = rev(&gw_dir);
+    let out = config(&gw_dir, &["unset", "models.never"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not set; nothing written"),
+        "{out:?}"
+    );
+    assert_eq!(rev(&gw_dir), r1);
+    // The same bad value in clawmesh.json is refused at start, with the same words.
+    let bad_dir = tmp.path().join("bad");
+    std::fs::create_dir_all(&bad_dir).unwrap();
+    std::fs::write(
+        bad_dir.join("clawmesh.json"),
+        r#"{"gateway":{"failover":{"healthCheckInterval":"fast"}}}"#,
+    )
+    .unwrap();
+    let out = cli(&bad_dir, &["gateway", "run", "--port", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gateway.failover.healthCheckInterval must be an integer 10 to 3600000"),
+        "{err}"
+    );
+}
