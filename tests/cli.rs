@@ -70,11 +70,15 @@ fn signal(pid: u32, sig: &str) {
 #[test]
 fn ctrl_c_and_sigterm_cancel_the_remote_command() {
     let f = fed(&["--security", "full"]);
-    for (sig, code, marker, via_call) in [
-        ("INT", 130, "sleep 41.25", false),
-        ("TERM", 143, "sleep 42.5", true),
+    for (sig, code, secs, via_call) in [
+        ("INT", 130, "41.25", false),
+        ("TERM", 143, "42.5", true),
     ] {
-        let params = format!(r#"{{"command":["sh","-c","{marker} & {marker}; wait"]}}"#);
+        // The CLI's own argv must not contain the marker the test looks for.
+        let marker = format!("sleep {secs}");
+        let marker = marker.as_str();
+        let params =
+            format!(r#"{{"command":["sh","-c","s={secs}; sleep $s & sleep $s; wait"]}}"#);
         let mut cmd = Command::new(BIN);
         cmd.arg("--state-dir").arg(&f.gw_dir);
         if via_call {
@@ -142,8 +146,15 @@ fn exit_codes_json_errors_params_from_file_and_stdin() {
         &[],
     );
     assert_eq!(out.status.code(), Some(124), "{out:?}");
-    // Refused by the exec approvals: 126, and the --json error on stdout.
+    // Not startable: 127, as the shell.
     let out = nodes_invoke(gw, "box-1", "system.run", r#"{"command":["/opt/nope"]}"#, &[]);
+    assert_eq!(out.status.code(), Some(127), "{out:?}");
+    // Refused by the exec approvals: 126, and the --json error on stdout.
+    let script = gw.with_extension("x.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    Command::new("chmod").arg("755").arg(&script).status().unwrap();
+    let params = format!(r#"{{"command":["{}"]}}"#, script.display());
+    let out = nodes_invoke(gw, "box-1", "system.run", &params, &[]);
     assert_eq!(out.status.code(), Some(126), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], false);
@@ -169,7 +180,8 @@ fn exit_codes_json_errors_params_from_file_and_stdin() {
 
     // --params @file and --params - (stdin), each larger than one argument could be.
     let big = "x".repeat(200 * 1024);
-    let params = format!(r#"{{"command":["sh","-c","echo ${{#CLAWMESH_BIG}}"],"env":{{"CLAWMESH_BIG":"{big}"}}}}"#);
+    // (`rawCommand` is accepted and ignored by the node: a big field that exec never sees.)
+    let params = format!(r#"{{"command":["echo","{}"],"rawCommand":"{big}"}}"#, big.len());
     let file = gw.with_extension("params.json");
     std::fs::write(&file, &params).unwrap();
     let at = format!("@{}", file.display());

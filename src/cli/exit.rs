@@ -52,6 +52,11 @@ impl Failure {
         } else {
             format!("{code}: {message}")
         };
+        let message = message
+            .strip_prefix(code)
+            .and_then(|m| m.strip_prefix(": "))
+            .map(str::to_string)
+            .unwrap_or(message);
         Failure {
             exit: for_error(code, &message),
             code: code.to_string(),
@@ -72,8 +77,7 @@ impl Failure {
 pub fn for_error(code: &str, message: &str) -> i32 {
     if code == "TIMEOUT" || message.starts_with("TIMEOUT") {
         TIMED_OUT
-    } else if message.starts_with("SYSTEM_RUN_DENIED") || message.starts_with("SYSTEM_RUN_DISABLED")
-    {
+    } else if message.contains("SYSTEM_RUN_DENIED") || message.contains("SYSTEM_RUN_DISABLED") {
         REFUSED
     } else if code == "CANCELLED" {
         INTERRUPTED
