@@ -62,7 +62,11 @@ fn invoke_err(gw: &Path, node: &str, command: &str, params: &str, extra: &[&str]
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], false);
     assert_eq!(out.status.code(), v["error"]["exitCode"].as_i64().map(|c| c as i32));
-    v["error"]["message"].as_str().unwrap().to_string()
+    format!(
+        "{}: {}",
+        v["error"]["code"].as_str().unwrap(),
+        v["error"]["message"].as_str().unwrap()
+    )
 }
 
 /// A gateway on a fixed port and a node attached to it, approved.
@@ -478,10 +482,11 @@ fn the_federation_default_exec_level_follows_the_shared_config_live() {
         &[],
     );
     assert!(err.contains("does not run"), "{err}");
-    // A bad value is refused by the gateway's follower with a warning; nodes keep the last one.
-    set("\"sometimes\"");
-    assert!(wait_until(Duration::from_secs(5), || s
-        .gw
-        .log_text()
-        .contains("security.exec.defaultLevel must be")));
+    // A bad value is refused before it is written (the key's type), naming the key.
+    let out = cli(
+        &gw,
+        &["config", "set", "security.exec.defaultLevel", "sometimes"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("security.exec.defaultLevel must be"));
 }

@@ -51,13 +51,14 @@ fn latency_text(v: &Value) -> String {
 /// latency, last seen.
 pub fn render_table(doc: &Value) -> String {
     let now = SystemTime::now();
-    let mut rows: Vec<[String; 6]> = vec![[
+    let mut rows: Vec<[String; 7]> = vec![[
         "GATEWAY".into(),
         "ROLE".into(),
         "STATUS".into(),
         "LATENCY".into(),
         "LAST SEEN".into(),
         "ADDRESS".into(),
+        "VERSION".into(),
     ]];
     for g in doc["gateways"].as_array().into_iter().flatten() {
         let name = g["name"].as_str().unwrap_or("?");
@@ -92,15 +93,18 @@ pub fn render_table(doc: &Value) -> String {
             },
             last_seen,
             g["addr"].as_str().unwrap_or("").to_string(),
+            g["version"].as_str().unwrap_or("-").to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
+    let widths: Vec<usize> = (0..7)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
     out.push_str(&format!(
         "Federation: {} gateways, primary {}, seen from {}\n",
-        doc["gateways"].as_array().map(|g| g.len()).unwrap_or(0),
+        doc["federationSize"]
+            .as_u64()
+            .unwrap_or(doc["gateways"].as_array().map_or(0, |g| g.len() as u64)),
         doc["primary"].as_str().unwrap_or("(unknown)"),
         doc["self"].as_str().unwrap_or("?"),
     ));
