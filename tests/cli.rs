@@ -305,3 +305,119 @@ fn config_writes_are_typed_and_unset_of_nothing_writes_nothing() {
         "{err}"
     );
 }
+
+/// `GET path` on the gateway's classic HTTP port: (status code, body).
+fn http_get(gw: &Path, path: &str) -> (u16, String) {
+    use std::io::Read as _;
+    let rt: Value =
+        serde_json::from_str(&std::fs::read_to_string(gw.join("gateway.json")).unwrap()).unwrap();
+    let ws = rt["ws"].as_str().unwrap();
+    let hostport = ws
+        .trim_start_matches("ws://")
+        .trim_start_matches("wss://")
+        .trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text[9..12].parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+/// `/healthz` is liveness (200 while serving); `/readyz` is readiness: 503 with the reason
+/// while not joined or, with `?all=1`, while a gateway is offline.
+#[test]
+fn healthz_is_liveness_and_readyz_readiness() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().join("tokyo");
+    let mut tokyo = Gw::spawn(
+        &t,
+        &["--name", "tokyo", "--primary", "--token", "s3cret", "--health-interval", "200"],
+    );
+    let addr = tokyo.wait_ready();
+    assert_eq!(http_get(&t, "/healthz").0, 200);
+    assert!(wait_until(Duration::from_secs(15), || http_get(&t, "/readyz").0 == 200));
+
+    let o = tmp.path().join("osaka");
+    let join = format!("quic://{addr}");
+    let mut osaka = Gw::spawn(
+        &o,
+        &["--name", "osaka", "--join", &join, "--token", "s3cret", "--health-interval", "200"],
+    );
+    osaka.wait_ready();
+    assert!(wait_until(Duration::from_secs(20), || sees_healthy(&t, &["tokyo", "osaka"])));
+    assert!(wait_until(Duration::from_secs(15), || http_get(&t, "/readyz?all=1").0 == 200));
+    osaka.kill9();
+    assert!(wait_until(Duration::from_secs(15), || {
+        let (code, body) = http_get(&t, "/readyz?all=1");
+        code == 503 && body.contains("gateway osaka is offline")
+    }));
+    assert_eq!(http_get(&t, "/healthz").0, 200);
+
+    // A gateway whose join goes unanswered: alive, not ready, and says why.
+    let dead = free_udp_port();
+    let k = tmp.path().join("kyoto");
+    let mut kyoto = Gw::spawn(&k, &["--name", "kyoto", "--join", &format!("quic://127.0.0.1:{dead}")]);
+    kyoto.wait_ready();
+    assert_eq!(http_get(&k, "/healthz").0, 200);
+    let (code, body) = http_get(&k, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ready"], false);
+    assert!(!v["reasons"].as_array().unwrap().is_empty(), "{v}");
+    drop(tokyo);
+}
+
+/// Completions, the man page, `gateway call --list` with scopes, unknown methods answered
+/// with the closest name, help with examples and selector forms, and status lines that
+/// carry the truth.
+#[test]
+fn tooling_help_and_status_lines() {
+    let tmp = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = cli(tmp.path(), &["completions", shell]);
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("clawmesh"), "{shell}");
+    }
+    let out = cli(tmp.path(), &["man"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(".TH clawmesh"));
+    let out = cli(tmp.path(), &["gateway", "call", "--list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with("node.invoke") && l.ends_with("operator.write")),
+        "{text}"
+    );
+    for args in [
+        &["nodes", "invoke", "--help"][..],
+        &["nodes", "describe", "--help"][..],
+        &["approvals", "get", "--help"][..],
+    ] {
+        let text = String::from_utf8_lossy(&cli(tmp.path(), args).stdout).to_string();
+        assert!(text.contains("gateway/name") && text.contains("label=value"), "{args:?}: {text}");
+    }
+    let help = String::from_utf8_lossy(&cli(tmp.path(), &["gateway", "run", "--help"]).stdout)
+        .to_string();
+    assert!(help.contains("Examples:") && help.contains("[default: 10000]"), "{help}");
+    assert!(help.contains("Global options:"), "{help}");
+
+    let g = tmp.path().join("gw");
+    let mut gw = Gw::spawn(&g, &["--name", "tokyo", "--primary"]);
+    gw.wait_ready();
+    let out = cli(&g, &["gateway", "call", "nodes.list"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did you mean node.list?"),
+        "{out:?}"
+    );
+    // The gateway does not ping itself: `-`, not 0.00ms.
+    let text = String::from_utf8_lossy(&cli(&g, &["gateway", "status"]).stdout).to_string();
+    assert!(text.contains("Federation: 1 gateways"), "{text}");
+    assert!(!text.contains("0.00ms"), "{text}");
+    assert!(text.contains("VERSION"), "{text}");
+    let v = cli_json(&g, &["gateway", "status", "--json"]);
+    assert!(v["gateways"][0]["latencyMs"].is_null());
+    assert_eq!(v["federationSize"], 1);
+}
