@@ -56,7 +56,10 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                             "fingerprint",
                             "requestedAt",
                         ]
-                        .map(|k| p[k].as_str().unwrap_or("-").to_string()),
+                        .map(|k| match (k, p[k].as_str()) {
+                            ("requestedAt", Some(t)) => crate::cli::output::relative(t),
+                            (_, v) => v.unwrap_or("-").to_string(),
+                        }),
                     );
                 }
                 println!("{t}");
@@ -66,7 +69,10 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                 let mut t = table(&["Device", "Name", "Role", "Fingerprint", "Approved"]);
                 for p in &paired {
                     let mut row = ["deviceId", "name", "role", "fingerprint", "approvedAt"]
-                        .map(|k| p[k].as_str().unwrap_or("-").to_string());
+                        .map(|k| match (k, p[k].as_str()) {
+                            ("approvedAt", Some(t)) => crate::cli::output::relative(t),
+                            (_, v) => v.unwrap_or("-").to_string(),
+                        });
                     row[0].truncate(16);
                     t.add_row(row);
                 }

@@ -205,11 +205,17 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let (id, _) =
                 clawmesh_federation::identity::DeviceIdentity::load_or_create(&state_dir)?;
             if json {
+                let fp = clawmesh_federation::pairing::fingerprint(&id.public_key());
                 println!(
                     "{}",
-                    json!({"deviceId": id.device_id().to_string(), "publicKey": id.public_key().to_base64url()})
+                    json!({"deviceId": id.device_id().to_string(), "publicKey": id.public_key().to_base64url(), "fingerprint": fp})
                 );
             } else {
+                // The fingerprint in the form `devices list` shows, to compare before approving.
+                println!(
+                    "fingerprint: {}",
+                    clawmesh_federation::pairing::fingerprint(&id.public_key())
+                );
                 println!("device id:  {}", id.device_id());
                 println!("public key: {}", id.public_key().to_base64url());
                 println!(

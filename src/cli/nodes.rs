@@ -50,7 +50,15 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                     nodes.len()
                 );
                 if !nodes.is_empty() {
-                    let mut t = table(&["Node", "IP", "Status", "Gateway", "Transport", "Labels"]);
+                    let mut t = table(&[
+                        "Node",
+                        "ID",
+                        "IP",
+                        "Status",
+                        "Gateway",
+                        "Transport",
+                        "Labels",
+                    ]);
                     for n in &nodes {
                         let mut status = Vec::new();
                         status.push(if n["paired"] == true {
@@ -65,6 +73,9 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                         });
                         t.add_row(vec![
                             n["displayName"].as_str().unwrap_or("?").to_string(),
+                            // 12 hex digits: unique in any real fleet, and accepted by
+                            // --node as an id prefix.
+                            n["nodeId"].as_str().unwrap_or("?").chars().take(12).collect(),
                             n["remoteIp"].as_str().unwrap_or("-").to_string(),
                             status.join(" · "),
                             n["gateway"].as_str().unwrap_or("-").to_string(),

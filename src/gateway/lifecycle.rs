@@ -112,7 +112,12 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     )
     .await
     .map_err(|e| anyhow!("cannot start the federation's consensus: {e}"))?;
-    methods.set_consensus(replica.clone(), s.sync, s.local_config.clone());
+    methods.set_consensus(
+        replica.clone(),
+        s.sync,
+        s.local_config.clone(),
+        s.flag_keys.clone(),
+    );
     spawn_federation_tasks(&mesh, &methods, s.region.clone());
     spawn_config_follower(&replica, &methods, &s);
     spawn_pairing_follower(&replica, &methods);

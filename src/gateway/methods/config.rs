@@ -153,9 +153,25 @@ impl Methods {
                 } else {
                     Command::SetConfigBatch(changes)
                 };
+                let written: Vec<String> = match &cmd {
+                    Command::SetConfig { key, .. } => vec![key.clone()],
+                    Command::SetConfigBatch(c) => c.iter().map(|(k, _)| k.clone()).collect(),
+                    _ => Vec::new(),
+                };
                 let ack = sh.replica.write(cmd).await.map_err(|e| e.to_wire())?;
                 tracing::info!(revision = ack.revision, keys = n, primary = %ack.leader, "shared config written");
-                Ok(json!({"revision": ack.revision, "primary": ack.leader, "keys": n}))
+                // Keys this gateway pins by a flag or its file (unless the sync policy lets
+                // the shared value win): the write is stored but not in force here.
+                let pinned: Vec<Value> = if sh.policy.override_local {
+                    Vec::new()
+                } else {
+                    written
+                        .iter()
+                        .filter(|k| sh.local.contains_key(*k))
+                        .map(|k| json!({"key": k, "source": if sh.flags.contains(k) { "flag" } else { "file" }}))
+                        .collect()
+                };
+                Ok(json!({"revision": ack.revision, "primary": ack.leader, "keys": n, "shadowedHere": pinned, "gateway": self.gateway_name()}))
             }
             "gateway.promote" => {
                 if params.get("force").and_then(Value::as_bool) != Some(true) {
@@ -177,7 +193,9 @@ impl Methods {
     ) -> Result<(Vec<shared_config::Effective>, Vec<shared_config::Ignored>), WireError> {
         let sh = self.shared()?;
         let rows = sh.replica.all().await.map_err(|e| e.to_wire())?;
-        Ok(shared_config::effective(&sh.local, &rows, sh.policy))
+        let (mut entries, ignored) = shared_config::effective(&sh.local, &rows, sh.policy);
+        shared_config::mark_flags(&mut entries, &sh.flags);
+        Ok((entries, ignored))
     }
 
     /// The effective config of only `keys` (one lookup each, not the whole table).
@@ -196,6 +214,8 @@ impl Methods {
                 local.insert(key.to_string(), v.clone());
             }
         }
-        Ok(shared_config::effective(&local, &rows, sh.policy))
+        let (mut entries, ignored) = shared_config::effective(&local, &rows, sh.policy);
+        shared_config::mark_flags(&mut entries, &sh.flags);
+        Ok((entries, ignored))
     }
 }

@@ -39,7 +39,24 @@ impl Methods {
             }
             "gateway.forget" => {
                 let name = str_param(&params, "name", method)?;
-                let m = self.mesh()?.forget(name).map_err(|e| bad(e.to_string()))?;
+                let mesh = self.mesh()?;
+                let m = mesh.forget(name).map_err(|e| {
+                    // Name the primary, so the operator knows where to run it.
+                    let st = mesh.status();
+                    match &st.primary {
+                        Some(p) if e.to_string().contains("only the primary") => {
+                            let addr = st
+                                .gateways
+                                .iter()
+                                .find(|g| &g.name == p)
+                                .map_or("its address", |g| g.addr.as_str());
+                            bad(format!(
+                                "{e}: the primary is {p} (`clawmesh gateway forget {name} --url quic://{addr}`)"
+                            ))
+                        }
+                        _ => bad(e.to_string()),
+                    }
+                })?;
                 Ok(json!({"name": m.name, "deviceId": m.key.device_id().to_string()}))
             }
             other => Err(bad(format!("unknown method: {other}"))),

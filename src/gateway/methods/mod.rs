@@ -167,6 +167,8 @@ struct Shared {
     replica: Replica,
     policy: SyncPolicy,
     local: BTreeMap<String, Value>,
+    /// Keys of `local` set by command-line flags.
+    flags: std::collections::BTreeSet<String>,
 }
 
 struct Inner {
@@ -286,11 +288,13 @@ impl Methods {
         replica: Replica,
         policy: SyncPolicy,
         local: BTreeMap<String, Value>,
+        flags: std::collections::BTreeSet<String>,
     ) {
         let _ = self.inner.shared.set(Shared {
             replica,
             policy,
             local,
+            flags,
         });
     }
 
