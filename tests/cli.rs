@@ -421,3 +421,78 @@ fn tooling_help_and_status_lines() {
     assert!(v["gateways"][0]["latencyMs"].is_null());
     assert_eq!(v["federationSize"], 1);
 }
+
+/// Duplicate node names are refused at approval (with how to fix it); tables carry an ID
+/// column; `config get` and `--effective` say where a value comes from (`flag`, `file`,
+/// `synced rN`), also for a flag-set key; a write a flag pins here says so; `identity show`
+/// prints the fingerprint the way `devices list` shows it.
+#[test]
+fn duplicate_names_sources_and_fingerprints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = tmp.path().join("gw");
+    std::fs::create_dir_all(&g).unwrap();
+    std::fs::write(g.join("clawmesh.json"), r#"{"models":{"default":"local-model"}}"#).unwrap();
+    let mut gw = Gw::spawn(
+        &g,
+        &["--name", "tokyo", "--primary", "--health-interval", "700"],
+    );
+    let addr = gw.wait_ready();
+    let url = format!("quic://{addr}");
+    let pending = |name: &str| -> Vec<Value> {
+        cli_json(&g, &["devices", "list", "--json"])["pending"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["name"] == name)
+            .cloned()
+            .collect()
+    };
+    let a = Gw::spawn_cmd(&tmp.path().join("a"), &["node", "run", "--gateway", &url, "--name", "web-1"]);
+    assert!(wait_until(Duration::from_secs(15), || pending("web-1").len() == 1));
+    let req = pending("web-1")[0]["requestId"].as_str().unwrap().to_string();
+    assert!(cli(&g, &["devices", "approve", &req]).status.success());
+    let b = Gw::spawn_cmd(&tmp.path().join("b"), &["node", "run", "--gateway", &url, "--name", "web-1"]);
+    assert!(wait_until(Duration::from_secs(15), || pending("web-1").len() == 1));
+    let p = pending("web-1")[0].clone();
+    let out = cli(&g, &["devices", "approve", p["requestId"].as_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another device named web-1 is already paired"), "{err}");
+    // The fingerprint `devices list` shows is the one `identity show` prints on the device.
+    let shown = String::from_utf8_lossy(&cli(&tmp.path().join("b"), &["identity", "show"]).stdout)
+        .to_string();
+    assert!(
+        shown.contains(&format!("fingerprint: {}", p["fingerprint"].as_str().unwrap())),
+        "{shown} vs {p}"
+    );
+    // The ID column.
+    assert!(wait_until(Duration::from_secs(15), || {
+        let text = String::from_utf8_lossy(&cli(&g, &["nodes", "status"]).stdout).to_string();
+        text.contains("ID") && text.contains("web-1")
+    }));
+    drop((a, b));
+
+    // Sources: flag, file, synced.
+    let v = cli_json(&g, &["config", "get", "gateway.nodeName", "--json"]);
+    assert_eq!(v["effective"]["value"], "tokyo");
+    assert_eq!(v["effective"]["source"], "flag");
+    let v = cli_json(&g, &["config", "get", "models.default", "--json"]);
+    assert_eq!(v["effective"]["source"], "file");
+    let out = cli(&g, &["config", "set", "gateway.failover.healthCheckInterval", "900"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pinned on tokyo by its flag"), "{err}");
+    let v = cli_json(&g, &["config", "get", "gateway.failover.healthCheckInterval", "--json"]);
+    assert_eq!(v["effective"]["value"], 700);
+    assert_eq!(v["effective"]["source"], "flag");
+    assert!(
+        v["effective"]["shadowed"]["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("synced r"),
+        "{v}"
+    );
+    let text = String::from_utf8_lossy(&cli(&g, &["config", "show", "--effective"]).stdout)
+        .to_string();
+    assert!(text.contains("[flag] (overrides synced r"), "{text}");
+}
