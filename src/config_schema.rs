@@ -165,7 +165,7 @@ pub fn describe(kind: Kind) -> String {
     match kind {
         Kind::Str => "a string".into(),
         Kind::Bool => "true or false".into(),
-        Kind::Int { min, max, unit } if unit.is_empty() => format!("an integer {min} to {max}"),
+        Kind::Int { min, max, unit: "" } => format!("an integer {min} to {max}"),
         Kind::Int { min, max, unit } => format!("an integer {min} to {max} ({unit})"),
         Kind::OneOf(allowed) => allowed
             .iter()
@@ -186,7 +186,10 @@ mod tests {
     #[test]
     fn typed_keys_refuse_bad_values_and_free_form_stays_free() {
         let e = check("gateway.failover.healthCheckInterval", &json!("fast")).unwrap_err();
-        assert!(e.contains("healthCheckInterval must be an integer 10 to 3600000"), "{e}");
+        assert!(
+            e.contains("healthCheckInterval must be an integer 10 to 3600000"),
+            "{e}"
+        );
         assert!(check("gateway.failover.healthCheckInterval", &json!(5)).is_err());
         assert!(check("gateway.failover.healthCheckInterval", &json!(500)).is_ok());
         let e = check("security.exec.defaultLevel", &json!("yolo")).unwrap_err();

@@ -56,6 +56,16 @@ fn fed(node_args: &[&str]) -> Fed {
     }
 }
 
+/// `nodes invoke` of `system.run` on the test node.
+const INVOKE_RUN: [&str; 6] = [
+    "nodes",
+    "invoke",
+    "--node",
+    "box-1",
+    "--command",
+    "system.run",
+];
+
 fn signal(pid: u32, sig: &str) {
     Command::new("kill")
         .arg(format!("-{sig}"))
@@ -70,36 +80,29 @@ fn signal(pid: u32, sig: &str) {
 #[test]
 fn ctrl_c_and_sigterm_cancel_the_remote_command() {
     let f = fed(&["--security", "full"]);
-    for (sig, code, secs, via_call) in [
-        ("INT", 130, "41.25", false),
-        ("TERM", 143, "42.5", true),
-    ] {
+    for (sig, code, secs, via_call) in [("INT", 130, "41.25", false), ("TERM", 143, "42.5", true)] {
         // The CLI's own argv must not contain the marker the test looks for.
         let marker = format!("sleep {secs}");
         let marker = marker.as_str();
-        let params =
-            format!(r#"{{"command":["sh","-c","s={secs}; sleep $s & sleep $s; wait"]}}"#);
+        let params = format!(r#"{{"command":["sh","-c","s={secs}; sleep $s & sleep $s; wait"]}}"#);
         let mut cmd = Command::new(BIN);
         cmd.arg("--state-dir").arg(&f.gw_dir);
         if via_call {
             let p = format!(
                 r#"{{"nodeId":"box-1","command":"system.run","params":{params},"timeoutMs":60000,"idempotencyKey":"k-{sig}"}}"#
             );
-            cmd.args(["gateway", "call", "node.invoke", "--timeout", "60000", "--params"])
-                .arg(p);
-        } else {
             cmd.args([
-                "nodes",
-                "invoke",
-                "--node",
-                "box-1",
-                "--command",
-                "system.run",
+                "gateway",
+                "call",
+                "node.invoke",
                 "--timeout",
                 "60000",
                 "--params",
-                &params,
-            ]);
+            ])
+            .arg(p);
+        } else {
+            cmd.args(INVOKE_RUN)
+                .args(["--timeout", "60000", "--params", &params]);
         }
         let child = cmd
             .stdout(Stdio::piped())
@@ -135,7 +138,13 @@ fn exit_codes_json_errors_params_from_file_and_stdin() {
     assert!(out.status.success(), "{out:?}");
 
     // The remote exit status.
-    let out = nodes_invoke(gw, "box-1", "system.run", r#"{"command":["sh","-c","exit 3"]}"#, &[]);
+    let out = nodes_invoke(
+        gw,
+        "box-1",
+        "system.run",
+        r#"{"command":["sh","-c","exit 3"]}"#,
+        &[],
+    );
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     // The command's own timeout: 124, as timeout(1).
     let out = nodes_invoke(
@@ -147,12 +156,22 @@ fn exit_codes_json_errors_params_from_file_and_stdin() {
     );
     assert_eq!(out.status.code(), Some(124), "{out:?}");
     // Not startable: 127, as the shell.
-    let out = nodes_invoke(gw, "box-1", "system.run", r#"{"command":["/opt/nope"]}"#, &[]);
+    let out = nodes_invoke(
+        gw,
+        "box-1",
+        "system.run",
+        r#"{"command":["/opt/nope"]}"#,
+        &[],
+    );
     assert_eq!(out.status.code(), Some(127), "{out:?}");
     // Refused by the exec approvals: 126, and the --json error on stdout.
     let script = gw.with_extension("x.sh");
     std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
-    Command::new("chmod").arg("755").arg(&script).status().unwrap();
+    Command::new("chmod")
+        .arg("755")
+        .arg(&script)
+        .status()
+        .unwrap();
     let params = format!(r#"{{"command":["{}"]}}"#, script.display());
     let out = nodes_invoke(gw, "box-1", "system.run", &params, &[]);
     assert_eq!(out.status.code(), Some(126), "{out:?}");
@@ -171,7 +190,10 @@ fn exit_codes_json_errors_params_from_file_and_stdin() {
     assert_eq!(out.status.code(), Some(2));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], false);
-    assert!(v["error"]["message"].as_str().unwrap().contains("unknown node"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unknown node"));
     // A usage error under --json is JSON too.
     let out = cli(gw, &["nodes", "status", "--json", "--bogus"]);
     assert_eq!(out.status.code(), Some(2));
@@ -181,7 +203,10 @@ fn exit_codes_json_errors_params_from_file_and_stdin() {
     // --params @file and --params - (stdin), each larger than one argument could be.
     let big = "x".repeat(200 * 1024);
     // (`rawCommand` is accepted and ignored by the node: a big field that exec never sees.)
-    let params = format!(r#"{{"command":["echo","{}"],"rawCommand":"{big}"}}"#, big.len());
+    let params = format!(
+        r#"{{"command":["echo","{}"],"rawCommand":"{big}"}}"#,
+        big.len()
+    );
     let file = gw.with_extension("params.json");
     std::fs::write(&file, &params).unwrap();
     let at = format!("@{}", file.display());
@@ -192,7 +217,7 @@ fn exit_codes_json_errors_params_from_file_and_stdin() {
     let mut child = Command::new(BIN)
         .arg("--state-dir")
         .arg(gw)
-        .args(["nodes", "invoke", "--node", "box-1", "--command", "system.run"])
+        .args(INVOKE_RUN)
         .args(["--params", "-", "--json"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -278,7 +303,10 @@ fn config_writes_are_typed_and_unset_of_nothing_writes_nothing() {
     // Good values and free-form sections pass.
     let out = config(&gw_dir, &["set", "security.exec.defaultLevel", "allowlist"]);
     assert!(out.status.success(), "{out:?}");
-    let out = config(&gw_dir, &["set", "models.providers.x", r#"{"any":[1,"shape"]}"#]);
+    let out = config(
+        &gw_dir,
+        &["set", "models.providers.x", r#"{"any":[1,"shape"]}"#],
+    );
     assert!(out.status.success(), "{out:?}");
     // unset of an absent key: says so, no revision spent.
     let r1 = rev(&gw_dir);
@@ -318,7 +346,11 @@ fn http_get(gw: &Path, path: &str) -> (u16, String) {
         .trim_end_matches('/');
     let mut s = std::net::TcpStream::connect(hostport).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let code = text[9..12].parse().unwrap();
@@ -334,21 +366,48 @@ fn healthz_is_liveness_and_readyz_readiness() {
     let t = tmp.path().join("tokyo");
     let mut tokyo = Gw::spawn(
         &t,
-        &["--name", "tokyo", "--primary", "--token", "s3cret", "--health-interval", "200"],
+        &[
+            "--name",
+            "tokyo",
+            "--primary",
+            "--token",
+            "s3cret",
+            "--health-interval",
+            "200",
+        ],
     );
     let addr = tokyo.wait_ready();
     assert_eq!(http_get(&t, "/healthz").0, 200);
-    assert!(wait_until(Duration::from_secs(15), || http_get(&t, "/readyz").0 == 200));
+    assert!(wait_until(Duration::from_secs(15), || http_get(
+        &t, "/readyz"
+    )
+    .0 == 200));
 
     let o = tmp.path().join("osaka");
     let join = format!("quic://{addr}");
     let mut osaka = Gw::spawn(
         &o,
-        &["--name", "osaka", "--join", &join, "--token", "s3cret", "--health-interval", "200"],
+        &[
+            "--name",
+            "osaka",
+            "--join",
+            &join,
+            "--token",
+            "s3cret",
+            "--health-interval",
+            "200",
+        ],
     );
     osaka.wait_ready();
-    assert!(wait_until(Duration::from_secs(20), || sees_healthy(&t, &["tokyo", "osaka"])));
-    assert!(wait_until(Duration::from_secs(15), || http_get(&t, "/readyz?all=1").0 == 200));
+    assert!(wait_until(Duration::from_secs(20), || sees_healthy(
+        &t,
+        &["tokyo", "osaka"]
+    )));
+    assert!(wait_until(Duration::from_secs(15), || http_get(
+        &t,
+        "/readyz?all=1"
+    )
+    .0 == 200));
     osaka.kill9();
     assert!(wait_until(Duration::from_secs(15), || {
         let (code, body) = http_get(&t, "/readyz?all=1");
@@ -359,7 +418,15 @@ fn healthz_is_liveness_and_readyz_readiness() {
     // A gateway whose join goes unanswered: alive, not ready, and says why.
     let dead = free_udp_port();
     let k = tmp.path().join("kyoto");
-    let mut kyoto = Gw::spawn(&k, &["--name", "kyoto", "--join", &format!("quic://127.0.0.1:{dead}")]);
+    let mut kyoto = Gw::spawn(
+        &k,
+        &[
+            "--name",
+            "kyoto",
+            "--join",
+            &format!("quic://127.0.0.1:{dead}"),
+        ],
+    );
     kyoto.wait_ready();
     assert_eq!(http_get(&k, "/healthz").0, 200);
     let (code, body) = http_get(&k, "/readyz");
@@ -379,7 +446,10 @@ fn tooling_help_and_status_lines() {
     for shell in ["bash", "zsh", "fish"] {
         let out = cli(tmp.path(), &["completions", shell]);
         assert!(out.status.success());
-        assert!(String::from_utf8_lossy(&out.stdout).contains("clawmesh"), "{shell}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("clawmesh"),
+            "{shell}"
+        );
     }
     let out = cli(tmp.path(), &["man"]);
     assert!(out.status.success());
@@ -387,7 +457,8 @@ fn tooling_help_and_status_lines() {
     let out = cli(tmp.path(), &["gateway", "call", "--list"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.lines().any(|l| l.starts_with("node.invoke") && l.ends_with("operator.write")),
+        text.lines()
+            .any(|l| l.starts_with("node.invoke") && l.ends_with("operator.write")),
         "{text}"
     );
     for args in [
@@ -396,11 +467,17 @@ fn tooling_help_and_status_lines() {
         &["approvals", "get", "--help"][..],
     ] {
         let text = String::from_utf8_lossy(&cli(tmp.path(), args).stdout).to_string();
-        assert!(text.contains("gateway/name") && text.contains("label=value"), "{args:?}: {text}");
+        assert!(
+            text.contains("gateway/name") && text.contains("label=value"),
+            "{args:?}: {text}"
+        );
     }
-    let help = String::from_utf8_lossy(&cli(tmp.path(), &["gateway", "run", "--help"]).stdout)
-        .to_string();
-    assert!(help.contains("Examples:") && help.contains("[default: 10000]"), "{help}");
+    let help =
+        String::from_utf8_lossy(&cli(tmp.path(), &["gateway", "run", "--help"]).stdout).to_string();
+    assert!(
+        help.contains("Examples:") && help.contains("[default: 10000]"),
+        "{help}"
+    );
     assert!(help.contains("Global options:"), "{help}");
 
     let g = tmp.path().join("gw");
@@ -431,7 +508,11 @@ fn duplicate_names_sources_and_fingerprints() {
     let tmp = tempfile::tempdir().unwrap();
     let g = tmp.path().join("gw");
     std::fs::create_dir_all(&g).unwrap();
-    std::fs::write(g.join("clawmesh.json"), r#"{"models":{"default":"local-model"}}"#).unwrap();
+    std::fs::write(
+        g.join("clawmesh.json"),
+        r#"{"models":{"default":"local-model"}}"#,
+    )
+    .unwrap();
     let mut gw = Gw::spawn(
         &g,
         &["--name", "tokyo", "--primary", "--health-interval", "700"],
@@ -447,22 +528,39 @@ fn duplicate_names_sources_and_fingerprints() {
             .cloned()
             .collect()
     };
-    let a = Gw::spawn_cmd(&tmp.path().join("a"), &["node", "run", "--gateway", &url, "--name", "web-1"]);
-    assert!(wait_until(Duration::from_secs(15), || pending("web-1").len() == 1));
-    let req = pending("web-1")[0]["requestId"].as_str().unwrap().to_string();
-    assert!(cli(&g, &["devices", "approve", &req]).status.success());
-    let b = Gw::spawn_cmd(&tmp.path().join("b"), &["node", "run", "--gateway", &url, "--name", "web-1"]);
-    assert!(wait_until(Duration::from_secs(15), || pending("web-1").len() == 1));
-    let p = pending("web-1")[0].clone();
-    let out = cli(&g, &["devices", "approve", p["requestId"].as_str().unwrap()]);
+    // Two node hosts named web-1, one after the other: the first is approved.
+    let web1 = |dir: &str| {
+        let n = Gw::spawn_cmd(
+            &tmp.path().join(dir),
+            &["node", "run", "--gateway", &url, "--name", "web-1"],
+        );
+        assert!(wait_until(Duration::from_secs(15), || pending("web-1")
+            .len()
+            == 1));
+        (n, pending("web-1")[0].clone())
+    };
+    let (a, first) = web1("a");
+    let req = first["requestId"].as_str().unwrap();
+    assert!(cli(&g, &["devices", "approve", req]).status.success());
+    let (b, p) = web1("b");
+    let out = cli(
+        &g,
+        &["devices", "approve", p["requestId"].as_str().unwrap()],
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("another device named web-1 is already paired"), "{err}");
+    assert!(
+        err.contains("another device named web-1 is already paired"),
+        "{err}"
+    );
     // The fingerprint `devices list` shows is the one `identity show` prints on the device.
     let shown = String::from_utf8_lossy(&cli(&tmp.path().join("b"), &["identity", "show"]).stdout)
         .to_string();
     assert!(
-        shown.contains(&format!("fingerprint: {}", p["fingerprint"].as_str().unwrap())),
+        shown.contains(&format!(
+            "fingerprint: {}",
+            p["fingerprint"].as_str().unwrap()
+        )),
         "{shown} vs {p}"
     );
     // The ID column.
@@ -478,11 +576,27 @@ fn duplicate_names_sources_and_fingerprints() {
     assert_eq!(v["effective"]["source"], "flag");
     let v = cli_json(&g, &["config", "get", "models.default", "--json"]);
     assert_eq!(v["effective"]["source"], "file");
-    let out = cli(&g, &["config", "set", "gateway.failover.healthCheckInterval", "900"]);
+    let out = cli(
+        &g,
+        &[
+            "config",
+            "set",
+            "gateway.failover.healthCheckInterval",
+            "900",
+        ],
+    );
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pinned on tokyo by its flag"), "{err}");
-    let v = cli_json(&g, &["config", "get", "gateway.failover.healthCheckInterval", "--json"]);
+    let v = cli_json(
+        &g,
+        &[
+            "config",
+            "get",
+            "gateway.failover.healthCheckInterval",
+            "--json",
+        ],
+    );
     assert_eq!(v["effective"]["value"], 700);
     assert_eq!(v["effective"]["source"], "flag");
     assert!(
@@ -492,7 +606,7 @@ fn duplicate_names_sources_and_fingerprints() {
             .starts_with("synced r"),
         "{v}"
     );
-    let text = String::from_utf8_lossy(&cli(&g, &["config", "show", "--effective"]).stdout)
-        .to_string();
+    let text =
+        String::from_utf8_lossy(&cli(&g, &["config", "show", "--effective"]).stdout).to_string();
     assert!(text.contains("[flag] (overrides synced r"), "{text}");
 }

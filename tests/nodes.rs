@@ -61,7 +61,10 @@ fn invoke_err(gw: &Path, node: &str, command: &str, params: &str, extra: &[&str]
     // (124 for a timeout, 126 for an exec-approvals refusal, else 2).
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], false);
-    assert_eq!(out.status.code(), v["error"]["exitCode"].as_i64().map(|c| c as i32));
+    assert_eq!(
+        out.status.code(),
+        v["error"]["exitCode"].as_i64().map(|c| c as i32)
+    );
     format!(
         "{}: {}",
         v["error"]["code"].as_str().unwrap(),

@@ -27,10 +27,20 @@ pub const DEVICE_SELECTOR_HELP: &str =
 )]
 pub struct Cli {
     /// State dir (key, config, database); else CLAWMESH_STATE_DIR, else ~/.clawmesh.
-    #[arg(long, global = true, value_name = "DIR", help_heading = "Global options")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        help_heading = "Global options"
+    )]
     pub state_dir: Option<PathBuf>,
     /// Log filter (e.g. debug, clawmesh_federation=trace); else RUST_LOG.
-    #[arg(long, global = true, value_name = "FILTER", help_heading = "Global options")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILTER",
+        help_heading = "Global options"
+    )]
     pub log: Option<String>,
     /// Log line format: text (colour only on a terminal, and never with NO_COLOR) or json
     /// (one object per line, for log shippers).
@@ -75,7 +85,9 @@ pub enum Command {
     /// Start a Tokyo / Beijing / Frankfurt federation on this machine and show it working.
     Demo(DemoArgs),
     /// Print a shell completion script.
-    #[command(after_help = "Examples:\n  clawmesh completions bash > /etc/bash_completion.d/clawmesh\n  clawmesh completions zsh > \"${fpath[1]}/_clawmesh\"\n  clawmesh completions fish > ~/.config/fish/completions/clawmesh.fish")]
+    #[command(
+        after_help = "Examples:\n  clawmesh completions bash > /etc/bash_completion.d/clawmesh\n  clawmesh completions zsh > \"${fpath[1]}/_clawmesh\"\n  clawmesh completions fish > ~/.config/fish/completions/clawmesh.fish"
+    )]
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
@@ -117,7 +129,9 @@ pub struct NodeRunArgs {
 #[derive(Debug, Subcommand)]
 pub enum NodesCmd {
     /// Known, paired and connected nodes.
-    #[command(after_help = "Examples:\n  clawmesh nodes status\n  clawmesh nodes status --all --json")]
+    #[command(
+        after_help = "Examples:\n  clawmesh nodes status\n  clawmesh nodes status --all --json"
+    )]
     Status {
         /// Every node of the federation, with the gateway it is attached to.
         #[arg(long)]
@@ -130,7 +144,9 @@ pub enum NodesCmd {
         target: TargetArgs,
     },
     /// Everything the gateway knows about one node.
-    #[command(after_help = "Examples:\n  clawmesh nodes describe --node web-1\n  clawmesh nodes describe --node frankfurt/web-1 --json")]
+    #[command(
+        after_help = "Examples:\n  clawmesh nodes describe --node web-1\n  clawmesh nodes describe --node frankfurt/web-1 --json"
+    )]
     Describe {
         /// Which node ([`NODE_SELECTOR_HELP`]).
         #[arg(help = NODE_SELECTOR_HELP, value_name = "NODE", required_unless_present = "node_flag")]
@@ -146,7 +162,9 @@ pub enum NodesCmd {
         target: TargetArgs,
     },
     /// Run a command on a node (system.run, system.which, ...), on any gateway of the federation.
-    #[command(after_help = "Examples:\n  clawmesh nodes invoke --node web-1 --command system.run --params '{\"command\":[\"uptime\"]}'\n  clawmesh nodes invoke --node region=fra --all --command system.which --params '{\"bins\":[\"git\"]}'\n  clawmesh nodes invoke --node web-1 --command system.run --params @req.json\n\nsystem.run exits with the remote command's status (as ssh does); 124 when it timed out,\n126 when the node's exec approvals refused it. Ctrl-C cancels it on the node.")]
+    #[command(
+        after_help = "Examples:\n  clawmesh nodes invoke --node web-1 --command system.run --params '{\"command\":[\"uptime\"]}'\n  clawmesh nodes invoke --node region=fra --all --command system.which --params '{\"bins\":[\"git\"]}'\n  clawmesh nodes invoke --node web-1 --command system.run --params @req.json\n\nsystem.run exits with the remote command's status (as ssh does); 124 when it timed out,\n126 when the node's exec approvals refused it. Ctrl-C cancels it on the node."
+    )]
     Invoke {
         /// Which node ([`NODE_SELECTOR_HELP`]).
         #[arg(long, help = NODE_SELECTOR_HELP)]
@@ -280,13 +298,19 @@ pub enum IdentityCmd {
 #[derive(Debug, Subcommand)]
 pub enum GatewayCmd {
     /// Run a gateway (primary or remote) in the foreground.
-    #[command(after_help = "Examples:\n  clawmesh gateway run --name tokyo --primary --bind lan\n  clawmesh gateway run --name frankfurt --join quic://tokyo.example.com:18789 --token \"$CLAWMESH_TOKEN\"")]
+    #[command(
+        after_help = "Examples:\n  clawmesh gateway run --name tokyo --primary --bind lan\n  clawmesh gateway run --name frankfurt --join quic://tokyo.example.com:18789 --token \"$CLAWMESH_TOKEN\""
+    )]
     Run(RunArgs),
     /// Show this gateway, or with --all every gateway of the federation.
-    #[command(after_help = "Examples:\n  clawmesh gateway status --all\n  clawmesh gateway status --all --check || page-someone")]
+    #[command(
+        after_help = "Examples:\n  clawmesh gateway status --all\n  clawmesh gateway status --all --check || page-someone"
+    )]
     Status(StatusArgs),
     /// Call any operator method on a gateway (`--list` lists them with their scopes).
-    #[command(after_help = "Examples:\n  clawmesh gateway call --list\n  clawmesh gateway call node.list --params '{\"all\":true}'\n  clawmesh gateway call health --gateway frankfurt")]
+    #[command(
+        after_help = "Examples:\n  clawmesh gateway call --list\n  clawmesh gateway call node.list --params '{\"all\":true}'\n  clawmesh gateway call health --gateway frankfurt"
+    )]
     Call(CallArgs),
     /// Remove a gateway from the federation (on the primary): forgets its pinned key.
     #[command(after_help = "Example:\n  clawmesh gateway forget osaka")]

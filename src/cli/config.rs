@@ -175,7 +175,10 @@ pub async fn run(cmd: ConfigCmd, state_dir: &Path) -> Result<i32> {
         } => {
             let doc = call(&target(t), "config.unset", json!({"key": key}), WRITE_WAIT).await?;
             if doc["keys"] == 0 && !j {
-                println!("{key} is not set; nothing written (still revision {})", doc["revision"]);
+                println!(
+                    "{key} is not set; nothing written (still revision {})",
+                    doc["revision"]
+                );
                 return Ok(0);
             }
             print_write(&doc, j, &format!("unset {key}"))?;

@@ -68,10 +68,12 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
             if !paired.is_empty() {
                 let mut t = table(&["Device", "Name", "Role", "Fingerprint", "Approved"]);
                 for p in &paired {
-                    let mut row = ["deviceId", "name", "role", "fingerprint", "approvedAt"]
-                        .map(|k| match (k, p[k].as_str()) {
-                            ("approvedAt", Some(t)) => crate::cli::output::relative(t),
-                            (_, v) => v.unwrap_or("-").to_string(),
+                    let mut row =
+                        ["deviceId", "name", "role", "fingerprint", "approvedAt"].map(|k| {
+                            match (k, p[k].as_str()) {
+                                ("approvedAt", Some(t)) => crate::cli::output::relative(t),
+                                (_, v) => v.unwrap_or("-").to_string(),
+                            }
                         });
                     row[0].truncate(16);
                     t.add_row(row);

@@ -45,54 +45,7 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                     }))?
                 );
             } else {
-                println!(
-                    "Known: {} · Paired: {paired} · Connected: {connected}",
-                    nodes.len()
-                );
-                if !nodes.is_empty() {
-                    let mut t = table(&[
-                        "Node",
-                        "ID",
-                        "IP",
-                        "Status",
-                        "Gateway",
-                        "Transport",
-                        "Labels",
-                    ]);
-                    for n in &nodes {
-                        let mut status = Vec::new();
-                        status.push(if n["paired"] == true {
-                            "paired"
-                        } else {
-                            "unpaired"
-                        });
-                        status.push(if n["connected"] == true {
-                            "connected"
-                        } else {
-                            "disconnected"
-                        });
-                        t.add_row(vec![
-                            n["displayName"].as_str().unwrap_or("?").to_string(),
-                            // 12 hex digits: unique in any real fleet, and accepted by
-                            // --node as an id prefix.
-                            n["nodeId"].as_str().unwrap_or("?").chars().take(12).collect(),
-                            n["remoteIp"].as_str().unwrap_or("-").to_string(),
-                            status.join(" · "),
-                            n["gateway"].as_str().unwrap_or("-").to_string(),
-                            n["transport"].as_str().unwrap_or("-").to_string(),
-                            n["labels"]
-                                .as_object()
-                                .map(|m| {
-                                    m.iter()
-                                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                                        .collect::<Vec<_>>()
-                                        .join(",")
-                                })
-                                .unwrap_or_default(),
-                        ]);
-                    }
-                    println!("{t}");
-                }
+                print!("{}", render_status(&nodes));
             }
             Ok(0)
         }
@@ -211,4 +164,65 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
             Ok(code)
         }
     }
+}
+
+/// `nodes status` for people: the counts, then one row per node (the demo prints the same).
+pub fn render_status(nodes: &[Value]) -> String {
+    let paired = nodes.iter().filter(|n| n["paired"] == true).count();
+    let connected = nodes.iter().filter(|n| n["connected"] == true).count();
+    let mut out = format!(
+        "Known: {} · Paired: {paired} · Connected: {connected}\n",
+        nodes.len()
+    );
+    if nodes.is_empty() {
+        return out;
+    }
+    let mut t = table(&[
+        "Node",
+        "ID",
+        "IP",
+        "Status",
+        "Gateway",
+        "Transport",
+        "Labels",
+    ]);
+    for n in nodes {
+        let status = [
+            if n["paired"] == true {
+                "paired"
+            } else {
+                "unpaired"
+            },
+            if n["connected"] == true {
+                "connected"
+            } else {
+                "disconnected"
+            },
+        ];
+        t.add_row(vec![
+            n["displayName"].as_str().unwrap_or("?").to_string(),
+            // 12 hex digits: unique in any real fleet, and accepted by --node as an id prefix.
+            n["nodeId"]
+                .as_str()
+                .unwrap_or("?")
+                .chars()
+                .take(12)
+                .collect(),
+            n["remoteIp"].as_str().unwrap_or("-").to_string(),
+            status.join(" · "),
+            n["gateway"].as_str().unwrap_or("-").to_string(),
+            n["transport"].as_str().unwrap_or("-").to_string(),
+            n["labels"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default(),
+        ]);
+    }
+    out.push_str(&format!("{t}\n"));
+    out
 }

@@ -177,10 +177,7 @@ mod tests {
         let mut t = Table::new(&["Node", "Ip"]);
         t.add_row(["web-1", "10.0.0.1"]);
         t.add_row(["a", "-"]);
-        assert_eq!(
-            t.to_string(),
-            "NODE   IP\nweb-1  10.0.0.1\na      -"
-        );
+        assert_eq!(t.to_string(), "NODE   IP\nweb-1  10.0.0.1\na      -");
     }
 
     #[test]

@@ -171,7 +171,9 @@ impl Methods {
                         .map(|k| json!({"key": k, "source": if sh.flags.contains(k) { "flag" } else { "file" }}))
                         .collect()
                 };
-                Ok(json!({"revision": ack.revision, "primary": ack.leader, "keys": n, "shadowedHere": pinned, "gateway": self.gateway_name()}))
+                Ok(
+                    json!({"revision": ack.revision, "primary": ack.leader, "keys": n, "shadowedHere": pinned, "gateway": self.gateway_name()}),
+                )
             }
             "gateway.promote" => {
                 if params.get("force").and_then(Value::as_bool) != Some(true) {

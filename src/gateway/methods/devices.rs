@@ -47,7 +47,10 @@ impl Methods {
                     .map_err(pairing_err)?
                     .into_iter()
                     .find(|d| d.name == pending.name && d.device_id != pending.device_id);
-                if let (Some(d), false) = (clash, params.get("allowDuplicateName") == Some(&json!(true))) {
+                if let (Some(d), false) = (
+                    clash,
+                    params.get("allowDuplicateName") == Some(&json!(true)),
+                ) {
                     return Err(bad(format!(
                         "another device named {} is already paired (device {}); start the new one with another --name, or revoke the old one first (`clawmesh devices revoke {}`)",
                         d.name,

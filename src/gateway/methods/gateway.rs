@@ -247,9 +247,11 @@ impl Methods {
                     reasons.push(format!("not joined: {why}"));
                 }
                 if all {
-                    for g in status.gateways.iter().filter(|g| {
-                        g.status == clawmesh_federation::health::Status::Offline
-                    }) {
+                    for g in status
+                        .gateways
+                        .iter()
+                        .filter(|g| g.status == clawmesh_federation::health::Status::Offline)
+                    {
                         reasons.push(format!("gateway {} is offline", g.name));
                     }
                 }
