@@ -497,6 +497,145 @@ fn print_links(flavour: Flavour, plan: Plan, cases: Vec<Case>) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 1b. Connection setup (in-process)
+
+/// Measured connection setups per case.
+const SETUPS: usize = 300;
+/// Unmeasured setups before each case.
+const SETUP_WARMUP: usize = 20;
+
+/// Connection setup times: (dialer sees the connection up, acceptor sees it up).
+struct Setups {
+    dialer: Vec<Duration>,
+    acceptor: Vec<Duration>,
+}
+
+/// Loopback TCP connect + accept: the floor for one round trip of connection setup.
+async fn tcp_setups() -> Result<Setups> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (mut dialer, mut acceptor) = (Vec::new(), Vec::new());
+    for i in 0..SETUP_WARMUP + SETUPS {
+        let t = Instant::now();
+        let (conn, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), async {
+            let r = listener.accept().await;
+            (r, t.elapsed())
+        });
+        let d = t.elapsed();
+        let (accepted, a) = accepted;
+        drop((conn?, accepted?));
+        if i >= SETUP_WARMUP {
+            dialer.push(d);
+            acceptor.push(a);
+        }
+    }
+    Ok(Setups { dialer, acceptor })
+}
+
+/// QUIC connection setup between two gateway endpoints (mutual TLS 1.3 with device keys, as
+/// every gateway link and client connection does): dial until the dialer's handshake is done,
+/// and until the acceptor's side is established (it has checked the dialer's key).
+async fn quic_setups() -> Result<Setups> {
+    let opts = TransportOptions::default();
+    let loopback: SocketAddr = "127.0.0.1:0".parse()?;
+    let server = endpoint::bind(&DeviceIdentity::ephemeral(), loopback, &opts)?;
+    let client = endpoint::bind(&DeviceIdentity::ephemeral(), loopback, &opts)?;
+    let server_addr = server.local_addr()?;
+    let (mut dialer, mut acceptor) = (Vec::new(), Vec::new());
+    for i in 0..SETUP_WARMUP + SETUPS {
+        let t = Instant::now();
+        let (conn, accepted) = tokio::join!(
+            endpoint::dial(&client, server_addr, Duration::from_secs(5)),
+            async {
+                let incoming = server.accept().await.ok_or_else(|| anyhow!("closed"))?;
+                let conn = incoming.await?;
+                Ok::<_, anyhow::Error>((conn, t.elapsed()))
+            }
+        );
+        let d = t.elapsed();
+        let conn = conn?;
+        let (server_conn, a) = accepted?;
+        if endpoint::peer_key(&server_conn).is_none() || endpoint::peer_key(&conn).is_none() {
+            bail!("handshake completed without a peer key");
+        }
+        conn.close(0u32.into(), b"done");
+        server_conn.close(0u32.into(), b"done");
+        if i >= SETUP_WARMUP {
+            dialer.push(d);
+            acceptor.push(a);
+        }
+    }
+    client.close(0u32.into(), b"done");
+    server.close(0u32.into(), b"done");
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        client.wait_idle().await;
+        server.wait_idle().await;
+    })
+    .await;
+    Ok(Setups { dialer, acceptor })
+}
+
+/// Connection setups on one runtime flavour: TCP baseline, then QUIC.
+fn bench_setups(flavour: Flavour) -> Result<(Setups, Setups)> {
+    let rt = flavour.runtime()?;
+    rt.block_on(async {
+        tokio::spawn(async { Ok::<_, anyhow::Error>((tcp_setups().await?, quic_setups().await?)) })
+            .await?
+    })
+}
+
+fn print_setups(flavour: Flavour, tcp: Setups, quic: Setups) -> Result<()> {
+    println!("\n### Connection setup, tokio {}\n", flavour.name());
+    println!(
+        "N = {SETUPS} sequential setups per row after {SETUP_WARMUP} warm-up, 127.0.0.1, two \
+         endpoints in this process, µs. Dialer: `endpoint::dial` returns; acceptor: the \
+         accepted connection is established.\n"
+    );
+    println!("| case | side | p50 µs | p99 µs | mean µs | max µs | p50 vs TCP |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let tcp_d = stats(tcp.dialer)?;
+    let tcp_a = stats(tcp.acceptor)?;
+    let quic_d = stats(quic.dialer)?;
+    let quic_a = stats(quic.acceptor)?;
+    for (name, side, s, base) in [
+        (
+            "TCP connect + accept (baseline)",
+            "dialer",
+            &tcp_d,
+            tcp_d.p50,
+        ),
+        (
+            "TCP connect + accept (baseline)",
+            "acceptor",
+            &tcp_a,
+            tcp_a.p50,
+        ),
+        (
+            "QUIC mutual TLS 1.3 (device keys)",
+            "dialer",
+            &quic_d,
+            tcp_d.p50,
+        ),
+        (
+            "QUIC mutual TLS 1.3 (device keys)",
+            "acceptor",
+            &quic_a,
+            tcp_a.p50,
+        ),
+    ] {
+        println!(
+            "| {name} | {side} | {} | {} | {} | {} | {} |",
+            us(s.p50),
+            us(s.p99),
+            us(s.mean),
+            us(s.max),
+            ratio(s.p50, base)
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gateway processes
 
 /// A child process that is stopped (SIGTERM, then SIGKILL) and reaped when dropped.
@@ -1098,6 +1237,11 @@ fn main() -> Result<()> {
         let (hot, sparse) = bench_links(flavour)?;
         print_links(flavour, HOT, hot)?;
         print_links(flavour, SPARSE, sparse)?;
+    }
+    for flavour in [Flavour::CurrentThread, Flavour::MultiThread] {
+        eprintln!("connection setup, {} ...", flavour.name());
+        let (tcp, quic) = bench_setups(flavour)?;
+        print_setups(flavour, tcp, quic)?;
     }
 
     // Driver for the process benchmarks: one thread; the gateways run their own runtimes.

@@ -106,7 +106,7 @@ async fn hostile_peers_are_refused_and_the_mesh_is_undisturbed() {
     .with_protocol_versions(&[&rustls::version::TLS13])
     .unwrap()
     .dangerous()
-    .with_custom_certificate_verifier(clawmesh_federation::cert::verifier())
+    .with_custom_certificate_verifier(clawmesh_federation::raw_key::verifier())
     .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h3".to_vec()];
     let qc = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();

@@ -1,8 +1,9 @@
 //! The QUIC endpoint every peer runs: one UDP socket that both accepts and dials.
 //!
-//! Both directions use TLS 1.3 with the device certificate ([`crate::cert`]) and mutual
-//! authentication; the ALPN is [`crate::wire::ALPN`]. After the handshake [`peer_key`] gives
-//! the key the peer proved it holds.
+//! Both directions use TLS 1.3 with the device key as a raw public key ([`crate::raw_key`])
+//! and mutual authentication; the ALPN is [`crate::wire::ALPN`]. After the handshake
+//! [`peer_key`] gives the key the peer proved it holds. A peer that still speaks `clawmesh/1`
+//! gets [`EndpointError::OldPeer`] on either side ([`crate::legacy`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,8 +12,9 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{ClientConfig, Connection, Endpoint, ServerConfig, TransportConfig, VarInt};
 
-use crate::cert::{self, CertError};
 use crate::identity::{DeviceIdentity, PublicKey};
+use crate::legacy;
+use crate::raw_key::{self, RawKeyError};
 use crate::wire::ALPN;
 
 /// Server name used in every dial; identity comes from the key, never from names.
@@ -21,9 +23,9 @@ pub const SERVER_NAME: &str = "clawmesh";
 /// Errors creating the endpoint or connecting.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
-    /// Certificate construction failed.
+    /// The device key could not be loaded for TLS.
     #[error(transparent)]
-    Cert(#[from] CertError),
+    Key(#[from] RawKeyError),
     /// TLS configuration failed.
     #[error("TLS configuration: {0}")]
     Tls(String),
@@ -39,6 +41,20 @@ pub enum EndpointError {
     #[error("cannot dial {addr}: {reason}")]
     Connect {
         /// Target.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The peer speaks the previous wire version (X.509 device certificates).
+    #[error("peer {addr} {}", legacy::OLD_PEER_ADVICE)]
+    OldPeer {
+        /// The peer.
+        addr: SocketAddr,
+    },
+    /// An incoming connection failed its handshake.
+    #[error("TLS/QUIC handshake with {addr} failed: {reason}")]
+    Handshake {
+        /// The peer.
         addr: SocketAddr,
         /// Why.
         reason: String,
@@ -107,21 +123,21 @@ pub fn configs(
     opts: &TransportOptions,
 ) -> Result<(ServerConfig, ClientConfig), EndpointError> {
     let tls_err = |e: rustls::Error| EndpointError::Tls(e.to_string());
-    let dc = cert::device_cert(identity)?;
+    let key = raw_key::certified_key(identity)?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_client_cert_verifier(cert::verifier())
-        .with_single_cert(vec![dc.cert.clone()], dc.key.clone_key())
-        .map_err(tls_err)?;
+        .with_client_cert_verifier(raw_key::verifier())
+        .with_cert_resolver(Arc::new(raw_key::DeviceKeyResolver::new(key.clone())));
     server.alpn_protocols = vec![ALPN.to_vec()];
     let mut client = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .dangerous()
-        .with_custom_certificate_verifier(cert::verifier())
-        .with_client_auth_cert(vec![dc.cert], dc.key)
-        .map_err(tls_err)?;
+        .with_custom_certificate_verifier(raw_key::verifier())
+        .with_client_cert_resolver(Arc::new(
+            rustls::client::AlwaysResolvesClientRawPublicKeys::new(key),
+        ));
     client.alpn_protocols = vec![ALPN.to_vec()];
     let transport = transport(opts)?;
     let mut server_config = ServerConfig::with_crypto(Arc::new(
@@ -198,6 +214,9 @@ pub fn client(
 }
 
 /// Dials `addr`, waiting at most `timeout` for the handshake.
+///
+/// When the peer refuses our ALPN, one `clawmesh/1` probe (same timeout) tells an old clawmesh
+/// ([`EndpointError::OldPeer`]) from anything else.
 pub async fn dial(
     ep: &Endpoint,
     addr: SocketAddr,
@@ -211,12 +230,37 @@ pub async fn dial(
         })?;
     match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
-        Ok(Err(e)) => Err(EndpointError::Connect {
-            addr,
-            reason: e.to_string(),
-        }),
+        Ok(Err(e)) => {
+            if legacy::is_alpn_refusal(&e) {
+                match legacy::probe(ep, addr, SERVER_NAME, timeout).await {
+                    Ok(true) => return Err(EndpointError::OldPeer { addr }),
+                    Ok(false) => {}
+                    Err(probe) => tracing::debug!(%addr, "{probe}"),
+                }
+            }
+            Err(EndpointError::Connect {
+                addr,
+                reason: e.to_string(),
+            })
+        }
         Err(_) => Err(EndpointError::Timeout { addr, timeout }),
     }
+}
+
+/// Completes an incoming connection's handshake; a `clawmesh/1` dialer gets
+/// [`EndpointError::OldPeer`], so the log names the cause.
+pub async fn accept(incoming: quinn::Incoming) -> Result<Connection, EndpointError> {
+    let addr = incoming.remote_address();
+    incoming.await.map_err(|e| {
+        if legacy::is_refused_old_peer(&e) {
+            EndpointError::OldPeer { addr }
+        } else {
+            EndpointError::Handshake {
+                addr,
+                reason: e.to_string(),
+            }
+        }
+    })
 }
 
 /// The device key the peer proved during the handshake.
@@ -226,5 +270,5 @@ pub fn peer_key(conn: &Connection) -> Option<PublicKey> {
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
     let first = certs.first()?;
-    cert::public_key_of(first.as_ref()).ok()
+    raw_key::public_key_of(first.as_ref()).ok()
 }

@@ -53,43 +53,72 @@ pub enum HandshakeError {
     },
 }
 
-fn proof(token: &str, label: &[u8], dialer: &PublicKey, acceptor: &PublicKey) -> [u8; 32] {
+/// The proof MAC, keyed by the token, over a label and both device keys.
+fn proof_mac(
+    token: &str,
+    label: &[u8],
+    dialer: &PublicKey,
+    acceptor: &PublicKey,
+) -> Option<hmac::Hmac<Sha256>> {
     // HMAC accepts keys of any length; this cannot fail.
-    let mut mac = match <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(token.as_bytes()) {
-        Ok(m) => m,
-        Err(_) => return [0u8; 32],
-    };
+    let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(token.as_bytes()).ok()?;
     mac.update(label);
     mac.update(&dialer.0);
     mac.update(&acceptor.0);
-    mac.finalize().into_bytes().into()
+    Some(mac)
+}
+
+/// Label of the joining gateway's proof.
+const JOIN_LABEL: &[u8] = b"clawmesh-join-v1";
+/// Label of the accepting gateway's answer.
+const WELCOME_LABEL: &[u8] = b"clawmesh-welcome-v1";
+
+fn proof(token: &str, label: &[u8], dialer: &PublicKey, acceptor: &PublicKey) -> [u8; 32] {
+    match proof_mac(token, label, dialer, acceptor) {
+        Some(mac) => mac.finalize().into_bytes().into(),
+        None => [0u8; 32],
+    }
+}
+
+/// Checks a proof with the `hmac` crate's constant-time `verify_slice`.
+fn verify(
+    token: &str,
+    label: &[u8],
+    dialer: &PublicKey,
+    acceptor: &PublicKey,
+    proof: &[u8; 32],
+) -> bool {
+    proof_mac(token, label, dialer, acceptor).is_some_and(|mac| mac.verify_slice(proof).is_ok())
 }
 
 /// The joining gateway's proof of the token.
 pub fn join_proof(token: &str, dialer: &PublicKey, acceptor: &PublicKey) -> [u8; 32] {
-    proof(token, b"clawmesh-join-v1", dialer, acceptor)
+    proof(token, JOIN_LABEL, dialer, acceptor)
 }
 
 /// The accepting gateway's answer proof.
 pub fn welcome_proof(token: &str, dialer: &PublicKey, acceptor: &PublicKey) -> [u8; 32] {
-    proof(token, b"clawmesh-welcome-v1", dialer, acceptor)
+    proof(token, WELCOME_LABEL, dialer, acceptor)
 }
 
-/// Compares two proofs in constant time.
-pub fn proofs_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter()
-        .zip(b.iter())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
+/// True when `proof` is the joining gateway's proof of `token` (constant time).
+pub fn verify_join_proof(
+    token: &str,
+    dialer: &PublicKey,
+    acceptor: &PublicKey,
+    proof: &[u8; 32],
+) -> bool {
+    verify(token, JOIN_LABEL, dialer, acceptor, proof)
 }
 
-/// Compares two secrets in constant time (length leaks, content does not).
-pub fn secrets_equal(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+/// True when `proof` is the accepting gateway's answer for `token` (constant time).
+pub fn verify_welcome_proof(
+    token: &str,
+    dialer: &PublicKey,
+    acceptor: &PublicKey,
+    proof: &[u8; 32],
+) -> bool {
+    verify(token, WELCOME_LABEL, dialer, acceptor, proof)
 }
 
 /// Dialer side: sends `hello`, returns the acceptor's reply (a refusal is an error).
@@ -221,12 +250,15 @@ mod tests {
         let a = DeviceIdentity::ephemeral().public_key();
         let b = DeviceIdentity::ephemeral().public_key();
         let p = join_proof("s3cret", &a, &b);
-        assert!(proofs_equal(&p, &join_proof("s3cret", &a, &b)));
-        assert!(!proofs_equal(&p, &join_proof("s3cret!", &a, &b)));
-        assert!(!proofs_equal(&p, &join_proof("s3cret", &b, &a)));
-        assert!(!proofs_equal(&p, &welcome_proof("s3cret", &a, &b)));
-        assert!(secrets_equal("abc", "abc"));
-        assert!(!secrets_equal("abc", "abd"));
-        assert!(!secrets_equal("abc", "abcd"));
+        assert!(verify_join_proof("s3cret", &a, &b, &p));
+        assert!(!verify_join_proof("s3cret!", &a, &b, &p));
+        assert!(!verify_join_proof("s3cret", &b, &a, &p));
+        assert!(!verify_welcome_proof("s3cret", &a, &b, &p));
+        let w = welcome_proof("s3cret", &a, &b);
+        assert!(verify_welcome_proof("s3cret", &a, &b, &w));
+        assert!(!verify_join_proof("s3cret", &a, &b, &w));
+        let mut flipped = p;
+        flipped[31] ^= 1;
+        assert!(!verify_join_proof("s3cret", &a, &b, &flipped));
     }
 }

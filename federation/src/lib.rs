@@ -1,7 +1,9 @@
 //! clawmesh-federation: what makes separate gateways one federation.
 //!
 //! - [`identity`]: the ed25519 device key and device id of every peer;
-//! - [`cert`] and [`endpoint`]: QUIC with certificates bound to device keys, mutual auth;
+//! - [`raw_key`] and [`endpoint`]: QUIC with device keys as TLS raw public keys, mutual auth;
+//!   [`legacy`]: a clear error for peers that still speak `clawmesh/1`;
+//! - [`secret`]: constant-time comparison of secrets and MACs;
 //! - [`frame`] and [`wire`]: the postcard wire protocol, length-prefixed and bounded;
 //! - [`handshake`]: the hello exchange and join-token proofs;
 //! - [`rpc`]: request/reply streams and the handler interface of the method table;
@@ -16,7 +18,6 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
-pub mod cert;
 pub mod consensus;
 pub mod directory;
 pub mod endpoint;
@@ -24,10 +25,13 @@ pub mod frame;
 pub mod handshake;
 pub mod health;
 pub mod identity;
+pub mod legacy;
 pub mod liveness;
 pub mod mesh;
 pub mod pairing;
+pub mod raw_key;
 pub mod rpc;
+pub mod secret;
 pub mod store;
 pub mod wire;
 

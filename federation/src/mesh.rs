@@ -853,12 +853,15 @@ impl Mesh {
                 {
                     let msg = format!("join refused by {addr}: {}", refusal.message);
                     warn!("{msg}");
-                    let _ = self.inner.fatal.send(Some(msg));
+                    // send_replace: stored even before anyone subscribed (a plain send to a
+                    // channel without receivers is dropped, and the gateway subscribes only
+                    // once it is ready, which a fast refusal can beat).
+                    self.inner.fatal.send_replace(Some(msg));
                     return;
                 }
                 Err(e @ MeshError::BadWelcomeProof { .. }) => {
                     warn!("{e}");
-                    let _ = self.inner.fatal.send(Some(e.to_string()));
+                    self.inner.fatal.send_replace(Some(e.to_string()));
                     return;
                 }
                 Err(e) => {
@@ -939,9 +942,7 @@ impl Mesh {
         };
         if proof.is_some() {
             let ok = match (&welcome.join_proof, &self.inner.cfg.token) {
-                (Some(p), Some(t)) => {
-                    handshake::proofs_equal(p, &handshake::welcome_proof(t, &self.inner.key, &key))
-                }
+                (Some(p), Some(t)) => handshake::verify_welcome_proof(t, &self.inner.key, &key, p),
                 _ => false,
             };
             if !ok {
@@ -983,10 +984,10 @@ impl Mesh {
             let mesh = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                let conn = match incoming.await {
+                let conn = match endpoint::accept(incoming).await {
                     Ok(c) => c,
                     Err(e) => {
-                        warn!(%remote, "refused connection: TLS/QUIC handshake failed: {e}");
+                        warn!(%remote, "refused connection: {e}");
                         return;
                     }
                 };
@@ -998,11 +999,8 @@ impl Mesh {
     async fn handle_connection(&self, conn: Connection) {
         let remote = conn.remote_address();
         let Some(key) = endpoint::peer_key(&conn) else {
-            warn!(%remote, "refused connection: no device certificate");
-            conn.close(
-                VarInt::from_u32(CLOSE_REFUSED),
-                b"device certificate required",
-            );
+            warn!(%remote, "refused connection: no device key");
+            conn.close(VarInt::from_u32(CLOSE_REFUSED), b"device key required");
             return;
         };
         let (hello, mut send) = match handshake::read_hello(&conn).await {
@@ -1181,8 +1179,7 @@ impl Mesh {
                 false,
             ));
         };
-        let want = handshake::join_proof(token, &key, &self.inner.key);
-        if !handshake::proofs_equal(proof, &want) {
+        if !handshake::verify_join_proof(token, &key, &self.inner.key, proof) {
             return Err(refuse(
                 RefusalCode::BadToken,
                 "join token mismatch: the token given to this gateway is not the federation's"

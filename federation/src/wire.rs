@@ -1,6 +1,6 @@
 //! The clawmesh wire protocol: every message that crosses a QUIC connection.
 //!
-//! Layout of a connection (ALPN `clawmesh/1`):
+//! Layout of a connection (ALPN `clawmesh/2`; device keys are TLS raw public keys):
 //! - the dialer opens the first bidirectional stream and sends a [`Hello`]; the acceptor answers
 //!   with a [`HelloReply`]; the stream is then closed;
 //! - every request (operator method, forwarded invoke, status query) is its own bidirectional
@@ -18,7 +18,14 @@ use serde::{Deserialize, Serialize};
 use crate::identity::PublicKey;
 
 /// ALPN protocol id; a TLS client that does not offer it is refused during the handshake.
-pub const ALPN: &[u8] = b"clawmesh/1";
+///
+/// Version 2 presents device keys as TLS raw public keys (RFC 7250) instead of self-signed
+/// X.509 certificates; the frames after the handshake are unchanged.
+pub const ALPN: &[u8] = b"clawmesh/2";
+
+/// The previous ALPN (X.509 device certificates): recognised only to tell such a peer, and
+/// the operator, to upgrade ([`crate::legacy`]).
+pub const OLD_ALPN: &[u8] = b"clawmesh/1";
 
 /// Magic bytes at the start of every hello: a non-clawmesh peer that happens to speak our ALPN
 /// fails loudly instead of being misparsed.

@@ -4,9 +4,9 @@
 
 use std::net::SocketAddr;
 
-use clawmesh_federation::handshake::secrets_equal;
 use clawmesh_federation::identity::{decode_base64_lenient, DeviceId, PublicKey};
 use clawmesh_federation::pairing::{Admission, DeviceMeta, Registry};
+use clawmesh_federation::secret::{equals_any, secrets_equal};
 use clawmesh_federation::wire::WireError;
 use serde_json::{json, Value};
 
@@ -179,7 +179,7 @@ pub fn authenticate(
     // 3. Shared secret (token or password field; the configured secret decides).
     let offered = token.clone().or(password.clone());
     let shared_ok = match &offered {
-        Some(t) => gate.secrets.iter().any(|s| secrets_equal(s, t)),
+        Some(t) => equals_any(gate.secrets, t),
         None => false,
     };
 

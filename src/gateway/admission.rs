@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Result;
-use clawmesh_federation::handshake;
 use clawmesh_federation::health::HealthConfig;
 use clawmesh_federation::identity::PublicKey;
 use clawmesh_federation::liveness;
 use clawmesh_federation::mesh::Admission;
 use clawmesh_federation::pairing::{Admission as PairingDecision, DeviceMeta};
 use clawmesh_federation::rpc::{self, Caller, CallerKind};
+use clawmesh_federation::secret;
 use clawmesh_federation::wire::{Hello, HelloRole, NodeHello, Refusal, RefusalCode};
 use quinn::Connection;
 use tracing::info;
@@ -41,9 +41,7 @@ impl GatewayAdmission {
         hello: &NodeHello,
     ) -> Result<CallerKind, Refusal> {
         if let Some(t) = &hello.token {
-            if !self.tokens.is_empty()
-                && !self.tokens.iter().any(|x| handshake::secrets_equal(x, t))
-            {
+            if !self.tokens.is_empty() && !secret::equals_any(&self.tokens, t) {
                 return Err(Refusal {
                     code: RefusalCode::BadToken,
                     message: "unauthorized: gateway token mismatch".into(),
@@ -124,11 +122,7 @@ impl Admission for GatewayAdmission {
                         retryable: false,
                     });
                 };
-                if !self
-                    .tokens
-                    .iter()
-                    .any(|t| handshake::secrets_equal(t, token))
-                {
+                if !secret::equals_any(&self.tokens, token) {
                     return Err(Refusal {
                         code: RefusalCode::BadToken,
                         message: "unauthorized: gateway token mismatch".into(),

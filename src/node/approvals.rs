@@ -39,13 +39,30 @@
 //! `/usr/bin/uptime`. Patterns are absolute paths (`~/` is expanded with
 //! the node's `HOME`) with glob wildcards:
 //!
-//! - `*` any run of characters within one path segment, `?` one character
-//!   of a segment, `**` any run of characters across segments, and `/**/`
-//!   zero or more whole directories. No character classes, no escapes.
-//!   Matching is case-sensitive (the classic host lowercases both sides; on
-//!   a case-sensitive filesystem that could allow a different file).
-//! - A pattern without wildcards is a literal path and is canonicalized
-//!   too, so `/bin/echo` allows `/usr/bin/echo` on usr-merged systems where
+//! - Globs are matched by `globset` (ripgrep's matcher) with
+//!   `literal_separator` on: `*` any run of bytes within one path segment,
+//!   `?` one byte of a segment (one ASCII character; a multi-byte character
+//!   is not matched by one `?`), `[abc]`, `[a-z]`, `[!a]` and
+//!   `[[:digit:]]` one byte of a set, `{a,b}` either glob, `\` escapes the
+//!   next character (`[*]` works too). `**` as a whole segment crosses
+//!   segments: `/opt/**` is everything below `/opt`, `/opt/**/bin/rg` has
+//!   zero or more directories in the middle; `**` inside a segment (`/opt/a**`)
+//!   is two `*`s and stays within the segment. Matching is case-sensitive
+//!   (the classic host lowercases both sides; on a case-sensitive
+//!   filesystem that could allow a different file). A pattern that is not a
+//!   valid glob (an unclosed `[`) is refused by `set` and never matches.
+//! - Changed from the matcher clawmesh carried before `globset` (deliberately,
+//!   each change narrows or adds syntax): `**` inside a segment no longer
+//!   crosses `/`; `?` is one byte, not one character; `[`, `{` and `\` are
+//!   syntax (they were literal characters).
+//! - Paths are canonical before they are matched, so they never contain `.`
+//!   or `..` segments: a `..` written after the first wildcard never matches;
+//!   one written before it is resolved with the directory prefix (below).
+//! - A program whose canonical path is not UTF-8 never matches a glob (and a
+//!   pattern, being JSON text, cannot name it literally): under `allowlist`
+//!   it does not run.
+//! - A pattern without glob syntax (none of `*?[{\`) is a literal path and
+//!   is canonicalized too, so `/bin/echo` allows `/usr/bin/echo` on usr-merged systems where
 //!   `/bin -> /usr/bin`, and a literal pattern naming a symlink (such as an
 //!   `/etc/alternatives` link) allows what it points to at check time.
 //! - For a glob, the directory prefix before the first wildcard is
@@ -116,9 +133,9 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// reviewable.
 pub const MAX_ALLOWLIST_ENTRIES: usize = 4096;
 
-/// Longest pattern accepted, in characters. Why: matching costs
-/// pattern length x path length; 4096 is `PATH_MAX` on Linux, no real path
-/// pattern is longer.
+/// Longest pattern accepted, in characters. Why: compiling a glob into
+/// `globset`'s automaton costs its length; 4096 is `PATH_MAX` on Linux, no
+/// real path pattern is longer.
 pub const MAX_PATTERN_LEN: usize = 4096;
 
 /// Placeholder used in refusal messages when the node's name is unknown.
@@ -349,7 +366,7 @@ pub enum ApprovalsError {
         /// The pattern as given.
         pattern: String,
         /// Why it is refused.
-        reason: &'static str,
+        reason: String,
     },
     /// `set` without `baseHash` while the file exists (classic message).
     #[error("exec approvals base hash required; reload and retry")]
@@ -462,10 +479,10 @@ impl Policy {
         let mut rules = Vec::new();
         for entry in file.honoured_entries() {
             match Rule::compile(&entry.pattern, home.as_deref()) {
-                Some(rule) => rules.push(rule),
-                None => tracing::warn!(
+                Ok(rule) => rules.push(rule),
+                Err(why) => tracing::warn!(
                     pattern = %entry.pattern,
-                    "exec allowlist pattern is not an absolute path; it never matches"
+                    "exec allowlist pattern {why}; it never matches"
                 ),
             }
         }
@@ -551,21 +568,22 @@ enum Matcher {
     Literal(Vec<PathBuf>),
     /// Matched by any of these globs (as written, and with the directory
     /// prefix canonicalized).
-    Glob(Vec<Glob>),
+    Glob(Vec<globset::GlobMatcher>),
 }
 
 impl Rule {
-    /// Compile a pattern; `None` when it is not an absolute path pattern.
-    fn compile(pattern: &str, home: Option<&Path>) -> Option<Rule> {
-        let expanded = expand_tilde(pattern.trim(), home)?;
+    /// Compile a pattern; the error says why it can never match.
+    fn compile(pattern: &str, home: Option<&Path>) -> Result<Rule, String> {
+        let expanded = expand_tilde(pattern.trim(), home)
+            .ok_or_else(|| "needs HOME, and the node has none".to_string())?;
         if !expanded.starts_with('/') || expanded.contains('\0') {
-            return None;
+            return Err("is not an absolute path".into());
         }
-        let matcher = if expanded.contains(['*', '?']) {
-            let mut globs = vec![Glob::new(&expanded)];
+        let matcher = if is_glob(&expanded) {
+            let mut globs = vec![compile_glob(&expanded)?];
             if let Some(canon) = canonical_glob_prefix(&expanded) {
                 if canon != expanded {
-                    globs.push(Glob::new(&canon));
+                    globs.push(compile_glob(&canon)?);
                 }
             }
             Matcher::Glob(globs)
@@ -576,7 +594,7 @@ impl Rule {
             }
             Matcher::Literal(paths)
         };
-        Some(Rule {
+        Ok(Rule {
             pattern: pattern.to_string(),
             matcher,
         })
@@ -586,7 +604,7 @@ impl Rule {
         match &self.matcher {
             Matcher::Literal(paths) => paths.iter().any(|p| p == canonical),
             Matcher::Glob(globs) => match canonical.to_str() {
-                Some(s) => globs.iter().any(|g| g.matches(s)),
+                Some(s) => globs.iter().any(|g| g.is_match(s)),
                 // A non-UTF-8 path can only be allowed by a literal pattern.
                 None => false,
             },
@@ -608,7 +626,7 @@ fn expand_tilde(pattern: &str, home: Option<&Path>) -> Option<String> {
 /// (`/bin/e*` -> `/usr/bin/e*` when `/bin -> /usr/bin`). `None` when the
 /// prefix does not exist.
 fn canonical_glob_prefix(glob: &str) -> Option<String> {
-    let first_wild = glob.find(['*', '?'])?;
+    let first_wild = glob.find(GLOB_META)?;
     let slash = glob[..first_wild].rfind('/')?;
     let dir = if slash == 0 { "/" } else { &glob[..slash] };
     let canon = fs::canonicalize(dir).ok()?;
@@ -621,114 +639,24 @@ fn canonical_glob_prefix(glob: &str) -> Option<String> {
     })
 }
 
-/// A compiled path glob (see the module doc for the syntax).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Glob {
-    tokens: Vec<Token>,
+/// The characters that make a pattern a glob (`globset`'s syntax); a
+/// pattern without any is a literal path.
+const GLOB_META: [char; 5] = ['*', '?', '[', '{', '\\'];
+
+/// True when `pattern` uses glob syntax.
+fn is_glob(pattern: &str) -> bool {
+    pattern.contains(GLOB_META)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token {
-    /// This exact character.
-    Lit(char),
-    /// `?`: one character other than `/`.
-    One,
-    /// `*`: any run of characters other than `/`.
-    Star,
-    /// `**`: any run of characters.
-    GlobStar,
-    /// `**/` right after a `/`: empty, or any run ending with `/`
-    /// (zero or more whole directories).
-    Dirs,
-}
-
-impl Glob {
-    fn new(pattern: &str) -> Glob {
-        let chars: Vec<char> = pattern.chars().collect();
-        let mut tokens = Vec::with_capacity(chars.len());
-        let mut i = 0;
-        while i < chars.len() {
-            match chars[i] {
-                '*' if chars.get(i + 1) == Some(&'*') => {
-                    let after_slash = i == 0 || chars[i - 1] == '/';
-                    let mut j = i + 2;
-                    while chars.get(j) == Some(&'*') {
-                        j += 1;
-                    }
-                    if after_slash && chars.get(j) == Some(&'/') {
-                        tokens.push(Token::Dirs);
-                        j += 1;
-                    } else {
-                        tokens.push(Token::GlobStar);
-                    }
-                    i = j;
-                }
-                '*' => {
-                    tokens.push(Token::Star);
-                    i += 1;
-                }
-                '?' => {
-                    tokens.push(Token::One);
-                    i += 1;
-                }
-                c => {
-                    tokens.push(Token::Lit(c));
-                    i += 1;
-                }
-            }
-        }
-        Glob { tokens }
-    }
-
-    /// Whole-string match by dynamic programming over (token, position):
-    /// O(tokens x chars) time and O(chars) memory, no backtracking blow-up.
-    fn matches(&self, text: &str) -> bool {
-        let t: Vec<char> = text.chars().collect();
-        let n = t.len();
-        // next[j]: do tokens[i+1..] match t[j..]? Start with "no tokens left".
-        let mut next = vec![false; n + 1];
-        next[n] = true;
-        let mut cur = vec![false; n + 1];
-        for token in self.tokens.iter().rev() {
-            match *token {
-                Token::Lit(c) => {
-                    cur[n] = false;
-                    for j in 0..n {
-                        cur[j] = t[j] == c && next[j + 1];
-                    }
-                }
-                Token::One => {
-                    cur[n] = false;
-                    for j in 0..n {
-                        cur[j] = t[j] != '/' && next[j + 1];
-                    }
-                }
-                Token::Star => {
-                    cur[n] = next[n];
-                    for j in (0..n).rev() {
-                        cur[j] = next[j] || (t[j] != '/' && cur[j + 1]);
-                    }
-                }
-                Token::GlobStar => {
-                    cur[n] = next[n];
-                    for j in (0..n).rev() {
-                        cur[j] = next[j] || cur[j + 1];
-                    }
-                }
-                Token::Dirs => {
-                    // ends_here: some k >= j with t[k] == '/' and next[k + 1].
-                    let mut ends_here = false;
-                    cur[n] = next[n];
-                    for j in (0..n).rev() {
-                        ends_here = ends_here || (t[j] == '/' && next[j + 1]);
-                        cur[j] = next[j] || ends_here;
-                    }
-                }
-            }
-            std::mem::swap(&mut cur, &mut next);
-        }
-        next[0]
-    }
+/// Compiles a path glob with the allowlist's options (see the module doc):
+/// wildcards never cross `/`, backslash escapes, case-sensitive.
+fn compile_glob(pattern: &str) -> Result<globset::GlobMatcher, String> {
+    globset::GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| format!("is not a valid glob: {}", e.kind()))
 }
 
 /// The node's approvals file and start-flag override: answers
@@ -1030,9 +958,9 @@ fn hex(bytes: &[u8]) -> String {
 /// Check that a pattern can be stored: non-empty, absolute (or `~/...`),
 /// bounded, no NUL.
 pub fn validate_pattern(pattern: &str) -> Result<(), ApprovalsError> {
-    let invalid = |reason| ApprovalsError::InvalidPattern {
+    let invalid = |reason: &str| ApprovalsError::InvalidPattern {
         pattern: pattern.to_string(),
-        reason,
+        reason: reason.to_string(),
     };
     let p = pattern.trim();
     if p.is_empty() {
@@ -1048,6 +976,9 @@ pub fn validate_pattern(pattern: &str) -> Result<(), ApprovalsError> {
         return Err(invalid(
             "must be an absolute path or glob (e.g. /usr/bin/uptime, /usr/bin/*)",
         ));
+    }
+    if is_glob(p) {
+        compile_glob(p).map_err(|why| invalid(&why))?;
     }
     Ok(())
 }
@@ -1272,7 +1203,7 @@ mod tests {
         fs::copy("/usr/bin/env", &copy).unwrap();
         assert!(policy.check(&copy).is_err());
 
-        let g = |p: &str, t: &str| Glob::new(p).matches(t);
+        let g = |p: &str, t: &str| compile_glob(p).unwrap().is_match(t);
         assert!(g("/usr/bin/*", "/usr/bin/env"));
         assert!(!g("/usr/bin/*", "/usr/bin/sub/env"));
         assert!(g("/usr/**", "/usr/bin/sub/env"));
@@ -1287,6 +1218,157 @@ mod tests {
         // No exponential blow-up on adversarial patterns.
         let long = format!("/{}", "a".repeat(2000));
         assert!(!g(&format!("/{}b", "*a".repeat(100)), &long));
+    }
+
+    #[test]
+    fn glob_semantics_are_globsets_with_separators_kept() {
+        let g = |p: &str, t: &str| compile_glob(p).unwrap().is_match(t);
+        // `*` and `?` never cross `/`.
+        assert!(g("/opt/*", "/opt/tool"));
+        assert!(!g("/opt/*", "/opt/a/tool"));
+        assert!(!g("/opt/a?b", "/opt/a/b"));
+        assert!(!g("/opt/*/tool", "/opt/tool"));
+        // `**` as a whole segment crosses segments; inside a segment it is two `*`s
+        // (the old matcher let `/opt/a**` cross `/`: narrowed on purpose).
+        assert!(g("/opt/**", "/opt/a/b/c"));
+        assert!(!g("/opt/**", "/optx/a"));
+        assert!(g("/opt/**/rg", "/opt/rg"));
+        assert!(g("/opt/**/rg", "/opt/x/y/rg"));
+        assert!(g("/opt/a**", "/opt/abc"));
+        assert!(!g("/opt/a**", "/opt/a/b"));
+        // Character classes, negation, POSIX classes, alternatives, escapes.
+        assert!(g("/usr/bin/python3.[0-9]", "/usr/bin/python3.1"));
+        assert!(!g("/usr/bin/python3.[0-9]", "/usr/bin/python3.x"));
+        assert!(!g("/usr/bin/python3.[0-9]", "/usr/bin/python3.12"));
+        assert!(g("/usr/bin/python3.[!0-9]", "/usr/bin/python3.x"));
+        assert!(g("/opt/v[[:digit:]]", "/opt/v7"));
+        assert!(!g("/opt/[/]x", "/opt//x"));
+        assert!(g("/usr/bin/{env,uptime}", "/usr/bin/uptime"));
+        assert!(!g("/usr/bin/{env,uptime}", "/usr/bin/uname"));
+        assert!(g("/opt/a\\*", "/opt/a*"));
+        assert!(!g("/opt/a\\*", "/opt/ab"));
+        assert!(g("/opt/a[*]", "/opt/a*"));
+        // `?` is one byte: one ASCII character, not one multi-byte one.
+        assert!(g("/opt/caf?", "/opt/cafe"));
+        assert!(!g("/opt/caf?", "/opt/caf\u{e9}"));
+        assert!(g("/opt/caf??", "/opt/caf\u{e9}"));
+        // Case-sensitive.
+        assert!(!g("/opt/Tool", "/opt/tool"));
+        // What is a glob, and what a bad one does.
+        assert!(is_glob("/opt/[ab]") && is_glob("/opt/{a,b}") && is_glob("/opt/a\\b"));
+        assert!(!is_glob("/usr/bin/env"));
+        assert!(compile_glob("/opt/[a").is_err());
+        let err = validate_pattern("/opt/[a").unwrap_err();
+        assert_eq!(err.code(), "INVALID_REQUEST");
+        assert!(err.to_string().contains("not a valid glob"), "{err}");
+        assert!(Rule::compile("/opt/[a", None).is_err());
+        validate_pattern("/opt/[ab]*").unwrap();
+    }
+
+    /// A private tree: `allowed/tool` (a copy of env), `allowed/out-link` (a
+    /// symlink to a copy outside), `elsewhere/in-link` (a symlink to
+    /// `allowed/tool`), with the glob `allowed/*` allowed.
+    struct Tree {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        policy: Policy,
+    }
+
+    fn tree() -> Tree {
+        let dir = tempfile::tempdir().unwrap();
+        let root = fs::canonicalize(dir.path()).unwrap();
+        fs::create_dir_all(root.join("allowed")).unwrap();
+        fs::create_dir_all(root.join("elsewhere")).unwrap();
+        fs::copy("/usr/bin/env", root.join("allowed/tool")).unwrap();
+        fs::copy("/usr/bin/env", root.join("elsewhere/other")).unwrap();
+        std::os::unix::fs::symlink(root.join("elsewhere/other"), root.join("allowed/out-link"))
+            .unwrap();
+        std::os::unix::fs::symlink(root.join("allowed/tool"), root.join("elsewhere/in-link"))
+            .unwrap();
+        let file = ApprovalsFile::from_value(json!({"version": 1,
+            "allowlist": [{"pattern": format!("{}/allowed/*", root.display())}]}))
+        .unwrap();
+        let policy = Policy::from_file(&file, None, "n");
+        Tree {
+            _dir: dir,
+            root,
+            policy,
+        }
+    }
+
+    #[test]
+    fn symlinks_are_judged_by_their_target() {
+        let t = tree();
+        assert!(t.policy.check(&t.root.join("allowed/tool")).is_ok());
+        // A symlink into the allowed directory runs what it points to: allowed.
+        assert!(t.policy.check(&t.root.join("elsewhere/in-link")).is_ok());
+        // A symlink inside the allowed directory that points out: refused, and the
+        // refusal names the real program.
+        match t.policy.check(&t.root.join("allowed/out-link")) {
+            Err(Denied::AllowlistMiss { path, .. }) => {
+                assert_eq!(path, t.root.join("elsewhere/other"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(t.policy.check(&t.root.join("elsewhere/other")).is_err());
+    }
+
+    #[test]
+    fn relative_argv0_and_dot_dot_paths() {
+        let t = tree();
+        // A relative argv[0] is refused, whatever the working directory holds.
+        for rel in ["tool", "./tool", "allowed/tool", "../allowed/tool"] {
+            assert!(t.policy.check(Path::new(rel)).is_err(), "{rel}");
+        }
+        // `..` in the program path is resolved before matching.
+        let dotted = t.root.join("elsewhere/../allowed/tool");
+        assert!(t.policy.check(&dotted).is_ok());
+        let escape = t.root.join("allowed/../elsewhere/other");
+        assert!(t.policy.check(&escape).is_err());
+        // `..` in a pattern: before the first wildcard it is resolved with the
+        // directory prefix; after it, it can never match a canonical path.
+        let file = |pattern: String| {
+            ApprovalsFile::from_value(json!({"version": 1, "allowlist": [{"pattern": pattern}]}))
+                .unwrap()
+        };
+        let before = Policy::from_file(
+            &file(format!("{}/elsewhere/../allowed/*", t.root.display())),
+            None,
+            "n",
+        );
+        assert!(before.check(&t.root.join("allowed/tool")).is_ok());
+        assert!(before.check(&t.root.join("elsewhere/other")).is_err());
+        let after = Policy::from_file(
+            &file(format!("{}/*/../allowed/tool", t.root.display())),
+            None,
+            "n",
+        );
+        assert!(after.check(&t.root.join("allowed/tool")).is_err());
+    }
+
+    #[test]
+    fn a_non_utf8_program_path_never_matches_a_glob() {
+        use std::os::unix::ffi::OsStrExt;
+        let t = tree();
+        let odd = t
+            .root
+            .join("allowed")
+            .join(std::ffi::OsStr::from_bytes(b"to\xffol"));
+        fs::copy("/usr/bin/env", &odd).unwrap();
+        match t.policy.check(&odd) {
+            Err(Denied::AllowlistMiss { path, .. }) => assert_eq!(path, odd),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Even `**` does not: such a program only runs under `full`.
+        let all = Policy::from_file(
+            &ApprovalsFile::from_value(json!({"version": 1, "allowlist": [{"pattern": "/**"}]}))
+                .unwrap(),
+            None,
+            "n",
+        );
+        assert!(all.check(&t.root.join("allowed/tool")).is_ok());
+        assert!(all.check(&odd).is_err());
+        assert!(Policy::fixed(Security::Full, "n").check(&odd).is_ok());
     }
 
     #[test]
