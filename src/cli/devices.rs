@@ -23,6 +23,7 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                 let pending: Vec<Value> = doc["pending"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
                     "requestId": p["requestId"], "deviceId": p["deviceId"], "name": p["name"], "role": p["role"],
                     "addr": p["addr"], "requestedAt": p["requestedAt"], "fingerprint": p["fingerprint"],
+                    "expiresAt": expires_at(p),
                 })).collect();
                 let paired: Vec<Value> = doc["paired"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
                     "deviceId": p["deviceId"], "name": p["name"], "role": p["role"], "approvedAt": p["approvedAt"],
@@ -45,22 +46,28 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                     "Address",
                     "Fingerprint",
                     "Requested",
+                    "Expires",
                 ]);
                 for p in &pending {
-                    t.add_row(
-                        [
-                            "requestId",
-                            "name",
-                            "role",
-                            "addr",
-                            "fingerprint",
-                            "requestedAt",
-                        ]
-                        .map(|k| match (k, p[k].as_str()) {
-                            ("requestedAt", Some(t)) => crate::cli::output::relative(t),
-                            (_, v) => v.unwrap_or("-").to_string(),
-                        }),
+                    let mut row: Vec<String> = [
+                        "requestId",
+                        "name",
+                        "role",
+                        "addr",
+                        "fingerprint",
+                        "requestedAt",
+                    ]
+                    .map(|k| match (k, p[k].as_str()) {
+                        ("requestedAt", Some(t)) => crate::cli::output::relative(t),
+                        (_, v) => v.unwrap_or("-").to_string(),
+                    })
+                    .into();
+                    row.push(
+                        expires_at(p)
+                            .as_str()
+                            .map_or("-".into(), crate::cli::output::relative),
                     );
+                    t.add_row(row);
                 }
                 println!("{t}");
             }
@@ -145,4 +152,19 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// When a pending request expires: its device's last retry plus the pending lifetime (a node
+/// that keeps retrying keeps its request alive), as RFC 3339.
+fn expires_at(p: &Value) -> Value {
+    p["refreshedAt"]
+        .as_str()
+        .or(p["requestedAt"].as_str())
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+        .map_or(Value::Null, |t| {
+            Value::String(
+                humantime::format_rfc3339_millis(t + clawmesh_federation::pairing::PENDING_TTL)
+                    .to_string(),
+            )
+        })
 }
