@@ -610,3 +610,35 @@ fn duplicate_names_sources_and_fingerprints() {
         String::from_utf8_lossy(&cli(&g, &["config", "show", "--effective"]).stdout).to_string();
     assert!(text.contains("[flag] (overrides synced r"), "{text}");
 }
+
+/// Logs: no colour codes when stderr is a file, `--log-format json` gives one JSON object per
+/// line, a clean stop logs no warning, and the consensus group is named by gateway name.
+#[test]
+fn logs_plain_in_files_json_on_request_and_quiet_on_a_clean_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().join("text");
+    let mut text = Gw::spawn(&t, &["--name", "tokyo", "--primary"]);
+    text.wait_ready();
+    assert!(wait_until(Duration::from_secs(15), || text
+        .log_text()
+        .contains("forming the federation's consensus group")));
+    assert!(text.term().success());
+    let log = text.log_text();
+    assert!(!log.contains('\u{1b}'), "ANSI codes in a file:\n{log}");
+    assert!(!log.contains("WARN"), "a clean stop warned:\n{log}");
+    assert!(log.contains("gateway=tokyo"), "{log}");
+
+    let j = tmp.path().join("json");
+    let mut json = Gw::spawn(
+        &j,
+        &["--name", "osaka", "--primary", "--log-format", "json"],
+    );
+    json.wait_ready();
+    assert!(json.term().success());
+    let log = json.log_text();
+    assert!(!log.trim().is_empty());
+    for line in log.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+}

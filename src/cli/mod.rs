@@ -292,7 +292,21 @@ pub async fn call(
         }
     };
     r.map_err(|e| match e {
-        ClientError::Remote(w) => Failure::new(&w.code, w.message).into(),
+        ClientError::Remote(w) => {
+            let hint = w
+                .details
+                .as_deref()
+                .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                .and_then(|d| d["didYouMean"].as_str().map(str::to_string));
+            let message = match hint {
+                Some(name) => format!(
+                    "{} (did you mean {name}? `clawmesh gateway call --list` lists them)",
+                    w.message
+                ),
+                None => w.message,
+            };
+            Failure::new(&w.code, message).into()
+        }
         ClientError::Transport(e) => {
             let text = format!("{e:#}");
             let code = if text.contains("timed out") {

@@ -119,21 +119,19 @@ pub fn method_scopes() -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
-/// The error for a method the table does not have, naming the closest one when a typo is
-/// likely (at most a third of the name differs).
+/// The error for a method the table does not have: the classic message, and in `details`
+/// the closest method name when a typo is likely (at most a third of the name differs), which
+/// the CLI shows as "did you mean".
 fn unknown_method(method: &str) -> WireError {
+    let mut e = bad(format!("unknown method: {method}"));
     let best = TABLE
         .iter()
         .map(|(n, _)| (edit_distance(method, n), *n))
         .min();
-    match best {
-        Some((d, name)) if d <= method.len().max(3) / 3 => bad(format!(
-            "unknown method: {method} (did you mean {name}? `clawmesh gateway call --list` lists them)"
-        )),
-        _ => bad(format!(
-            "unknown method: {method} (`clawmesh gateway call --list` lists them)"
-        )),
+    if let Some((_, name)) = best.filter(|(d, _)| *d <= method.len().max(3) / 3) {
+        e.details = Some(json!({"code": "UNKNOWN_METHOD", "didYouMean": name}).to_string());
     }
+    e
 }
 
 /// Levenshtein distance of two short names (method names are a few dozen bytes).
