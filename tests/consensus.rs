@@ -664,7 +664,7 @@ fn sync_policy_override_local_both_ways() {
     assert!(keys.contains(&"channels.wechat.model"), "{keys:?}");
     let table = cli(fra, &["config", "show", "--effective"]);
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("overrides local: mistral"), "{table}");
+    assert!(table.contains("overrides file: mistral"), "{table}");
     assert!(
         table.contains("gateway.sync.syncSkills is false"),
         "{table}"
