@@ -16,6 +16,12 @@
 //!    spawned on the runtime so it runs where gateway tasks run. Datagrams and UDP are also
 //!    measured sparse (100 round trips 20 ms apart), where waking idle threads dominates, as
 //!    for the mesh's health pings.
+//!
+//!    **Connection setup** (in-process, loopback): 300 sequential QUIC handshakes (mutual TLS
+//!    1.3 with device keys, as every link and client connection) between two endpoints built
+//!    by [`clawmesh_federation::endpoint::bind`], until the dialer's `endpoint::dial` returns
+//!    and until the acceptor's connection is established, beside a loopback TCP connect +
+//!    accept (same N, same runtime), both tokio flavours.
 //! 2. **Idle RSS**: a primary and two remotes (real `clawmesh gateway run` processes, full
 //!    mesh, health interval 1 s) left idle 5 s, then VmRSS / RssAnon / RssFile / Pss / VmHWM /
 //!    threads from `/proc`. Baseline: an idle `sleep` process. Then the gateways' own

@@ -156,13 +156,7 @@ impl Fed {
                 "\n--- {name}: {:?}\n",
                 status(self.dir(i)).map(|d| d["consensus"].clone())
             ));
-            let log =
-                std::fs::read_to_string(self.dir(i).with_extension("log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(25).collect();
-            for l in tail.iter().rev() {
-                out.push_str(l);
-                out.push('\n');
-            }
+            out.push_str(&log_tail(self.dir(i), 25));
         }
         out
     }

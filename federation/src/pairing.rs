@@ -67,6 +67,9 @@ pub struct DeviceMeta {
     pub client_id: String,
     /// Client mode (`node`, `cli`).
     pub client_mode: String,
+    /// Region of the gateway where the request waits: kept in the pairing record, it is the
+    /// node's `region` when the node has no label of its own, wherever it attaches later.
+    pub region: Option<String>,
 }
 
 pub use crate::wire::PairingRecord;
@@ -77,6 +80,8 @@ pub use crate::wire::PairingRecord;
 pub struct PendingRequest {
     /// Request id (UUID), what `devices approve` takes.
     pub request_id: String,
+    /// Region of the gateway where it waits (see [`DeviceMeta::region`]).
+    pub region: Option<String>,
     /// Device id (hex).
     pub device_id: String,
     /// Public key, base64url.
@@ -157,6 +162,8 @@ pub struct PairedDevice {
     pub created_at_ms: u64,
     /// Classic: tokens held (values never listed).
     pub tokens: Vec<serde_json::Value>,
+    /// Region of the gateway where it was paired (see [`DeviceMeta::region`]).
+    pub region: Option<String>,
 }
 
 /// What the registry says about a connecting device.
@@ -274,8 +281,15 @@ fn meta_json(m: &DeviceMeta) -> String {
         "deviceFamily": m.device_family,
         "clientId": m.client_id,
         "clientMode": m.client_mode,
+        "region": m.region,
     })
     .to_string()
+}
+
+fn meta_region(meta: &serde_json::Value) -> Option<String> {
+    meta.get("region")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
 }
 
 fn meta_field(meta: &serde_json::Value, key: &str) -> String {
@@ -304,6 +318,7 @@ impl Registry {
         let meta: serde_json::Value = serde_json::from_str(&meta).unwrap_or_default();
         Some(PendingRequest {
             request_id,
+            region: meta_region(&meta),
             device_id: key.device_id().to_string(),
             public_key: key.to_base64url(),
             display_name: name.clone(),
@@ -356,6 +371,7 @@ impl Registry {
             approved_at_ms: at,
             created_at_ms: at,
             tokens,
+            region: meta_region(&meta),
         }
     }
 
@@ -610,6 +626,7 @@ impl Registry {
         let now = now_ms();
         let meta = serde_json::json!({
             "deviceFamily": p.device_family, "clientId": p.client_id, "clientMode": p.client_mode,
+            "region": p.region,
         })
         .to_string();
         self.store.with_conn(|c| {

@@ -21,11 +21,13 @@ use crate::wire::{Request, Response, WireError};
 /// A boxed future returned by handlers.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// Errors of a call.
+/// Errors of a call. `peer` is the address, or, once the caller has named it with
+/// [`CallError::naming`], `gateway frankfurt (10.2.0.1:18789)`: every error about a lost link
+/// or route says which gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// The connection or stream failed (peer gone, reset).
-    #[error("connection to {peer} lost: {reason}")]
+    #[error("{peer}: connection lost: {reason}")]
     Transport {
         /// Who.
         peer: String,
@@ -33,7 +35,7 @@ pub enum CallError {
         reason: String,
     },
     /// The reply did not decode.
-    #[error("bad reply from {peer}: {source}")]
+    #[error("{peer}: bad reply: {source}")]
     Frame {
         /// Who.
         peer: String,
@@ -41,7 +43,7 @@ pub enum CallError {
         source: FrameError,
     },
     /// No reply within the deadline.
-    #[error("no reply from {peer} within {timeout:?}")]
+    #[error("{peer}: no reply within {timeout:?}")]
     Timeout {
         /// Who.
         peer: String,
@@ -54,6 +56,26 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// The same error, with the peer called `who` (`gateway frankfurt`) before its address.
+    pub fn naming(self, who: &str) -> CallError {
+        let name = |peer: String| format!("{who} ({peer})");
+        match self {
+            CallError::Transport { peer, reason } => CallError::Transport {
+                peer: name(peer),
+                reason,
+            },
+            CallError::Frame { peer, source } => CallError::Frame {
+                peer: name(peer),
+                source,
+            },
+            CallError::Timeout { peer, timeout } => CallError::Timeout {
+                peer: name(peer),
+                timeout,
+            },
+            remote => remote,
+        }
+    }
+
     /// The error as the classic protocol shapes it, for relaying to the original caller.
     pub fn to_wire(&self) -> WireError {
         match self {
@@ -244,5 +266,35 @@ pub async fn serve(conn: Connection, caller: Caller, handler: Arc<dyn Handler>) 
                 let _ = send.finish();
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_gateway_and_its_address() {
+        let e = CallError::Transport {
+            peer: "127.0.0.1:18789".into(),
+            reason: "timed out".into(),
+        }
+        .naming("gateway frankfurt");
+        assert_eq!(
+            e.to_string(),
+            "gateway frankfurt (127.0.0.1:18789): connection lost: timed out"
+        );
+        let t = CallError::Timeout {
+            peer: "127.0.0.1:1".into(),
+            timeout: Duration::from_secs(2),
+        }
+        .naming("gateway tokyo");
+        assert_eq!(
+            t.to_string(),
+            "gateway tokyo (127.0.0.1:1): no reply within 2s"
+        );
+        // A remote error is the remote's own words.
+        let r = CallError::Remote(WireError::new("INVALID_REQUEST", "nope")).naming("gateway x");
+        assert_eq!(r.to_string(), "INVALID_REQUEST: nope");
     }
 }

@@ -107,6 +107,9 @@ pub struct NodeHello {
     pub labels: Vec<(String, String)>,
     /// Platform, e.g. `linux`.
     pub platform: String,
+    /// Which of the node's attachments this is: the federation lists the node where its newest
+    /// attachment is.
+    pub attach: crate::directory::AttachOrder,
 }
 
 /// The acceptor's answer to a hello.

@@ -113,6 +113,8 @@ fn lower_ascii(s: &str) -> String {
 pub struct Gate<'a> {
     /// Shared secrets (gateway token / password).
     pub secrets: &'a [String],
+    /// This gateway's region, kept with a pairing request made here.
+    pub region: Option<String>,
     /// The pairing registry.
     pub pairing: &'a Registry,
     /// Now, ms since the epoch.
@@ -278,6 +280,7 @@ pub fn authenticate(
                     device_family: device_family.clone(),
                     client_id: client_id.clone(),
                     client_mode: client_mode.clone(),
+                    region: gate.region.clone(),
                 };
                 match gate.pairing.admit(key, &meta) {
                     Ok(Admission::Paired(_)) => {}
@@ -492,6 +495,7 @@ mod tests {
         let now = 1_800_000_000_000;
         let gate = Gate {
             secrets: &secrets,
+            region: None,
             pairing: &reg,
             now_ms: now,
         };
@@ -556,6 +560,7 @@ mod tests {
         let secrets = vec!["tok".to_string()];
         let gate = Gate {
             secrets: &secrets,
+            region: None,
             pairing: &reg,
             now_ms: 0,
         };

@@ -141,6 +141,9 @@ async fn serve(socket: WebSocket, remote: SocketAddr, bridge: Arc<Bridge>, conn_
                 version: authed.version.clone(),
                 commands: authed.commands.clone(),
                 labels: Vec::new(),
+                // A classic node says nothing about its attachments: any native one orders
+                // after it (see `directory::resolve`).
+                attach: Default::default(),
                 connected_at: SystemTime::now(),
                 client_id: authed.client_id.clone(),
                 client_mode: authed.client_mode.clone(),
@@ -336,14 +339,16 @@ async fn handshake(
     let params = frame.params.unwrap_or(Value::Null);
     // Signature checks and SQLite lookups (with an fsync on a new pairing request) run off the
     // async workers, so a burst of connects never stalls established sessions.
-    let (secrets, pairing, nonce_owned) = (
+    let (secrets, pairing, nonce_owned, region) = (
         bridge.secrets.clone(),
         bridge.methods.pairing().clone(),
         nonce.to_string(),
+        bridge.methods.region(),
     );
     let decided = tokio::task::spawn_blocking(move || {
         let gate = connect::Gate {
             secrets: &secrets,
+            region,
             pairing: &pairing,
             now_ms: now_ms() as i64,
         };

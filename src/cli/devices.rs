@@ -23,15 +23,18 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                 let pending: Vec<Value> = doc["pending"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
                     "requestId": p["requestId"], "deviceId": p["deviceId"], "name": p["name"], "role": p["role"],
                     "addr": p["addr"], "requestedAt": p["requestedAt"], "fingerprint": p["fingerprint"],
+                    "gateway": p["gateway"], "region": p["region"],
                     "expiresAt": expires_at(p),
                 })).collect();
                 let paired: Vec<Value> = doc["paired"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
                     "deviceId": p["deviceId"], "name": p["name"], "role": p["role"], "approvedAt": p["approvedAt"],
-                    "fingerprint": p["fingerprint"],
+                    "fingerprint": p["fingerprint"], "region": p["region"],
                 })).collect();
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&json!({"pending": pending, "paired": paired}))?
+                    serde_json::to_string_pretty(
+                        &json!({"pending": pending, "paired": paired, "unreachable": doc["unreachable"]})
+                    )?
                 );
                 return Ok(0);
             }
@@ -43,6 +46,7 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                     "Request",
                     "Name",
                     "Role",
+                    "Waits at",
                     "Address",
                     "Fingerprint",
                     "Requested",
@@ -53,6 +57,7 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                         "requestId",
                         "name",
                         "role",
+                        "gateway",
                         "addr",
                         "fingerprint",
                         "requestedAt",
@@ -86,6 +91,18 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                     t.add_row(row);
                 }
                 println!("{t}");
+            }
+            let unreachable: Vec<&str> = doc["unreachable"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            if !unreachable.is_empty() {
+                println!(
+                    "Not listed: requests waiting at {} (unreachable now).",
+                    unreachable.join(", ")
+                );
             }
             println!("Compare fingerprints with `clawmesh identity show` on the device before approving.");
             Ok(0)

@@ -61,6 +61,7 @@ impl GatewayAdmission {
                     platform: hello.platform.clone(),
                     client_id: "clawmesh-node".into(),
                     client_mode: "node".into(),
+                    region: self.methods.region(),
                     ..Default::default()
                 },
             )
@@ -171,6 +172,7 @@ impl Admission for GatewayAdmission {
                     // Bounded: a node declares a handful of commands and labels.
                     commands: n.commands.into_iter().take(256).collect(),
                     labels: n.labels.into_iter().take(64).collect(),
+                    attach: n.attach,
                     connected_at: std::time::SystemTime::now(),
                     client_id: "clawmesh-node".into(),
                     client_mode: "node".into(),

@@ -136,7 +136,7 @@ fn effective_health(
 
 /// Keeps the federation in step with this gateway: announces the attached nodes whenever they
 /// change, and disconnects devices revoked on other gateways.
-pub(super) fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods, region: Option<String>) {
+pub(super) fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods) {
     let (m, registry) = (mesh.clone(), methods.nodes().clone());
     let mut changes = registry.changes();
     tokio::spawn(async move {
@@ -147,24 +147,21 @@ pub(super) fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods, region: Opt
             let summaries = registry
                 .list()
                 .into_iter()
-                .map(|(info, transport)| {
-                    let mut labels = info.labels.clone();
-                    if let Some(r) = &region {
-                        if !labels.iter().any(|(k, _)| k == "region") {
-                            labels.push(("region".into(), r.clone()));
-                        }
-                    }
-                    clawmesh_federation::directory::NodeSummary {
+                // The node's own labels only: its region, when it has none, is the one of the
+                // gateway where it was paired (every gateway has the pairing record).
+                .map(
+                    |(info, transport)| clawmesh_federation::directory::NodeSummary {
                         id: info.node_id,
                         name: info.name,
-                        labels,
+                        labels: info.labels,
                         commands: info.commands,
                         transport: transport.to_string(),
                         platform: info.platform,
                         ip: crate::gateway::registry::ip_of(&info.remote),
                         version: info.version,
-                    }
-                })
+                        attach: info.attach,
+                    },
+                )
                 .collect();
             m.set_local_nodes(summaries);
             if changes.changed().await.is_err() {

@@ -118,7 +118,7 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         s.local_config.clone(),
         s.flag_keys.clone(),
     );
-    spawn_federation_tasks(&mesh, &methods, s.region.clone());
+    spawn_federation_tasks(&mesh, &methods);
     spawn_config_follower(&replica, &methods, &s);
     spawn_pairing_follower(&replica, &methods);
     // The classic WebSocket bridge on the same port, TCP.

@@ -83,6 +83,8 @@ pub struct NodeInfo {
     pub commands: Vec<String>,
     /// Labels.
     pub labels: Vec<(String, String)>,
+    /// Which of the node's attachments this session is (newer ones win federation-wide).
+    pub attach: clawmesh_federation::directory::AttachOrder,
     /// When this session began.
     pub connected_at: SystemTime,
     /// Client id (`clawmesh-node`, classic `node-host`).

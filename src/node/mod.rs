@@ -14,6 +14,8 @@
 //!   the `exec-approvals.json` file in the node's state dir, the
 //!   allow/deny decision for `system.run`, and the file helpers used by
 //!   `clawmesh approvals allow|deny|set`.
+//! - [`boot`]: the node's start count and attach counter, the order of its attachments that
+//!   the federation uses to list it where it is now.
 //!
 //! # Errors
 //!
@@ -28,6 +30,7 @@
 //! not an error: it is a [`exec::RunResult`] with `success: false`.
 
 pub mod approvals;
+pub mod boot;
 pub mod exec;
 pub mod run;
 pub mod which;

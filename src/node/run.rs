@@ -185,6 +185,7 @@ pub async fn run(s: NodeSettings) -> Result<()> {
         .with_context(|| format!("creating state dir {}", s.state_dir.display()))?;
     let _lock = crate::state_dir::DirLock::acquire_named(&s.state_dir, "node.lock", "node host")?;
     let (identity, _) = DeviceIdentity::load_or_create(&s.state_dir)?;
+    let attach = crate::node::boot::AttachCounter::start(&s.state_dir)?;
     info!(device = %identity.device_id(), name = %s.name, "node host starting");
     let handler: Arc<dyn Handler> = Arc::new(NodeHandler::new(&s));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -209,7 +210,7 @@ pub async fn run(s: NodeSettings) -> Result<()> {
         let url = gateways[idx % gateways.len()].clone();
         let url = &url;
         let attempt = tokio::select! {
-            r = session(&s, &identity, &mut endpoints, url, handler.clone()) => r,
+            r = session(&s, &identity, &mut endpoints, url, attach.next(), handler.clone()) => r,
             sig = &mut stop => {
                 info!("node host stopping ({sig})");
                 return Ok(());
@@ -314,6 +315,7 @@ async fn session(
     identity: &DeviceIdentity,
     endpoints: &mut Endpoints,
     url: &PeerUrl,
+    attach: clawmesh_federation::directory::AttachOrder,
     handler: Arc<dyn Handler>,
 ) -> Result<Vec<PeerUrl>, SessionError> {
     let addr = clawmesh_federation::mesh::resolve(&url.authority())
@@ -332,6 +334,7 @@ async fn session(
             commands: COMMANDS.iter().map(|c| c.to_string()).collect(),
             labels: s.labels.clone(),
             platform: std::env::consts::OS.to_string(),
+            attach,
         }),
     );
     let welcome = match handshake::send_hello(&conn, &hello).await {

@@ -352,6 +352,8 @@ struct State {
     by_real: HashMap<SocketAddr, Arc<str>>,
     /// Settings per unordered site pair (key sorted).
     paths: HashMap<(Arc<str>, Arc<str>), PathSettings>,
+    /// One-way cuts: datagrams from the first site to the second are dropped.
+    cuts: HashSet<(Arc<str>, Arc<str>)>,
     counters: HashMap<(PeerKey, PeerKey), Arc<DirCounters>>,
     /// Open flows by (source address, destination site).
     flows: HashMap<(SocketAddr, Arc<str>), Flow>,
@@ -461,11 +463,19 @@ impl State {
     fn route(&mut self, src: SocketAddr, site: &Arc<str>, dir: Dir) -> Route {
         let peer = self.label(src);
         let settings = match &peer {
-            PeerKey::Site(other) => self
-                .paths
-                .get(&pair_key(other, site))
-                .copied()
-                .unwrap_or_default(),
+            PeerKey::Site(other) => {
+                let mut settings = self
+                    .paths
+                    .get(&pair_key(other, site))
+                    .copied()
+                    .unwrap_or_default();
+                let way = match dir {
+                    Dir::Forward => (other.clone(), site.clone()),
+                    Dir::Reverse => (site.clone(), other.clone()),
+                };
+                settings.blocked |= self.cuts.contains(&way);
+                settings
+            }
             PeerKey::External => self.sites.get(site).map(|s| s.default).unwrap_or_default(),
         };
         let here = PeerKey::Site(site.clone());
@@ -964,6 +974,24 @@ impl WanRelay {
         Ok(())
     }
 
+    /// Cuts (or restores) one direction only: datagrams from site `from` to site `to` are
+    /// dropped, the other way still flows (a broken route, an asymmetric firewall rule). The
+    /// path's latency, loss and partition state are kept.
+    pub fn cut_one_way(&self, from: &str, to: &str, cut: bool) -> Result<(), RelayError> {
+        let mut state = self.shared().lock();
+        if state.closed {
+            return Err(RelayError::Closed);
+        }
+        let way = (state.site_name(from)?, state.site_name(to)?);
+        if cut {
+            state.cuts.insert(way);
+        } else {
+            state.cuts.remove(&way);
+        }
+        tracing::debug!(from, to, cut, "relay: one-way cut");
+        Ok(())
+    }
+
     /// A snapshot of every counter, per direction and per site.
     pub fn stats(&self) -> RelayStats {
         let state = self.shared().lock();
@@ -1210,6 +1238,14 @@ mod tests {
         relay.partition(&["a"], false).unwrap();
         assert_eq!(echo_count(&client, pub_b, 10).await, 10);
         assert_eq!(relay.stats().between("b", "a").forwarded, 30);
+
+        // One way only: a's datagrams reach b, b's answers are dropped.
+        relay.cut_one_way("b", "a", true).unwrap();
+        assert_eq!(echo_count(&client, pub_b, 10).await, 0);
+        assert_eq!(relay.stats().between("a", "b").forwarded, 40);
+        assert_eq!(relay.stats().between("b", "a").dropped_blocked, 10);
+        relay.cut_one_way("b", "a", false).unwrap();
+        assert_eq!(echo_count(&client, pub_b, 10).await, 10);
         echo_task.abort();
         relay.shutdown().await;
     }

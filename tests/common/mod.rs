@@ -160,6 +160,18 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The last `lines` lines of the log of the process whose state dir is `dir`.
+pub fn log_tail(dir: &Path, lines: usize) -> String {
+    let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+    let mut out = String::new();
+    for l in tail.iter().rev() {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
 /// Runs the CLI with a state dir.
 pub fn cli(dir: &Path, args: &[&str]) -> Output {
     Command::new(BIN)

@@ -64,6 +64,7 @@
 //!   anyway, it could be dropped if that shows up in measurements (openraft would then only
 //!   apply entries committed-but-not-applied at a crash once a leader commits again).
 
+pub mod election;
 pub mod log_store;
 pub mod network;
 pub(crate) mod recovery;

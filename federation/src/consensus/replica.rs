@@ -28,6 +28,7 @@ use openraft::{ChangeMembers, Raft, ServerState, SnapshotPolicy};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::election::{self, LocalView, PreVoteReply, PreVoteRequest};
 use super::network::{self, MeshNetwork};
 use super::types::{node_id_of, Command, GatewayNode, NodeId, TypeConfig};
 use super::{ConsensusStoreError, SqliteStateMachine};
@@ -247,11 +248,15 @@ struct Inner {
     name: String,
     mesh: Mesh,
     sm: SqliteStateMachine,
+    /// A reader of the durable raft log (for pre-votes).
+    log: super::SqliteLogStore,
     cfg: ReplicaConfig,
     timings: Timings,
     handing_off: AtomicBool,
     /// Revision applied here, for components that follow the shared config.
     applied: watch::Sender<u64>,
+    /// When this gateway last granted a pre-vote (it then holds back its own candidacy).
+    granted_prevote: Mutex<Option<Instant>>,
     /// Collision warnings already logged (so each is logged once).
     collisions: Mutex<BTreeSet<NodeId>>,
 }
@@ -293,6 +298,9 @@ impl Replica {
             election_timeout_max: timings.election_max.as_millis() as u64,
             // A snapshot chunk or a long batch over a slow WAN link takes a while.
             install_snapshot_timeout: 10_000,
+            // Elections are decided by the gateway after a pre-vote (see `election`): a voter
+            // that stalled and resumed must not raise the term while the primary is healthy.
+            enable_elect: false,
             max_payload_entries: cfg.batch_size.max(1),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every.max(10)),
             max_in_snapshot_log_to_keep: cfg.keep_log,
@@ -306,6 +314,10 @@ impl Replica {
             .await
             .map_err(|e| ConsensusError::Fatal(e.to_string()))??;
         let raft = build_raft(id, &raft_config, &mesh, cfg.compression, &store, &sm).await?;
+        let s = store.clone();
+        let log = tokio::task::spawn_blocking(move || super::SqliteLogStore::open(s))
+            .await
+            .map_err(|e| ConsensusError::Fatal(e.to_string()))??;
         let applied = watch::channel(sm_revision(&sm).await?).0;
         let replica = Replica {
             inner: Arc::new(Inner {
@@ -318,10 +330,12 @@ impl Replica {
                 name,
                 mesh: mesh.clone(),
                 sm,
+                log,
                 cfg,
                 timings,
                 handing_off: AtomicBool::new(false),
                 applied,
+                granted_prevote: Mutex::new(None),
                 collisions: Mutex::new(BTreeSet::new()),
             }),
         };
@@ -350,6 +364,8 @@ impl Replica {
         }
         let driver = replica.clone();
         tokio::spawn(async move { driver.drive().await });
+        let watcher = replica.clone();
+        tokio::spawn(async move { watcher.watch_leader().await });
         Ok(replica)
     }
 
@@ -745,6 +761,192 @@ impl Replica {
         Ok(names)
     }
 
+    /// What this gateway knows for a pre-vote: its role, how long since it heard a leader or
+    /// a majority, and its last log id. `None` once the raft node has stopped.
+    async fn local_view(&self, with_log: bool) -> Option<LocalView> {
+        let raft = self.raft();
+        let m = raft.metrics().borrow().clone();
+        let (committed, since_contact) = raft
+            .with_raft_state(|st| {
+                (
+                    st.vote_ref().is_committed(),
+                    st.vote_last_modified().map(|t| t.elapsed()),
+                )
+            })
+            .await
+            .ok()?;
+        // The durable log: what a vote compares (openraft appends before acknowledging). Read
+        // only when needed: the election timer checks the silence often.
+        let last_log = if with_log {
+            let mut log = self.inner.log.clone();
+            openraft::storage::RaftLogStorage::get_log_state(&mut log)
+                .await
+                .ok()?
+                .last_log_id
+        } else {
+            None
+        };
+        let leading = m.state == ServerState::Leader;
+        Some(LocalView {
+            leading,
+            since_quorum_ack: m.millis_since_quorum_ack.map(Duration::from_millis),
+            following: committed && !leading,
+            since_contact,
+            last_log,
+        })
+    }
+
+    async fn serve_prevote(&self, req: &PreVoteRequest) -> PreVoteReply {
+        let Some(view) = self.local_view(true).await else {
+            return PreVoteReply {
+                granted: false,
+                reason: "consensus stopped".into(),
+            };
+        };
+        match election::grant(req, &view, self.inner.timings.election_max) {
+            Ok(()) => {
+                // Another voter is about to stand: give it a head start instead of standing
+                // at the same moment (a split vote costs a whole extra timeout).
+                if let Ok(mut at) = self.inner.granted_prevote.lock() {
+                    *at = Some(Instant::now());
+                }
+                PreVoteReply {
+                    granted: true,
+                    reason: String::new(),
+                }
+            }
+            Err(reason) => PreVoteReply {
+                granted: false,
+                reason,
+            },
+        }
+    }
+
+    /// Asks the `others` voters whether they would vote for this gateway now; returns how many
+    /// said yes and why the others did not.
+    async fn prevote(&self, others: &[GatewayNode], req: &PreVoteRequest) -> (usize, Vec<String>) {
+        let mut refusals = Vec::new();
+        let params = match network::encode(req, false) {
+            Ok(p) => p,
+            Err(e) => return (0, vec![e.to_string()]),
+        };
+        let mut calls = tokio::task::JoinSet::new();
+        for node in others {
+            let Some(conn) = self.inner.mesh.connection_by_key(&PublicKey(node.key)) else {
+                refusals.push(format!("{}: no link", node.name));
+                continue;
+            };
+            let (params, name) = (params.clone(), node.name.clone());
+            // One heartbeat, openraft's deadline for every raft RPC: above the slowest round
+            // trip, and short enough that a dead voter does not delay the election.
+            let wait = self.inner.timings.heartbeat;
+            calls.spawn(async move {
+                let r = rpc::call(&conn, election::METHOD_PREVOTE, params, 0, wait).await;
+                (name, r)
+            });
+        }
+        let mut granted = 0;
+        while let Some(joined) = calls.join_next().await {
+            let Ok((name, r)) = joined else { continue };
+            match r.map(|text| network::decode::<PreVoteReply>(&text)) {
+                Ok(Ok(reply)) if reply.granted => granted += 1,
+                Ok(Ok(reply)) => refusals.push(format!("{name}: {}", reply.reason)),
+                Ok(Err(e)) => refusals.push(format!("{name}: {e}")),
+                Err(e) => refusals.push(format!("{name}: {e}")),
+            }
+        }
+        (granted, refusals)
+    }
+
+    /// The election timer (openraft's own is off, see [`election`]): a voter that has heard no
+    /// leader for the lease plus its election timeout asks the other voters for a pre-vote, and
+    /// stands for election only with a majority.
+    async fn watch_leader(self) {
+        let t = self.inner.timings;
+        let lease = t.election_max;
+        // A quarter of the spread of the random timeouts: coarser, and two voters' different
+        // timeouts would fall into the same tick and split the vote.
+        let spread = t.election_max.saturating_sub(t.election_min) * 2;
+        let mut tick = tokio::time::interval((spread / 4).max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let started = Instant::now();
+        let mut threshold =
+            election::silence_threshold(lease, t.election_min, t.election_min + spread);
+        let mut next_round = Instant::now();
+        loop {
+            tick.tick().await;
+            let raft = self.raft();
+            let m = raft.metrics().borrow().clone();
+            if m.state == ServerState::Shutdown || m.running_state.is_err() {
+                if self.inner.promoting.try_lock().is_ok() {
+                    return;
+                }
+                continue;
+            }
+            let membership = m.membership_config.membership().clone();
+            let is_voter = membership.voter_ids().any(|v| v == self.inner.id);
+            if m.state == ServerState::Leader || !is_voter || Instant::now() < next_round {
+                continue;
+            }
+            let Some(view) = self.local_view(false).await else {
+                continue;
+            };
+            let silent = view.since_contact.unwrap_or_else(|| started.elapsed());
+            let granted_lately = self
+                .inner
+                .granted_prevote
+                .lock()
+                .ok()
+                .and_then(|at| *at)
+                .is_some_and(|at| at.elapsed() < t.election_min);
+            // A follower of a known leader waits out the lease too (the others refuse votes
+            // until it lapses); a candidate or a voter that never followed only its timeout.
+            let needed = if view.following {
+                threshold
+            } else {
+                threshold.saturating_sub(lease)
+            };
+            if silent < needed || granted_lately {
+                continue;
+            }
+            let Some(view) = self.local_view(true).await else {
+                continue;
+            };
+            threshold = election::silence_threshold(lease, t.election_min, t.election_min + spread);
+            next_round = Instant::now() + threshold.saturating_sub(lease);
+            let others: Vec<GatewayNode> = membership
+                .voter_ids()
+                .filter(|v| *v != self.inner.id)
+                .filter_map(|v| membership.get_node(&v).cloned())
+                .collect();
+            let req = PreVoteRequest {
+                term: m.current_term,
+                last_log: view.last_log,
+            };
+            let (granted, refusals) = self.prevote(&others, &req).await;
+            let voters = others.len() + 1;
+            if !election::majority(granted + 1, voters) {
+                debug!(
+                    term = m.current_term,
+                    silent_ms = silent.as_millis() as u64,
+                    "pre-vote lost ({} of {voters}): {}",
+                    granted + 1,
+                    refusals.join("; ")
+                );
+                continue;
+            }
+            info!(
+                term = m.current_term,
+                silent_ms = silent.as_millis() as u64,
+                "no primary heard; pre-vote won ({} of {voters}): standing for election",
+                granted + 1
+            );
+            if let Err(e) = raft.trigger().elect().await {
+                warn!("cannot stand for election: {e}");
+            }
+        }
+    }
+
     /// Stops the raft node (the state stays on disk).
     pub async fn shutdown(&self) {
         let _ = self.raft().shutdown().await;
@@ -1079,6 +1281,10 @@ impl PeerService for Replica {
                 }
                 METHOD_WRITE => this.serve_write(&req.params).await,
                 METHOD_HANDOFF => this.serve_handoff(from).await,
+                election::METHOD_PREVOTE => {
+                    let req = network::decode(&req.params).map_err(bad)?;
+                    reply(&this.serve_prevote(&req).await, false)
+                }
                 other => Err(WireError::new(
                     "INVALID_REQUEST",
                     format!("unknown consensus method {other}"),

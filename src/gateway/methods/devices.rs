@@ -1,5 +1,13 @@
 //! `device.pair.*`: approving, rejecting and revoking devices, shared with every gateway.
+//!
+//! Paired devices are replicated (every gateway has every decision). A pending request waits
+//! where the device asked, so the listing asks every reachable gateway for its own, each row
+//! saying where it waits (`gateway`), and an approval or rejection of a request waiting
+//! elsewhere is carried out there (its region goes into the pairing record there).
 
+use std::time::Duration;
+
+use clawmesh_federation::pairing::PairingError;
 use clawmesh_federation::rpc::{Caller, CallerKind};
 use clawmesh_federation::wire::WireError;
 use serde_json::{json, Value};
@@ -7,21 +15,147 @@ use serde_json::{json, Value};
 use super::{bad, pairing_err, str_param, Methods};
 use crate::gateway::scopes;
 
+/// The details code of "no such pending request here".
+const NOT_FOUND: &str = "NO_PENDING_REQUEST_HERE";
+
+fn not_found(e: &WireError) -> bool {
+    e.details.as_deref().is_some_and(|d| d.contains(NOT_FOUND))
+}
+
+/// Deadline for asking another gateway about its pending requests: a WAN round trip with room
+/// to spare; a gateway that does not answer is listed as unreachable, not waited for.
+const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl Methods {
     /// `device.pair.list|approve|reject|remove`: the pairing registry, for operators.
-    pub(super) fn devices_method(
+    pub(super) async fn devices_method(
         &self,
         caller: &Caller,
         method: &str,
         params: Value,
     ) -> Result<Value, WireError> {
+        // A request from another gateway is about this gateway's own requests only.
+        let forwarded = matches!(caller.kind, CallerKind::Gateway { .. });
         match method {
-            "device.pair.list" => {
-                serde_json::to_value(self.inner.pairing.list().map_err(pairing_err)?)
-                    .map_err(|e| WireError::new("UNAVAILABLE", e.to_string()))
+            "device.pair.list" => self.pair_list(caller, forwarded).await,
+            "device.pair.approve" | "device.pair.reject" if !forwarded => {
+                match self.devices_local(caller, method, &params) {
+                    // Not waiting here: where it waits, it is decided.
+                    Err(e) if not_found(&e) => self.pair_elsewhere(caller, method, params).await,
+                    r => r,
+                }
             }
+            _ => self.devices_local(caller, method, &params),
+        }
+    }
+
+    /// Every pending request of the federation (this gateway's and every reachable one's,
+    /// each with `gateway`: where it waits) and the paired devices.
+    async fn pair_list(&self, caller: &Caller, forwarded: bool) -> Result<Value, WireError> {
+        let me = self.gateway_name();
+        let mut listing = serde_json::to_value(self.inner.pairing.list().map_err(pairing_err)?)
+            .map_err(|e| WireError::new("UNAVAILABLE", e.to_string()))?;
+        if let Some(pending) = listing["pending"].as_array_mut() {
+            for p in pending.iter_mut() {
+                p["gateway"] = json!(me);
+            }
+        }
+        if forwarded {
+            return Ok(listing);
+        }
+        let others: Vec<String> = self
+            .mesh()?
+            .members()
+            .into_iter()
+            .map(|m| m.name)
+            .filter(|n| *n != me)
+            .collect();
+        let answers =
+            futures_util::future::join_all(others.iter().map(|g| {
+                self.call_gateway(caller, g, "device.pair.list", json!({}), PEER_TIMEOUT)
+            }))
+            .await;
+        let mut unreachable = Vec::new();
+        for (g, answer) in others.iter().zip(answers) {
+            match answer {
+                Ok(v) => {
+                    let theirs = v["pending"].as_array().cloned().unwrap_or_default();
+                    if let Some(pending) = listing["pending"].as_array_mut() {
+                        for p in theirs {
+                            if !pending.iter().any(|q| q["requestId"] == p["requestId"]) {
+                                pending.push(p);
+                            }
+                        }
+                    }
+                }
+                Err(_) => unreachable.push(g.clone()),
+            }
+        }
+        listing["unreachable"] = json!(unreachable);
+        Ok(listing)
+    }
+
+    /// Approves or rejects a request waiting at another gateway: the first gateway that has
+    /// it decides.
+    async fn pair_elsewhere(
+        &self,
+        caller: &Caller,
+        method: &str,
+        params: Value,
+    ) -> Result<Value, WireError> {
+        let me = self.gateway_name();
+        let sel = str_param(&params, "requestId", method)?.to_string();
+        let others: Vec<String> = self
+            .mesh()?
+            .members()
+            .into_iter()
+            .map(|m| m.name)
+            .filter(|n| *n != me)
+            .collect();
+        let mut unreachable = Vec::new();
+        for g in &others {
+            match self
+                .call_gateway(caller, g, method, params.clone(), PEER_TIMEOUT)
+                .await
+            {
+                Ok(mut v) => {
+                    v["gateway"] = json!(g);
+                    return Ok(v);
+                }
+                Err(super::Failure::Remote(e)) if not_found(&e) => {}
+                Err(super::Failure::Remote(e)) => return Err(e),
+                Err(super::Failure::Transport(e)) => {
+                    unreachable.push(format!("{g} ({})", e.message))
+                }
+            }
+        }
+        let mut e = bad(format!("no pending request matches {sel:?} on any gateway"));
+        if !unreachable.is_empty() {
+            e.message
+                .push_str(&format!("; not asked: {}", unreachable.join(", ")));
+        }
+        Err(e)
+    }
+
+    /// The registry of this gateway (a request to approve or reject that does not wait here
+    /// fails with [`NOT_FOUND`] in its details).
+    fn devices_local(
+        &self,
+        caller: &Caller,
+        method: &str,
+        params: &Value,
+    ) -> Result<Value, WireError> {
+        let not_here = |e: PairingError| {
+            let found = !matches!(e, PairingError::NotFound(_));
+            let mut w = pairing_err(e);
+            if !found {
+                w.details = Some(json!({ "code": NOT_FOUND }).to_string());
+            }
+            w
+        };
+        match method {
             "device.pair.approve" => {
-                let sel = str_param(&params, "requestId", method)?;
+                let sel = str_param(params, "requestId", method)?;
                 if let CallerKind::Operator {
                     scopes: granted, ..
                 } = &caller.kind
@@ -39,7 +173,7 @@ impl Methods {
                 }
                 // Names select nodes (`--node web-1`): a second device with a paired name
                 // would make the name ambiguous, so it is refused here, not discovered later.
-                let pending = self.inner.pairing.find_pending(sel).map_err(pairing_err)?;
+                let pending = self.inner.pairing.find_pending(sel).map_err(not_here)?;
                 let clash = self
                     .inner
                     .pairing
@@ -58,18 +192,18 @@ impl Methods {
                         &d.device_id[..d.device_id.len().min(16)],
                     )));
                 }
-                let device = self.inner.pairing.approve(sel).map_err(pairing_err)?;
+                let device = self.inner.pairing.approve(sel).map_err(not_here)?;
                 tracing::info!(device = %device.device_id, name = %device.name, "device approved");
                 self.publish_pairing(&device.public_key);
                 Ok(json!({"requestId": sel, "device": device}))
             }
             "device.pair.reject" => {
-                let sel = str_param(&params, "requestId", method)?;
-                let p = self.inner.pairing.reject(sel).map_err(pairing_err)?;
+                let sel = str_param(params, "requestId", method)?;
+                let p = self.inner.pairing.reject(sel).map_err(not_here)?;
                 Ok(json!({"requestId": p.request_id, "deviceId": p.device_id}))
             }
             "device.pair.remove" => {
-                let sel = str_param(&params, "deviceId", method)?;
+                let sel = str_param(params, "deviceId", method)?;
                 let d = self.inner.pairing.revoke(sel).map_err(pairing_err)?;
                 self.publish_pairing(&d.public_key);
                 let disconnected = clawmesh_federation::identity::DeviceId::parse(&d.device_id)

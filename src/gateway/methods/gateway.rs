@@ -208,7 +208,9 @@ impl Methods {
                 ))
             }),
             Err(clawmesh_federation::rpc::CallError::Remote(e)) => Err(Failure::Remote(e)),
-            Err(e) => Err(Failure::Transport(e.to_wire())),
+            Err(e) => Err(Failure::Transport(
+                e.naming(&format!("gateway {name}")).to_wire(),
+            )),
         }
     }
 

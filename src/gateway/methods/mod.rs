@@ -327,6 +327,14 @@ impl Methods {
         })
     }
 
+    /// This gateway's region (`--region`), if it has one.
+    pub fn region(&self) -> Option<String> {
+        self.inner
+            .mesh
+            .get()
+            .and_then(|m| m.config().region.clone())
+    }
+
     fn gateway_name(&self) -> String {
         self.inner
             .mesh
@@ -389,7 +397,7 @@ impl Methods {
             "device.pair.list"
             | "device.pair.approve"
             | "device.pair.reject"
-            | "device.pair.remove" => self.devices_method(caller, method, params),
+            | "device.pair.remove" => self.devices_method(caller, method, params).await,
             other => Err(bad(format!("unknown method: {other}"))),
         }
     }

@@ -1,7 +1,10 @@
 //! `node.*` and a node's exec approvals: listing, resolving and invoking nodes anywhere.
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
 
+use clawmesh_federation::directory::{self, Claim};
+use clawmesh_federation::identity::DeviceId;
 use clawmesh_federation::rpc::{Caller, CallerKind};
 use clawmesh_federation::wire::WireError;
 use futures_util::StreamExt as _;
@@ -67,34 +70,32 @@ impl Methods {
         }
     }
 
-    /// Nodes this gateway can name: its own (connected here, or paired and attached nowhere
-    /// it knows of) and, for the federation view, every other gateway's announced nodes.
-    pub(super) fn node_entries(&self, federation: bool) -> Result<Vec<Value>, WireError> {
+    /// Every claim on a node this gateway knows (its own sessions, and every other gateway's
+    /// announcement), as listing rows; `only` keeps one node's. Labels are the node's own, with
+    /// `region` from `paired_region` (the region of the gateway where it was paired, from its
+    /// pairing record) when it has none: failing over does not change it.
+    fn node_claims(
+        &self,
+        only: Option<&DeviceId>,
+        paired_region: &HashMap<String, String>,
+    ) -> Vec<Claim<Value>> {
         let gateway = self.gateway_name();
-        let connected = self.inner.nodes.list();
-        let paired = self.inner.pairing.paired_all().map_err(pairing_err)?;
-        let paired_ids: std::collections::HashSet<&str> =
-            paired.iter().map(|p| p.device_id.as_str()).collect();
-        let mut out = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        let region = self
-            .inner
-            .mesh
-            .get()
-            .and_then(|m| m.config().region.clone());
-        for (info, transport) in &connected {
-            let id = info.node_id.to_string();
-            seen.insert(id.clone());
-            let mut labels: serde_json::Map<String, Value> = info
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), json!(v)))
-                .collect();
-            // A node's region defaults to its gateway's.
-            if let Some(r) = &region {
+        let labels_of = |id: &str, own: &[(String, String)]| -> serde_json::Map<String, Value> {
+            let mut labels: serde_json::Map<String, Value> =
+                own.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            if let Some(r) = paired_region.get(id) {
                 labels.entry("region").or_insert_with(|| json!(r));
             }
-            out.push(json!({
+            labels
+        };
+        let mut claims = Vec::new();
+        for (info, transport) in self.inner.nodes.list() {
+            if only.is_some_and(|o| *o != info.node_id) {
+                continue;
+            }
+            let id = info.node_id.to_string();
+            let labels = labels_of(&id, &info.labels);
+            let row = json!({
                 "nodeId": id,
                 "displayName": info.name,
                 "platform": info.platform,
@@ -106,7 +107,7 @@ impl Methods {
                 "deviceFamily": info.device_family,
                 "pathEnv": info.path_env,
                 "remoteIp": registry::ip_of(&info.remote),
-                "paired": paired_ids.contains(id.as_str()),
+                "paired": true,
                 "connected": true,
                 "connectedAtMs": info.connected_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
                 "transport": transport,
@@ -114,55 +115,98 @@ impl Methods {
                 "gatewayStatus": "healthy",
                 "gatewayLatencyMs": 0.0,
                 "local": true,
+                "attach": info.attach.to_string(),
                 "labels": labels,
                 "approvalState": "approved",
-            }));
+            });
+            claims.push(Claim {
+                node: info.node_id,
+                gateway: gateway.clone(),
+                live: true,
+                local: true,
+                order: info.attach,
+                item: row,
+            });
         }
-        if federation {
-            if let Some(mesh) = self.inner.mesh.get() {
-                let latency: std::collections::HashMap<String, Option<f64>> = mesh
-                    .status()
-                    .gateways
-                    .iter()
-                    .map(|g| (g.name.clone(), g.latency.map(|d| d.as_secs_f64() * 1000.0)))
-                    .collect();
-                for r in mesh.remote_nodes() {
-                    for n in &r.nodes {
-                        let id = n.id.to_string();
-                        if !seen.insert(id.clone()) {
-                            continue;
-                        }
-                        let labels: serde_json::Map<String, Value> = n
-                            .labels
-                            .iter()
-                            .map(|(k, v)| (k.clone(), json!(v)))
-                            .collect();
-                        out.push(json!({
-                            "nodeId": id,
-                            "displayName": n.name,
-                            "platform": n.platform,
-                            "version": n.version,
-                            "caps": [],
-                            "commands": n.commands,
-                            "remoteIp": n.ip,
-                            "paired": true,
-                            "connected": r.status != clawmesh_federation::health::Status::Offline,
-                            "transport": n.transport,
-                            "gateway": r.gateway,
-                            "gatewayStatus": r.status.as_str(),
-                            "gatewayLastSeen": r.last_seen.map(|t| humantime::format_rfc3339_millis(t).to_string()),
-                            "gatewayLatencyMs": latency.get(&r.gateway).cloned().flatten(),
-                            "local": false,
-                            "labels": labels,
-                            "approvalState": "approved",
-                        }));
-                    }
-                }
+        let Some(mesh) = self.inner.mesh.get() else {
+            return claims;
+        };
+        let latency: HashMap<String, Option<f64>> = mesh
+            .status()
+            .gateways
+            .iter()
+            .map(|g| (g.name.clone(), g.latency.map(|d| d.as_secs_f64() * 1000.0)))
+            .collect();
+        for r in mesh.remote_nodes() {
+            let live = r.status != clawmesh_federation::health::Status::Offline;
+            for n in r.nodes.iter().filter(|n| only.is_none_or(|o| *o == n.id)) {
+                let id = n.id.to_string();
+                let row = json!({
+                    "nodeId": id,
+                    "displayName": n.name,
+                    "platform": n.platform,
+                    "version": n.version,
+                    "caps": [],
+                    "commands": n.commands,
+                    "remoteIp": n.ip,
+                    "paired": true,
+                    "connected": live,
+                    "transport": n.transport,
+                    "gateway": r.gateway,
+                    "gatewayStatus": r.status.as_str(),
+                    "gatewayLastSeen": r.last_seen.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                    "gatewayLatencyMs": latency.get(&r.gateway).cloned().flatten(),
+                    "local": false,
+                    "attach": n.attach.to_string(),
+                    "labels": labels_of(&id, &n.labels),
+                    "approvalState": "approved",
+                });
+                claims.push(Claim {
+                    node: n.id,
+                    gateway: r.gateway.clone(),
+                    live,
+                    local: false,
+                    order: n.attach,
+                    item: row,
+                });
             }
+        }
+        claims
+    }
+
+    /// Nodes this gateway can name, each once, where it is: the one resolution of "where is
+    /// node N" ([`directory::resolve`]: a live gateway's claim over an offline one's, then the
+    /// newest attachment). With `federation`, every node of the federation; without, the nodes
+    /// paired with the federation and those attached here, a node attached elsewhere shown
+    /// there.
+    pub(super) fn node_entries(&self, federation: bool) -> Result<Vec<Value>, WireError> {
+        let gateway = self.gateway_name();
+        let paired = self.inner.pairing.paired_all().map_err(pairing_err)?;
+        let paired_region: HashMap<String, String> = paired
+            .iter()
+            .filter_map(|p| Some((p.device_id.clone(), p.region.clone()?)))
+            .collect();
+        let paired_ids: HashSet<&str> = paired.iter().map(|p| p.device_id.as_str()).collect();
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for c in directory::resolve(self.node_claims(None, &paired_region)) {
+            let mut row = c.item;
+            let id = c.node.to_string();
+            // Without `federation`: nodes attached here, and paired nodes wherever they are.
+            if !federation && !c.local && !paired_ids.contains(id.as_str()) {
+                continue;
+            }
+            row["paired"] = json!(paired_ids.contains(id.as_str()) || !c.local);
+            seen.insert(id);
+            out.push(row);
         }
         for p in paired.iter().filter(|p| p.role == "node") {
             if seen.contains(&p.device_id) {
                 continue;
+            }
+            let mut labels = serde_json::Map::new();
+            if let Some(r) = &p.region {
+                labels.insert("region".into(), json!(r));
             }
             out.push(json!({
                 "nodeId": p.device_id,
@@ -178,6 +222,7 @@ impl Methods {
                 "transport": null,
                 "gateway": if federation { Value::Null } else { json!(gateway) },
                 "local": false,
+                "labels": labels,
                 "approvedAt": p.approved_at,
                 "approvalState": "approved",
             }));
@@ -255,7 +300,9 @@ impl Methods {
     ) -> Result<Value, WireError> {
         let sel = str_param(&params, "nodeId", "node.invoke")?.to_string();
         let command = str_param(&params, "command", "node.invoke")?.to_string();
-        if command.starts_with("system.execApprovals.") {
+        // The entry gateway sends a node's exec approvals requests here as `node.invoke` for the
+        // holder (after checking the caller's scope for `exec.approvals.node.*`).
+        if command.starts_with("system.execApprovals.") && !forwarded {
             return Err(bad(format!(
                 "node.invoke does not run {command}; use exec.approvals.node.get/set (clawmesh approvals get|set --node)"
             )));
@@ -393,10 +440,11 @@ impl Methods {
             .as_str()
             .unwrap_or(&node_id)
             .to_string();
-        let link = clawmesh_federation::identity::DeviceId::parse(&node_id)
-            .and_then(|id| self.inner.nodes.get(&id));
+        let link = DeviceId::parse(&node_id).and_then(|id| self.inner.nodes.get(&id));
         let holder = entry["gateway"].as_str().unwrap_or_default().to_string();
-        if link.is_none() && !forwarded && !holder.is_empty() && holder != self.gateway_name() {
+        // The resolution decided where the node is: a session still open here but older than
+        // its attachment elsewhere is stale (this gateway has not noticed yet).
+        if !forwarded && !holder.is_empty() && holder != self.gateway_name() {
             return self
                 .forward_invoke(
                     entry,
@@ -457,29 +505,21 @@ impl Methods {
         }
     }
 
-    /// The entry for an exact node id without listing anything: attached here, or announced
-    /// by another gateway (not for forwarded requests, which only serve local nodes).
+    /// The entry for an exact node id without listing every node: the winner of its claims
+    /// (the same resolution as [`Self::node_entries`]); for forwarded requests, which only
+    /// serve local nodes, only a session here.
     pub(super) fn exact_entry(&self, sel: &str, local_only: bool) -> Option<Value> {
-        let id = clawmesh_federation::identity::DeviceId::parse(sel)?;
-        if let Some((info, _)) = self.inner.nodes.get(&id) {
+        let id = DeviceId::parse(sel)?;
+        if local_only {
+            let (info, _) = self.inner.nodes.get(&id)?;
             return Some(
                 json!({"nodeId": sel, "displayName": info.name, "gateway": self.gateway_name()}),
             );
         }
-        if local_only {
-            return None;
-        }
-        let mesh = self.inner.mesh.get()?;
-        mesh.remote_nodes().into_iter().find_map(|r| {
-            r.nodes.iter().find(|n| n.id == id).map(|n| {
-                json!({
-                    "nodeId": sel,
-                    "displayName": n.name,
-                    "gateway": r.gateway,
-                    "gatewayLastSeen": r.last_seen.map(|t| humantime::format_rfc3339_millis(t).to_string()),
-                })
-            })
-        })
+        directory::resolve(self.node_claims(Some(&id), &HashMap::new()))
+            .into_iter()
+            .next()
+            .map(|c| c.item)
     }
 
     /// Sends one fan-out request for all of `nodes` to the gateway holding them; one result
@@ -536,7 +576,7 @@ impl Methods {
                     ),
                 ),
             },
-            Err(e) => fail(&nodes, &e.to_wire()),
+            Err(e) => fail(&nodes, &e.naming(&format!("gateway {gateway}")).to_wire()),
         }
     }
 
@@ -589,7 +629,10 @@ impl Methods {
             Err(e) => {
                 let mut w = WireError::new(
                     "UNAVAILABLE",
-                    format!("gateway {holder} (holding node {name}) did not answer: {e}"),
+                    format!(
+                        "{} (node {name} is attached there)",
+                        e.naming(&format!("gateway {holder}"))
+                    ),
                 );
                 w.retryable = true;
                 Err(w)
