@@ -1,42 +1,25 @@
 //! clawmesh-discovery: where peers may be found.
 //!
-//! Every source of peers (a static URL today; mDNS on a LAN and the Tailscale tailnet next)
-//! yields [`Candidate`]s: an address to dial and where it came from. The federation decides
-//! whom to trust; discovery only says where to knock.
+//! Every source of peers (a static URL, an mDNS advertisement on the LAN, a peer in the
+//! Tailscale tailnet) yields [`Candidate`]s: an address to dial, where it came from, and what
+//! the source claims about it. The federation decides whom to trust; discovery only says where
+//! to knock. A claim (a device key in a TXT record, a tailnet tag) is never proof: the caller
+//! compares the key the handshake proves with [`Candidate::device_key`] and drops a candidate
+//! whose claim the handshake does not prove.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod candidate;
+pub mod fedid;
+mod http1;
+pub mod localapi;
+pub mod mdns;
 pub mod peer_url;
+pub mod stream;
+pub mod tailnet;
+pub mod tsaddr;
 
+pub use candidate::{static_candidates, Candidate, KeyMismatch, Source};
+pub use fedid::FederationId;
 pub use peer_url::{PeerUrl, PeerUrlError};
-
-/// Where a candidate came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// Given by the operator (`--join`, `gateway.primaryUrl`, `--gateway`).
-    Static,
-}
-
-/// A peer worth dialing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    /// Host and port to dial.
-    pub url: PeerUrl,
-    /// Where we learned it.
-    pub source: Source,
-}
-
-/// Candidates from operator-given URLs, in the order given.
-pub fn static_candidates<'a>(
-    urls: impl IntoIterator<Item = &'a str>,
-    default_port: u16,
-) -> Result<Vec<Candidate>, PeerUrlError> {
-    urls.into_iter()
-        .map(|u| {
-            Ok(Candidate {
-                url: PeerUrl::parse(u, default_port)?,
-                source: Source::Static,
-            })
-        })
-        .collect()
-}
+pub use stream::{Discovery, DiscoveryConfig, Event};

@@ -85,6 +85,16 @@ pub enum MeshError {
         /// Presented key's device id.
         got: String,
     },
+    /// A discovered gateway proved a key other than the one its advertisement claimed.
+    #[error("peer at {addr} advertised device {advertised} but proved device {proven}; candidate dropped")]
+    AdvertisedKeyMismatch {
+        /// Where we dialed.
+        addr: SocketAddr,
+        /// The advertised key's device id.
+        advertised: String,
+        /// The proven key's device id.
+        proven: String,
+    },
     /// The acceptor did not prove it knows the join token.
     #[error(
         "{addr} did not prove it knows the join token; it may be an impostor, refusing to join"
@@ -217,6 +227,10 @@ pub struct GatewayStatus {
     pub missed: u32,
     /// Last dial error, if the link is down.
     pub last_error: Option<String>,
+    /// How this gateway found the peer (`static`, `mdns`, `tailnet`), as the embedding
+    /// gateway recorded it with [`Mesh::note_found`]; `None` for one learned from the member
+    /// list or that joined us, and for self.
+    pub found: Option<String>,
 }
 
 /// The federation as seen from this gateway.
@@ -281,6 +295,8 @@ struct State {
     /// The raft leader as last reported by the consensus module (`None`: unknown, or no
     /// consensus attached — then the configured primary is shown as primary).
     leader: Option<Option<PublicKey>>,
+    /// How each peer was found (see [`GatewayStatus::found`]).
+    found: HashMap<PublicKey, String>,
     /// Why this gateway is not a member yet, while its join is unanswered or failing
     /// (`None` once joined, and for the primary and members).
     not_joined: Option<String>,
@@ -406,6 +422,7 @@ impl Mesh {
                 next_link_id: 1,
                 shutting_down: false,
                 leader: None,
+                found: HashMap::new(),
                 not_joined: None,
             }),
             shutdown: watch::channel(false).0,
@@ -427,6 +444,10 @@ impl Mesh {
             mesh.state().not_joined = Some(format!("joining through {addr}"));
             let join = mesh.clone();
             tokio::spawn(async move { join.join_loop(addr).await });
+        } else if !is_member && !mesh.inner.cfg.primary {
+            // A remote without --join joins through discovered gateways (`join_via`).
+            mesh.state().not_joined =
+                Some("looking for a gateway of this federation (mDNS/tailnet)".into());
         }
         Ok(mesh)
     }
@@ -664,6 +685,7 @@ impl Mesh {
                         p.last_error.clone()
                     }
                 }),
+                found: st.found.get(&m.key).cloned(),
             });
         }
         let me = st
@@ -692,6 +714,7 @@ impl Mesh {
             is_self: true,
             missed: 0,
             last_error: None,
+            found: None,
         };
         gateways.insert(0, self_row);
         MeshStatus {
@@ -842,10 +865,11 @@ impl Mesh {
             if *shutdown.borrow() {
                 return;
             }
-            match self.dial_gateway(addr, None).await {
-                Ok(()) => {
+            match self.dial_gateway_claimed(addr, None, None).await {
+                Ok(key) => {
                     self.state().not_joined = None;
                     info!(%addr, "joined the federation");
+                    self.note_found(key, "static");
                     return;
                 }
                 Err(MeshError::Handshake(HandshakeError::Refused { refusal, .. }))
@@ -887,17 +911,81 @@ impl Mesh {
         }
     }
 
+    /// Whether this gateway is in the federation's member list (the primary, or joined).
+    pub fn is_member(&self) -> bool {
+        let key = self.inner.key;
+        self.state().membership.members.iter().any(|m| m.key == key)
+    }
+
+    /// One join attempt through a discovered gateway at `addr` (mDNS, tailnet). `claimed` is
+    /// the key its advertisement claims: discovery only says where to knock, so a gateway that
+    /// proves another key is refused ([`MeshError::AdvertisedKeyMismatch`]) before any hello.
+    /// The join token proofs apply as for `--join`. Unlike the `--join` loop this does not
+    /// retry and never makes a refusal fatal: the caller tries its next candidate.
+    pub async fn join_via(
+        &self,
+        addr: SocketAddr,
+        claimed: Option<PublicKey>,
+    ) -> Result<PublicKey, MeshError> {
+        let r = self.dial_gateway_claimed(addr, None, claimed).await;
+        let mut st = self.state();
+        let member = st
+            .membership
+            .members
+            .iter()
+            .any(|m| m.key == self.inner.key);
+        st.not_joined = match &r {
+            _ if member => None,
+            Ok(_) => None,
+            Err(e) => Some(format!("join through discovered {addr} failed: {e}")),
+        };
+        r
+    }
+
+    /// Records how the peer with `key` was found (`static`, `mdns`, `tailnet`), shown by
+    /// `gateway status --all`; the first record wins.
+    pub fn note_found(&self, key: PublicKey, source: &str) {
+        if key != self.inner.key {
+            self.state()
+                .found
+                .entry(key)
+                .or_insert_with(|| source.to_string());
+        }
+    }
+
     /// Dials a gateway. `expected` is the member we think is there; `None` when joining.
     async fn dial_gateway(
         &self,
         addr: SocketAddr,
         expected: Option<(PublicKey, String)>,
     ) -> Result<(), MeshError> {
+        self.dial_gateway_claimed(addr, expected, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Mesh::dial_gateway`], also refusing a peer that proves a key other than `claimed`.
+    async fn dial_gateway_claimed(
+        &self,
+        addr: SocketAddr,
+        expected: Option<(PublicKey, String)>,
+        claimed: Option<PublicKey>,
+    ) -> Result<PublicKey, MeshError> {
         let conn = endpoint::dial(&self.inner.endpoint, addr, DIAL_TIMEOUT).await?;
         let Some(key) = endpoint::peer_key(&conn) else {
             conn.close(VarInt::from_u32(CLOSE_REFUSED), b"no device key");
             return Err(MeshError::Config(format!("{addr} presented no device key")));
         };
+        if let Some(claimed) = claimed {
+            if claimed != key {
+                conn.close(VarInt::from_u32(CLOSE_REFUSED), b"not the advertised key");
+                return Err(MeshError::AdvertisedKeyMismatch {
+                    addr,
+                    advertised: claimed.device_id().short(),
+                    proven: key.device_id().short(),
+                });
+            }
+        }
         if key == self.inner.key {
             conn.close(VarInt::from_u32(CLOSE_REFUSED), b"self");
             return Err(MeshError::Config(format!(
@@ -965,7 +1053,7 @@ impl Mesh {
         );
         // Dial loops start after the link is installed, so none races this link.
         self.spawn_dial_loops();
-        Ok(())
+        Ok(key)
     }
 
     async fn accept_loop(&self) {

@@ -95,6 +95,9 @@ pub enum Command {
     /// Print the man page (roff) to stdout.
     #[command(after_help = "Example:\n  clawmesh man > /usr/local/share/man/man1/clawmesh.1")]
     Man,
+    /// What mDNS and the tailnet see right now (source, name, federation match, address),
+    /// without joining anything: the first thing to run on a new machine.
+    Discover(crate::cli::discover::DiscoverArgs),
 }
 
 /// `clawmesh node ...`
@@ -123,6 +126,9 @@ pub struct NodeRunArgs {
     /// Override the exec approvals level: deny, allowlist or full (full: a lab, not production).
     #[arg(long)]
     pub security: Option<String>,
+    /// With no --gateway, do not look for gateways with mDNS (also OPENCLAW_DISABLE_BONJOUR=1).
+    #[arg(long)]
+    pub no_mdns: bool,
 }
 
 /// `clawmesh nodes ...`
@@ -380,6 +386,14 @@ pub struct RunArgs {
     /// PEM private key for wss:// (config: gateway.tls.key).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Neither advertise nor browse mDNS (config: gateway.discovery.mdns: false; also
+    /// OPENCLAW_DISABLE_BONJOUR=1). mDNS is on by default with --bind lan or a LAN IP.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Find peers in tailscaled's status (config: gateway.discovery.tailnet; the default with
+    /// --bind tailnet), selected by gateway.discovery.tailnetTags / tailnetHosts.
+    #[arg(long)]
+    pub tailnet: bool,
 }
 
 /// Where a CLI command sends its request.

@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod devices;
+pub mod discover;
 pub mod exit;
 pub mod node;
 pub mod nodes;
@@ -82,6 +83,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
                     }
                     _ => None,
                 },
+                no_mdns: a.no_mdns,
+                tailnet: a.tailnet,
             };
             let settings = GatewaySettings::resolve(state_dir, flags, &file)?;
             gateway::run(settings).await?;
@@ -250,6 +253,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
             logging::init(cli.log.as_deref(), "warn");
             crate::cli::demo::run(a.health_interval).await?;
             Ok(0)
+        }
+        Command::Discover(a) => {
+            logging::init(cli.log.as_deref(), "warn");
+            crate::cli::discover::run(a, &state_dir).await
         }
     }
 }

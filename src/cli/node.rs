@@ -71,6 +71,7 @@ pub fn node_settings(
         token: a.token.or(file.str("gateway.remote.token")?),
         labels,
         security,
+        mdns: !a.no_mdns && !crate::gateway::discovery::bonjour_disabled(),
     })
 }
 

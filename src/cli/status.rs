@@ -51,12 +51,13 @@ fn latency_text(v: &Value) -> String {
 /// latency, last seen.
 pub fn render_table(doc: &Value) -> String {
     let now = SystemTime::now();
-    let mut rows: Vec<[String; 7]> = vec![[
+    let mut rows: Vec<[String; 8]> = vec![[
         "GATEWAY".into(),
         "ROLE".into(),
         "STATUS".into(),
         "LATENCY".into(),
         "LAST SEEN".into(),
+        "FOUND".into(),
         "ADDRESS".into(),
         "VERSION".into(),
     ]];
@@ -92,11 +93,12 @@ pub fn render_table(doc: &Value) -> String {
                 latency_text(&g["latencyMs"])
             },
             last_seen,
+            g["found"].as_str().unwrap_or("-").to_string(),
             g["addr"].as_str().unwrap_or("").to_string(),
             g["version"].as_str().unwrap_or("-").to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -181,9 +183,10 @@ mod tests {
         let doc = json!({"self":"tokyo","primary":"tokyo","gateways":[
             {"name":"tokyo","region":"ap-northeast-1","role":"primary","status":"healthy","latencyMs":0.0,"lastSeen":"2026-01-01T00:00:00Z","addr":"127.0.0.1:1","isSelf":true},
             {"name":"frankfurt","region":null,"role":"remote","status":"offline","latencyMs":null,"lastSeen":"2020-01-01T00:00:00Z","addr":"127.0.0.1:2","isSelf":false},
-            {"name":"beijing","region":"cn-north-1","role":"remote","status":"healthy","latencyMs":45.3,"lastSeen":null,"addr":"127.0.0.1:3","isSelf":false}
+            {"name":"beijing","region":"cn-north-1","role":"remote","status":"healthy","latencyMs":45.3,"lastSeen":null,"addr":"127.0.0.1:3","isSelf":false,"found":"mdns"}
         ]});
         let t = render_table(&doc);
+        assert!(t.contains("FOUND") && t.contains("mdns"), "{t}");
         assert!(t.contains("tokyo (ap-northeast-1) *"), "{t}");
         assert!(t.contains("✗ offline"), "{t}");
         assert!(t.contains("45ms"), "{t}");

@@ -19,6 +19,7 @@ use crate::gateway::methods::Methods;
 use crate::gateway::registry::NodeRegistry;
 
 use super::admission::GatewayAdmission;
+use super::discovery::{AdvertiseArgs, GatewayDiscovery, FIND_WINDOW};
 use super::followers::{spawn_config_follower, spawn_federation_tasks, spawn_pairing_follower};
 use super::listen::{bind_both, bind_ip, default_advertise};
 use super::settings::GatewaySettings;
@@ -55,6 +56,38 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     let (udp, tcp) = bind_both(ip, s.port)?;
     let ep = endpoint::from_socket(&identity, udp, &TransportOptions::default())?;
     let bound = ep.local_addr().context("reading the bound address")?;
+    let mut disc = GatewayDiscovery::start(
+        &s.discovery,
+        s.token.as_deref(),
+        &identity.public_key(),
+        if s.port != 0 {
+            s.port
+        } else {
+            crate::DEFAULT_PORT
+        },
+    )?;
+    let primary = if s.find_federation {
+        let me = identity.public_key();
+        match store.membership()?.members.iter().find(|m| m.key == me) {
+            // Already a member: the mesh knows its federation; nothing to look for.
+            Some(m) => m.primary,
+            None => {
+                info!("looking for a gateway of this federation (mDNS/tailnet, up to {FIND_WINDOW:?})");
+                if disc.find(FIND_WINDOW).await {
+                    false
+                } else {
+                    if s.primary {
+                        info!("no gateway of this federation found: starting it, as its primary");
+                    } else {
+                        info!("no gateway of this federation found yet: still looking");
+                    }
+                    s.primary
+                }
+            }
+        }
+    } else {
+        s.primary
+    };
     let tls = match &s.tls {
         Some(src) => Some(crate::bridge::tls::load(src, &s.state_dir)?),
         None => None,
@@ -83,7 +116,7 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     let cfg = MeshConfig {
         name: s.name.clone(),
         region: s.region.clone(),
-        primary: s.primary,
+        primary,
         join,
         token: s.token.clone(),
         advertise: advertise.clone(),
@@ -105,7 +138,7 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         mesh.clone(),
         store,
         ReplicaConfig {
-            preferred: s.primary,
+            preferred: primary,
             health_interval: s.health.interval,
             ..s.consensus.clone()
         },
@@ -167,9 +200,16 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         version: crate::VERSION.to_string(),
     }
     .write(&s.state_dir)?;
+    disc.advertise(AdvertiseArgs {
+        name: &s.name,
+        region: s.region.as_deref(),
+        key: &identity.public_key(),
+        bound,
+    });
+    disc.spawn_follower(mesh.clone(), !primary && s.join.is_none());
     info!(
         name = %s.name,
-        role = if s.primary { "primary" } else { "remote" },
+        role = if primary { "primary" } else { "remote" },
         quic = %bound,
         advertise = %advertise,
         device = %identity.device_id(),
@@ -202,6 +242,7 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     {
         warn!("consensus did not stop within 2 s");
     }
+    disc.shutdown();
     mesh.shutdown(&reason).await;
     Runtime::remove(&s.state_dir);
     outcome.map(|_| ())

@@ -59,16 +59,6 @@ fn interface_addrs() -> Vec<IpAddr> {
         .collect()
 }
 
-fn is_tailnet(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            o[0] == 100 && (64..128).contains(&o[1])
-        }
-        IpAddr::V6(_) => false,
-    }
-}
-
 pub(super) fn bind_ip(bind: &Bind) -> Result<IpAddr> {
     Ok(match bind {
         Bind::Loopback => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -76,7 +66,7 @@ pub(super) fn bind_ip(bind: &Bind) -> Result<IpAddr> {
         Bind::Ip(ip) => *ip,
         Bind::Tailnet => interface_addrs()
             .into_iter()
-            .find(is_tailnet)
+            .find(clawmesh_discovery::tsaddr::is_tailnet)
             .ok_or_else(|| anyhow!("--bind tailnet: this machine has no Tailscale address (100.64.0.0/10); is tailscale up?"))?,
     })
 }

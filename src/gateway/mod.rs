@@ -3,6 +3,7 @@
 //! - `settings`: flags over `clawmesh.json` over defaults; `listen`: bind address and ports;
 //! - `lifecycle`: the process from start to stop ([`run`]);
 //! - `admission`: who may come in over QUIC (operators, nodes, pending devices);
+//! - [`discovery`]: advertised with mDNS, finding the federation by mDNS and the tailnet;
 //! - `followers`: shared-config keys applied live, the node directory announced, revocations;
 //! - [`methods`]: the operator method table, one file per family, behind every front door;
 //! - [`registry`]: the nodes attached here, whatever their transport;
@@ -12,6 +13,7 @@
 //! A gateway never imports the CLI ([`crate::cli`]); the classic front door is [`crate::bridge`].
 
 mod admission;
+pub mod discovery;
 mod followers;
 mod lifecycle;
 mod listen;

@@ -14,6 +14,8 @@ use tracing::warn;
 
 use crate::config::FileConfig;
 
+use super::discovery::DiscoverySettings;
+
 use crate::gateway::shared_config::SyncPolicy;
 
 /// Where to listen.
@@ -68,6 +70,10 @@ pub struct RunFlags {
     pub unhealthy_threshold: Option<u32>,
     /// `--tls auto` or `--tls-cert` + `--tls-key`.
     pub tls: Option<crate::bridge::tls::TlsSource>,
+    /// `--no-mdns` (also `OPENCLAW_DISABLE_BONJOUR=1`).
+    pub no_mdns: bool,
+    /// `--tailnet`: find peers in tailscaled's status.
+    pub tailnet: bool,
 }
 
 /// Everything a gateway runs with, after merging flags, file and defaults.
@@ -109,6 +115,11 @@ pub struct GatewaySettings {
     /// Consensus settings (`gateway.federation.*`, `gateway.sync.compression|batchSize`);
     /// `preferred` and `health_interval` are filled in from the rest at start.
     pub consensus: ReplicaConfig,
+    /// mDNS and tailnet discovery (`gateway.discovery.*`).
+    pub discovery: DiscoverySettings,
+    /// Started with a token and neither `--primary` nor `--join`: look for a gateway of the
+    /// federation and join it; start the federation only if none shows (and the mode allows).
+    pub find_federation: bool,
 }
 
 fn hostname() -> String {
@@ -145,17 +156,31 @@ impl GatewaySettings {
             bail!("--primary and --join exclude each other: a primary is joined, it does not join");
         }
         let primary = flags.primary || (join.is_none() && mode.as_deref() != Some("remote"));
-        if mode.as_deref() == Some("remote") && !flags.primary && join.is_none() {
+        let bind = match flags.bind.clone() {
+            Some(b) => b,
+            None => match file.str("gateway.bind")? {
+                Some(b) => b.parse().map_err(|e: String| anyhow!(e))?,
+                None => Bind::Loopback,
+            },
+        };
+        let token = flags
+            .token
+            .clone()
+            .or(file.first_str(&["gateway.authToken", "gateway.remote.authToken"])?);
+        let discovery = DiscoverySettings::resolve(&bind, flags.no_mdns, flags.tailnet, file)?;
+        let find_federation = token.is_some()
+            && !flags.primary
+            && join.is_none()
+            && mode.as_deref() != Some("primary")
+            && discovery.any();
+        if mode.as_deref() == Some("remote") && !flags.primary && join.is_none() && !find_federation
+        {
             bail!("gateway.mode is \"remote\" but no primary is given: set gateway.primaryUrl or pass --join quic://host:port");
         }
         let join = match (primary, join) {
             (false, Some(j)) => Some(PeerUrl::parse(&j, crate::DEFAULT_PORT)?),
             _ => None,
         };
-        let token = flags
-            .token
-            .clone()
-            .or(file.first_str(&["gateway.authToken", "gateway.remote.authToken"])?);
         let interval = flags
             .health_interval
             .or(file.first_u64(&["gateway.failover.healthCheckInterval"])?)
@@ -181,14 +206,9 @@ impl GatewaySettings {
                 None => crate::DEFAULT_PORT,
             },
         };
-        let bind = match flags.bind.clone() {
-            Some(b) => b,
-            None => match file.str("gateway.bind")? {
-                Some(b) => b.parse().map_err(|e: String| anyhow!(e))?,
-                None => Bind::Loopback,
-            },
-        };
         Ok(GatewaySettings {
+            discovery,
+            find_federation,
             state_dir,
             name: flags
                 .name

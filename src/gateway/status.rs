@@ -37,6 +37,9 @@ pub fn to_json(s: &MeshStatus, all: bool) -> Value {
                 "latencyP99Ms": g.latency_p99.map(ms),
                 "missedPings": g.missed,
                 "lastError": g.last_error,
+                // How this gateway found the peer: static (--join), mdns, tailnet; member
+                // when learned from the member list or when it joined us.
+                "found": if g.is_self { None } else { Some(g.found.clone().unwrap_or_else(|| "member".into())) },
             })
         })
         .collect();

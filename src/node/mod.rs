@@ -32,6 +32,7 @@
 pub mod approvals;
 pub mod boot;
 pub mod exec;
+mod find;
 pub mod run;
 pub mod which;
 

@@ -51,6 +51,8 @@ pub struct NodeSettings {
     pub labels: Vec<(String, String)>,
     /// `--security` override of the exec approvals level (a lab's `full`).
     pub security: Option<Security>,
+    /// With no gateway given, look for gateways with mDNS.
+    pub mdns: bool,
 }
 
 /// Serves the gateway's requests on a node.
@@ -175,7 +177,10 @@ impl Handler for NodeHandler {
 }
 
 /// Runs the node host until SIGINT/SIGTERM, or a refusal no retry can fix.
-pub async fn run(s: NodeSettings) -> Result<()> {
+pub async fn run(mut s: NodeSettings) -> Result<()> {
+    if s.gateways.is_empty() && s.mdns {
+        s.gateways = super::find::gateways(s.token.as_deref()).await?;
+    }
     if s.gateways.is_empty() {
         return Err(anyhow!(
             "no gateway to connect to: pass --gateway quic://host:port (or set node.gateways / gateway.remote.url in clawmesh.json)"

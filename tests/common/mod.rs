@@ -28,6 +28,12 @@ impl Gw {
 
     /// Starts `clawmesh --state-dir DIR ARGS...` (any subcommand), logging to DIR.log.
     pub fn spawn_cmd(dir: &Path, args: &[&str]) -> Gw {
+        Self::spawn_wrapped(&[], dir, args, &[])
+    }
+
+    /// Starts `WRAPPER... clawmesh --state-dir DIR ARGS...` with extra environment `env`
+    /// (e.g. wrapper `ip netns exec NS`, which execs, so the pid stays the gateway's).
+    pub fn spawn_wrapped(wrapper: &[&str], dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Gw {
         std::fs::create_dir_all(dir).unwrap();
         let log = dir.with_extension("log");
         let f = File::options()
@@ -35,7 +41,16 @@ impl Gw {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
+            .envs(env.iter().copied())
             .arg("--state-dir")
             .arg(dir)
             .args(args)
