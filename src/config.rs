@@ -130,6 +130,9 @@ impl FileConfig {
             bail!("{shown}: the top level must be a JSON object");
         }
         substitute_env(&mut root, "").with_context(|| format!("in {shown}"))?;
+        for (key, value) in dotted_leaves(&root) {
+            crate::config_schema::check(&key, &value).map_err(|e| anyhow!("{shown}: {e}"))?;
+        }
         let mut unknown = Vec::new();
         collect_unknown(&root, "", &mut unknown);
         Ok(FileConfig {

@@ -19,7 +19,7 @@
 //!   serves (`system.run`, `system.which`, exec approvals).
 //! - [`sim`]: the WAN relay that gives loopback paths a continent's latency, loss and cuts.
 //! - Shared by all of them: [`node_protocol`] (what gateways and nodes both say),
-//!   [`config`] (`clawmesh.json`), [`logging`], [`state_dir`].
+//!   [`config`] (`clawmesh.json`), [`config_schema`] (the typed keys), [`logging`], [`state_dir`].
 //!
 //! # The path of one request
 //!
@@ -46,6 +46,7 @@
 pub mod bridge;
 pub mod cli;
 pub mod config;
+pub mod config_schema;
 pub mod gateway;
 pub mod logging;
 pub mod node;

@@ -37,10 +37,20 @@ pub fn attach_spool(handoff: Handoff) {
     spool_layer().attach(handoff);
 }
 
+/// Whether log lines are JSON objects (`--log-format json`), set once before [`init`].
+static JSON_FORMAT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses the line format for [`init`]: JSON objects (for log shippers) or text.
+pub fn set_json_format(json: bool) {
+    JSON_FORMAT.store(json, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Installs the process's subscriber: `filter` (`--log`), else `RUST_LOG`, else `default`,
-/// written to stderr (and to the log spool once a gateway attaches one). The default filter
-/// stays reloadable by [`set_log_filter`].
+/// written to stderr (and to the log spool once a gateway attaches one), as text (ANSI colour only when stderr is a terminal and `NO_COLOR` is
+/// not set, so files and journald get plain lines) or as JSON lines ([`set_json_format`]).
+/// The default filter stays reloadable by [`set_log_filter`].
 pub fn init(filter: Option<&str>, default: &str) {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let explicit = filter
@@ -49,12 +59,31 @@ pub fn init(filter: Option<&str>, default: &str) {
     let (layer, handle) = tracing_subscriber::reload::Layer::new(
         tracing_subscriber::EnvFilter::new(explicit.as_deref().unwrap_or(default)),
     );
-    let ok = tracing_subscriber::registry()
-        .with(layer)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(spool_layer())
-        .try_init()
-        .is_ok();
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let json = JSON_FORMAT.load(std::sync::atomic::Ordering::Relaxed);
+    let registry = tracing_subscriber::registry().with(layer);
+    let ok = if json {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            )
+            .with(spool_layer())
+            .try_init()
+            .is_ok()
+    } else {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(colour)
+                    .with_writer(std::io::stderr),
+            )
+            .with(spool_layer())
+            .try_init()
+            .is_ok()
+    };
     if ok && explicit.is_none() {
         let _ = LOG_FILTER.set(handle);
     }

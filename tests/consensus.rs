@@ -634,7 +634,7 @@ fn sync_policy_override_local_both_ways() {
     // beijing: overrideLocal false, its own value wins; the synced one is shown as shadowed.
     let b = get(bj, "models.default");
     assert_eq!(b["effective"]["value"], "ernie-4.0", "{b}");
-    assert_eq!(b["effective"]["source"], "local");
+    assert_eq!(b["effective"]["source"], "file");
     assert_eq!(b["effective"]["shadowed"]["value"], "gpt-5");
     // frankfurt: overrideLocal true, the synced value wins, with its revision.
     let f = get(fra, "models.default");
@@ -658,7 +658,7 @@ fn sync_policy_override_local_both_ways() {
     assert!(keys.contains(&"channels.wechat.model"), "{keys:?}");
     let table = cli(fra, &["config", "show", "--effective"]);
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("overrides local: mistral"), "{table}");
+    assert!(table.contains("overrides file: mistral"), "{table}");
     assert!(
         table.contains("gateway.sync.syncSkills is false"),
         "{table}"

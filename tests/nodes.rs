@@ -38,13 +38,15 @@ fn pending_request(gw: &Path, name: &str) -> Option<String> {
 
 fn invoke_ok(gw: &Path, node: &str, command: &str, params: &str) -> Value {
     let out = nodes_invoke(gw, node, command, params, &[]);
-    assert!(
-        out.status.success(),
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(
+        v["ok"],
+        true,
         "{command} {params}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["ok"], true);
+    // Like ssh, the CLI exits with the remote command's status.
+    assert_eq!(out.status.code(), v["exitCode"].as_i64().map(|c| c as i32));
     v["payload"].clone()
 }
 
@@ -55,8 +57,19 @@ fn invoke_err(gw: &Path, node: &str, command: &str, params: &str, extra: &[&str]
         "{command} {params} should fail: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert_eq!(out.status.code(), Some(2));
-    String::from_utf8_lossy(&out.stderr).to_string()
+    // With --json the error is a JSON document on stdout; its exit status follows its code
+    // (124 for a timeout, 126 for an exec-approvals refusal, else 2).
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(
+        out.status.code(),
+        v["error"]["exitCode"].as_i64().map(|c| c as i32)
+    );
+    format!(
+        "{}: {}",
+        v["error"]["code"].as_str().unwrap(),
+        v["error"]["message"].as_str().unwrap()
+    )
 }
 
 /// A gateway on a fixed port and a node attached to it, approved.
@@ -472,10 +485,11 @@ fn the_federation_default_exec_level_follows_the_shared_config_live() {
         &[],
     );
     assert!(err.contains("does not run"), "{err}");
-    // A bad value is refused by the gateway's follower with a warning; nodes keep the last one.
-    set("\"sometimes\"");
-    assert!(wait_until(Duration::from_secs(5), || s
-        .gw
-        .log_text()
-        .contains("security.exec.defaultLevel must be")));
+    // A bad value is refused before it is written (the key's type), naming the key.
+    let out = cli(
+        &gw,
+        &["config", "set", "security.exec.defaultLevel", "sometimes"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("security.exec.defaultLevel must be"));
 }

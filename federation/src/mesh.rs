@@ -1182,7 +1182,12 @@ impl Mesh {
                 self.inner.admission.connected(conn, caller, hello);
             }
             Err(refusal) => {
-                warn!(%remote, device = %key.device_id().short(), "refused: {}", refusal.message);
+                if refusal.code == RefusalCode::PairingRequired {
+                    // The admission logged the pending request already: one line per event.
+                    debug!(%remote, device = %key.device_id().short(), "refused: {}", refusal.message);
+                } else {
+                    warn!(%remote, device = %key.device_id().short(), "refused: {}", refusal.message);
+                }
                 let _ = handshake::reply(&mut send, &HelloReply::Refused(refusal)).await;
                 close_after_reply(conn, "refused").await;
             }
@@ -1502,6 +1507,9 @@ impl Mesh {
         software: Option<String>,
     ) {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        // Both gateways may dial at once: the second link of the same boot replaces the
+        // first quietly, so "link up" is logged once per peer, not once per link.
+        let mut duplicate = false;
         let (id, name, is_primary_self) = {
             let mut st = self.state();
             let name = st
@@ -1531,6 +1539,7 @@ impl Mesh {
                             return;
                         }
                         debug!(%name, "duplicate link; replacing the existing one");
+                        duplicate = true;
                     } else {
                         info!(%name, "peer restarted; replacing its old link");
                     }
@@ -1552,7 +1561,11 @@ impl Mesh {
             let _ = peer.linked.send(true);
             (id, name, self.inner.cfg.primary)
         };
-        info!(peer = %name, remote = %conn.remote_address(), "link up");
+        if duplicate {
+            debug!(peer = %name, remote = %conn.remote_address(), "link up (duplicate replaced)");
+        } else {
+            info!(peer = %name, remote = %conn.remote_address(), "link up");
+        }
         if is_primary_self {
             let m = self.state().membership.clone();
             let _ = tx.try_send(Event::Membership(m));

@@ -748,7 +748,9 @@ impl Registry {
         Ok(out)
     }
 
-    fn find_pending(&self, selector: &str) -> Result<PendingRequest, PairingError> {
+    /// The one pending request `selector` names (request id, device id, name, or id prefix),
+    /// for checks an operator front end makes before [`Self::approve`].
+    pub fn find_pending(&self, selector: &str) -> Result<PendingRequest, PairingError> {
         let all = self.pending()?;
         pick(
             selector,

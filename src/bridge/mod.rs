@@ -4,7 +4,7 @@
 //! at any path (the node host may add a context path): challenge, `connect` with device
 //! signatures and tokens, pairing, `hello-ok`, ticks, and requests. Operators' requests go to
 //! the same method table as native QUIC requests; classic node hosts become nodes in the same
-//! registry as native ones. `GET /healthz` answers on the same port. Optional TLS (`wss://`).
+//! registry as native ones. `GET /healthz` (liveness) and `GET /readyz` (readiness) answer on the same port. Optional TLS (`wss://`).
 
 pub mod classic_node;
 pub mod connect;
@@ -92,6 +92,27 @@ async fn healthz(State(bridge): State<Arc<Bridge>>) -> impl IntoResponse {
     (StatusCode::OK, Json(ok))
 }
 
+/// `GET /readyz[?all=1]`: 200 when the gateway is ready to serve the federation, else 503
+/// with the reasons in the body (see [`crate::gateway::methods::Methods::readiness`]).
+/// `/healthz` stays a liveness probe: 200 while the process serves.
+async fn readyz(
+    State(bridge): State<Arc<Bridge>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> impl IntoResponse {
+    let all = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .any(|kv| matches!(kv, "all" | "all=1" | "all=true"));
+    let (ready, doc) = bridge.methods.readiness(all);
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(doc))
+}
+
 /// The client's address, for both the plain and the TLS listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
@@ -137,6 +158,7 @@ async fn upgrade(
 fn router(bridge: Arc<Bridge>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(get(upgrade))
         .with_state(bridge)
 }

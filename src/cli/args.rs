@@ -7,16 +7,52 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::gateway::Bind;
 
+/// How `--node` picks nodes, shown in the help of every command that takes it.
+pub const NODE_SELECTOR_HELP: &str = "Node: id, id prefix (4+ chars), name, IP, \
+gateway/name (a node attached to that gateway), or label=value such as region=fra \
+(one healthy match; `nodes invoke --all` takes every match, and `*` every node)";
+
+/// How a pairing request or device is named on the command line.
+pub const DEVICE_SELECTOR_HELP: &str =
+    "Request id, device id, id prefix (4+ chars) or name, as `devices list` shows them";
+
 /// clawmesh: one federation of AI-agent gateways across regions, over QUIC.
 #[derive(Debug, Parser)]
-#[command(name = "clawmesh", version, about, long_about = None)]
+#[command(
+    name = "clawmesh",
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:\n  clawmesh gateway run --name tokyo --primary\n  clawmesh gateway status --all\n  clawmesh nodes invoke --node fra-box --command system.run --params '{\"command\":[\"uptime\"]}'\n\nExit codes: 0 ok, 1 unhealthy (--check), 2 error, 124 timed out, 126 refused by exec approvals,\n127 not started, 130/143 cancelled by Ctrl-C/SIGTERM; `nodes invoke` of system.run exits with\nthe remote command's status, as ssh does."
+)]
 pub struct Cli {
     /// State dir (key, config, database); else CLAWMESH_STATE_DIR, else ~/.clawmesh.
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        help_heading = "Global options"
+    )]
     pub state_dir: Option<PathBuf>,
     /// Log filter (e.g. debug, clawmesh_federation=trace); else RUST_LOG.
-    #[arg(long, global = true, value_name = "FILTER")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILTER",
+        help_heading = "Global options"
+    )]
     pub log: Option<String>,
+    /// Log line format: text (colour only on a terminal, and never with NO_COLOR) or json
+    /// (one object per line, for log shippers).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        default_value = "text",
+        value_parser = ["text", "json"],
+        help_heading = "Global options"
+    )]
+    pub log_format: String,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -48,6 +84,17 @@ pub enum Command {
     Config(crate::cli::config::ConfigCmd),
     /// Start a Tokyo / Beijing / Frankfurt federation on this machine and show it working.
     Demo(DemoArgs),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  clawmesh completions bash > /etc/bash_completion.d/clawmesh\n  clawmesh completions zsh > \"${fpath[1]}/_clawmesh\"\n  clawmesh completions fish > ~/.config/fish/completions/clawmesh.fish"
+    )]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    #[command(after_help = "Example:\n  clawmesh man > /usr/local/share/man/man1/clawmesh.1")]
+    Man,
     /// What mDNS and the tailnet see right now (source, name, federation match, address),
     /// without joining anything: the first thing to run on a new machine.
     Discover(crate::cli::discover::DiscoverArgs),
@@ -128,6 +175,9 @@ pub struct NodeRunArgs {
 #[derive(Debug, Subcommand)]
 pub enum NodesCmd {
     /// Known, paired and connected nodes.
+    #[command(
+        after_help = "Examples:\n  clawmesh nodes status\n  clawmesh nodes status --all --json"
+    )]
     Status {
         /// Every node of the federation, with the gateway it is attached to.
         #[arg(long)]
@@ -140,9 +190,16 @@ pub enum NodesCmd {
         target: TargetArgs,
     },
     /// Everything the gateway knows about one node.
+    #[command(
+        after_help = "Examples:\n  clawmesh nodes describe --node web-1\n  clawmesh nodes describe --node frankfurt/web-1 --json"
+    )]
     Describe {
-        /// Node id, name, IP or id prefix.
-        node: String,
+        /// Which node ([`NODE_SELECTOR_HELP`]).
+        #[arg(help = NODE_SELECTOR_HELP, value_name = "NODE", required_unless_present = "node_flag")]
+        node: Option<String>,
+        /// The same as the positional NODE (as `nodes invoke --node`).
+        #[arg(long = "node", value_name = "NODE", conflicts_with = "node", help = NODE_SELECTOR_HELP)]
+        node_flag: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -151,10 +208,12 @@ pub enum NodesCmd {
         target: TargetArgs,
     },
     /// Run a command on a node (system.run, system.which, ...), on any gateway of the federation.
+    #[command(
+        after_help = "Examples:\n  clawmesh nodes invoke --node web-1 --command system.run --params '{\"command\":[\"uptime\"]}'\n  clawmesh nodes invoke --node region=fra --all --command system.which --params '{\"bins\":[\"git\"]}'\n  clawmesh nodes invoke --node web-1 --command system.run --params @req.json\n\nsystem.run exits with the remote command's status (as ssh does); 124 when it timed out,\n126 when the node's exec approvals refused it. Ctrl-C cancels it on the node."
+    )]
     Invoke {
-        /// Node id, name, IP, id prefix, gateway/name, or label=value (one healthy match;
-        /// with --all every match; `*` with --all is every node).
-        #[arg(long)]
+        /// Which node ([`NODE_SELECTOR_HELP`]).
+        #[arg(long, help = NODE_SELECTOR_HELP)]
         node: String,
         /// Run on every matching node and print one result per node.
         #[arg(long)]
@@ -162,8 +221,8 @@ pub enum NodesCmd {
         /// Command, e.g. system.which.
         #[arg(long)]
         command: String,
-        /// Command params as JSON, e.g. '{"bins":["sh"]}'.
-        #[arg(long, default_value = "{}")]
+        /// Command params: JSON, @FILE (read the file) or - (read stdin), as curl does.
+        #[arg(long, default_value = "{}", value_name = "JSON|@FILE|-")]
         params: String,
         /// Milliseconds before the gateway gives up (and tells the node to cancel).
         #[arg(long, default_value_t = 30_000)]
@@ -181,6 +240,7 @@ pub enum NodesCmd {
 #[derive(Debug, Subcommand)]
 pub enum DevicesCmd {
     /// Pending and paired devices.
+    #[command(after_help = "Examples:\n  clawmesh devices list\n  clawmesh devices approve 3f9c")]
     List {
         /// Print JSON.
         #[arg(long)]
@@ -191,7 +251,8 @@ pub enum DevicesCmd {
     },
     /// Approve a pending device (request id, device id, name, or id prefix).
     Approve {
-        /// Which.
+        /// Which device ([`DEVICE_SELECTOR_HELP`]).
+        #[arg(help = DEVICE_SELECTOR_HELP)]
         selector: String,
         #[command(flatten)]
         /// Target.
@@ -199,7 +260,8 @@ pub enum DevicesCmd {
     },
     /// Reject a pending device.
     Reject {
-        /// Which.
+        /// Which device ([`DEVICE_SELECTOR_HELP`]).
+        #[arg(help = DEVICE_SELECTOR_HELP)]
         selector: String,
         #[command(flatten)]
         /// Target.
@@ -207,7 +269,8 @@ pub enum DevicesCmd {
     },
     /// Revoke a paired device; it is disconnected at once.
     Revoke {
-        /// Which.
+        /// Which device ([`DEVICE_SELECTOR_HELP`]).
+        #[arg(help = DEVICE_SELECTOR_HELP)]
         selector: String,
         #[command(flatten)]
         /// Target.
@@ -220,8 +283,8 @@ pub enum DevicesCmd {
 pub enum ApprovalsCmd {
     /// Show a node's exec approvals file.
     Get {
-        /// Node id, name, IP or id prefix.
-        #[arg(long)]
+        /// Which node ([`NODE_SELECTOR_HELP`]).
+        #[arg(long, help = NODE_SELECTOR_HELP)]
         node: String,
         /// Print JSON.
         #[arg(long)]
@@ -232,8 +295,8 @@ pub enum ApprovalsCmd {
     },
     /// Set a node's exec security level (deny, allowlist, full).
     Set {
-        /// Node id, name, IP or id prefix.
-        #[arg(long)]
+        /// Which node ([`NODE_SELECTOR_HELP`]).
+        #[arg(long, help = NODE_SELECTOR_HELP)]
         node: String,
         /// deny, allowlist or full.
         #[arg(long)]
@@ -244,8 +307,8 @@ pub enum ApprovalsCmd {
     },
     /// Allow a program (absolute path or glob such as /usr/bin/*) on a node.
     Allow {
-        /// Node id, name, IP or id prefix.
-        #[arg(long)]
+        /// Which node ([`NODE_SELECTOR_HELP`]).
+        #[arg(long, help = NODE_SELECTOR_HELP)]
         node: String,
         /// Absolute path or glob.
         pattern: String,
@@ -255,8 +318,8 @@ pub enum ApprovalsCmd {
     },
     /// Remove a pattern from a node's allowlist.
     Deny {
-        /// Node id, name, IP or id prefix.
-        #[arg(long)]
+        /// Which node ([`NODE_SELECTOR_HELP`]).
+        #[arg(long, help = NODE_SELECTOR_HELP)]
         node: String,
         /// The pattern to remove.
         pattern: String,
@@ -281,12 +344,22 @@ pub enum IdentityCmd {
 #[derive(Debug, Subcommand)]
 pub enum GatewayCmd {
     /// Run a gateway (primary or remote) in the foreground.
+    #[command(
+        after_help = "Examples:\n  clawmesh gateway run --name tokyo --primary --bind lan\n  clawmesh gateway run --name frankfurt --join quic://tokyo.example.com:18789 --token \"$CLAWMESH_TOKEN\""
+    )]
     Run(RunArgs),
     /// Show this gateway, or with --all every gateway of the federation.
+    #[command(
+        after_help = "Examples:\n  clawmesh gateway status --all\n  clawmesh gateway status --all --check || page-someone"
+    )]
     Status(StatusArgs),
-    /// Call any operator method on a gateway.
+    /// Call any operator method on a gateway (`--list` lists them with their scopes).
+    #[command(
+        after_help = "Examples:\n  clawmesh gateway call --list\n  clawmesh gateway call node.list --params '{\"all\":true}'\n  clawmesh gateway call health --gateway frankfurt"
+    )]
     Call(CallArgs),
     /// Remove a gateway from the federation (on the primary): forgets its pinned key.
+    #[command(after_help = "Example:\n  clawmesh gateway forget osaka")]
     Forget {
         /// Gateway name.
         name: String,
@@ -316,7 +389,7 @@ pub struct RunArgs {
     /// Region label shown in status (e.g. ap-northeast-1).
     #[arg(long)]
     pub region: Option<String>,
-    /// Listen on: loopback, lan, tailnet, or an IP address.
+    /// Listen on: loopback, lan, tailnet, or an IP address [default: loopback].
     #[arg(long, value_name = "WHERE")]
     pub bind: Option<Bind>,
     /// UDP port for QUIC (default 18789; 0 picks a free one).
@@ -334,10 +407,13 @@ pub struct RunArgs {
     /// Federation join secret (config: gateway.authToken).
     #[arg(long, env = "CLAWMESH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Milliseconds between health pings (config: gateway.failover.healthCheckInterval).
+    /// Milliseconds between health pings (config: gateway.failover.healthCheckInterval)
+    /// [default: 10000]. A flag pins this gateway's value: a later fleet-wide `config set`
+    /// of the key is shown as shadowed by the flag, not applied here.
     #[arg(long, value_name = "MS")]
     pub health_interval: Option<u64>,
-    /// Missed pings before a gateway is offline (config: gateway.failover.unhealthyThreshold).
+    /// Missed pings before a gateway is offline (config: gateway.failover.unhealthyThreshold)
+    /// [default: 3].
     #[arg(long, value_name = "N")]
     pub unhealthy_threshold: Option<u32>,
     /// `auto`: serve the classic bridge over wss:// with a self-signed certificate kept in the
@@ -391,16 +467,20 @@ pub struct StatusArgs {
 /// Flags of `gateway call`.
 #[derive(Debug, Args)]
 pub struct CallArgs {
-    /// Method name (health, status, gateway.status, ...).
-    pub method: String,
-    /// Params as a JSON object.
-    #[arg(long, default_value = "{}")]
+    /// Method name (health, status, gateway.status, ...; see --list).
+    #[arg(required_unless_present = "list")]
+    pub method: Option<String>,
+    /// List the methods and the scope each needs, then exit.
+    #[arg(long, conflicts_with = "method")]
+    pub list: bool,
+    /// Params: a JSON object, @FILE (read the file) or - (read stdin), as curl does.
+    #[arg(long, default_value = "{}", value_name = "JSON|@FILE|-")]
     pub params: String,
     /// Print the raw JSON result.
     #[arg(long)]
     pub json: bool,
     /// Milliseconds to wait for the reply.
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
     pub timeout: u64,
     /// Run the method on this gateway of the federation (routed over the mesh).
     #[arg(long, value_name = "NAME")]

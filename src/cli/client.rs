@@ -166,6 +166,18 @@ impl Client {
         // 80 ms on loopback) would only delay the CLI's exit. A few ms let the packet go out.
         let _ = tokio::time::timeout(Duration::from_millis(5), self.endpoint.wait_idle()).await;
     }
+
+    /// Closes the session because the operator gave up: the close frame (application code 1,
+    /// "cancelled") tells the gateway to drop every request of this session at once. Waits
+    /// a little longer than [`Client::close`]: a packet from the gateway still in flight gets
+    /// the close repeated in answer, so a lost first copy does not leave the gateway waiting
+    /// out its idle timeout.
+    pub async fn cancel(self) {
+        self.conn.close(VarInt::from_u32(1), b"cancelled");
+        // 200 ms: several LAN round trips for that, yet short enough that Ctrl-C still
+        // feels immediate.
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.endpoint.wait_idle()).await;
+    }
 }
 
 /// One call on a fresh connection.

@@ -85,6 +85,14 @@ pub fn parse_value(text: &str) -> Value {
 }
 
 fn print_write(doc: &Value, json_out: bool, what: &str) -> Result<()> {
+    for p in doc["shadowedHere"].as_array().into_iter().flatten() {
+        eprintln!(
+            "note: {} is pinned on {} by its {} (not applied there; see `config show --effective`)",
+            p["key"].as_str().unwrap_or("?"),
+            doc["gateway"].as_str().unwrap_or("this gateway"),
+            p["source"].as_str().unwrap_or("?"),
+        );
+    }
     if json_out {
         println!("{}", serde_json::to_string(doc)?);
     } else {
@@ -133,6 +141,15 @@ pub async fn run(cmd: ConfigCmd, state_dir: &Path) -> Result<i32> {
             }
             let e = &doc["effective"];
             println!("{}", text(&e["value"]));
+            let mut from = format!("source: {}", e["source"].as_str().unwrap_or("?"));
+            if let Some(s) = e.get("shadowed") {
+                from.push_str(&format!(
+                    " (overrides {}: {})",
+                    s["source"].as_str().unwrap_or("?"),
+                    text(&s["value"])
+                ));
+            }
+            eprintln!("{from}");
             Ok(0)
         }
         ConfigCmd::Set {
@@ -157,6 +174,13 @@ pub async fn run(cmd: ConfigCmd, state_dir: &Path) -> Result<i32> {
             target: t,
         } => {
             let doc = call(&target(t), "config.unset", json!({"key": key}), WRITE_WAIT).await?;
+            if doc["keys"] == 0 && !j {
+                println!(
+                    "{key} is not set; nothing written (still revision {})",
+                    doc["revision"]
+                );
+                return Ok(0);
+            }
             print_write(&doc, j, &format!("unset {key}"))?;
             Ok(0)
         }

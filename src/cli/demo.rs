@@ -234,7 +234,11 @@ pub async fn run(health_interval_ms: u64) -> Result<()> {
                 .all(|s| gateway_status(d, s.name) == Some("healthy"))
                 && d["gateways"]
                     .as_array()
-                    .map(|g| g.iter().all(|g| !g["latencyMs"].is_null()))
+                    // Every other gateway measured (a gateway has no latency to itself).
+                    .map(|g| {
+                        g.iter()
+                            .all(|g| g["isSelf"] == true || !g["latencyMs"].is_null())
+                    })
                     .unwrap_or(false)
         })
         .await?;
@@ -271,14 +275,10 @@ pub async fn run(health_interval_ms: u64) -> Result<()> {
         };
         let nodes = wait_call(&tokyo, "node.list", json!({"all": true}), Duration::from_secs(30), all_attached).await?;
         println!("\n$ clawmesh nodes status --all   (on tokyo)");
-        for n in nodes["nodes"].as_array().into_iter().flatten() {
-            println!(
-                "  {:<12} attached to {:<10} labels {}",
-                n["displayName"].as_str().unwrap_or("?"),
-                n["gateway"].as_str().unwrap_or("?"),
-                n["labels"]
-            );
-        }
+        print!(
+            "{}",
+            crate::cli::nodes::render_status(nodes["nodes"].as_array().map_or(&[][..], |v| v))
+        );
         // A cross-gateway invoke: asked at tokyo, run by frankfurt's node, over the mesh.
         let started = Instant::now();
         let r = client::call_once(

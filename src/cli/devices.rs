@@ -25,6 +25,7 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                     "addr": p["addr"], "requestedAt": p["requestedAt"], "fingerprint": p["fingerprint"],
                     "reason": p.get("reason"), "tailnet": p.get("tailnet"),
                     "gateway": p["gateway"], "region": p["region"],
+                    "expiresAt": expires_at(p),
                 })).collect();
                 let paired: Vec<Value> = doc["paired"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
                     "deviceId": p["deviceId"], "name": p["name"], "role": p["role"], "approvedAt": p["approvedAt"],
@@ -50,22 +51,31 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                     "Address",
                     "Fingerprint",
                     "Requested",
+                    "Expires",
                     "Waiting because",
                 ]);
                 for p in &pending {
-                    t.add_row(
-                        [
-                            "requestId",
-                            "name",
-                            "role",
-                            "gateway",
-                            "addr",
-                            "fingerprint",
-                            "requestedAt",
-                            "reason",
-                        ]
-                        .map(|k| p[k].as_str().unwrap_or("-").to_string()),
+                    let mut row: Vec<String> = [
+                        "requestId",
+                        "name",
+                        "role",
+                        "gateway",
+                        "addr",
+                        "fingerprint",
+                        "requestedAt",
+                    ]
+                    .map(|k| match (k, p[k].as_str()) {
+                        ("requestedAt", Some(t)) => crate::cli::output::relative(t),
+                        (_, v) => v.unwrap_or("-").to_string(),
+                    })
+                    .into();
+                    row.push(
+                        expires_at(p)
+                            .as_str()
+                            .map_or("-".into(), crate::cli::output::relative),
                     );
+                    row.push(p["reason"].as_str().unwrap_or("-").to_string());
+                    t.add_row(row);
                 }
                 println!("{t}");
             }
@@ -82,7 +92,10 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                 for p in &paired {
                     let mut row: Vec<String> =
                         ["deviceId", "name", "role", "fingerprint", "approvedAt"]
-                            .map(|k| p[k].as_str().unwrap_or("-").to_string())
+                            .map(|k| match (k, p[k].as_str()) {
+                                ("approvedAt", Some(t)) => crate::cli::output::relative(t),
+                                (_, v) => v.unwrap_or("-").to_string(),
+                            })
                             .to_vec();
                     row[0].truncate(16);
                     row.push(admitted_by(p));
@@ -205,4 +218,19 @@ pub fn admitted_by(row: &Value) -> String {
         t["node"].as_str().unwrap_or("?"),
         t["ip"].as_str().unwrap_or("?")
     )
+}
+
+/// When a pending request expires: its device's last retry plus the pending lifetime (a node
+/// that keeps retrying keeps its request alive), as RFC 3339.
+fn expires_at(p: &Value) -> Value {
+    p["refreshedAt"]
+        .as_str()
+        .or(p["requestedAt"].as_str())
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+        .map_or(Value::Null, |t| {
+            Value::String(
+                humantime::format_rfc3339_millis(t + clawmesh_federation::pairing::PENDING_TTL)
+                    .to_string(),
+            )
+        })
 }

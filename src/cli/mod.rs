@@ -10,9 +10,11 @@ pub mod config;
 pub mod demo;
 pub mod devices;
 pub mod discover;
+pub mod exit;
 pub mod logs;
 pub mod node;
 pub mod nodes;
+pub mod output;
 pub mod status;
 
 pub use args::{Cli, Command};
@@ -20,9 +22,7 @@ pub use args::{Cli, Command};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
-use comfy_table::presets::UTF8_FULL;
-use comfy_table::Table;
+use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 
 use crate::config::FileConfig;
@@ -30,17 +30,34 @@ use crate::gateway::{self, GatewaySettings, RunFlags};
 use crate::logging;
 use crate::state_dir;
 use args::*;
-use client::{ClientError, Target};
+use client::{Client, ClientError, Target};
+use exit::Failure;
+use output::Table;
 
 /// Exit code when `--check` finds a gateway that is not healthy.
-pub const EXIT_UNHEALTHY: i32 = 1;
+pub const EXIT_UNHEALTHY: i32 = exit::UNHEALTHY;
 /// Exit code for errors (unreachable gateway, bad input, refused request).
-pub const EXIT_ERROR: i32 = 2;
+pub const EXIT_ERROR: i32 = exit::ERROR;
 
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> Result<i32> {
+    logging::set_json_format(cli.log_format == "json");
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "clawmesh", &mut std::io::stdout());
+            return Ok(0);
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            return Ok(0);
+        }
+        _ => {}
+    }
     let state_dir = state_dir::resolve(cli.state_dir.as_deref())?;
     match cli.command {
+        Command::Completions { .. } | Command::Man => Ok(0),
         Command::Gateway(GatewayCmd::Run(a)) => {
             logging::init(cli.log.as_deref(), logging::DEFAULT_LOG);
             let file = FileConfig::load(&state_dir)?;
@@ -96,15 +113,32 @@ pub async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Gateway(GatewayCmd::Call(a)) => {
             logging::init(cli.log.as_deref(), "warn");
-            let params: Value = serde_json::from_str(&a.params)
-                .with_context(|| format!("--params is not valid JSON: {}", a.params))?;
+            if a.list {
+                let methods = gateway::methods::method_scopes();
+                if a.json {
+                    let list: Vec<Value> = methods
+                        .iter()
+                        .map(|(m, s)| json!({"method": m, "scope": if *s == "-" { Value::Null } else { json!(s) }}))
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else {
+                    let mut t = table(&["Method", "Scope"]);
+                    for (m, s) in methods {
+                        t.add_row([m, s]);
+                    }
+                    println!("{t}");
+                }
+                return Ok(0);
+            }
+            let method = a.method.unwrap_or_default();
+            let params: Value = output::read_params(&a.params)?;
             let target = Target::from_flags(a.target.url, a.target.token, &state_dir);
             let (method, params) = match &a.gateway {
                 Some(g) => (
                     "gateway.call".to_string(),
-                    json!({"gateway": g, "method": a.method, "params": params, "timeoutMs": a.timeout}),
+                    json!({"gateway": g, "method": method, "params": params, "timeoutMs": a.timeout}),
                 ),
-                None => (a.method.clone(), params),
+                None => (method.clone(), params),
             };
             let doc = call(
                 &target,
@@ -175,11 +209,17 @@ pub async fn run(cli: Cli) -> Result<i32> {
             let (id, _) =
                 clawmesh_federation::identity::DeviceIdentity::load_or_create(&state_dir)?;
             if json {
+                let fp = clawmesh_federation::pairing::fingerprint(&id.public_key());
                 println!(
                     "{}",
-                    json!({"deviceId": id.device_id().to_string(), "publicKey": id.public_key().to_base64url()})
+                    json!({"deviceId": id.device_id().to_string(), "publicKey": id.public_key().to_base64url(), "fingerprint": fp})
                 );
             } else {
+                // The fingerprint in the form `devices list` shows, to compare before approving.
+                println!(
+                    "fingerprint: {}",
+                    clawmesh_federation::pairing::fingerprint(&id.public_key())
+                );
                 println!("device id:  {}", id.device_id());
                 println!("public key: {}", id.public_key().to_base64url());
                 println!(
@@ -226,20 +266,96 @@ pub async fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-/// Calls one method, turning a gateway error into a message with its classic code.
+/// Calls one method, turning a gateway error into a [`Failure`] with its classic code and
+/// exit status. Ctrl-C or SIGTERM while it runs cancels the request: the request stream is
+/// dropped (QUIC STOP_SENDING) and the connection closed at once, so the gateway drops the
+/// handler and a running `system.run` on a node has its process group killed; the CLI then
+/// exits 130 (or 143).
 pub async fn call(
     target: &Target,
     method: &str,
     params: Value,
     timeout: Duration,
 ) -> Result<Value> {
-    client::call_once(target, method, params, timeout)
-        .await
-        .map_err(|e| match e {
-            ClientError::Remote(w) if w.message.starts_with(&w.code) => anyhow!("{}", w.message),
-            ClientError::Remote(w) => anyhow!("{}: {}", w.code, w.message),
-            ClientError::Transport(e) => e,
-        })
+    let cancelled = |exit: i32| {
+        Failure::new(
+            "CANCELLED",
+            format!("{method} cancelled by the operator; the gateway was told to stop it"),
+        )
+        .with_exit(exit)
+    };
+    let mut signals = Signals::install();
+    let client = tokio::select! {
+        c = Client::connect(target) => c.map_err(|e| Failure::new("UNREACHABLE", format!("{e:#}")))?,
+        exit = signals.wait() => return Err(cancelled(exit).into()),
+    };
+    let outcome = tokio::select! {
+        r = client.call(method, params, timeout) => Ok(r),
+        exit = signals.wait() => Err(exit),
+    };
+    let r = match outcome {
+        Ok(r) => {
+            client.close().await;
+            r
+        }
+        Err(exit) => {
+            client.cancel().await;
+            return Err(cancelled(exit).into());
+        }
+    };
+    r.map_err(|e| match e {
+        ClientError::Remote(w) => {
+            let hint = w
+                .details
+                .as_deref()
+                .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                .and_then(|d| d["didYouMean"].as_str().map(str::to_string));
+            let message = match hint {
+                Some(name) => format!(
+                    "{} (did you mean {name}? `clawmesh gateway call --list` lists them)",
+                    w.message
+                ),
+                None => w.message,
+            };
+            Failure::new(&w.code, message).into()
+        }
+        ClientError::Transport(e) => {
+            let text = format!("{e:#}");
+            let code = if text.contains("timed out") {
+                "TIMEOUT"
+            } else {
+                "UNREACHABLE"
+            };
+            Failure::new(code, text).into()
+        }
+    })
+}
+
+/// SIGINT and SIGTERM, caught while a request is in flight so that it can be cancelled.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// Waits for either signal; returns the exit status it asks for (never returns when
+    /// neither could be installed).
+    async fn wait(&mut self) -> i32 {
+        let (int, term) = (&mut self.int, &mut self.term);
+        tokio::select! {
+            Some(()) = async { int.as_mut()?.recv().await } => exit::INTERRUPTED,
+            Some(()) = async { term.as_mut()?.recv().await } => exit::TERMINATED,
+            else => std::future::pending().await,
+        }
+    }
 }
 
 /// Request timeout for listing and pairing calls.
@@ -250,10 +366,7 @@ fn target(t: TargetArgs, state_dir: &Path) -> Target {
     Target::from_flags(t.url, t.token, state_dir)
 }
 
-/// A table in the CLI's style, with this header.
+/// A table in the CLI's one style ([`output::Table`]).
 fn table(header: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL);
-    t.set_header(header.iter().map(|h| h.to_string()));
-    t
+    Table::new(header)
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 
 use crate::cli::args::NodesCmd;
@@ -46,64 +46,17 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                     }))?
                 );
             } else {
-                println!(
-                    "Known: {} · Paired: {paired} · Connected: {connected}",
-                    nodes.len()
-                );
-                if !nodes.is_empty() {
-                    let mut t = table(&[
-                        "Node",
-                        "IP",
-                        "Status",
-                        "Gateway",
-                        "Transport",
-                        "Labels",
-                        "Admitted by",
-                    ]);
-                    for n in &nodes {
-                        let mut status = Vec::new();
-                        status.push(if n["paired"] == true {
-                            "paired"
-                        } else {
-                            "unpaired"
-                        });
-                        status.push(if n["connected"] == true {
-                            "connected"
-                        } else {
-                            "disconnected"
-                        });
-                        t.add_row(vec![
-                            n["displayName"].as_str().unwrap_or("?").to_string(),
-                            n["remoteIp"].as_str().unwrap_or("-").to_string(),
-                            status.join(" · "),
-                            n["gateway"].as_str().unwrap_or("-").to_string(),
-                            n["transport"].as_str().unwrap_or("-").to_string(),
-                            n["labels"]
-                                .as_object()
-                                .map(|m| {
-                                    m.iter()
-                                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                                        .collect::<Vec<_>>()
-                                        .join(",")
-                                })
-                                .unwrap_or_default(),
-                            if n["paired"] == true {
-                                crate::cli::devices::admitted_by(n)
-                            } else {
-                                "-".to_string()
-                            },
-                        ]);
-                    }
-                    println!("{t}");
-                }
+                print!("{}", render_status(&nodes));
             }
             Ok(0)
         }
         NodesCmd::Describe {
             node,
+            node_flag,
             json,
             target: t,
         } => {
+            let node = node.or(node_flag).unwrap_or_default();
             let doc = call(
                 &target(t, state_dir),
                 "node.describe",
@@ -149,8 +102,7 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
             json,
             target: t,
         } => {
-            let params: Value = serde_json::from_str(&params)
-                .with_context(|| format!("--params is not valid JSON: {params}"))?;
+            let params: Value = crate::cli::output::read_params(&params)?;
             let req = json!({
                 "nodeId": node,
                 "command": command,
@@ -193,17 +145,91 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                     0
                 });
             }
+            // `system.run` exits like ssh: with the remote command's own status.
+            let code = if command == "system.run" {
+                crate::cli::exit::for_system_run(&doc["payload"])
+            } else {
+                0
+            };
             if json {
                 println!(
                     "{}",
                     serde_json::to_string(&json!({
-                        "ok": doc["ok"], "nodeId": doc["nodeId"], "command": doc["command"], "payload": doc["payload"]
+                        "ok": doc["ok"], "nodeId": doc["nodeId"], "command": doc["command"], "payload": doc["payload"],
+                        "exitCode": code,
                     }))?
                 );
             } else {
                 println!("{}", serde_json::to_string_pretty(&doc["payload"])?);
             }
-            Ok(0)
+            Ok(code)
         }
     }
+}
+
+/// `nodes status` for people: the counts, then one row per node (the demo prints the same).
+pub fn render_status(nodes: &[Value]) -> String {
+    let paired = nodes.iter().filter(|n| n["paired"] == true).count();
+    let connected = nodes.iter().filter(|n| n["connected"] == true).count();
+    let mut out = format!(
+        "Known: {} · Paired: {paired} · Connected: {connected}\n",
+        nodes.len()
+    );
+    if nodes.is_empty() {
+        return out;
+    }
+    let mut t = table(&[
+        "Node",
+        "ID",
+        "IP",
+        "Status",
+        "Gateway",
+        "Transport",
+        "Labels",
+        "Admitted by",
+    ]);
+    for n in nodes {
+        let status = [
+            if n["paired"] == true {
+                "paired"
+            } else {
+                "unpaired"
+            },
+            if n["connected"] == true {
+                "connected"
+            } else {
+                "disconnected"
+            },
+        ];
+        t.add_row(vec![
+            n["displayName"].as_str().unwrap_or("?").to_string(),
+            // 12 hex digits: unique in any real fleet, and accepted by --node as an id prefix.
+            n["nodeId"]
+                .as_str()
+                .unwrap_or("?")
+                .chars()
+                .take(12)
+                .collect(),
+            n["remoteIp"].as_str().unwrap_or("-").to_string(),
+            status.join(" · "),
+            n["gateway"].as_str().unwrap_or("-").to_string(),
+            n["transport"].as_str().unwrap_or("-").to_string(),
+            n["labels"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default(),
+            if n["paired"] == true {
+                crate::cli::devices::admitted_by(n)
+            } else {
+                "-".to_string()
+            },
+        ]);
+    }
+    out.push_str(&format!("{t}\n"));
+    out
 }

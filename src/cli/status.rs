@@ -51,7 +51,7 @@ fn latency_text(v: &Value) -> String {
 /// latency, last seen.
 pub fn render_table(doc: &Value) -> String {
     let now = SystemTime::now();
-    let mut rows: Vec<[String; 7]> = vec![[
+    let mut rows: Vec<[String; 8]> = vec![[
         "GATEWAY".into(),
         "ROLE".into(),
         "STATUS".into(),
@@ -59,6 +59,7 @@ pub fn render_table(doc: &Value) -> String {
         "LAST SEEN".into(),
         "FOUND".into(),
         "ADDRESS".into(),
+        "VERSION".into(),
     ]];
     for g in doc["gateways"].as_array().into_iter().flatten() {
         let name = g["name"].as_str().unwrap_or("?");
@@ -94,15 +95,18 @@ pub fn render_table(doc: &Value) -> String {
             last_seen,
             g["found"].as_str().unwrap_or("-").to_string(),
             g["addr"].as_str().unwrap_or("").to_string(),
+            g["version"].as_str().unwrap_or("-").to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
     out.push_str(&format!(
         "Federation: {} gateways, primary {}, seen from {}\n",
-        doc["gateways"].as_array().map(|g| g.len()).unwrap_or(0),
+        doc["federationSize"]
+            .as_u64()
+            .unwrap_or(doc["gateways"].as_array().map_or(0, |g| g.len() as u64)),
         doc["primary"].as_str().unwrap_or("(unknown)"),
         doc["self"].as_str().unwrap_or("?"),
     ));

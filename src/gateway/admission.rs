@@ -101,14 +101,19 @@ impl GatewayAdmission {
                 name: hello.name.clone(),
             }),
             PairingDecision::Pending(p) => {
-                info!(
-                    device = %p.device_id,
-                    name = %p.name,
-                    request = %p.request_id,
-                    reason = %p.reason,
-                    "pairing request pending; approve with `clawmesh devices approve {}`",
-                    p.request_id
-                );
+                // Logged once per request: the node's retries only refresh it.
+                if p.requested_at == p.refreshed_at {
+                    info!(
+                        device = %p.device_id,
+                        name = %p.name,
+                        request = %p.request_id,
+                        reason = %p.reason,
+                        "pairing request pending; approve with `clawmesh devices approve {}`",
+                        p.request_id
+                    );
+                } else {
+                    tracing::debug!(request = %p.request_id, "pairing request refreshed");
+                }
                 Err(Refusal {
                     code: RefusalCode::PairingRequired,
                     message: format!(

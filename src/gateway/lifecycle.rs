@@ -152,7 +152,12 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     )
     .await
     .map_err(|e| anyhow!("cannot start the federation's consensus: {e}"))?;
-    methods.set_consensus(replica.clone(), s.sync, s.local_config.clone());
+    methods.set_consensus(
+        replica.clone(),
+        s.sync,
+        s.local_config.clone(),
+        s.flag_keys.clone(),
+    );
     methods.set_logs(super::logs::GatewayLogs::start(
         &s.state_dir,
         &mesh,

@@ -113,6 +113,8 @@ pub struct GatewaySettings {
     pub sync: SyncPolicy,
     /// This gateway's own config keys (`clawmesh.json` leaves), for the effective config.
     pub local_config: BTreeMap<String, serde_json::Value>,
+    /// The keys of `local_config` set by a command-line flag (shown as source `flag`).
+    pub flag_keys: std::collections::BTreeSet<String>,
     /// Consensus settings (`gateway.federation.*`, `gateway.sync.compression|batchSize`);
     /// `preferred` and `health_interval` are filled in from the rest at start.
     pub consensus: ReplicaConfig,
@@ -283,14 +285,15 @@ impl GatewaySettings {
             local_config: {
                 // Flags are this gateway's own settings too: they show (and win) as local keys.
                 let mut local = file.leaves();
-                if let Some(ms) = flags.health_interval {
-                    local.insert("gateway.failover.healthCheckInterval".into(), ms.into());
-                }
-                if let Some(t) = flags.unhealthy_threshold {
-                    local.insert("gateway.failover.unhealthyThreshold".into(), t.into());
+                for (key, value) in flag_values(&flags) {
+                    local.insert(key.into(), value);
                 }
                 local
             },
+            flag_keys: flag_values(&flags)
+                .into_iter()
+                .map(|(k, _)| k.to_string())
+                .collect(),
             consensus: consensus_settings(file)?,
             tailnet_policy: {
                 let leaves = file.leaves();
@@ -307,6 +310,31 @@ impl GatewaySettings {
             },
         })
     }
+}
+
+/// The config keys the command-line flags set, with their values: they show in `config get`
+/// and `config show --effective` with the source `flag`.
+fn flag_values(flags: &RunFlags) -> Vec<(&'static str, serde_json::Value)> {
+    let mut out = Vec::new();
+    if let Some(n) = &flags.name {
+        out.push(("gateway.nodeName", n.clone().into()));
+    }
+    if let Some(r) = &flags.region {
+        out.push(("gateway.region", r.clone().into()));
+    }
+    if let Some(p) = flags.port {
+        out.push(("gateway.port", p.into()));
+    }
+    if let Some(a) = &flags.advertise {
+        out.push(("gateway.advertise", a.clone().into()));
+    }
+    if let Some(ms) = flags.health_interval {
+        out.push(("gateway.failover.healthCheckInterval", ms.into()));
+    }
+    if let Some(t) = flags.unhealthy_threshold {
+        out.push(("gateway.failover.unhealthyThreshold", t.into()));
+    }
+    out
 }
 
 /// Consensus settings from `gateway.federation.*` and `gateway.sync.*`.

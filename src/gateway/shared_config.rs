@@ -184,6 +184,8 @@ pub fn is_secret(key: &str) -> bool {
 pub enum Source {
     /// This gateway's `clawmesh.json`.
     Local,
+    /// A command-line flag of this gateway (`gateway run --health-interval ...`).
+    Flag,
     /// The shared config, written at this revision.
     Synced(u64),
 }
@@ -191,7 +193,8 @@ pub enum Source {
 impl Source {
     fn label(&self) -> String {
         match self {
-            Source::Local => "local".into(),
+            Source::Local => "file".into(),
+            Source::Flag => "flag".into(),
             Source::Synced(r) => format!("synced r{r}"),
         }
     }
@@ -277,6 +280,19 @@ pub fn effective(
         }
     }
     (out.into_values().collect(), ignored)
+}
+
+/// Marks the local entries set by command-line flags as [`Source::Flag`] (also where they
+/// shadow a synced value), so an operator sees that a flag pins the key on this gateway.
+pub fn mark_flags(entries: &mut [Effective], flags: &std::collections::BTreeSet<String>) {
+    for e in entries.iter_mut().filter(|e| flags.contains(&e.key)) {
+        if e.source == Source::Local {
+            e.source = Source::Flag;
+        }
+        if let Some((src @ Source::Local, _)) = &mut e.shadowed {
+            *src = Source::Flag;
+        }
+    }
 }
 
 /// Hides a secret value for display.

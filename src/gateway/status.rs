@@ -28,7 +28,8 @@ pub fn to_json(s: &MeshStatus, all: bool) -> Value {
                 "deviceId": g.device_id.to_string(),
                 "role": if g.primary { "primary" } else { "remote" },
                 "status": g.status.as_str(),
-                "latencyMs": g.latency.map(ms),
+                // A gateway does not ping itself: no latency, rather than a made-up 0.
+                "latencyMs": if g.is_self { None } else { g.latency.map(ms) },
                 "lastSeen": g.last_seen.map(rfc3339),
                 "addr": g.addr,
                 "version": g.version,
@@ -46,6 +47,8 @@ pub fn to_json(s: &MeshStatus, all: bool) -> Value {
         "self": s.self_name,
         "primary": s.primary,
         "gateways": gateways,
+        // How many gateways the federation has, whether or not `all` lists them.
+        "federationSize": s.gateways.len(),
         "epoch": s.epoch,
         "healthIntervalMs": s.health.interval.as_millis() as u64,
         "unhealthyThreshold": s.health.unhealthy_threshold,

@@ -355,7 +355,7 @@ impl Replica {
         });
         if replica.inner.cfg.preferred && !replica.initialized().await {
             let me = replica.self_node();
-            info!(node_id = id, "forming the federation's consensus group");
+            info!(gateway = %me.name, "forming the federation's consensus group");
             match replica.raft().initialize(BTreeMap::from([(id, me)])).await {
                 Ok(()) => {}
                 Err(RaftError::APIError(e)) => debug!("already initialized: {e}"),
@@ -967,7 +967,11 @@ impl Replica {
             }
             let m = metrics.borrow_and_update().clone();
             if m.running_state.is_err() || m.state == ServerState::Shutdown {
-                warn!("consensus stopped: {:?}", m.running_state);
+                // A clean stop (shutdown of the gateway) is not worth a warning.
+                match &m.running_state {
+                    Ok(()) | Err(openraft::error::Fatal::Stopped) => debug!("consensus stopped"),
+                    Err(e) => warn!("consensus stopped: {e}"),
+                }
                 self.inner.mesh.set_leader(None);
                 return;
             }

@@ -82,6 +82,7 @@ impl Methods {
                 if method == "config.set" {
                     if let Some(values) = params.get("values").and_then(Value::as_object) {
                         for (k, v) in values {
+                            crate::config_schema::check(k, v).map_err(bad)?;
                             changes.push((k.clone(), Some(v.to_string())));
                         }
                     } else {
@@ -89,6 +90,7 @@ impl Methods {
                         let value = params.get("value").ok_or_else(|| {
                             bad("invalid config.set params: must have required property 'value'")
                         })?;
+                        crate::config_schema::check(key, value).map_err(bad)?;
                         changes.push((key.to_string(), Some(value.to_string())));
                     }
                 } else if let Some(keys) = params.get("keys").and_then(Value::as_array) {
@@ -103,6 +105,29 @@ impl Methods {
                 }
                 if changes.is_empty() {
                     return Err(bad(format!("{method}: nothing to change")));
+                }
+                if method == "config.unset" {
+                    // Unsetting a key that is not set writes nothing (no revision is spent)
+                    // and says which keys those were.
+                    let mut absent = Vec::new();
+                    let mut present = Vec::new();
+                    for (k, v) in changes {
+                        shared_config::check_key(&k).map_err(bad)?;
+                        if sh.replica.get(&k).await.map_err(|e| e.to_wire())?.is_some() {
+                            present.push((k, v));
+                        } else {
+                            absent.push(k);
+                        }
+                    }
+                    if present.is_empty() {
+                        return Ok(json!({
+                            "revision": sh.replica.revision(),
+                            "primary": sh.replica.status().leader,
+                            "keys": 0,
+                            "notSet": absent,
+                        }));
+                    }
+                    changes = present;
                 }
                 let mut size = 0;
                 for (k, v) in &changes {
@@ -128,9 +153,27 @@ impl Methods {
                 } else {
                     Command::SetConfigBatch(changes)
                 };
+                let written: Vec<String> = match &cmd {
+                    Command::SetConfig { key, .. } => vec![key.clone()],
+                    Command::SetConfigBatch(c) => c.iter().map(|(k, _)| k.clone()).collect(),
+                    _ => Vec::new(),
+                };
                 let ack = sh.replica.write(cmd).await.map_err(|e| e.to_wire())?;
                 tracing::info!(revision = ack.revision, keys = n, primary = %ack.leader, "shared config written");
-                Ok(json!({"revision": ack.revision, "primary": ack.leader, "keys": n}))
+                // Keys this gateway pins by a flag or its file (unless the sync policy lets
+                // the shared value win): the write is stored but not in force here.
+                let pinned: Vec<Value> = if sh.policy.override_local {
+                    Vec::new()
+                } else {
+                    written
+                        .iter()
+                        .filter(|k| sh.local.contains_key(*k))
+                        .map(|k| json!({"key": k, "source": if sh.flags.contains(k) { "flag" } else { "file" }}))
+                        .collect()
+                };
+                Ok(
+                    json!({"revision": ack.revision, "primary": ack.leader, "keys": n, "shadowedHere": pinned, "gateway": self.gateway_name()}),
+                )
             }
             "gateway.promote" => {
                 if params.get("force").and_then(Value::as_bool) != Some(true) {
@@ -152,7 +195,9 @@ impl Methods {
     ) -> Result<(Vec<shared_config::Effective>, Vec<shared_config::Ignored>), WireError> {
         let sh = self.shared()?;
         let rows = sh.replica.all().await.map_err(|e| e.to_wire())?;
-        Ok(shared_config::effective(&sh.local, &rows, sh.policy))
+        let (mut entries, ignored) = shared_config::effective(&sh.local, &rows, sh.policy);
+        shared_config::mark_flags(&mut entries, &sh.flags);
+        Ok((entries, ignored))
     }
 
     /// The effective config of only `keys` (one lookup each, not the whole table).
@@ -171,6 +216,8 @@ impl Methods {
                 local.insert(key.to_string(), v.clone());
             }
         }
-        Ok(shared_config::effective(&local, &rows, sh.policy))
+        let (mut entries, ignored) = shared_config::effective(&local, &rows, sh.policy);
+        shared_config::mark_flags(&mut entries, &sh.flags);
+        Ok((entries, ignored))
     }
 }

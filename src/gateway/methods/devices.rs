@@ -171,6 +171,27 @@ impl Methods {
                         return Err(e);
                     }
                 }
+                // Names select nodes (`--node web-1`): a second device with a paired name
+                // would make the name ambiguous, so it is refused here, not discovered later.
+                let pending = self.inner.pairing.find_pending(sel).map_err(not_here)?;
+                let clash = self
+                    .inner
+                    .pairing
+                    .paired_all()
+                    .map_err(pairing_err)?
+                    .into_iter()
+                    .find(|d| d.name == pending.name && d.device_id != pending.device_id);
+                if let (Some(d), false) = (
+                    clash,
+                    params.get("allowDuplicateName") == Some(&json!(true)),
+                ) {
+                    return Err(bad(format!(
+                        "another device named {} is already paired (device {}); start the new one with another --name, or revoke the old one first (`clawmesh devices revoke {}`)",
+                        d.name,
+                        &d.device_id[..d.device_id.len().min(16)],
+                        &d.device_id[..d.device_id.len().min(16)],
+                    )));
+                }
                 let device = self.inner.pairing.approve(sel).map_err(not_here)?;
                 tracing::info!(device = %device.device_id, name = %device.name, "device approved");
                 self.publish_pairing(&device.public_key);

@@ -39,7 +39,24 @@ impl Methods {
             }
             "gateway.forget" => {
                 let name = str_param(&params, "name", method)?;
-                let m = self.mesh()?.forget(name).map_err(|e| bad(e.to_string()))?;
+                let mesh = self.mesh()?;
+                let m = mesh.forget(name).map_err(|e| {
+                    // Name the primary, so the operator knows where to run it.
+                    let st = mesh.status();
+                    match &st.primary {
+                        Some(p) if e.to_string().contains("only the primary") => {
+                            let addr = st
+                                .gateways
+                                .iter()
+                                .find(|g| &g.name == p)
+                                .map_or("its address", |g| g.addr.as_str());
+                            bad(format!(
+                                "{e}: the primary is {p} (`clawmesh gateway forget {name} --url quic://{addr}`)"
+                            ))
+                        }
+                        _ => bad(e.to_string()),
+                    }
+                })?;
                 Ok(json!({"name": m.name, "deviceId": m.key.device_id().to_string()}))
             }
             other => Err(bad(format!("unknown method: {other}"))),
@@ -214,6 +231,53 @@ impl Methods {
             "primary": status.primary,
             "nodes": self.inner.nodes.list().len(),
         }))
+    }
+
+    /// Readiness for `GET /readyz`: ready when the mesh is up, this gateway is a member of
+    /// its federation, and the shared config has a quorum view (a primary it can reach with a
+    /// majority of voters); with `all`, also when no gateway of the federation is offline.
+    /// Returns whether it is ready and a document with the reasons it is not.
+    pub fn readiness(&self, all: bool) -> (bool, Value) {
+        let mut reasons: Vec<String> = Vec::new();
+        let mut doc = json!({"name": Value::Null});
+        match self.mesh() {
+            Err(e) => reasons.push(format!("not serving yet: {}", e.message)),
+            Ok(mesh) => {
+                let status = mesh.status();
+                doc["name"] = json!(status.self_name);
+                if let Some(why) = &status.not_joined {
+                    reasons.push(format!("not joined: {why}"));
+                }
+                if all {
+                    for g in status
+                        .gateways
+                        .iter()
+                        .filter(|g| g.status == clawmesh_federation::health::Status::Offline)
+                    {
+                        reasons.push(format!("gateway {} is offline", g.name));
+                    }
+                }
+            }
+        }
+        match self.shared() {
+            Err(e) => reasons.push(format!("no quorum view: {}", e.message)),
+            Ok(sh) => {
+                let c = sh.replica.status();
+                if !c.quorum {
+                    reasons.push(format!(
+                        "no quorum view: {} of {} voters reachable",
+                        c.reachable_voters,
+                        c.voters.len()
+                    ));
+                } else if c.leader.is_none() {
+                    reasons.push("no quorum view: electing a primary".into());
+                }
+            }
+        }
+        let ready = reasons.is_empty();
+        doc["ready"] = json!(ready);
+        doc["reasons"] = json!(reasons);
+        (ready, doc)
     }
 
     /// The `health` document (for `GET /healthz`), or a not-ready note.

@@ -111,6 +111,53 @@ pub fn push_exec_default(link: registry::NodeLink, level: Option<String>, name: 
     });
 }
 
+/// Every method with the scope it needs (`-` for none), for `gateway call --list`.
+pub fn method_scopes() -> Vec<(&'static str, &'static str)> {
+    TABLE
+        .iter()
+        .map(|(n, a)| {
+            (
+                *n,
+                match a {
+                    Access::Any => "-",
+                    Access::Scope(s) => s,
+                    Access::Node => "node role only",
+                },
+            )
+        })
+        .collect()
+}
+
+/// The error for a method the table does not have: the classic message, and in `details`
+/// the closest method name when a typo is likely (at most a third of the name differs), which
+/// the CLI shows as "did you mean".
+fn unknown_method(method: &str) -> WireError {
+    let mut e = bad(format!("unknown method: {method}"));
+    let best = TABLE
+        .iter()
+        .map(|(n, _)| (edit_distance(method, n), *n))
+        .min();
+    if let Some((_, name)) = best.filter(|(d, _)| *d <= method.len().max(3) / 3) {
+        e.details = Some(json!({"code": "UNKNOWN_METHOD", "didYouMean": name}).to_string());
+    }
+    e
+}
+
+/// Levenshtein distance of two short names (method names are a few dozen bytes).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
 /// Names of every method, for `hello-ok.features.methods` and `gateway call --help`.
 pub fn method_names() -> Vec<&'static str> {
     TABLE.iter().map(|(n, _)| *n).collect()
@@ -127,6 +174,8 @@ struct Shared {
     replica: Replica,
     policy: SyncPolicy,
     local: BTreeMap<String, Value>,
+    /// Keys of `local` set by command-line flags.
+    flags: std::collections::BTreeSet<String>,
 }
 
 struct Inner {
@@ -250,11 +299,13 @@ impl Methods {
         replica: Replica,
         policy: SyncPolicy,
         local: BTreeMap<String, Value>,
+        flags: std::collections::BTreeSet<String>,
     ) {
         let _ = self.inner.shared.set(Shared {
             replica,
             policy,
             local,
+            flags,
         });
     }
 
@@ -334,7 +385,7 @@ impl Methods {
     /// Role and scope check for `method`, the same for every front door.
     fn check_access(caller: &Caller, method: &str) -> Result<(), WireError> {
         let Some((_, access)) = TABLE.iter().find(|(n, _)| *n == method) else {
-            return Err(bad(format!("unknown method: {method}")));
+            return Err(unknown_method(method));
         };
         match (&caller.kind, access) {
             (CallerKind::Node { .. }, Access::Node) => {}
