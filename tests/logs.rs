@@ -298,8 +298,10 @@ fn three_regions_audit_and_follow() {
         r#"{"command":["sh","-c","exit 3"]}"#,
         &[],
     );
-    assert!(
-        ok.status.success(),
+    // The command ran and exited 3: the CLI exits with the remote status, as ssh does.
+    assert_eq!(
+        ok.status.code(),
+        Some(3),
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
