@@ -124,9 +124,7 @@ impl ServerCertVerifier for DeviceKeyVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -167,9 +165,7 @@ impl ClientCertVerifier for DeviceKeyVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls13RequiredForQuic,
-        ))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -188,6 +184,13 @@ impl ClientCertVerifier for DeviceKeyVerifier {
     fn requires_raw_public_keys(&self) -> bool {
         true
     }
+}
+
+/// QUIC is TLS 1.3 only: a TLS 1.2 signature never reaches a device-key check.
+fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::PeerIncompatible(
+        rustls::PeerIncompatible::Tls13RequiredForQuic,
+    ))
 }
 
 /// A shared verifier instance.
