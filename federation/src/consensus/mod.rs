@@ -65,6 +65,7 @@
 //!   apply entries committed-but-not-applied at a crash once a leader commits again).
 
 pub mod election;
+pub mod group_commit;
 pub mod log_store;
 pub mod network;
 pub(crate) mod recovery;

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::election::{self, LocalView, PreVoteReply, PreVoteRequest};
+use super::group_commit::{GroupCommit, Propose, QueueError};
 use super::network::{self, MeshNetwork};
 use super::types::{node_id_of, Command, GatewayNode, NodeId, TypeConfig};
 use super::{ConsensusStoreError, SqliteStateMachine};
@@ -259,6 +260,58 @@ struct Inner {
     granted_prevote: Mutex<Option<Instant>>,
     /// Collision warnings already logged (so each is logged once).
     collisions: Mutex<BTreeSet<NodeId>>,
+    /// The leader's group commit: writes made or forwarded here while this gateway leads.
+    group: GroupCommit<EntryError>,
+}
+
+/// Why a group-committed entry failed (every write in it gets this).
+#[derive(Debug, Clone)]
+enum EntryError {
+    /// Leadership moved before the entry committed: retried by the writer, at the new leader.
+    NoLeader(String),
+    /// No majority acknowledged the entry within the write timeout; it may still commit.
+    NotAcknowledged(Duration),
+    /// The raft node stopped.
+    Fatal(String),
+}
+
+impl From<EntryError> for ConsensusError {
+    fn from(e: EntryError) -> Self {
+        match e {
+            EntryError::NoLeader(m) => ConsensusError::NoLeader(m),
+            EntryError::NotAcknowledged(d) => ConsensusError::NotAcknowledged(d),
+            EntryError::Fatal(m) => ConsensusError::Fatal(m),
+        }
+    }
+}
+
+/// The group commit's proposer: one entry through the current raft node (it may be replaced by
+/// a forced promotion), waited for until committed and applied, at most the write timeout.
+fn entry_proposer(inner: std::sync::Weak<Inner>) -> Propose<EntryError> {
+    Arc::new(move |cmd| {
+        let inner = inner.clone();
+        Box::pin(async move {
+            let Some(inner) = inner.upgrade() else {
+                return Err(EntryError::Fatal("the consensus stopped".into()));
+            };
+            let raft = inner.raft.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let timeout = inner.cfg.write_timeout;
+            drop(inner);
+            // Bounded: a leader that loses its majority mid-entry would otherwise hold the
+            // entry slot (and its writes) forever.
+            match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
+                Err(_) => Err(EntryError::NotAcknowledged(timeout)),
+                Ok(Ok(resp)) => Ok(resp.data.revision),
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    Err(EntryError::NoLeader(format!(
+                        "leadership moved to {:?}",
+                        f.leader_node.map(|n| n.name)
+                    )))
+                }
+                Ok(Err(e)) => Err(EntryError::Fatal(e.to_string())),
+            }
+        })
+    })
 }
 
 /// A gateway's consensus handle; cheap to clone.
@@ -320,7 +373,8 @@ impl Replica {
             .map_err(|e| ConsensusError::Fatal(e.to_string()))??;
         let applied = watch::channel(sm_revision(&sm).await?).0;
         let replica = Replica {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|weak| Inner {
+                group: GroupCommit::start(entry_proposer(weak.clone())),
                 raft: RwLock::new(raft),
                 raft_config,
                 store,
@@ -628,24 +682,23 @@ impl Replica {
             }
             _ => {}
         }
-        // Bounded by the caller's deadline: a leader that loses its majority mid-write would
-        // otherwise wait for it forever.
+        // Into the leader's next entry (group commit); bounded by the caller's deadline: the
+        // entry itself is bounded by the write timeout, a caller may have less left.
+        let rx = self.inner.group.submit(cmd.clone()).map_err(|e| match e {
+            QueueError::Full => ConsensusError::Unavailable(e.to_string()),
+            QueueError::Stopped => ConsensusError::Fatal(e.to_string()),
+        })?;
         let wait = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(wait, self.raft().client_write(cmd.clone())).await {
+        match tokio::time::timeout(wait, rx).await {
             Err(_) => Err(ConsensusError::NotAcknowledged(
                 self.inner.cfg.write_timeout,
             )),
-            Ok(Ok(resp)) => Ok(WriteAck {
-                revision: resp.data.revision,
+            Ok(Err(_)) => Err(ConsensusError::Fatal("the group commit stopped".into())),
+            Ok(Ok(Ok(revision))) => Ok(WriteAck {
+                revision,
                 leader: self.inner.name.clone(),
             }),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(ConsensusError::NoLeader(format!(
-                    "leadership moved to {:?}",
-                    f.leader_node.map(|n| n.name)
-                )))
-            }
-            Ok(Err(e)) => Err(ConsensusError::Fatal(e.to_string())),
+            Ok(Ok(Err(e))) => Err(e.into()),
         }
     }
 

@@ -109,6 +109,13 @@ enum ConfigOp {
     },
 }
 
+/// What one `apply` batch changes, gathered entry by entry before its one transaction.
+struct Pending<'a> {
+    ops: &'a mut Vec<ConfigOp>,
+    pairing: &'a mut Vec<PairingRecord>,
+    members: &'a mut Option<Membership>,
+}
+
 impl SqliteStateMachine {
     /// Opens the state machine on `store`, creating its tables if needed (blocking: call it at
     /// startup or in `spawn_blocking`).
@@ -197,6 +204,37 @@ impl SqliteStateMachine {
         ))
     }
 
+    /// Adds what `command` (of the entry at `revision`) changes to `into`; a group's writes in
+    /// their order.
+    fn collect(&self, command: Command, revision: i64, into: &mut Pending<'_>) {
+        match command {
+            Command::SetConfig { key, value } => into.ops.push(config_op(key, value, revision)),
+            Command::SetConfigBatch(changes) => into.ops.extend(
+                changes
+                    .into_iter()
+                    .map(|(key, value)| config_op(key, value, revision)),
+            ),
+            Command::Noop => {}
+            Command::Pairing(records) => into.pairing.extend(records),
+            // Only a newer epoch replaces the list (deterministic on every gateway).
+            Command::Members(m) => {
+                let current = into
+                    .members
+                    .as_ref()
+                    .or(self.members.borrow().as_ref())
+                    .map_or(0, |c| c.epoch);
+                if m.epoch > current || current == 0 {
+                    *into.members = Some(m);
+                }
+            }
+            Command::Group(writes) => {
+                for w in writes {
+                    self.collect(w, revision, into);
+                }
+            }
+        }
+    }
+
     async fn apply_entries(
         &self,
         entries: Vec<Entry>,
@@ -217,26 +255,14 @@ impl SqliteStateMachine {
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                 }
-                EntryPayload::Normal(command) => match command {
-                    Command::SetConfig { key, value } => ops.push(config_op(key, value, revision)),
-                    Command::SetConfigBatch(changes) => ops.extend(
-                        changes
-                            .into_iter()
-                            .map(|(key, value)| config_op(key, value, revision)),
-                    ),
-                    Command::Noop => {}
-                    Command::Pairing(records) => pairing.extend(records),
-                    // Only a newer epoch replaces the list (deterministic on every gateway).
-                    Command::Members(m) => {
-                        let current = members
-                            .as_ref()
-                            .or(self.members.borrow().as_ref())
-                            .map_or(0, |c| c.epoch);
-                        if m.epoch > current || current == 0 {
-                            members = Some(m);
-                        }
-                    }
-                },
+                EntryPayload::Normal(command) => {
+                    let mut pending = Pending {
+                        ops: &mut ops,
+                        pairing: &mut pairing,
+                        members: &mut members,
+                    };
+                    self.collect(command, revision, &mut pending);
+                }
             }
             results.push(CommandResult {
                 revision: entry.log_id.index,
@@ -717,6 +743,47 @@ mod tests {
             ("a".into(), "10".into(), 3),
             ("b".into(), "\"two\"".into(), 3),
         ]
+    }
+
+    #[tokio::test]
+    async fn a_group_applies_each_write_at_its_entry_revision() {
+        let (_dir, store) = temp_store();
+        let mut sm = SqliteStateMachine::open(store).unwrap();
+        let results = sm
+            .apply(vec![
+                membership(1, 1, &[1]),
+                normal(1, 2, set("a", "1")),
+                normal(
+                    1,
+                    3,
+                    Command::Group(vec![
+                        set("b", "2"),
+                        Command::SetConfig {
+                            key: "a".into(),
+                            value: None,
+                        },
+                        Command::SetConfigBatch(vec![
+                            ("c".into(), Some("3".into())),
+                            ("d".into(), Some("4".into())),
+                        ]),
+                        Command::Noop,
+                    ]),
+                ),
+                normal(1, 4, set("d", "5")),
+            ])
+            .await
+            .unwrap();
+        let revisions: Vec<u64> = results.iter().map(|r| r.revision).collect();
+        assert_eq!(revisions, vec![1, 2, 3, 4]);
+        assert_eq!(
+            sm.all().unwrap(),
+            vec![
+                ("b".into(), "2".into(), 3),
+                ("c".into(), "3".into(), 3),
+                ("d".into(), "5".into(), 4),
+            ]
+        );
+        assert_eq!(sm.revision().unwrap(), 4);
     }
 
     #[tokio::test]

@@ -81,6 +81,11 @@ pub enum Command {
     /// The federation's member list (pinned gateway keys, names, addresses) at an epoch, as
     /// the primary admitted them: every gateway adopts it when it is newer than its own.
     Members(crate::wire::Membership),
+    /// Several independent writes committed in one entry by the leader's group commit
+    /// ([`super::group_commit`]): applied in order, every one at this entry's revision. The
+    /// leader never puts two writes of the same config key into one group, so each write's
+    /// key holds exactly that write's value at the revision its writer is told.
+    Group(Vec<Command>),
 }
 
 impl Command {
@@ -95,6 +100,32 @@ impl Command {
             Command::SetConfig { value, .. } => check(value),
             Command::SetConfigBatch(changes) => changes.iter().try_for_each(|(_, v)| check(v)),
             Command::Noop | Command::Pairing(_) | Command::Members(_) => Ok(()),
+            Command::Group(writes) => writes.iter().try_for_each(Command::check),
+        }
+    }
+
+    /// The config keys this command writes (none for the commands that write no config key).
+    pub fn keys(&self) -> Vec<&str> {
+        match self {
+            Command::SetConfig { key, .. } => vec![key.as_str()],
+            Command::SetConfigBatch(changes) => changes.iter().map(|(k, _)| k.as_str()).collect(),
+            Command::Group(writes) => writes.iter().flat_map(Command::keys).collect(),
+            Command::Noop | Command::Pairing(_) | Command::Members(_) => Vec::new(),
+        }
+    }
+
+    /// Bytes of config keys and values this command carries (its share of a raft entry, for
+    /// the group commit's size bound; commands that write no config count one byte per
+    /// pairing record or member, roughly).
+    pub fn weight(&self) -> usize {
+        let change = |k: &String, v: &Option<String>| k.len() + v.as_ref().map_or(0, String::len);
+        match self {
+            Command::SetConfig { key, value } => change(key, value),
+            Command::SetConfigBatch(changes) => changes.iter().map(|(k, v)| change(k, v)).sum(),
+            Command::Group(writes) => writes.iter().map(Command::weight).sum(),
+            Command::Noop => 0,
+            Command::Pairing(records) => records.len() * 256,
+            Command::Members(_) => 4096,
         }
     }
 }
@@ -155,5 +186,27 @@ mod tests {
         })
         .unwrap();
         assert_eq!(bytes, vec![0, 1, b'k', 0]);
+        let bytes = postcard::to_stdvec(&Command::Group(vec![Command::Noop])).unwrap();
+        assert_eq!(bytes, vec![5, 1, 2]);
+    }
+
+    #[test]
+    fn group_keys_and_check() {
+        let g = Command::Group(vec![
+            Command::SetConfig {
+                key: "a".into(),
+                value: Some("1".into()),
+            },
+            Command::SetConfigBatch(vec![("b".into(), None), ("c".into(), Some("2".into()))]),
+            Command::Noop,
+        ]);
+        assert_eq!(g.keys(), vec!["a", "b", "c"]);
+        assert_eq!(g.weight(), 5);
+        assert!(g.check().is_ok());
+        let bad = Command::Group(vec![Command::SetConfig {
+            key: "a".into(),
+            value: Some("{".into()),
+        }]);
+        assert!(bad.check().is_err());
     }
 }
