@@ -874,3 +874,193 @@ fn a_gateway_joins_through_the_new_primary_while_the_configured_one_is_down() {
     let rev = set(&oslo_dir, "joined.oslo", "true").expect("oslo writes through the primary");
     assert!(wait_until(Duration::from_secs(10), || applied(&tyo) >= rev));
 }
+
+/// Fires `writes` (key, value) as concurrent `config.set` calls on `dir` (one operator
+/// connection per `conns` writers); returns each write's revision, or its error.
+fn concurrent_sets(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    writes: Vec<(String, u64)>,
+) -> Vec<(String, u64, Result<u64, String>)> {
+    rt.block_on(async {
+        let target = clawmesh::cli::client::Target::Local(dir.to_path_buf());
+        let client = clawmesh::cli::client::Client::connect(&target)
+            .await
+            .unwrap();
+        let client = &client;
+        let calls = writes.into_iter().map(|(key, n)| async move {
+            let r = client
+                .call(
+                    "config.set",
+                    serde_json::json!({"key": key, "value": n}),
+                    Duration::from_secs(20),
+                )
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|v| v["revision"].as_u64().ok_or_else(|| v.to_string()));
+            (key, n, r)
+        });
+        futures_util::future::join_all(calls).await
+    })
+}
+
+#[test]
+fn concurrent_writes_share_entries_and_each_gets_its_own_result() {
+    let _serial = serial();
+    let fed = Fed::start(400);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut acked: Vec<(String, u64, u64)> = Vec::new();
+    let mut same: Vec<(u64, u64)> = Vec::new();
+    for round in 0..3u64 {
+        // 48 writes of distinct keys and 8 of one key, all at once: on the primary (tokyo) in
+        // even rounds, forwarded from beijing in odd ones.
+        let mut writes: Vec<(String, u64)> = (0..48)
+            .map(|i| (format!("group.r{round}k{i}"), round * 100 + i))
+            .collect();
+        writes.extend((0..8).map(|i| ("group.same".to_string(), round * 100 + 50 + i)));
+        for (key, n, r) in concurrent_sets(&rt, fed.dir((round % 2) as usize), writes) {
+            let rev = r.unwrap_or_else(|e| panic!("round {round}: {key}={n} failed: {e}"));
+            if key == "group.same" {
+                same.push((rev, n));
+            } else {
+                acked.push((key, n, rev));
+            }
+        }
+    }
+    // Grouped: fewer entries than writes.
+    let mut revs: Vec<u64> = acked.iter().map(|a| a.2).collect();
+    revs.sort_unstable();
+    revs.dedup();
+    assert!(
+        revs.len() < acked.len(),
+        "{} writes in {} entries: nothing was grouped",
+        acked.len(),
+        revs.len()
+    );
+    // Writes of one key never share an entry: each got a revision of its own, and the value
+    // left is the one with the highest revision.
+    same.sort_unstable();
+    let mut same_revs: Vec<u64> = same.iter().map(|s| s.0).collect();
+    same_revs.dedup();
+    assert_eq!(
+        same_revs.len(),
+        same.len(),
+        "one key twice in an entry: {same:?}"
+    );
+    let last = *revs.last().unwrap().max(same_revs.last().unwrap());
+    for i in 0..3 {
+        let d = fed.dir(i);
+        assert!(
+            wait_until(Duration::from_secs(15), || applied(d) >= last),
+            "{} did not apply revision {last}",
+            d.display()
+        );
+        let state = shared(d);
+        for (key, n, rev) in &acked {
+            let got = state.get(key);
+            assert!(
+                got.is_some_and(|(v, r)| v.as_u64() == Some(*n) && r == rev),
+                "{}: acknowledged {key}={n} (r{rev}) is {got:?}",
+                d.display()
+            );
+        }
+        let (rev, n) = same.last().unwrap();
+        let got = state.get("group.same");
+        assert!(
+            got.is_some_and(|(v, r)| v.as_u64() == Some(*n) && r == rev),
+            "{}: group.same should be {n} (r{rev}), is {got:?}",
+            d.display()
+        );
+    }
+}
+
+#[test]
+fn a_primary_killed_mid_group_acknowledges_no_lost_write() {
+    let _serial = serial();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let relay = relay_with(&rt, [(0, 1, 40), (0, 2, 40), (1, 2, 40)]);
+    let mut fed = start_behind(&relay, 400);
+    let victim = NAMES
+        .iter()
+        .position(|n| primary(fed.dir(1)).as_deref() == Some(*n))
+        .expect("a primary");
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    // 32 writers, 16 on each survivor (forwarded to the primary), each writing new keys as
+    // fast as they are acknowledged; the primary is SIGKILLed while groups are in flight.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..32usize)
+        .map(|w| {
+            let dir = fed.dir(survivors[w % 2]).to_path_buf();
+            let stop = stop.clone();
+            let handle = rt.handle().clone();
+            std::thread::spawn(move || {
+                handle.block_on(async {
+                    let target = clawmesh::cli::client::Target::Local(dir);
+                    let client = clawmesh::cli::client::Client::connect(&target)
+                        .await
+                        .unwrap();
+                    let mut acked = Vec::new();
+                    let mut failed = 0u64;
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let key = format!("kill.w{w}n{n}");
+                        let r = client
+                            .call(
+                                "config.set",
+                                serde_json::json!({"key": key, "value": n}),
+                                Duration::from_secs(20),
+                            )
+                            .await;
+                        match r.map(|v| v["revision"].as_u64()) {
+                            Ok(Some(rev)) => acked.push((key, n, rev)),
+                            Ok(None) => panic!("a reply without a revision"),
+                            Err(_) => failed += 1,
+                        }
+                    }
+                    (acked, failed)
+                })
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    fed.kill9(victim);
+    let ok = wait_until(Duration::from_secs(10), || {
+        primary(fed.dir(survivors[0])).is_some_and(|p| p != NAMES[victim])
+    });
+    assert!(ok, "no new primary: {}", fed.report());
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    let mut failed = 0;
+    for w in writers {
+        let (a, f) = w.join().unwrap();
+        acked.extend(a);
+        failed += f;
+    }
+    eprintln!("{} writes acknowledged, {failed} failed", acked.len());
+    let last = acked
+        .iter()
+        .map(|a| a.2)
+        .max()
+        .expect("writes acknowledged");
+    for &i in &survivors {
+        let d = fed.dir(i);
+        assert!(
+            wait_until(Duration::from_secs(15), || applied(d) >= last),
+            "{} did not apply revision {last}",
+            d.display()
+        );
+        let state = shared(d);
+        for (key, n, rev) in &acked {
+            let got = state.get(key);
+            assert!(
+                got.is_some_and(|(v, r)| v.as_u64() == Some(*n) && r == rev),
+                "{}: acknowledged {key}={n} (r{rev}) is {got:?}",
+                d.display()
+            );
+        }
+    }
+    drop(fed);
+    rt.block_on(relay.shutdown());
+}

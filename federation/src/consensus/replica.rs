@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::election::{self, LocalView, PreVoteReply, PreVoteRequest};
-use super::group_commit::{GroupCommit, Propose, QueueError};
+use super::group_commit::{GroupCommit, Proposal, Propose, QueueError};
 use super::network::{self, MeshNetwork};
 use super::types::{node_id_of, Command, GatewayNode, NodeId, TypeConfig};
 use super::{ConsensusStoreError, SqliteStateMachine};
@@ -287,31 +287,71 @@ impl From<EntryError> for ConsensusError {
 
 /// The group commit's proposer: one entry through the current raft node (it may be replaced by
 /// a forced promotion), waited for until committed and applied, at most the write timeout.
+///
+/// When the entry is in the leader's log: openraft 0.9 does not say, but its core appends the
+/// entries it is handed one by one, in order, each durably before the next message, and
+/// publishes its last log index in its metrics. So the entry is appended at the latest when
+/// that index reaches one past the highest index expected for earlier proposals (or the index
+/// when this one was made). Blank and membership entries only move that earlier, and a
+/// refused proposal leaves the next one waiting for its commit instead: either way only the
+/// grouping is affected, never an acknowledgement.
 fn entry_proposer(inner: std::sync::Weak<Inner>) -> Propose<EntryError> {
+    let expected = Arc::new(Mutex::new(0u64));
     Arc::new(move |cmd| {
         let inner = inner.clone();
+        let expected = expected.clone();
         Box::pin(async move {
             let Some(inner) = inner.upgrade() else {
-                return Err(EntryError::Fatal("the consensus stopped".into()));
+                return failed_proposal(EntryError::Fatal("the consensus stopped".into()));
             };
             let raft = inner.raft.read().unwrap_or_else(|p| p.into_inner()).clone();
             let timeout = inner.cfg.write_timeout;
             drop(inner);
-            // Bounded: a leader that loses its majority mid-entry would otherwise hold the
-            // entry slot (and its writes) forever.
-            match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
-                Err(_) => Err(EntryError::NotAcknowledged(timeout)),
-                Ok(Ok(resp)) => Ok(resp.data.revision),
-                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                    Err(EntryError::NoLeader(format!(
-                        "leadership moved to {:?}",
-                        f.leader_node.map(|n| n.name)
-                    )))
+            let mut metrics = raft.metrics();
+            let last = metrics.borrow().last_log_index.unwrap_or(0);
+            let at = {
+                let mut e = expected.lock().unwrap_or_else(|p| p.into_inner());
+                *e = (*e).max(last) + 1;
+                *e
+            };
+            let rx = match raft.client_write_ff(cmd).await {
+                Ok(rx) => rx,
+                Err(e) => return failed_proposal(EntryError::Fatal(e.to_string())),
+            };
+            let committed = Box::pin(async move {
+                // Bounded: a leader that loses its majority mid-entry would otherwise hold the
+                // entry (and its writes) forever.
+                match tokio::time::timeout(timeout, rx).await {
+                    Err(_) => Err(EntryError::NotAcknowledged(timeout)),
+                    Ok(Err(_)) => Err(EntryError::NoLeader(
+                        "the raft node dropped the write (leadership or shutdown)".into(),
+                    )),
+                    Ok(Ok(Ok(resp))) => Ok(resp.data.revision),
+                    Ok(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => Err(EntryError::NoLeader(
+                        format!("leadership moved to {:?}", f.leader_node.map(|n| n.name)),
+                    )),
+                    Ok(Ok(Err(e))) => Err(EntryError::Fatal(e.to_string())),
                 }
-                Ok(Err(e)) => Err(EntryError::Fatal(e.to_string())),
+            });
+            let appended = Box::pin(async move {
+                let _ = metrics
+                    .wait_for(|m| m.last_log_index.is_some_and(|i| i >= at))
+                    .await;
+            });
+            Proposal {
+                committed,
+                appended,
             }
         })
     })
+}
+
+/// A proposal that failed before it reached the raft node.
+fn failed_proposal(e: EntryError) -> Proposal<EntryError> {
+    Proposal {
+        committed: Box::pin(std::future::ready(Err(e))),
+        appended: Box::pin(std::future::ready(())),
+    }
 }
 
 /// A gateway's consensus handle; cheap to clone.
