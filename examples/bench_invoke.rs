@@ -76,11 +76,11 @@ use clawmesh::cli::client::{Client, Target};
 use clawmesh::node::which::{self, WhichParams};
 use serde_json::{json, Value};
 use support::{
-    approve_node_cli, check_stop, classic_cmd, classic_gateway_cmd, classic_node_cmd,
-    classic_pending, clawmesh_bin, clawmesh_cmd, clawmesh_env, cpu_ticks, free_tcp_port,
-    install_classic, install_ctrl_c, lat_stats, machine, machine_jiffies, mb, mem_of,
-    poll_blocking, reaped_children_ticks, run_bounded, run_ok, runtime_file, sleep_blocking,
-    status_field, tree, tree_rss_kb, Flavour, Lat, Mem, Proc, STOP, TICKS_PER_SEC,
+    check_stop, classic_cmd, classic_gateway_cmd, classic_node_cmd, classic_pending, clawmesh_bin,
+    clawmesh_cmd, clawmesh_env, cpu_ticks, free_tcp_port, install_classic, install_ctrl_c,
+    lat_stats, machine, machine_jiffies, mb, mem_of, poll_blocking, reaped_children_ticks,
+    run_bounded, run_ok, sleep_blocking, start_gateway_and_node, status_field, tree, tree_rss_kb,
+    Flavour, Lat, Mem, Proc, STOP, TICKS_PER_SEC,
 };
 
 /// This example's name: its environment variables are `BENCH_INVOKE_*` (see `support`).
@@ -296,67 +296,15 @@ struct Mesh {
 }
 
 fn start_clawmesh(bin: &Path, root: &Path, gw_l: Launcher, node_l: Launcher) -> Result<Mesh> {
-    let gw_dir = root.join("gw");
-    let node_dir = root.join("node");
-    let mut gw = Proc::spawn(
-        "clawmesh gateway",
-        server_cmd(
-            bin,
-            gw_l,
-            &gw_dir,
-            &[
-                "gateway",
-                "run",
-                "--name",
-                "bench-gw",
-                "--primary",
-                "--port",
-                "0",
-            ],
-        )?,
-        &root.join("gw.log"),
-    )?;
-    let gw_pid = gw.pid();
-    // A start takes well under a second; 20 s covers a loaded machine, and a gateway that
-    // exits meanwhile fails at once with its log.
-    let addr = poll_blocking(
-        "gateway.json",
-        Duration::from_secs(20),
-        Duration::from_millis(20),
-        || {
-            gw.ensure_running()?;
-            Ok(runtime_file(&gw_dir, gw_pid).and_then(|v| Some(v["quic"].as_str()?.to_string())))
-        },
-    )?;
-    let url = format!("quic://{addr}");
-    let mut node = Proc::spawn(
-        "clawmesh node",
-        server_cmd(
-            bin,
-            node_l,
-            &node_dir,
-            &[
-                "node",
-                "run",
-                "--gateway",
-                &url,
-                "--name",
-                NODE_NAME,
-                "--security",
-                "full",
-            ],
-        )?,
-        &root.join("node.log"),
-    )?;
-    // The node starts and dials in well under a second; 30 s covers a loaded machine.
-    let node_id = approve_node_cli(
-        bin,
-        &gw_dir,
-        root,
-        NODE_NAME,
-        (Duration::from_secs(30), Duration::from_millis(100)),
-        || node.ensure_running(),
-    )?;
+    let (gw, node, gw_dir, node_id) =
+        start_gateway_and_node(bin, root, ("bench-gw", NODE_NAME), |dir, args| {
+            let launcher = if args.first() == Some(&"gateway") {
+                gw_l
+            } else {
+                node_l
+            };
+            server_cmd(bin, launcher, dir, args)
+        })?;
     Ok(Mesh {
         gw,
         node,

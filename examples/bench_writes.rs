@@ -124,10 +124,10 @@ async fn start_cluster(bin: &Path, root: &Path, relay: Option<&WanRelay>) -> Res
     }
     if let Some(r) = relay {
         for a in 0..3 {
-            for b in a + 1..3 {
+            for other in NAMES.iter().skip(a + 1) {
                 r.set_path(
                     &format!("{}-{}", site_tag(root), NAMES[a]),
-                    &format!("{}-{}", site_tag(root), NAMES[b]),
+                    &format!("{}-{}", site_tag(root), other),
                     PathSettings::with_rtt(RTT),
                 )?;
             }

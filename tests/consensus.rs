@@ -540,11 +540,24 @@ fn offline_remote_catches_up_and_a_newcomer_gets_a_snapshot() {
             revisions.into_iter().max().unwrap()
         })
     };
-    // Frankfurt stops, misses writes `from..to`, restarts and catches up; returns the last
-    // write's revision and what frankfurt logged since the restart.
-    let away_during = |fed: &mut Fed, from: u64, to: u64| -> (u64, String) {
+    // Frankfurt stops, misses writes `from..to` and, 200 more at a time, as many as it takes
+    // to put `entries` log entries behind it (the primary commits concurrent writes together,
+    // so a write is not an entry), restarts and catches up; returns the last write's revision
+    // and what frankfurt logged since the restart.
+    let away_during = |fed: &mut Fed, from: u64, to: u64, entries: u64| -> (u64, String) {
         fed.term(2);
-        let last = write_many(from, to);
+        let start = applied(&tyo);
+        let mut last = write_many(from, to);
+        let mut next = to;
+        while last < start + entries {
+            assert!(
+                next < to + 20_000,
+                "the log does not grow: {}",
+                fed.report()
+            );
+            last = write_many(next, next + 200);
+            next += 200;
+        }
         let log_len = std::fs::metadata(fra.with_extension("log")).unwrap().len() as usize;
         fed.spawn(2);
         assert!(
@@ -557,7 +570,7 @@ fn offline_remote_catches_up_and_a_newcomer_gets_a_snapshot() {
     };
     // Frankfurt is away during 1 000 changes, then catches up: by the missing entries, as the
     // primary keeps the log a lagging voter still needs.
-    let (_, log) = away_during(&mut fed, 0, 1000);
+    let (_, log) = away_during(&mut fed, 0, 1000, 0);
     assert!(
         !log.contains("installed a snapshot"),
         "frankfurt got a snapshot instead of the missing entries"
@@ -572,8 +585,8 @@ fn offline_remote_catches_up_and_a_newcomer_gets_a_snapshot() {
             "{key}"
         );
     }
-    // Away again, for 1 600 changes: beyond the kept log, so a compressed snapshot.
-    let (last, log) = away_during(&mut fed, 1000, 2600);
+    // Away again, for 1 600 entries: beyond the kept log, so a compressed snapshot.
+    let (last, log) = away_during(&mut fed, 1000, 2600, 1600);
     assert!(
         log.contains("installed a snapshot"),
         "frankfurt was 1 600 changes behind a compacted log but got no snapshot: {}",

@@ -941,6 +941,71 @@ pub fn approve_node_cli(
     )
 }
 
+/// A real gateway (`gateway run --name GW_NAME --primary --port 0` in `root/gw`) and a node
+/// host (`node run --gateway quic://ADDR --name NODE_NAME --security full` in `root/node`),
+/// each command built by `cmd(dir, args)`; the node approved with the CLI and attached.
+/// Returns (gateway, node, gateway state dir, node id); both processes are stopped on error.
+pub fn start_gateway_and_node(
+    bin: &Path,
+    root: &Path,
+    (gw_name, node_name): (&str, &str),
+    cmd: impl Fn(&Path, &[&str]) -> Result<Command>,
+) -> Result<(Proc, Proc, PathBuf, String)> {
+    let gw_dir = root.join("gw");
+    let gw_args = [
+        "gateway",
+        "run",
+        "--name",
+        gw_name,
+        "--primary",
+        "--port",
+        "0",
+    ];
+    let mut gw = Proc::spawn(
+        "clawmesh gateway",
+        cmd(&gw_dir, &gw_args)?,
+        &root.join("gw.log"),
+    )?;
+    let gw_pid = gw.pid();
+    // A start takes well under a second; 20 s covers a loaded machine, and a gateway that
+    // exits meanwhile fails at once with its log.
+    let addr = poll_blocking(
+        "gateway.json",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || {
+            gw.ensure_running()?;
+            Ok(runtime_file(&gw_dir, gw_pid).and_then(|v| Some(v["quic"].as_str()?.to_string())))
+        },
+    )?;
+    let url = format!("quic://{addr}");
+    let node_args = [
+        "node",
+        "run",
+        "--gateway",
+        &url,
+        "--name",
+        node_name,
+        "--security",
+        "full",
+    ];
+    let mut node = Proc::spawn(
+        "clawmesh node",
+        cmd(&root.join("node"), &node_args)?,
+        &root.join("node.log"),
+    )?;
+    // The node starts and dials in well under a second; 30 s covers a loaded machine.
+    let node_id = approve_node_cli(
+        bin,
+        &gw_dir,
+        root,
+        node_name,
+        (Duration::from_secs(30), Duration::from_millis(100)),
+        || node.ensure_running(),
+    )?;
+    Ok((gw, node, gw_dir, node_id))
+}
+
 // ---------------------------------------------------------------------------------------------
 // The classic OpenClaw stack
 

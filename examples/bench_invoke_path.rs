@@ -1,0 +1,333 @@
+//! On-demand benchmark of the invoke path against its limit (issue 18): `node.invoke
+//! system.which` through a real gateway and node host, beside a raw two-hop quinn relay with
+//! the same frame sizes, measured in the same run, plus the pieces in between.
+//!
+//! All on 127.0.0.1, strictly sequential calls (n = [`N`] after [`WARMUP`]), the benchmark
+//! client on a tokio `current_thread` runtime:
+//!
+//! 1. **raw one hop**: client → quinn echo. One bidirectional stream per call on one
+//!    connection: the request bytes, finish, the reply bytes, finish.
+//! 2. **raw two hops** (the baseline of the goal): client → quinn relay → quinn echo. The relay
+//!    accepts a stream, reads the request, opens a stream on its one connection to the echo,
+//!    forwards, and copies the reply back. Request and reply sizes are those of a real
+//!    `node.invoke` call and its answer (JSON, measured first). Echo and relay each run on
+//!    their own thread with a 2-worker `multi_thread` runtime (like the `clawmesh` binary),
+//!    and use the product's QUIC settings and TLS (`clawmesh_federation::endpoint`, ed25519
+//!    raw public keys, TLS 1.3).
+//! 3. **`health`** on the gateway: operator → gateway only (client, operator protocol, method
+//!    dispatch), no node.
+//! 4. **`node.invoke` `system.which {"bins":["sh"]}`**: operator → gateway → node → back, the
+//!    real `clawmesh gateway run` and `clawmesh node run` processes (release binary).
+//! 5. **`system.which` in-process**: the node's own work, no transport.
+//!
+//! The breakdown of the invoke beyond the raw relay is by difference: (3 − 1) is what the
+//! gateway's operator path adds to a bare QUIC round trip; (4 − 3) is the gateway → node hop
+//! with the registry lookup, the node's work (5) and the way back; the raw (2 − 1) is what a
+//! bare second hop costs.
+//!
+//! ```text
+//! cargo build --release --bin clawmesh --example bench_invoke_path
+//! cargo run --release --example bench_invoke_path
+//! ```
+
+#[allow(dead_code)]
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use clawmesh::cli::client::{Client, Target};
+use clawmesh::node::which::{self, WhichParams};
+use clawmesh_federation::endpoint::{self, TransportOptions};
+use clawmesh_federation::identity::DeviceIdentity;
+use serde_json::{json, Value};
+use support::{
+    clawmesh_bin, clawmesh_cmd, install_ctrl_c, lat_stats, machine, now_utc,
+    start_gateway_and_node, stop_all, Lat,
+};
+
+const BENCH: &str = "bench_invoke_path";
+
+/// Measured calls per series.
+const N: usize = 2000;
+/// Unmeasured calls first.
+const WARMUP: usize = 50;
+/// Deadline of one call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest reply the raw client and relay read (the real replies are a few hundred bytes).
+const MAX_RAW: usize = 64 * 1024;
+const NODE_NAME: &str = "path-node";
+
+fn invoke_params(node_id: &str, k: usize) -> Value {
+    json!({
+        "nodeId": node_id,
+        "command": "system.which",
+        "params": {"bins": ["sh"]},
+        "timeoutMs": 10_000,
+        "idempotencyKey": format!("path-{k}"),
+    })
+}
+
+/// A QUIC endpoint on 127.0.0.1 with a fresh identity under `dir`.
+fn quic_endpoint(dir: &Path) -> Result<quinn::Endpoint> {
+    let (id, _) = DeviceIdentity::load_or_create(dir)?;
+    Ok(endpoint::bind(
+        &id,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &TransportOptions::default(),
+    )?)
+}
+
+/// Runs `f` on its own thread with a 2-worker runtime (a server of the raw path).
+fn server_thread<F>(name: &str, f: F) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            if let Err(e) = rt.block_on(f) {
+                eprintln!("raw server: {e:#}");
+            }
+        })?;
+    Ok(())
+}
+
+/// The raw echo: answers every stream with `reply` bytes after reading the request.
+fn start_echo(dir: &Path, reply: usize) -> Result<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = dir.to_path_buf();
+    server_thread("raw-echo", async move {
+        let ep = quic_endpoint(&dir)?;
+        tx.send(ep.local_addr()?)?;
+        let body = vec![b'r'; reply];
+        while let Some(inc) = ep.accept().await {
+            let conn = endpoint::accept(inc).await?;
+            let body = body.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let body = body.clone();
+                    tokio::spawn(async move {
+                        let _ = recv.read_to_end(MAX_RAW).await;
+                        let _ = send.write_all(&body).await;
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+        Ok(())
+    })?;
+    Ok(rx.recv_timeout(Duration::from_secs(10))?)
+}
+
+/// The raw relay: every stream from a client is forwarded on one connection to `echo`.
+fn start_relay(dir: &Path, echo: SocketAddr) -> Result<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = dir.to_path_buf();
+    server_thread("raw-relay", async move {
+        let ep = quic_endpoint(&dir)?;
+        let upstream = endpoint::dial(&ep, echo, CALL_TIMEOUT).await?;
+        tx.send(ep.local_addr()?)?;
+        while let Some(inc) = ep.accept().await {
+            let conn = endpoint::accept(inc).await?;
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let upstream = upstream.clone();
+                    tokio::spawn(async move {
+                        let Ok(req) = recv.read_to_end(MAX_RAW).await else {
+                            return;
+                        };
+                        let Ok((mut us, mut ur)) = upstream.open_bi().await else {
+                            return;
+                        };
+                        let _ = us.write_all(&req).await;
+                        let _ = us.finish();
+                        let Ok(reply) = ur.read_to_end(MAX_RAW).await else {
+                            return;
+                        };
+                        let _ = send.write_all(&reply).await;
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+        Ok(())
+    })?;
+    Ok(rx.recv_timeout(Duration::from_secs(10))?)
+}
+
+/// Sequential raw calls of `request` bytes to `target` from a fresh client endpoint.
+async fn raw_series(dir: &Path, target: SocketAddr, request: usize) -> Result<Lat> {
+    let ep = quic_endpoint(dir)?;
+    let conn = endpoint::dial(&ep, target, CALL_TIMEOUT).await?;
+    let body = vec![b'q'; request];
+    let mut lat = Vec::with_capacity(N);
+    for i in 0..WARMUP + N {
+        let t = Instant::now();
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&body).await?;
+        send.finish()?;
+        let reply = recv.read_to_end(MAX_RAW).await?;
+        std::hint::black_box(reply);
+        if i >= WARMUP {
+            lat.push(t.elapsed());
+        }
+    }
+    lat_stats(&mut lat)
+}
+
+async fn call_series(
+    client: &Client,
+    method: &str,
+    params: impl Fn(usize) -> Value,
+) -> Result<Lat> {
+    let mut lat = Vec::with_capacity(N);
+    for i in 0..WARMUP + N {
+        let t = Instant::now();
+        client
+            .call(method, params(i), CALL_TIMEOUT)
+            .await
+            .map_err(|e| anyhow!("{method}: {e}"))?;
+        if i >= WARMUP {
+            lat.push(t.elapsed());
+        }
+    }
+    lat_stats(&mut lat)
+}
+
+fn which_in_process() -> Result<Lat> {
+    let mut lat = Vec::with_capacity(N);
+    for i in 0..WARMUP + N {
+        let t = Instant::now();
+        let p = WhichParams::from_value(json!({"bins": ["sh"]}))?;
+        let r = which::which(&p)?;
+        std::hint::black_box(serde_json::to_value(r)?.to_string());
+        if i >= WARMUP {
+            lat.push(t.elapsed());
+        }
+    }
+    lat_stats(&mut lat)
+}
+
+struct Report {
+    sizes: (usize, usize),
+    one_hop: Lat,
+    two_hops: Lat,
+    health: Lat,
+    invoke: Lat,
+    which: Lat,
+    load: String,
+}
+
+fn main() -> Result<()> {
+    install_ctrl_c();
+    let bin = clawmesh_bin()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("bench-invoke-path-")
+        .tempdir()?;
+    let root = tmp.path();
+    let started = now_utc();
+    let (gw, node, gw_dir, node_id) =
+        start_gateway_and_node(&bin, root, ("path-gw", NODE_NAME), |dir, args| {
+            Ok(clawmesh_cmd(&bin, dir, args))
+        })?;
+    let mut procs = vec![gw, node];
+    let result = (|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let client = Client::connect(&Target::Local(gw_dir.clone()))
+                .await
+                .context("operator connection")?;
+            // Frame sizes of a real invoke: the request as sent and the answer.
+            let sample = client
+                .call("node.invoke", invoke_params(&node_id, 0), CALL_TIMEOUT)
+                .await
+                .map_err(|e| anyhow!("node.invoke: {e}"))?;
+            let request = json!({"method": "node.invoke", "params": invoke_params(&node_id, 0)})
+                .to_string()
+                .len();
+            let reply = sample.to_string().len();
+            let echo = start_echo(&root.join("echo"), reply)?;
+            let relay = start_relay(&root.join("relay"), echo)?;
+            let load = support::loadavg3();
+            eprintln!("raw one hop");
+            let one_hop = raw_series(&root.join("c1"), echo, request).await?;
+            eprintln!("raw two hops");
+            let two_hops = raw_series(&root.join("c2"), relay, request).await?;
+            eprintln!("health");
+            let health = call_series(&client, "health", |_| json!({})).await?;
+            eprintln!("node.invoke");
+            let invoke =
+                call_series(&client, "node.invoke", |k| invoke_params(&node_id, k)).await?;
+            let which = which_in_process()?;
+            Ok::<_, anyhow::Error>(Report {
+                sizes: (request, reply),
+                one_hop,
+                two_hops,
+                health,
+                invoke,
+                which,
+                load,
+            })
+        })
+    })();
+    stop_all(&mut procs, Duration::from_secs(10));
+    let r = result?;
+    println!("## bench_invoke_path, {started}");
+    println!();
+    for (k, v) in machine() {
+        println!("- {k}: {v}");
+    }
+    println!("- load average at the start of the series: {}", r.load);
+    println!(
+        "- frame sizes of the raw path: request {} B, reply {} B (a real node.invoke and its answer)",
+        r.sizes.0, r.sizes.1
+    );
+    println!();
+    println!("| series (sequential, n = {N}) | p50 | p90 | p99 | mean |");
+    println!("|---|---|---|---|---|");
+    let row = |label: &str, l: &Lat| {
+        println!(
+            "| {label} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms |",
+            l.p50, l.p90, l.p99, l.mean
+        )
+    };
+    row("raw quinn, one hop (client → echo)", &r.one_hop);
+    row(
+        "**raw quinn, two hops (client → relay → echo)**",
+        &r.two_hops,
+    );
+    row("`health` (operator → gateway)", &r.health);
+    row(
+        "**`node.invoke system.which`** (operator → gateway → node)",
+        &r.invoke,
+    );
+    row("`system.which` in-process", &r.which);
+    println!();
+    println!(
+        "invoke p50 / raw two-hop p50 = {:.2} (goal ≤ 1.3); p99 ratio {:.2}",
+        r.invoke.p50 / r.two_hops.p50,
+        r.invoke.p99 / r.two_hops.p99
+    );
+    println!(
+        "breakdown (p50 differences): gateway operator path beyond a bare QUIC round trip \
+         (health − raw one hop) {:.3} ms; gateway → node hop with lookup, node work and back \
+         (invoke − health) {:.3} ms, of which the node's `which` itself {:.3} ms; a bare second \
+         QUIC hop (raw two − one) {:.3} ms",
+        r.health.p50 - r.one_hop.p50,
+        r.invoke.p50 - r.health.p50,
+        r.which.p50,
+        r.two_hops.p50 - r.one_hop.p50
+    );
+    Ok(())
+}
