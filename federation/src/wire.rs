@@ -266,8 +266,16 @@ pub enum Event {
         /// Why.
         reason: String,
     },
-    /// The nodes attached to the sender.
+    /// All the nodes attached to the sender (on a new link, or when asked).
     NodeDirectory(crate::directory::NodeDirectory),
+    /// A change of the nodes attached to the sender.
+    DirectoryDelta(crate::directory::DirectoryDelta),
+    /// The sender fell behind the receiver's node directory (it holds `have`, or nothing):
+    /// send a snapshot.
+    DirectoryResync {
+        /// The version the sender holds.
+        have: Option<crate::directory::DirVersion>,
+    },
     /// Pairing decisions (approvals and revocations), newest wins.
     PairingSync(Vec<PairingRecord>),
 }
@@ -284,6 +292,15 @@ pub enum Datagram {
     Pong {
         /// The ping's sequence number.
         seq: u64,
+    },
+    /// A gateway link's health ping: a [`Datagram::Ping`] that also says which version of its
+    /// node directory the sender has announced, so a peer that lost the last change notices
+    /// (see [`crate::directory`]). Answered with a [`Datagram::Pong`].
+    LinkPing {
+        /// Sequence number.
+        seq: u64,
+        /// The sender's node directory version.
+        directory: crate::directory::DirVersion,
     },
 }
 
