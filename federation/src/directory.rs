@@ -602,7 +602,6 @@ mod tests {
     #[test]
     fn a_delta_of_one_change_is_small_at_any_directory_size() {
         use crate::frame::{encode, MAX_FRAME};
-        use crate::wire::Event;
         let mut sizes = Vec::new();
         for n in [10u32, 10_000] {
             let mut local = LocalDirectory::new(1);
@@ -617,7 +616,7 @@ mod tests {
             let mut next = nodes;
             next.pop();
             let d = local.update(next).unwrap();
-            let bytes = encode(&Event::DirectoryDelta(d), MAX_FRAME).unwrap().len();
+            let bytes = encode(&d, MAX_FRAME).unwrap().len();
             sizes.push(bytes);
         }
         assert_eq!(

@@ -36,6 +36,7 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                             "gateway": n["gateway"], "paired": n["paired"], "connected": n["connected"],
                             "transport": n["transport"], "labels": n["labels"],
                             "approvedBy": n.get("approvedBy"), "tailnet": n.get("tailnet"),
+                            "attach": n.get("attach"),
                         })
                     })
                     .collect();
