@@ -104,6 +104,27 @@ fn a_cut_and_healed_link_and_a_restarted_gateway_converge() {
         assert_eq!(listed_attach(c.dir(i), "node-b"), attach, "{}", c.name(i));
     }
 
+    // Paging through the CLI: one node a page, the cursor leading to the other.
+    let first = common::cli_json(
+        c.dir(0),
+        &["nodes", "status", "--all", "--json", "--limit", "1"],
+    );
+    let next = first["next"].as_str().expect("a next cursor").to_string();
+    let second = common::cli_json(
+        c.dir(0),
+        &[
+            "nodes", "status", "--all", "--json", "--limit", "1", "--after", &next,
+        ],
+    );
+    let names: Vec<&str> = [&first, &second]
+        .iter()
+        .filter_map(|p| p["nodes"][0]["name"].as_str())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec!["node-a", "node-b"], "{first} {second}");
+    assert_eq!(second["next"], Value::Null, "{second}");
+
     // A change after the heal travels as a delta, not a snapshot.
     let d = directory(c.dir(2));
     a.spawn();

@@ -34,6 +34,7 @@
 //! 3. then this gateway's own claim, then the gateway name (so ties resolve identically).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -252,7 +253,8 @@ pub enum Applied {
 pub struct RemoteDirectory {
     /// The version held (`None`: nothing received from this gateway yet).
     at: Option<DirVersion>,
-    nodes: BTreeMap<DeviceId, NodeSummary>,
+    /// Shared, so a listing takes the nodes without copying them.
+    nodes: BTreeMap<DeviceId, Arc<NodeSummary>>,
     /// A snapshot was asked for and has not arrived yet.
     asked: bool,
     /// The version a ping announced while this directory was behind it: if the next ping
@@ -269,7 +271,7 @@ impl RemoteDirectory {
     }
 
     /// The gateway's nodes, in id order.
-    pub fn nodes(&self) -> impl ExactSizeIterator<Item = &NodeSummary> {
+    pub fn nodes(&self) -> impl ExactSizeIterator<Item = &Arc<NodeSummary>> {
         self.nodes.values()
     }
 
@@ -366,7 +368,7 @@ impl RemoteDirectory {
             self.dropped += 1;
             return;
         }
-        self.nodes.insert(n.id, n);
+        self.nodes.insert(n.id, Arc::new(n));
     }
 }
 

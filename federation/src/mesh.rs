@@ -200,8 +200,8 @@ pub struct RemoteNodes {
     pub status: Status,
     /// When it last answered.
     pub last_seen: Option<SystemTime>,
-    /// Its nodes.
-    pub nodes: Vec<NodeSummary>,
+    /// Its nodes, in id order (shared with the directory: taking them copies no node).
+    pub nodes: Vec<Arc<NodeSummary>>,
 }
 
 /// One gateway as seen from here, for `gateway status`.

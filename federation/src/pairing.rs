@@ -9,6 +9,7 @@
 use std::time::{Duration, SystemTime};
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use rand::RngExt as _;
 use rusqlite::{params, OptionalExtension};
@@ -295,6 +296,17 @@ CREATE TABLE IF NOT EXISTS device_tokens (
 );
 CREATE INDEX IF NOT EXISTS pending_by_key ON pending_devices(public_key, role);
 CREATE INDEX IF NOT EXISTS paired_by_name ON paired_devices(name);
+CREATE TABLE IF NOT EXISTS paired_generation (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    generation INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO paired_generation(id, generation) VALUES (0, 0);
+CREATE TRIGGER IF NOT EXISTS paired_generation_insert AFTER INSERT ON paired_devices
+    BEGIN UPDATE paired_generation SET generation = generation + 1 WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS paired_generation_update AFTER UPDATE ON paired_devices
+    BEGIN UPDATE paired_generation SET generation = generation + 1 WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS paired_generation_delete AFTER DELETE ON paired_devices
+    BEGIN UPDATE paired_generation SET generation = generation + 1 WHERE id = 0; END;
 CREATE TABLE IF NOT EXISTS revoked_devices (
     public_key BLOB PRIMARY KEY,
     revoked_at_ms INTEGER NOT NULL
@@ -305,6 +317,55 @@ CREATE TABLE IF NOT EXISTS revoked_devices (
 #[derive(Debug, Clone)]
 pub struct Registry {
     store: Store,
+    /// The last [`PairedBrief`] built, with the `paired_generation` it was built at (every
+    /// change of `paired_devices`, by this registry, the replicated log or a merge, bumps it
+    /// through a trigger).
+    brief: Arc<Mutex<Option<(i64, Arc<PairedBrief>)>>>,
+}
+
+/// What a node listing needs of one paired device.
+#[derive(Debug, Clone)]
+pub struct BriefDevice {
+    /// Device id (hex).
+    pub device_id: String,
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: String,
+    /// Platform.
+    pub platform: String,
+    /// Classic client id.
+    pub client_id: String,
+    /// Classic client mode.
+    pub client_mode: String,
+    /// Device family.
+    pub device_family: String,
+    /// Region of the gateway where it was paired.
+    pub region: Option<String>,
+    /// When it was approved (RFC 3339).
+    pub approved_at: String,
+    /// Who admitted it (`operator`, `tailscale`).
+    pub approved_by: String,
+    /// The tailnet identity that vouched for it, if any.
+    pub tailnet: Option<serde_json::Value>,
+}
+
+/// Every paired device, sorted by device id, for listings at fleet size: built once per change
+/// of the paired devices and shared (see [`Registry::paired_brief`]).
+#[derive(Debug, Default)]
+pub struct PairedBrief {
+    /// The devices, by device id.
+    pub devices: Vec<BriefDevice>,
+}
+
+impl PairedBrief {
+    /// The paired device with this id, if any.
+    pub fn get(&self, device_id: &str) -> Option<&BriefDevice> {
+        self.devices
+            .binary_search_by(|d| d.device_id.as_str().cmp(device_id))
+            .ok()
+            .map(|i| &self.devices[i])
+    }
 }
 
 type PendingRow = (
@@ -366,7 +427,74 @@ impl Registry {
             c.execute_batch(SCHEMA)?;
             migrate(c)
         })?;
-        Ok(Registry { store })
+        Ok(Registry {
+            store,
+            brief: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Every paired device in brief, by device id. Cached: rebuilt only when the paired
+    /// devices changed since the last call (one indexed read tells), so listing 100 000 nodes
+    /// does not read 100 000 rows every time.
+    pub fn paired_brief(&self) -> Result<Arc<PairedBrief>, PairingError> {
+        let generation: i64 = self.store.with_conn(|c| {
+            c.query_row(
+                "SELECT generation FROM paired_generation WHERE id = 0",
+                [],
+                |r| r.get(0),
+            )
+        })?;
+        let mut cache = self.brief.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, b)) = cache.as_ref() {
+            if *g == generation {
+                return Ok(b.clone());
+            }
+        }
+        let rows: Vec<(String, String, String, String, i64, String)> =
+            self.store.with_conn(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT device_id, name, role, platform, approved_at_ms, meta
+                     FROM paired_devices ORDER BY device_id",
+                )?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })?;
+        let devices = rows
+            .into_iter()
+            .map(|(device_id, name, role, platform, at, meta)| {
+                let meta: serde_json::Value = serde_json::from_str(&meta).unwrap_or_default();
+                BriefDevice {
+                    device_id,
+                    name,
+                    role,
+                    platform,
+                    client_id: meta_field(&meta, "clientId"),
+                    client_mode: meta_field(&meta, "clientMode"),
+                    device_family: meta_field(&meta, "deviceFamily"),
+                    region: meta_region(&meta),
+                    approved_at: rfc3339(at.max(0) as u64),
+                    approved_by: match meta_field(&meta, "approvedBy") {
+                        b if b.is_empty() => APPROVED_BY_OPERATOR.to_string(),
+                        b => b,
+                    },
+                    tailnet: meta.get("tailnet").filter(|t| !t.is_null()).cloned(),
+                }
+            })
+            .collect();
+        let brief = Arc::new(PairedBrief { devices });
+        *cache = Some((generation, brief.clone()));
+        Ok(brief)
     }
 
     /// A key read back from our own store: it was validated when it was written, so skip
