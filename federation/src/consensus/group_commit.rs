@@ -261,6 +261,15 @@ mod tests {
     }
 
     fn fake(delay: Duration, fail_from: usize) -> (Arc<Fake>, Propose<String>) {
+        fake_log(delay, fail_from, false)
+    }
+
+    /// As [`fake`]; `quick_append`: the log holds each entry at once (only the commit waits).
+    fn fake_log(
+        delay: Duration,
+        fail_from: usize,
+        quick_append: bool,
+    ) -> (Arc<Fake>, Propose<String>) {
         let f = Arc::new(Fake {
             entries: Mutex::new(Vec::new()),
             delay,
@@ -282,8 +291,13 @@ mod tests {
                     Ok(index as u64)
                 }
             });
-            // This fake leader's log takes as long to append as to commit.
-            let appended: BoxFuture<()> = Box::pin(std::future::pending());
+            // Unless `quick_append`, this fake leader's log takes as long to append as to
+            // commit.
+            let appended: BoxFuture<()> = if quick_append {
+                Box::pin(std::future::ready(()))
+            } else {
+                Box::pin(std::future::pending())
+            };
             Box::pin(async move {
                 Proposal {
                     committed,
@@ -340,6 +354,23 @@ mod tests {
         }
         assert_eq!(seen, (0..200).collect::<Vec<_>>());
         assert_eq!(gc.counters().writes.load(Ordering::Relaxed), 200);
+    }
+
+    #[tokio::test]
+    async fn an_appended_entry_frees_its_slot_before_it_commits() {
+        // Commits take 200 ms, appends nothing: five writes spaced 5 ms apart each find a free
+        // slot and go out at once as their own entries, none waits for a commit.
+        let (f, p) = fake_log(Duration::from_millis(200), usize::MAX, true);
+        let gc = GroupCommit::start(p);
+        let mut waits = Vec::new();
+        for i in 0..5 {
+            waits.push(gc.submit(set(&format!("k{i}"), "1")).unwrap());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(f.entries.lock().unwrap().len(), 5);
+        for (i, w) in waits.into_iter().enumerate() {
+            assert_eq!(w.await.unwrap(), Ok(i as u64 + 1));
+        }
     }
 
     #[tokio::test]
