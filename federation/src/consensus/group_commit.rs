@@ -24,6 +24,11 @@
 //! (measured: four round trips per write instead of two over a 45 ms path). Entries appended
 //! and not yet committed are bounded separately ([`MAX_UNCOMMITTED`]).
 //!
+//! The fast path ([`GroupCommit::write`]): when no write is queued and both slots are free, a
+//! write is proposed and awaited from the writer's own task, without the queue's two task
+//! hand-offs, so a lone write costs what it cost before group commit. Entries reach the leader
+//! one at a time under one lock, so a queued write is never overtaken by a later one.
+//!
 //! # Guarantees (the same as one entry per write)
 //!
 //! - A write is acknowledged only when its entry is committed and applied (the proposer's
@@ -37,10 +42,10 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use super::types::Command;
@@ -120,6 +125,21 @@ pub struct Counters {
 pub struct GroupCommit<E> {
     tx: mpsc::Sender<Queued<E>>,
     counters: Arc<Counters>,
+    shared: Arc<Shared<E>>,
+}
+
+/// What the grouping task and the fast path share.
+struct Shared<E> {
+    /// Hands entries to the leader; held while one is handed, so entries reach the leader
+    /// one at a time and in the order they took this lock.
+    propose: tokio::sync::Mutex<Propose<E>>,
+    /// Entries proposed and not yet appended ([`MAX_APPENDING`] permits).
+    appending: Arc<Semaphore>,
+    /// Entries proposed and not yet committed ([`MAX_UNCOMMITTED`] permits).
+    uncommitted: Arc<Semaphore>,
+    /// Writes queued and not yet proposed (in the channel or taken by the grouping task):
+    /// while any wait, a new write queues behind them instead of taking the fast path.
+    pending: AtomicUsize,
 }
 
 impl<E> std::fmt::Debug for GroupCommit<E> {
@@ -135,21 +155,81 @@ impl<E: Clone + Send + 'static> GroupCommit<E> {
     pub fn start(propose: Propose<E>) -> GroupCommit<E> {
         let (tx, rx) = mpsc::channel(MAX_QUEUED);
         let counters = Arc::new(Counters::default());
-        tokio::spawn(run(rx, propose, counters.clone()));
-        GroupCommit { tx, counters }
+        let shared = Arc::new(Shared {
+            propose: tokio::sync::Mutex::new(propose),
+            appending: Arc::new(Semaphore::new(MAX_APPENDING)),
+            uncommitted: Arc::new(Semaphore::new(MAX_UNCOMMITTED)),
+            pending: AtomicUsize::new(0),
+        });
+        tokio::spawn(run(rx, shared.clone(), counters.clone()));
+        GroupCommit {
+            tx,
+            counters,
+            shared,
+        }
+    }
+
+    /// Writes `cmd` and resolves with its entry's revision once that entry is committed, or
+    /// with the entry's error.
+    ///
+    /// The fast path: when no write waits in the queue and both an append and an uncommitted
+    /// slot are free, the write is proposed from the caller's own task as an entry of its own
+    /// and awaited there, without the two task hand-offs of the queue (each a wake-up that
+    /// waits for a CPU on a loaded machine: measured as +15 ms p50 write visibility at load
+    /// 15-18). Otherwise it is queued ([`GroupCommit::submit`]).
+    pub async fn write(&self, cmd: Command) -> Result<Result<u64, E>, QueueError> {
+        if let Some(path) = self.fast_path().await {
+            let (lock, append_slot, commit_slot) = path;
+            self.counters.entries.fetch_add(1, Ordering::Relaxed);
+            self.counters.writes.fetch_add(1, Ordering::Relaxed);
+            let proposal = (*lock)(cmd).await;
+            drop(lock);
+            // A writer that gives up here (its deadline) frees the slots early; the entry
+            // itself is bounded by the write timeout, so the bounds are exceeded by at most
+            // the writers that gave up, for at most that long.
+            return Ok(settle(proposal, append_slot, commit_slot).await);
+        }
+        match self.submit(cmd)?.await {
+            Ok(result) => Ok(result),
+            Err(_) => Err(QueueError::Stopped),
+        }
+    }
+
+    /// The propose lock and both slots, if a write may skip the queue now.
+    async fn fast_path(
+        &self,
+    ) -> Option<(
+        tokio::sync::MutexGuard<'_, Propose<E>>,
+        OwnedSemaphorePermit,
+        OwnedSemaphorePermit,
+    )> {
+        let lock = self.shared.propose.try_lock().ok()?;
+        // Under the lock no queued write can be proposed meanwhile: one queued before this
+        // check keeps this write behind it.
+        if self.shared.pending.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let commit_slot = self.shared.uncommitted.clone().try_acquire_owned().ok()?;
+        let append_slot = self.shared.appending.clone().try_acquire_owned().ok()?;
+        Some((lock, append_slot, commit_slot))
     }
 
     /// Queues `cmd` for the next entry; the receiver resolves with the entry's revision once
     /// it is committed, or with the entry's error.
     pub fn submit(&self, cmd: Command) -> Result<oneshot::Receiver<Result<u64, E>>, QueueError> {
         let (reply, rx) = oneshot::channel();
+        self.shared.pending.fetch_add(1, Ordering::AcqRel);
         match self.tx.try_send(Queued { cmd, reply }) {
             Ok(()) => Ok(rx),
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.shared.pending.fetch_sub(1, Ordering::AcqRel);
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 Err(QueueError::Full)
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(QueueError::Stopped),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+                Err(QueueError::Stopped)
+            }
         }
     }
 
@@ -159,30 +239,51 @@ impl<E: Clone + Send + 'static> GroupCommit<E> {
     }
 }
 
-/// The grouping loop: wait for room (an append slot and an uncommitted slot), then for a
-/// write, then take every write already queued that fits (bounds, disjoint keys) and propose
-/// them as one entry.
+/// Waits for an entry to commit, freeing its append slot as soon as the leader has appended
+/// it and its uncommitted slot when it commits; its result.
+async fn settle<E>(
+    proposal: Proposal<E>,
+    append_slot: OwnedSemaphorePermit,
+    commit_slot: OwnedSemaphorePermit,
+) -> Result<u64, E> {
+    let Proposal {
+        mut committed,
+        mut appended,
+    } = proposal;
+    let mut append_slot = Some(append_slot);
+    let result = loop {
+        tokio::select! {
+            r = &mut committed => break r,
+            () = &mut appended, if append_slot.is_some() => append_slot = None,
+        }
+    };
+    drop(append_slot);
+    drop(commit_slot);
+    result
+}
+
+/// The grouping loop: wait for a write, then for room (an uncommitted and an append slot),
+/// then take every write already queued that fits (bounds, disjoint keys) and propose them
+/// as one entry.
 async fn run<E: Clone + Send + 'static>(
     mut rx: mpsc::Receiver<Queued<E>>,
-    propose: Propose<E>,
+    shared: Arc<Shared<E>>,
     counters: Arc<Counters>,
 ) {
-    let appending = Arc::new(Semaphore::new(MAX_APPENDING));
-    let uncommitted = Arc::new(Semaphore::new(MAX_UNCOMMITTED));
     let mut held: Option<Queued<E>> = None;
     loop {
-        let Ok(commit_slot) = uncommitted.clone().acquire_owned().await else {
-            return;
-        };
-        let Ok(append_slot) = appending.clone().acquire_owned().await else {
-            return;
-        };
         let first = match held.take() {
             Some(q) => q,
             None => match rx.recv().await {
                 Some(q) => q,
                 None => return,
             },
+        };
+        let Ok(commit_slot) = shared.uncommitted.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok(append_slot) = shared.appending.clone().acquire_owned().await else {
+            return;
         };
         let mut keys: HashSet<String> = first.cmd.keys().into_iter().map(str::to_owned).collect();
         let mut bytes = first.cmd.weight();
@@ -212,22 +313,15 @@ async fn run<E: Clone + Send + 'static>(
         } else {
             Command::Group(cmds)
         };
-        let Proposal {
-            committed,
-            appended,
-        } = propose(cmd).await;
+        let proposal = {
+            let propose = shared.propose.lock().await;
+            let proposal = (*propose)(cmd).await;
+            // Proposed: these writes no longer hold the fast path back.
+            shared.pending.fetch_sub(n, Ordering::AcqRel);
+            proposal
+        };
         tokio::spawn(async move {
-            let mut append_slot = Some(append_slot);
-            let mut committed = committed;
-            let mut appended = appended;
-            let result = loop {
-                tokio::select! {
-                    r = &mut committed => break r,
-                    () = &mut appended, if append_slot.is_some() => append_slot = None,
-                }
-            };
-            drop(append_slot);
-            drop(commit_slot);
+            let result = settle(proposal, append_slot, commit_slot).await;
             debug!(writes = n, ok = result.is_ok(), "group commit entry done");
             for reply in replies {
                 // A writer that gave up (timeout, closed connection) is gone: nothing to tell.
@@ -315,6 +409,22 @@ mod tests {
         let r = gc.submit(set("a", "1")).unwrap().await.unwrap();
         assert_eq!(r, Ok(1));
         assert_eq!(f.entries.lock().unwrap()[0], set("a", "1"));
+    }
+
+    #[tokio::test]
+    async fn a_lone_write_takes_the_fast_path_and_queued_writes_keep_their_order() {
+        let (f, p) = fake_log(Duration::from_millis(20), usize::MAX, true);
+        let gc = GroupCommit::start(p);
+        // Idle: proposed from the caller's task, as an entry of its own.
+        assert_eq!(gc.write(set("a", "1")).await, Ok(Ok(1)));
+        // A write queued first (not yet proposed: the grouping task has not run) keeps a
+        // later write of the same key behind it, whichever path that one could take.
+        let queued = gc.submit(set("b", "1")).unwrap();
+        let later = gc.write(set("b", "2")).await.unwrap().unwrap();
+        let first = queued.await.unwrap().unwrap();
+        assert!(first < later, "{first} {later}");
+        assert_eq!(f.entries.lock().unwrap()[2], set("b", "2"));
+        assert_eq!(gc.counters().writes.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test]

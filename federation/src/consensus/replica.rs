@@ -754,16 +754,14 @@ impl Replica {
         }
         // Into the leader's next entry (group commit); bounded by the caller's deadline: the
         // entry itself is bounded by the write timeout, a caller may have less left.
-        let rx = self.inner.group.submit(cmd.clone()).map_err(|e| match e {
-            QueueError::Full => ConsensusError::Unavailable(e.to_string()),
-            QueueError::Stopped => ConsensusError::Fatal(e.to_string()),
-        })?;
+        let write = self.inner.group.write(cmd.clone());
         let wait = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(wait, rx).await {
+        match tokio::time::timeout(wait, write).await {
             Err(_) => Err(ConsensusError::NotAcknowledged(
                 self.inner.cfg.write_timeout,
             )),
-            Ok(Err(_)) => Err(ConsensusError::Fatal("the group commit stopped".into())),
+            Ok(Err(e @ QueueError::Full)) => Err(ConsensusError::Unavailable(e.to_string())),
+            Ok(Err(e @ QueueError::Stopped)) => Err(ConsensusError::Fatal(e.to_string())),
             Ok(Ok(Ok(revision))) => Ok(WriteAck {
                 revision,
                 leader: self.inner.name.clone(),
