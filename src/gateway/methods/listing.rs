@@ -358,6 +358,7 @@ impl Methods {
     /// `node.list` as response text: the page `params` asks for (see the module
     /// documentation).
     pub(super) fn node_list_text(&self, params: &Value) -> Result<String, WireError> {
+        let started = std::time::Instant::now();
         let p = ListParams::parse(params)?;
         let paired = self.inner.pairing.paired_brief().map_err(pairing_err)?;
         let mut remotes = Vec::new();
@@ -387,7 +388,14 @@ impl Methods {
             remotes,
             paired,
         };
-        sources.page_text(&p)
+        let text = sources.page_text(&p)?;
+        // Read by `examples/bench_fleet.rs` (the listing's cost at the gateway).
+        tracing::debug!(
+            micros = started.elapsed().as_micros() as u64,
+            bytes = text.len(),
+            "node.list built"
+        );
+        Ok(text)
     }
 }
 
