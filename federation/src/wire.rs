@@ -278,6 +278,10 @@ pub enum Event {
     },
     /// Pairing decisions (approvals and revocations), newest wins.
     PairingSync(Vec<PairingRecord>),
+    /// The host vitals of the nodes attached to the sender (at most
+    /// [`crate::vitals::MAX_RELAYED`]). Sent on a uni stream of its own, so a peer too old to
+    /// know this variant drops that stream and keeps reading the others.
+    NodeVitals(Vec<crate::vitals::NodeVitals>),
 }
 
 /// Health datagrams.
@@ -293,6 +297,9 @@ pub enum Datagram {
         /// The ping's sequence number.
         seq: u64,
     },
+    /// The sender's host vitals, every [`crate::vitals::VITALS_EVERY`] pings; a peer too
+    /// old to know it drops it as a bad datagram.
+    Vitals(crate::vitals::Vitals),
     /// A gateway link's health ping: a [`Datagram::Ping`] that also says which version of its
     /// node directory the sender has announced, so a peer that lost the last change notices
     /// (see [`crate::directory`]). Answered with a [`Datagram::Pong`].
