@@ -71,7 +71,7 @@ struct Remote {
     last_seen: Option<String>,
     latency_ms: Option<f64>,
     nodes: Vec<Arc<NodeSummary>>,
-    /// Its nodes' host vitals, as it relayed them.
+    /// Its nodes' host vitals, as it last relayed them.
     vitals: HashMap<DeviceId, Received>,
 }
 
@@ -149,7 +149,7 @@ struct Row<'a> {
     approved_by: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tailnet: Option<&'a Value>,
-    /// Host vitals (`Vitals::to_json`); `null` when none are known (a classic node).
+    /// Host vitals (`null` for a node that sends none, such as a classic node).
     vitals: Option<Value>,
 }
 
@@ -414,7 +414,6 @@ impl Methods {
 mod tests {
     use super::*;
     use clawmesh_federation::directory::AttachOrder;
-    use clawmesh_federation::identity::DeviceId;
 
     fn node(i: u8) -> Arc<NodeSummary> {
         Arc::new(NodeSummary {
