@@ -61,9 +61,81 @@ fn oc_invoke(bin: &Path, home: &Path, url: &str, params: &Value) -> (bool, Value
     )
 }
 
+/// A device that is not one of clawmesh's proxies asks OpenClaw to pair as a node host (the
+/// node host's connect, signed with a throwaway key); its device id. The auto-approver must
+/// leave this request to the OpenClaw operator.
+async fn stranger_asks_to_pair(url: &str) -> String {
+    use base64::Engine as _;
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let key = clawmesh_federation::identity::DeviceIdentity::ephemeral();
+    let id = key.device_id().to_string();
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let ch: Value = loop {
+        if let Some(Ok(Message::Text(t))) = ws.next().await {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["event"] == "connect.challenge" {
+                break v["payload"].clone();
+            }
+        }
+    };
+    let (nonce, ts) = (ch["nonce"].as_str().unwrap(), ch["ts"].as_u64().unwrap());
+    let signed = format!("v3|{id}|node-host|node|node||{ts}|{TOKEN}|{nonce}|linux|linux");
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.sign(signed.as_bytes()));
+    let connect = json!({"type": "req", "id": "1:stranger", "method": "connect", "params": {
+        "minProtocol": 4, "maxProtocol": 4,
+        "client": {"id": "node-host", "displayName": "stranger", "version": "2026.9.6",
+                   "platform": "linux", "deviceFamily": "Linux", "mode": "node"},
+        "caps": ["system"], "commands": ["system.run"], "role": "node", "scopes": [],
+        "auth": {"token": TOKEN},
+        "device": {"id": id, "publicKey": key.public_key().to_base64url(), "signature": sig,
+                   "signedAt": ts, "nonce": nonce}}});
+    ws.send(Message::text(connect.to_string())).await.unwrap();
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["id"] == "1:stranger" {
+                    assert_eq!(v["error"]["details"]["code"], "PAIRING_REQUIRED", "{v}");
+                    return id;
+                }
+            }
+            other => panic!("no answer to the stranger's connect: {other:?}"),
+        }
+    }
+}
+
+/// OpenClaw's pending and paired device ids (`device.pair.list`).
+fn oc_devices(bin: &Path, home: &Path, url: &str) -> (Vec<String>, Vec<String>) {
+    let out = oc(
+        bin,
+        home,
+        url,
+        TOKEN,
+        &["gateway", "call", "device.pair.list", "--json"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let v: Value = text
+        .find('{')
+        .and_then(|i| serde_json::from_str(&text[i..]).ok())
+        .unwrap_or(Value::Null);
+    let ids = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|d| d["deviceId"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    (ids("pending"), ids("paired"))
+}
+
 #[test]
 fn openclaw_agents_use_a_node_behind_the_remote_clawmesh_gateway() {
     let Some(bin) = openclaw() else { return };
+    let t0 = std::time::Instant::now();
+    let step = |what: &str| eprintln!("[{:6.1}s] {what}", t0.elapsed().as_secs_f64());
     let tmp = tempfile::tempdir().unwrap();
     let cli_home = tmp.path().join("cli");
     // The OpenClaw gateway, with loopback device pairing NOT silent: both pairing layers go
@@ -129,7 +201,7 @@ fn openclaw_agents_use_a_node_behind_the_remote_clawmesh_gateway() {
     );
     // The node: attached to singapore, failing over to frankfurt.
     let node_dir = tmp.path().join("sg-box");
-    let _node = Gw::spawn_cmd(
+    let mut node = Gw::spawn_cmd(
         &node_dir,
         &[
             "node",
@@ -149,6 +221,9 @@ fn openclaw_agents_use_a_node_behind_the_remote_clawmesh_gateway() {
     approve_device(&sg, "sg-box");
 
     ocgw.wait_ready(&bin, &cli_home, TOKEN);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stranger = rt.block_on(stranger_asks_to_pair(&url));
+    step("openclaw ready");
 
     // `openclaw nodes status` lists it, paired and connected, with where it is.
     let mut row = None;
@@ -171,6 +246,14 @@ fn openclaw_agents_use_a_node_behind_the_remote_clawmesh_gateway() {
         "{row}"
     );
     let proxy_id = row["nodeId"].as_str().unwrap().to_string();
+    // Auto-approval took clawmesh's own proxy and nothing else.
+    let (pending, paired) = oc_devices(&bin, &cli_home, &url);
+    assert!(paired.contains(&proxy_id), "{paired:?}");
+    assert!(
+        pending.contains(&stranger) && !paired.contains(&stranger),
+        "{pending:?} {paired:?}"
+    );
+    step("listed");
     assert!(row.to_string().contains("system.run"), "{row}");
 
     // `openclaw nodes invoke` (what the agent's nodes tool sends) runs on the real node: the
@@ -207,6 +290,7 @@ fn openclaw_agents_use_a_node_behind_the_remote_clawmesh_gateway() {
         log_tail(&fra, 30)
     );
 
+    step("nodes invoke ok");
     // system.run through OpenClaw's node.invoke: the node's own exec policy runs it.
     let (ok, v, err) = oc_invoke(
         &bin,
@@ -218,6 +302,7 @@ fn openclaw_agents_use_a_node_behind_the_remote_clawmesh_gateway() {
     assert!(ok, "{err}");
     assert_eq!(v["payload"]["stdout"], "from-singapore\n", "{v}");
 
+    step("system.run ok");
     // A timed-out invoke: OpenClaw cancels it, and the command is killed on the node.
     let marker = "upstream-timeout-marker";
     let (ok, _, err) = oc_invoke(
@@ -239,6 +324,7 @@ fn openclaw_agents_use_a_node_behind_the_remote_clawmesh_gateway() {
         "the timed-out command still runs on the node"
     );
 
+    step("timeout ok");
     // Failover: singapore dies, the node moves to frankfurt, OpenClaw keeps the same node.
     g_sg.kill9();
     let mut last = String::new();
@@ -261,6 +347,59 @@ fn openclaw_agents_use_a_node_behind_the_remote_clawmesh_gateway() {
     let row = oc_node(&bin, &cli_home, &url, "sg-box").unwrap();
     assert_eq!(row["nodeId"], proxy_id.as_str(), "{row}");
     assert_eq!(row["connected"], true, "{row}");
+    step("failover ok");
+
+    // The OpenClaw gateway restarts: the proxy reconnects by itself (backoff), same identity.
+    ocgw.kill();
+    let mut ocgw = OpenClawGateway::start(
+        &bin,
+        &tmp.path().join("openclaw"),
+        oc_port,
+        TOKEN,
+        json!({"nodes": {"pairing": {"autoApproveLocal": false}}}),
+    );
+    ocgw.wait_ready(&bin, &cli_home, TOKEN);
+    let ok = wait_until(Duration::from_secs(60), || {
+        let (ok, v, err) = oc_invoke(
+            &bin,
+            &cli_home,
+            &url,
+            &json!({"nodeId": proxy_id, "command": "system.which",
+                    "params": {"bins": ["sh"]}, "idempotencyKey": "up-4"}),
+        );
+        last = err;
+        ok && v["payload"]["bins"]["sh"].is_string()
+    });
+    assert!(
+        ok,
+        "not reachable after OpenClaw restarted:\n{last}\n{}",
+        log_tail(&fra, 30)
+    );
+    step("openclaw restart ok");
+
+    // The node leaves the federation: its proxy leaves OpenClaw, and an invoke gets
+    // OpenClaw's own answer for a node that is not connected.
+    node.kill9();
+    assert!(
+        wait_until(Duration::from_secs(30), || oc_node(
+            &bin, &cli_home, &url, "sg-box"
+        )
+        .is_none_or(|r| r["connected"] != true)),
+        "sg-box still connected in OpenClaw after it left"
+    );
+    let (ok, _, err) = oc_invoke(
+        &bin,
+        &cli_home,
+        &url,
+        &json!({"nodeId": proxy_id, "command": "system.which",
+                "params": {"bins": ["sh"]}, "idempotencyKey": "up-5"}),
+    );
+    assert!(!ok, "invoke of a gone node succeeded");
+    assert!(
+        err.contains("not connected") || err.contains("NOT_CONNECTED"),
+        "{err}"
+    );
+    step("node left ok");
 
     assert!(!g_fra.log_text().contains("panicked"));
 }

@@ -32,7 +32,10 @@ pub async fn run(ctx: Arc<Context>) {
             tokio::time::sleep(*d).await;
             match sweep(&ctx).await {
                 Ok(0) => {}
-                Ok(n) => info!(approved = n, "approved this gateway's proxies in OpenClaw"),
+                Ok(n) => {
+                    info!(approved = n, "approved this gateway's proxies in OpenClaw");
+                    ctx.approved.notify_waiters();
+                }
                 Err(e) => warn!("auto-approve in OpenClaw failed: {e}"),
             }
         }

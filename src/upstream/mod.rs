@@ -79,6 +79,9 @@ pub struct Context {
     settings: UpstreamSettings,
     pin: Option<[u8; 32]>,
     nudge: Notify,
+    /// Woken after the approver approved something: proxies waiting for approval retry now
+    /// instead of at the end of their backoff.
+    approved: Notify,
     proxies: Mutex<HashSet<String>>,
 }
 
@@ -134,6 +137,7 @@ pub fn start(
         settings,
         pin,
         nudge: Notify::new(),
+        approved: Notify::new(),
         proxies: Mutex::new(HashSet::new()),
     });
     info!(url = %ctx.settings.url, nodes = ?ctx.settings.nodes, auto_approve = ctx.settings.auto_approve, "upstream mode: lending federation nodes to an OpenClaw gateway");
@@ -159,8 +163,8 @@ async fn follow(ctx: Arc<Context>, state_dir: PathBuf, interval: Duration) {
     let _approver = approver.map(AbortOnDrop);
     let mut changes = ctx.methods.nodes().changes();
     let mut running: HashMap<String, Running> = HashMap::new();
-    // When each node was last seen connected, for the failover grace.
-    let mut last_live: HashMap<String, Instant> = HashMap::new();
+    // When and where each node was last seen connected, for the failover grace.
+    let mut last_live: HashMap<String, (Instant, String)> = HashMap::new();
     let mut warned_cap = false;
     loop {
         match ctx
@@ -177,14 +181,18 @@ async fn follow(ctx: Arc<Context>, state_dir: PathBuf, interval: Duration) {
                         continue;
                     };
                     let live = row["connected"] == true;
+                    let gateway = row["gateway"].as_str().unwrap_or("").to_string();
                     if live {
-                        last_live.insert(id.to_string(), now);
+                        last_live.insert(id.to_string(), (now, gateway.clone()));
                     }
-                    // A node whose gateway is offline may be failing over: keep it a while.
+                    // A node whose gateway went offline while it was attached there may be
+                    // failing over: keep it a while. (A node that left a healthy gateway
+                    // may still be claimed by a dead one it used before: that is no
+                    // failover.)
                     let grace = row["gatewayStatus"] == "offline"
-                        && last_live
-                            .get(id)
-                            .is_some_and(|t| now.duration_since(*t) < FAILOVER_GRACE);
+                        && last_live.get(id).is_some_and(|(t, g)| {
+                            *g == gateway && now.duration_since(*t) < FAILOVER_GRACE
+                        });
                     if !(live || grace) {
                         continue;
                     }
@@ -202,7 +210,7 @@ async fn follow(ctx: Arc<Context>, state_dir: PathBuf, interval: Duration) {
                         .unwrap_or_else(|| spec_of(row));
                     want.insert(id.to_string(), spec);
                 }
-                last_live.retain(|id, t| {
+                last_live.retain(|id, (t, _)| {
                     want.contains_key(id) || now.duration_since(*t) < FAILOVER_GRACE
                 });
                 // Stop proxies of nodes gone, or whose name or commands changed (a new

@@ -26,12 +26,13 @@ use super::client::{self, Challenge};
 use super::{dial, Context, UpstreamError};
 use crate::gateway::scopes;
 
-/// Reconnect backoff: first retry after 0.5–1 s, doubling to a 15–30 s ceiling (half-jitter,
+/// Reconnect backoff: first retry after 0.5–1 s, doubling to a 5–10 s ceiling (half-jitter,
 /// so a hundred proxies that lost the same OpenClaw gateway do not redial in lockstep). The
-/// cap is the classic node host's own 30 s: an OpenClaw restart (about 10 s) is caught within
-/// one or two attempts, a long outage costs one dial per proxy every half minute.
+/// cap is a third of the classic node host's 30 s: an OpenClaw restart (10 to 30 s here) is
+/// noticed within 10 s of the gateway being back, and a long outage costs each proxy one
+/// refused TCP connect every 5–10 s, which is nothing for a gateway that is down.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
-const BACKOFF_CAP: Duration = Duration::from_secs(30);
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
 
 /// Frames waiting to be written to the OpenClaw gateway: invoke results only, one per
 /// invoke in flight, so the in-flight bound below bounds this too; a full queue makes the
@@ -91,6 +92,7 @@ pub async fn run(spec: Spec, key: DeviceIdentity, ctx: Arc<Context>, stats: Arc<
         let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
         loop {
             let mut connected = false;
+            let mut pairing = false;
             match session(&spec, &key, &ctx, &stats, &mut connected).await {
                 Ok(()) => info!("OpenClaw gateway closed the connection; reconnecting"),
                 Err(UpstreamError::Refused {
@@ -99,6 +101,7 @@ pub async fn run(spec: Spec, key: DeviceIdentity, ctx: Arc<Context>, stats: Arc<
                     details,
                 }) => {
                     if details["code"] == "PAIRING_REQUIRED" {
+                        pairing = true;
                         info!(
                             request = details["requestId"].as_str().unwrap_or(""),
                             "waiting for pairing approval in OpenClaw{}",
@@ -124,7 +127,12 @@ pub async fn run(spec: Spec, key: DeviceIdentity, ctx: Arc<Context>, stats: Arc<
             if connected {
                 backoff.reset();
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            let approved = ctx.approved.notified();
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                // Approved in OpenClaw (by the auto-approver): connect at once.
+                _ = approved, if pairing => {}
+            }
         }
     }
     .instrument(span)
