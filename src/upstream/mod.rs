@@ -9,7 +9,8 @@
 //!
 //! - `settings`: flags and `gateway.upstream.*`;
 //! - `dial`: the WebSocket (ws://, or wss:// with the certificate fingerprint pinned);
-//! - `client`: the classic client handshake and device signature;
+//! - `client`: the classic client handshake and device signature (public with `dial`: the
+//!   upstream benchmark's operator client is this same code);
 //! - `proxy`: one proxy node host (invokes, cancels, reconnects);
 //! - `approve`: `autoApprove`, for this gateway's own proxies only;
 //! - this file: following the federation's node list (a proxy per selected node, started,
@@ -29,8 +30,8 @@ use tracing::{info, warn};
 use crate::gateway::methods::Methods;
 
 mod approve;
-mod client;
-mod dial;
+pub mod client;
+pub mod dial;
 mod proxy;
 pub mod settings;
 
