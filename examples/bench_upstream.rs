@@ -363,7 +363,7 @@ async fn run(root: &Path) -> Result<String> {
          {rounds} rounds x {n} calls per target (after {WARMUP} warm-up calls each round), targets taking turns; \
          load average at start {load}\n\n"
     ));
-    out.push_str("| path | n | p50 ms | p90 ms | p99 ms | max ms | median of round p50s ms |\n|---|---|---|---|---|---|---|\n");
+    out.push_str("| path | n | p50 | p90 | p99 | max | median of round p50s |\n|---|---|---|---|---|---|---|\n");
     for sr in series.iter_mut() {
         let l = lat_stats(&mut sr.samples)?;
         sr.round_p50.sort_by(f64::total_cmp);

@@ -185,3 +185,41 @@ pub async fn call(
             UpstreamError::Protocol(format!("{method}: no answer within {CALL_TIMEOUT:?}"))
         })?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_proof_signs_the_v3_string_classic_gateways_check() {
+        let key = DeviceIdentity::ephemeral();
+        let ch = Challenge {
+            nonce: "n-1".into(),
+            ts: 1_795_266_984_872,
+        };
+        let d = device_proof(
+            &key,
+            "node-host",
+            "node",
+            "node",
+            &[],
+            "tok",
+            &ch,
+            "linux",
+            "Linux",
+        );
+        let id = key.device_id().to_string();
+        assert_eq!(d["id"], id.as_str());
+        assert_eq!(d["signedAt"], 1_795_266_984_872u64);
+        assert_eq!(d["nonce"], "n-1");
+        let expected = format!("v3|{id}|node-host|node|node||1795266984872|tok|n-1|linux|linux");
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(d["signature"].as_str().unwrap())
+            .unwrap();
+        assert!(key.public_key().verify(expected.as_bytes(), &sig));
+        let pk =
+            clawmesh_federation::identity::PublicKey::from_base64(d["publicKey"].as_str().unwrap())
+                .unwrap();
+        assert_eq!(pk.device_id().to_string(), id);
+    }
+}
