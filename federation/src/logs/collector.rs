@@ -53,10 +53,37 @@ pub struct Batch {
     pub gateway: String,
     /// The store id the shipper believes it is talking to (0: any).
     pub store_id: u64,
-    /// Records, each origin's in sequence order.
-    pub records: Vec<Record>,
+    /// Records as the spool stores them (postcard [`Record`]s), each origin's in sequence
+    /// order: the shipper sends the stored bytes as they are.
+    pub records: Vec<Vec<u8>>,
+    /// For each origin in the batch, the sequence number the collector must already hold
+    /// before it may store this batch (the last one of the shipper's previous batch, or the
+    /// cursor it started from). A shipper keeps several batches in flight; this keeps their
+    /// commits in order, so the cursor never moves past a batch that was lost.
+    pub prev: Vec<(String, u64)>,
     /// The shipper's cumulative drop counters, per origin.
     pub drops: Vec<OriginDrops>,
+}
+
+impl Batch {
+    /// A batch of `records` (encoded here; shippers send the spool's stored encodings).
+    pub fn from_records(
+        gateway: &str,
+        store_id: u64,
+        records: &[Record],
+    ) -> Result<Batch, LogError> {
+        let records = records
+            .iter()
+            .map(|r| postcard::to_stdvec(r).map_err(|e| LogError::Encode(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Batch {
+            gateway: gateway.to_string(),
+            store_id,
+            records,
+            prev: Vec::new(),
+            drops: Vec::new(),
+        })
+    }
 }
 
 /// The collector's reply to a batch, sent after the batch is durable.
@@ -140,6 +167,8 @@ pub struct QueryReply {
 struct Inner {
     conn: Connection,
     bytes: u64,
+    /// Each origin's highest stored sequence number (the `origins` table, in memory).
+    high: HashMap<String, u64>,
 }
 
 /// Handle to the collector's store; cheap to clone.
@@ -150,6 +179,8 @@ pub struct Collector {
     limits: StoreLimits,
     path: PathBuf,
     last_id: Arc<watch::Sender<i64>>,
+    /// Counts commits: a batch waiting for its predecessor wakes on it.
+    commits: Arc<watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Collector {
@@ -226,15 +257,30 @@ impl Collector {
         let last: i64 = conn
             .query_row("SELECT COALESCE(MAX(id), 0) FROM records", [], |r| r.get(0))
             .map_err(sql)?;
+        let high = {
+            let mut stmt = conn
+                .prepare("SELECT origin, high_seq FROM origins")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+                })
+                .map_err(sql)?
+                .collect::<Result<HashMap<_, _>, _>>()
+                .map_err(sql)?;
+            rows
+        };
         Ok(Collector {
             inner: Arc::new(Mutex::new(Inner {
                 conn,
                 bytes: bytes.max(0) as u64,
+                high,
             })),
             store_id,
             limits,
             path,
             last_id: Arc::new(watch::channel(last).0),
+            commits: Arc::new(watch::channel(0).0),
         })
     }
 
@@ -279,8 +325,24 @@ impl Collector {
                 actual: self.store_id,
             });
         }
+        // Decode outside the lock: only the inserts need it.
+        let records = batch
+            .records
+            .iter()
+            .map(|b| postcard::from_bytes::<Record>(b).map_err(|e| LogError::Encode(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut g = self.lock();
         let inner = &mut *g;
+        for (origin, prev) in &batch.prev {
+            let held = inner.high.get(origin).copied().unwrap_or(0);
+            if held < *prev {
+                return Err(LogError::OutOfOrder {
+                    origin: origin.clone(),
+                    held,
+                    prev: *prev,
+                });
+            }
+        }
         let sql = |e| LogError::sql(&self.path, e);
         let tx = inner.conn.transaction().map_err(sql)?;
         let mut stored = 0u64;
@@ -293,7 +355,7 @@ impl Collector {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(sql)?;
-            for r in &batch.records {
+            for r in &records {
                 let audit = match &r.audit {
                     Some(a) => Some(
                         serde_json::to_string(a).map_err(|e| LogError::Encode(e.to_string()))?,
@@ -347,6 +409,10 @@ impl Collector {
             }
         }
         tx.commit().map_err(sql)?;
+        for (o, h) in high {
+            let e = inner.high.entry(o.to_string()).or_default();
+            *e = (*e).max(h);
+        }
         inner.bytes += added;
         if inner.bytes > self.limits.max_bytes {
             self.enforce_size(inner)?;
@@ -356,11 +422,40 @@ impl Collector {
         if stored > 0 {
             self.last_id.send_modify(|v| *v = (*v).max(last));
         }
+        self.commits.send_modify(|c| *c += 1);
         Ok(Ack {
             store_id: self.store_id,
             stored,
             duplicates: batch.records.len() as u64 - stored,
         })
+    }
+
+    /// [`Collector::ingest`] off the async threads, waiting up to `wait` for the batches
+    /// before it (its [`Batch::prev`]) to be stored: a shipper's pipelined batches may arrive
+    /// on parallel streams in any order, and are stored in theirs.
+    pub async fn ingest_in_order(&self, batch: Batch, wait: Duration) -> Result<Ack, LogError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut commits = self.commits.subscribe();
+        let mut batch = batch;
+        loop {
+            commits.borrow_and_update();
+            let c = self.clone();
+            let (b, res) = tokio::task::spawn_blocking(move || {
+                let r = c.ingest(&batch);
+                (batch, r)
+            })
+            .await
+            .map_err(|e| LogError::Encode(format!("ingest task: {e}")))?;
+            batch = b;
+            match res {
+                Err(LogError::OutOfOrder { .. }) if tokio::time::Instant::now() < deadline => {
+                    // Woken by the next commit; a predecessor that never comes ends at the
+                    // deadline and the shipper resumes from the cursor.
+                    let _ = tokio::time::timeout_at(deadline, commits.changed()).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Removes the oldest records down to 90% of the size limit, counted per origin.
@@ -637,12 +732,7 @@ mod tests {
     }
 
     fn batch(records: Vec<Record>) -> Batch {
-        Batch {
-            gateway: "g".into(),
-            store_id: 0,
-            records,
-            drops: vec![],
-        }
+        Batch::from_records("g", 0, &records).unwrap()
     }
 
     #[test]

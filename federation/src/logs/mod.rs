@@ -59,6 +59,18 @@ pub enum LogError {
         /// This store's id.
         actual: u64,
     },
+    /// A pipelined batch arrived before the one it follows was stored.
+    #[error(
+        "batch for {origin} follows seq {prev}, the store holds {held}; resend from the cursor"
+    )]
+    OutOfOrder {
+        /// The origin.
+        origin: String,
+        /// What the store holds.
+        held: u64,
+        /// What the batch needs held first.
+        prev: u64,
+    },
     /// A record could not be encoded.
     #[error("cannot encode a log record: {0}")]
     Encode(String),

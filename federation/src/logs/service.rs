@@ -15,7 +15,7 @@ use std::time::Duration;
 use quinn::Connection;
 
 use super::collector::{Batch, Collector, Query, QueryReply};
-use super::ship::{Destination, LocalDestination, Router, ShipError};
+use super::ship::{Destination, LocalDestination, Router, ShipError, ORDER_WAIT};
 use crate::consensus::network::{decode, encode};
 use crate::identity::PublicKey;
 use crate::mesh::{Mesh, PeerService};
@@ -101,10 +101,9 @@ pub async fn answer(collector: &Collector, req: &Request) -> Result<String, Wire
         }
         METHOD_PUSH => {
             let batch: Batch = decode(&req.params).map_err(bad)?;
-            let c = collector.clone();
-            let ack = tokio::task::spawn_blocking(move || c.ingest(&batch))
+            let ack = collector
+                .ingest_in_order(batch, ORDER_WAIT)
                 .await
-                .map_err(unavailable)?
                 .map_err(unavailable)?;
             encode(&ack, true).map_err(unavailable)
         }
