@@ -2,10 +2,14 @@
 //!
 //! One SQLite file (`logstore.db`) with `synchronous=FULL`: a batch is written in one
 //! transaction and acknowledged only after it commits, so an acknowledged record survives a
-//! SIGKILL or a power cut of the collector. `INSERT OR IGNORE` on the key (origin, seq) drops
-//! duplicates, which a shipper sends after any fault where it cannot know whether its last
-//! batch arrived. Every origin's highest stored sequence number is kept apart from the records
-//! (the *cursor*), so a record the store's own limit removed is never taken again.
+//! SIGKILL or a power cut of the collector. Every origin's highest stored sequence number is
+//! kept apart from the records (the *cursor*, also in memory), and a record at or below it is a
+//! duplicate: a shipper sends those after any fault where it cannot know whether its last
+//! batch arrived, and a record the store's own limit removed is never taken again. That test
+//! is exact because batches are stored in the order their shipper sent them (each names the
+//! sequence number the store must hold first, [`Batch::prev`]) and each origin's records are in
+//! sequence order within a batch; so the store needs no unique index on (origin, seq), the
+//! most expensive part of an insert (stores created before keep theirs, harmlessly).
 //!
 //! Each store has a random id, created with the file: a shipper that sees it change (the
 //! primary moved, or a collector's disk was replaced) asks for the cursor again and backfills.
@@ -19,7 +23,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::record::{Audit, Level, Record};
+use super::record::{Audit, Frames, Level, Record, RecordRef};
 use super::spool::OriginDrops;
 use super::LogError;
 
@@ -55,7 +59,7 @@ pub struct Batch {
     pub store_id: u64,
     /// Records as the spool stores them (postcard [`Record`]s), each origin's in sequence
     /// order: the shipper sends the stored bytes as they are.
-    pub records: Vec<Vec<u8>>,
+    pub records: Frames,
     /// For each origin in the batch, the sequence number the collector must already hold
     /// before it may store this batch (the last one of the shipper's previous batch, or the
     /// cursor it started from). A shipper keeps several batches in flight; this keeps their
@@ -72,14 +76,14 @@ impl Batch {
         store_id: u64,
         records: &[Record],
     ) -> Result<Batch, LogError> {
-        let records = records
-            .iter()
-            .map(|r| postcard::to_stdvec(r).map_err(|e| LogError::Encode(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut frames = Frames::default();
+        for r in records {
+            frames.push(&postcard::to_stdvec(r).map_err(|e| LogError::Encode(e.to_string()))?);
+        }
         Ok(Batch {
             gateway: gateway.to_string(),
             store_id,
-            records,
+            records: frames,
             prev: Vec::new(),
             drops: Vec::new(),
         })
@@ -204,8 +208,7 @@ CREATE TABLE IF NOT EXISTS records (
     node TEXT,
     target TEXT NOT NULL,
     message TEXT NOT NULL,
-    audit TEXT,
-    UNIQUE(origin, seq)
+    audit TEXT
 );
 CREATE INDEX IF NOT EXISTS records_ts ON records(ts_ms);
 CREATE TABLE IF NOT EXISTS origins (
@@ -218,7 +221,7 @@ CREATE TABLE IF NOT EXISTS origins (
 ";
 
 /// Bytes a record counts against the store's size limit (text plus a row's overhead).
-fn row_bytes(r: &Record) -> u64 {
+fn row_bytes(r: &RecordRef) -> u64 {
     // 48: the fixed columns and SQLite's row header, roughly.
     (r.message.len() + r.target.len() + r.origin.len() + 48) as u64
 }
@@ -329,7 +332,10 @@ impl Collector {
         let records = batch
             .records
             .iter()
-            .map(|b| postcard::from_bytes::<Record>(b).map_err(|e| LogError::Encode(e.to_string())))
+            .map(|b| {
+                b.and_then(|b| postcard::from_bytes::<RecordRef>(b).map_err(|e| e.to_string()))
+                    .map_err(LogError::Encode)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut g = self.lock();
         let inner = &mut *g;
@@ -356,6 +362,14 @@ impl Collector {
                 )
                 .map_err(sql)?;
             for r in &records {
+                let held = high
+                    .get(r.origin)
+                    .copied()
+                    .or_else(|| inner.high.get(r.origin).copied())
+                    .unwrap_or(0);
+                if r.seq <= held {
+                    continue;
+                }
                 let audit = match &r.audit {
                     Some(a) => Some(
                         serde_json::to_string(a).map_err(|e| LogError::Encode(e.to_string()))?,
@@ -379,8 +393,7 @@ impl Collector {
                     stored += 1;
                     added += row_bytes(r);
                 }
-                let h = high.entry(r.origin.as_str()).or_default();
-                *h = (*h).max(r.seq);
+                high.insert(r.origin, r.seq);
             }
             let mut up = tx
                 .prepare_cached(
@@ -898,7 +911,7 @@ mod tests {
         assert_eq!(c.cursor().unwrap().held, vec![("beijing".into(), 40)]);
         // An older counter never lowers a newer one.
         b.drops[0].spool_dropped = 5;
-        b.records.clear();
+        b.records = Frames::default();
         c.ingest(&b).unwrap();
         assert_eq!(c.drops().unwrap()[0].spool_dropped, 1204);
     }

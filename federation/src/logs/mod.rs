@@ -101,8 +101,12 @@ fn open_db(path: &Path, synchronous: &str, schema: &str) -> Result<Connection, L
             reason: check,
         });
     }
+    // A 16 MiB WAL between checkpoints (SQLite's default is 4 MiB) and a 16 MiB page cache:
+    // index pages a batch touches again are copied to the database once per checkpoint, and
+    // the insert path rarely reads a page back from the file.
     conn.execute_batch(&format!(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous};"
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous};
+         PRAGMA wal_autocheckpoint=4096; PRAGMA cache_size=-16384;"
     ))
     .map_err(corrupt)?;
     conn.execute_batch(schema).map_err(corrupt)?;

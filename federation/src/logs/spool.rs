@@ -24,7 +24,7 @@ use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::record::{Entry, Record};
+use super::record::{Entry, Frames, Record};
 use super::LogError;
 
 /// File name of the spool inside a state dir.
@@ -72,7 +72,7 @@ pub struct OriginDrops {
 pub struct Pending {
     /// The records' stored encodings (postcard [`Record`]s) in spool order, each origin's in
     /// sequence order: shipped as they are, never decoded and encoded again on the way.
-    pub bodies: Vec<Vec<u8>>,
+    pub bodies: Frames,
     /// Each origin in the batch with the first and last sequence number it has there.
     pub origins: HashMap<String, (u64, u64)>,
     /// The spool position up to which everything is either in `records` or already held by
@@ -87,10 +87,7 @@ pub struct Pending {
 impl Pending {
     /// The records, decoded (tests and tools; shipping sends [`Pending::bodies`] as is).
     pub fn records(&self) -> Result<Vec<Record>, LogError> {
-        self.bodies
-            .iter()
-            .map(|b| postcard::from_bytes(b).map_err(|e| LogError::Encode(e.to_string())))
-            .collect()
+        self.bodies.records().map_err(LogError::Encode)
     }
 }
 
@@ -543,7 +540,14 @@ impl Spool {
                     out.upto = id;
                     continue;
                 }
-                let body: Vec<u8> = r.get(3).map_err(sql)?;
+                let body: &[u8] =
+                    r.get_ref(3)
+                        .and_then(|v| Ok(v.as_blob()?))
+                        .map_err(|e| LogError::BadRow {
+                            path: self.path.clone(),
+                            table: "records",
+                            reason: format!("row {id}: {e}"),
+                        })?;
                 if out.bodies.len() >= max_records
                     || (!out.bodies.is_empty() && out.bytes + body.len() > max_bytes)
                 {
