@@ -21,6 +21,7 @@ mod lifecycle;
 mod listen;
 mod logs;
 pub mod methods;
+mod otlp_export;
 pub mod registry;
 pub mod scopes;
 mod settings;

@@ -443,6 +443,35 @@ impl Collector {
         })
     }
 
+    /// The store position up to which the export `name` (e.g. `otlp`) has delivered: kept in
+    /// the store itself, so an export resumes where it was after a restart, and a new primary
+    /// exports from its own store's cursor.
+    pub fn export_cursor(&self, name: &str) -> Result<i64, LogError> {
+        let g = self.lock();
+        g.conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [format!("export.{name}")],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map(|v| v.and_then(|v| v.parse().ok()).unwrap_or(0))
+            .map_err(|e| LogError::sql(&self.path, e))
+    }
+
+    /// Records that the export `name` delivered everything up to store position `id`
+    /// (durably: written with the store's `synchronous=FULL`).
+    pub fn set_export_cursor(&self, name: &str, id: i64) -> Result<(), LogError> {
+        let g = self.lock();
+        g.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)",
+                params![format!("export.{name}"), id.to_string()],
+            )
+            .map(|_| ())
+            .map_err(|e| LogError::sql(&self.path, e))
+    }
+
     /// [`Collector::ingest`] off the async threads, waiting up to `wait` for the batches
     /// before it (its [`Batch::prev`]) to be stored: a shipper's pipelined batches may arrive
     /// on parallel streams in any order, and are stored in theirs.

@@ -7,10 +7,12 @@
 //!   collector's cursor after any fault, backfilled to a new collector;
 //! - [`service`]: the `logs.*` requests between gateways and the mesh router;
 //! - [`collector`]: the primary's durable store, deduplicated by (origin, seq), queried by
-//!   `clawmesh logs`.
+//!   `clawmesh logs`, with durable export cursors;
+//! - [`otlp`]: stored records as an OTLP/HTTP `ExportLogsServiceRequest` (protobuf).
 
 pub mod collector;
 pub mod layer;
+pub mod otlp;
 pub mod record;
 pub mod service;
 pub mod ship;
