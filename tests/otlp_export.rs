@@ -9,7 +9,8 @@
 //! gateway keeps logging, the receiver comes back on the same port: every record the store
 //! holds reaches it, each with its origin and sequence number and the configured header.
 //! Duplicates are allowed (a batch posted again after the receiver died before answering) and
-//! only those: the test prints how many.
+//! only those: the test prints how many. The status document's self row carries the shipping
+//! lag (`logShipping`).
 
 mod common;
 
@@ -189,6 +190,11 @@ fn receiver_killed_mid_stream_loses_nothing() {
     // Nothing was made up: every received key is one the store holds or held.
     let now = stored(&dir);
     assert!(got.keys().all(|k| now.contains(k)));
+    // The status document shows this gateway's shipping lag (for the metrics helper).
+    let st = status(&dir).expect("status");
+    let me = row(&st, "tokyo").expect("self row");
+    assert!(me["logShipping"]["unacked"].is_u64(), "{me}");
+    assert!(me["logShipping"]["oldestAgeMs"].is_u64(), "{me}");
     drop(rx);
     gw.kill9();
 }

@@ -11,7 +11,7 @@ use clawmesh_federation::logs::layer::{start_writer, Handoff, HANDOFF_CAPACITY};
 use clawmesh_federation::logs::record::{Audit, Entry};
 use clawmesh_federation::logs::service::{self, LogService, MeshRouter};
 use clawmesh_federation::logs::ship::{ShipConfig, Shipper};
-use clawmesh_federation::logs::spool::Spool;
+use clawmesh_federation::logs::spool::{Lag, Spool};
 use clawmesh_federation::mesh::Mesh;
 use clawmesh_federation::wire::WireError;
 use tokio::sync::watch;
@@ -71,6 +71,12 @@ impl GatewayLogs {
             _shipper: shipper,
             otlp: Arc::new(otlp),
         })
+    }
+
+    /// This gateway's shipping lag: records spooled and not yet acknowledged by the collector,
+    /// and the time of the oldest (status `logShipping`, the metric `log shipping lag`).
+    pub fn shipping_lag(&self) -> Result<Lag, clawmesh_federation::logs::LogError> {
+        self.spool.lag()
     }
 
     /// Applies `logging.export.otlp.*` (the export runs while this gateway is the primary).
