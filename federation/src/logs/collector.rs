@@ -946,6 +946,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pipelined_batch_waits_for_its_predecessor_and_a_lost_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Collector::open(dir.path(), StoreLimits::default()).unwrap();
+        let first = batch((1..=3).map(|s| rec("tokyo", s, Level::Info, "a")).collect());
+        let mut second = batch((4..=6).map(|s| rec("tokyo", s, Level::Info, "b")).collect());
+        second.prev = vec![("tokyo".into(), 3)];
+        // The second arrives first: it is held, not stored ahead (the cursor must not pass
+        // records that may never come).
+        assert!(matches!(
+            c.ingest(&second),
+            Err(LogError::OutOfOrder {
+                held: 0,
+                prev: 3,
+                ..
+            })
+        ));
+        let c2 = c.clone();
+        let waiting =
+            tokio::spawn(async move { c2.ingest_in_order(second, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(c.cursor().unwrap().held, vec![]);
+        c.ingest_in_order(first, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(waiting.await.unwrap().unwrap().stored, 3);
+        assert_eq!(c.cursor().unwrap().held, vec![("tokyo".into(), 6)]);
+        // A batch whose predecessor never comes is refused at the deadline.
+        let mut orphan = batch(vec![rec("tokyo", 9, Level::Info, "c")]);
+        orphan.prev = vec![("tokyo".into(), 8)];
+        assert!(matches!(
+            c.ingest_in_order(orphan, Duration::from_millis(100)).await,
+            Err(LogError::OutOfOrder { held: 6, .. })
+        ));
+    }
+
+    #[tokio::test]
     async fn follow_wakes_on_new_records() {
         let dir = tempfile::tempdir().unwrap();
         let c = Collector::open(dir.path(), StoreLimits::default()).unwrap();

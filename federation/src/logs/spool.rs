@@ -773,6 +773,25 @@ mod tests {
     }
 
     #[test]
+    fn lag_counts_what_is_not_acknowledged_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), SpoolLimits::default()).unwrap();
+        assert_eq!(s.lag().unwrap(), Lag::default());
+        let t0 = now_ms();
+        s.append("a", (0..5).map(|i| entry(&i.to_string(), None)).collect())
+            .unwrap();
+        let p = s.pending(0, &HashMap::new(), 3, 1 << 20).unwrap();
+        s.ack(p.upto, t0).unwrap();
+        let lag = s.lag().unwrap();
+        assert_eq!(lag.unacked, 2);
+        assert!(lag.oldest_ts_ms.unwrap() >= t0);
+        drop(s);
+        let s = Spool::open(dir.path(), SpoolLimits::default()).unwrap();
+        assert_eq!(s.lag().unwrap().unacked, 2);
+        assert_eq!(s.stats().unwrap().unacked, 2);
+    }
+
+    #[test]
     fn prune_applies_retention_and_age() {
         let dir = tempfile::tempdir().unwrap();
         let limits = SpoolLimits {
