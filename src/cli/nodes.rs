@@ -15,15 +15,18 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
         NodesCmd::Status {
             all,
             json,
+            limit,
+            after,
             target: t,
         } => {
             let doc = call(
                 &target(t, state_dir),
                 "node.list",
-                json!({"all": all}),
+                json!({"all": all, "limit": limit, "after": after}),
                 CALL_TIMEOUT,
             )
             .await?;
+            let next = doc["next"].as_str().map(str::to_string);
             let nodes = doc["nodes"].as_array().cloned().unwrap_or_default();
             let paired = nodes.iter().filter(|n| n["paired"] == true).count();
             let connected = nodes.iter().filter(|n| n["connected"] == true).count();
@@ -36,17 +39,27 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                             "gateway": n["gateway"], "paired": n["paired"], "connected": n["connected"],
                             "transport": n["transport"], "labels": n["labels"],
                             "approvedBy": n.get("approvedBy"), "tailnet": n.get("tailnet"),
+                            "vitals": n.get("vitals"),
+                            "attach": n.get("attach"),
                         })
                     })
                     .collect();
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&json!({
-                        "known": nodes.len(), "paired": paired, "connected": connected, "nodes": out
+                        "known": nodes.len(), "paired": paired, "connected": connected, "nodes": out,
+                        "next": next,
                     }))?
                 );
             } else {
                 print!("{}", render_status(&nodes));
+                if let Some(n) = next {
+                    println!(
+                        "More nodes: clawmesh nodes status{} --limit {} --after {n}",
+                        if all { " --all" } else { "" },
+                        limit.unwrap_or(1)
+                    );
+                }
             }
             Ok(0)
         }
@@ -187,6 +200,11 @@ pub fn render_status(nodes: &[Value]) -> String {
         "Transport",
         "Labels",
         "Admitted by",
+        "Load",
+        "CPU",
+        "Mem",
+        "Disk",
+        "Up",
     ]);
     for n in nodes {
         let status = [
@@ -201,34 +219,41 @@ pub fn render_status(nodes: &[Value]) -> String {
                 "disconnected"
             },
         ];
-        t.add_row(vec![
-            n["displayName"].as_str().unwrap_or("?").to_string(),
-            // 12 hex digits: unique in any real fleet, and accepted by --node as an id prefix.
-            n["nodeId"]
-                .as_str()
-                .unwrap_or("?")
-                .chars()
-                .take(12)
-                .collect(),
-            n["remoteIp"].as_str().unwrap_or("-").to_string(),
-            status.join(" · "),
-            n["gateway"].as_str().unwrap_or("-").to_string(),
-            n["transport"].as_str().unwrap_or("-").to_string(),
-            n["labels"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .unwrap_or_default(),
-            if n["paired"] == true {
-                crate::cli::devices::admitted_by(n)
-            } else {
-                "-".to_string()
-            },
-        ]);
+        t.add_row(
+            vec![
+                n["displayName"].as_str().unwrap_or("?").to_string(),
+                // 12 hex digits: unique in any real fleet, and accepted by --node as an id prefix.
+                n["nodeId"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .chars()
+                    .take(12)
+                    .collect(),
+                n["remoteIp"].as_str().unwrap_or("-").to_string(),
+                status.join(" · "),
+                n["gateway"].as_str().unwrap_or("-").to_string(),
+                n["transport"].as_str().unwrap_or("-").to_string(),
+                n["labels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default(),
+                if n["paired"] == true {
+                    crate::cli::devices::admitted_by(n)
+                } else {
+                    "-".to_string()
+                },
+            ]
+            .into_iter()
+            .chain(crate::cli::vitals::cells(
+                &n["vitals"],
+                n["connected"] == true,
+            )),
+        );
     }
     out.push_str(&format!("{t}\n"));
     out

@@ -139,6 +139,9 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         admission,
     )?;
     methods.set_mesh(mesh.clone());
+    mesh.attach_vitals(clawmesh_federation::vitals::VitalsSampler::new(
+        &s.state_dir,
+    ));
     mesh.attach_pairing(methods.pairing().clone());
     methods.set_fallback(s.fallback.clone());
     let replica = Replica::start(
@@ -171,11 +174,10 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     let (bridge_stop, bridge_rx) = tokio::sync::watch::channel(None);
     let mut secrets: Vec<String> = s.token.iter().cloned().collect();
     secrets.extend(s.operator_token.iter().cloned());
-    let bridge = Arc::new(crate::bridge::Bridge::new(
-        methods.clone(),
-        secrets,
-        bridge_rx,
-    ));
+    let bridge = crate::bridge::Bridge::new(methods.clone(), secrets, bridge_rx);
+    let metrics =
+        crate::gateway::metrics::GatewayMetrics::new(methods.clone(), bridge.connection_count());
+    let bridge = Arc::new(bridge.with_metrics(metrics));
     let ws_scheme = if tls.is_some() { "wss" } else { "ws" };
     let ws_host = if bound.ip().is_unspecified() {
         IpAddr::V4(Ipv4Addr::LOCALHOST)

@@ -17,10 +17,12 @@
 mod admission;
 pub mod discovery;
 mod followers;
+pub mod instruments;
 mod lifecycle;
 mod listen;
 mod logs;
 pub mod methods;
+pub mod metrics;
 mod otlp_export;
 pub mod registry;
 pub mod scopes;

@@ -30,6 +30,7 @@ use serde_json::{json, Value};
 mod config;
 mod devices;
 mod gateway;
+mod listing;
 mod logs;
 mod nodes;
 
@@ -190,6 +191,8 @@ struct Inner {
     tailnet: OnceLock<Arc<TailnetAuth>>,
     started: Instant,
     started_at: SystemTime,
+    /// Invokes and config writes counted for `/metrics`.
+    instruments: Arc<crate::gateway::instruments::Instruments>,
 }
 
 fn bad(msg: impl Into<String>) -> WireError {
@@ -231,6 +234,7 @@ impl Methods {
                 tailnet: OnceLock::new(),
                 started: Instant::now(),
                 started_at: SystemTime::now(),
+                instruments: Arc::default(),
             }),
         }
     }
@@ -325,6 +329,36 @@ impl Methods {
     /// Records where the classic bridge listens (URL, TLS fingerprint), for status.
     pub fn set_front_doors(&self, v: Value) {
         let _ = self.inner.front_doors.set(v);
+    }
+
+    /// A table over a fresh state database in `dir`, with nothing attached (unit tests).
+    #[cfg(test)]
+    pub(crate) fn bare(dir: &std::path::Path) -> Methods {
+        let store = clawmesh_federation::store::Store::open(dir).unwrap();
+        let pairing = Registry::open(store).unwrap();
+        Methods::new(pairing, Arc::default())
+    }
+
+    /// The counters of invokes and config writes (for `/metrics`).
+    pub fn instruments(&self) -> &Arc<crate::gateway::instruments::Instruments> {
+        &self.inner.instruments
+    }
+
+    /// The running mesh, once attached (for `/metrics`).
+    pub fn mesh_view(&self) -> Option<&Mesh> {
+        self.inner.mesh.get()
+    }
+
+    /// The consensus as this gateway sees it, once attached (for `/metrics`).
+    pub fn consensus_view(
+        &self,
+    ) -> Option<clawmesh_federation::consensus::replica::ConsensusStatus> {
+        self.inner.shared.get().map(|s| s.replica.status())
+    }
+
+    /// The gateway's logs, once attached (for `/metrics`).
+    pub fn logs_view(&self) -> Option<&crate::gateway::logs::GatewayLogs> {
+        self.inner.logs.get()
     }
 
     /// The node registry.
@@ -473,6 +507,12 @@ impl Handler for Methods {
             };
             if !params.is_object() {
                 return Err(bad("invalid params: must be a JSON object"));
+            }
+            if req.method == "node.list" {
+                // Straight to text: 100 000 rows as a JSON tree first would cost more than
+                // the listing itself (see `listing`).
+                Self::check_access(&caller, &req.method)?;
+                return this.node_list_text(&params);
             }
             let out = this.dispatch(&caller, &req.method, params).await?;
             Ok(out.to_string())

@@ -1,6 +1,7 @@
 //! `node.*` and a node's exec approvals: listing, resolving and invoking nodes anywhere.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use clawmesh_federation::directory::{self, Claim};
@@ -31,8 +32,11 @@ impl Methods {
     ) -> Result<Value, WireError> {
         match method {
             "node.list" => {
-                let all = params.get("all").and_then(Value::as_bool).unwrap_or(false);
-                Ok(json!({"ts": now_ms(), "nodes": self.node_entries(all)?}))
+                // The text is what the mesh's front door sends; the WebSocket front door
+                // embeds a value.
+                let text = self.node_list_text(&params)?;
+                serde_json::from_str(&text)
+                    .map_err(|e| bad(format!("cannot encode the node list: {e}")))
             }
             "node.describe" => {
                 let sel = str_param(&params, "nodeId", method)?;
@@ -91,6 +95,13 @@ impl Methods {
             labels
         };
         let mut claims = Vec::new();
+        let vitals: HashMap<DeviceId, _> = self
+            .inner
+            .nodes
+            .vitals()
+            .into_iter()
+            .map(|(id, _, v)| (id, v))
+            .collect();
         for (info, transport) in self.inner.nodes.list() {
             if only.is_some_and(|o| *o != info.node_id) {
                 continue;
@@ -120,6 +131,7 @@ impl Methods {
                 "attach": info.attach.to_string(),
                 "labels": labels,
                 "approvalState": "approved",
+                "vitals": vitals.get(&info.node_id).map(|v| v.to_json()),
             });
             claims.push(Claim {
                 node: info.node_id,
@@ -162,6 +174,7 @@ impl Methods {
                     "attach": n.attach.to_string(),
                     "labels": labels_of(&id, &n.labels),
                     "approvalState": "approved",
+                    "vitals": r.vitals.get(&n.id).map(|v| v.to_json()),
                 });
                 claims.push(Claim {
                     node: n.id,
@@ -544,6 +557,7 @@ impl Methods {
         let started = Instant::now();
         // Dropped unfinished (the caller went away): recorded as cancelled.
         let audit = AuditGuard::new(
+            &self.inner.instruments,
             self.inner.logs.get(),
             who,
             &name,
@@ -754,10 +768,13 @@ struct AuditGuard {
     logs: Option<crate::gateway::logs::GatewayLogs>,
     audit: Option<Audit>,
     started: Instant,
+    /// The counters and the command, until counted once.
+    metric: Option<(Arc<crate::gateway::instruments::Instruments>, String)>,
 }
 
 impl AuditGuard {
     fn new(
+        instruments: &Arc<crate::gateway::instruments::Instruments>,
         logs: Option<&crate::gateway::logs::GatewayLogs>,
         who: Option<&Who>,
         node: &str,
@@ -795,6 +812,7 @@ impl AuditGuard {
             logs: logs.cloned(),
             audit,
             started: Instant::now(),
+            metric: Some((instruments.clone(), command.to_string())),
         }
     }
 
@@ -803,6 +821,9 @@ impl AuditGuard {
     }
 
     fn write(&mut self, outcome: Outcome, exit_code: Option<i32>) {
+        if let Some((m, command)) = self.metric.take() {
+            m.invoke_done(&command, outcome.as_str(), self.started.elapsed());
+        }
         if let (Some(logs), Some(mut a)) = (self.logs.take(), self.audit.take()) {
             a.outcome = outcome;
             a.exit_code = exit_code;
