@@ -113,6 +113,11 @@ const RULES: &[(&str, Kind)] = &[
         },
     ),
     ("gateway.failover.fallbackNode", Kind::Str),
+    ("gateway.upstream.url", Kind::Str),
+    ("gateway.upstream.token", Kind::Str),
+    ("gateway.upstream.tlsFingerprint", Kind::Str),
+    ("gateway.upstream.nodes", Kind::Strings),
+    ("gateway.upstream.autoApprove", Kind::Bool),
     ("logging.level", Kind::LogFilter),
     // OTLP/HTTP log export from the collector (gateway/otlp_export.rs); `.headers` is an
     // object of strings, checked where it is applied.
