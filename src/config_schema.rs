@@ -119,6 +119,17 @@ const RULES: &[(&str, Kind)] = &[
     ("gateway.upstream.nodes", Kind::Strings),
     ("gateway.upstream.autoApprove", Kind::Bool),
     ("logging.level", Kind::LogFilter),
+    // OTLP/HTTP log export from the collector (gateway/otlp_export.rs); `.headers` is an
+    // object of strings, checked where it is applied.
+    ("logging.export.otlp.endpoint", Kind::Str),
+    (
+        "logging.export.otlp.batchSize",
+        Kind::Int {
+            min: 1,
+            max: 100_000,
+            unit: "records",
+        },
+    ),
     ("node.name", Kind::Str),
     ("node.gateways", Kind::Strings),
     ("node.security", Kind::OneOf(&["deny", "allowlist", "full"])),

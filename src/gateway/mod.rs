@@ -23,6 +23,7 @@ mod listen;
 mod logs;
 pub mod methods;
 pub mod metrics;
+mod otlp_export;
 pub mod registry;
 pub mod scopes;
 mod settings;
