@@ -100,6 +100,9 @@ pub enum Command {
     Discover(crate::cli::discover::DiscoverArgs),
     /// Logs of every region from the primary's collector, and the audit trail of node.invoke.
     Logs(LogsArgs),
+    /// Alerts firing now and resolved recently (alerts.rules, evaluated by the primary);
+    /// exit 1 while any fires.
+    Alerts(crate::cli::alerts::AlertsArgs),
 }
 
 /// Flags of `clawmesh logs`.

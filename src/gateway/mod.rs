@@ -4,6 +4,7 @@
 //! - `lifecycle`: the process from start to stop ([`run`]);
 //! - `admission`: who may come in over QUIC (operators, nodes, pending devices);
 //! - [`discovery`]: advertised with mDNS, finding the federation by mDNS and the tailnet;
+//! - [`alerts`]: the primary evaluates `alerts.rules` and notifies `alerts.webhooks`;
 //! - `logs`: the log spool, shipping to the primary, the collector and the audit trail;
 //! - `followers`: shared-config keys applied live, the node directory announced, revocations;
 //! - [`methods`]: the operator method table, one file per family, behind every front door;
@@ -15,6 +16,7 @@
 //! A gateway never imports the CLI ([`crate::cli`]); the classic front door is [`crate::bridge`].
 
 mod admission;
+pub mod alerts;
 pub mod discovery;
 mod followers;
 mod lifecycle;
