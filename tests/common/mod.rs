@@ -292,3 +292,4 @@ pub fn process_running(marker: &str) -> bool {
                     .contains(marker)
         })
 }
+pub mod trio;
