@@ -12,6 +12,7 @@
 //! - [`directory`]: which node is attached to which gateway;
 //! - [`logs`]: the log spool, shipping to the primary, the collector and the audit trail;
 //! - [`consensus`]: the openraft log store and state machine (shared config) over SQLite;
+//! - [`vitals`]: host vitals (load, CPU, memory, disk, uptime) carried in the health traffic;
 //! - [`store`]: the SQLite state database; [`backoff`]: redial timing.
 //!
 //! This crate knows nothing of the CLI; the `clawmesh` binary builds on it.
@@ -35,6 +36,7 @@ pub mod raw_key;
 pub mod rpc;
 pub mod secret;
 pub mod store;
+pub mod vitals;
 pub mod wire;
 
 /// This crate's version, reported to peers in the hello.

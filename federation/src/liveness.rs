@@ -13,15 +13,18 @@ use quinn::{Connection, VarInt};
 
 use crate::frame;
 use crate::health::{HealthConfig, PeerHealth, Status};
+use crate::vitals::{Received, VitalsSampler};
 use crate::wire::Datagram;
 
 /// QUIC close code used when a peer stops answering pings.
 pub const CLOSE_UNRESPONSIVE: u32 = 4002;
 
-/// Shared view of one monitored connection's health (latency for status tables).
+/// Shared view of one monitored connection's health (latency for status tables) and the
+/// peer's host vitals, as last received.
 #[derive(Debug, Clone, Default)]
 pub struct Liveness {
     inner: Arc<Mutex<PeerHealth>>,
+    vitals: Arc<Mutex<Option<Received>>>,
 }
 
 impl Liveness {
@@ -32,11 +35,43 @@ impl Liveness {
             .unwrap_or_else(|p| p.into_inner())
             .median_rtt()
     }
+
+    /// The peer's last host vitals, if it sent any.
+    pub fn vitals(&self) -> Option<Received> {
+        *self.vitals.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_vitals(&self, r: Received) {
+        *self.vitals.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+}
+
+/// This side's vitals to send with the pings: a reading from `sampler` with the first ping
+/// and every `every` pings after it.
+#[derive(Debug, Clone)]
+pub struct SendVitals {
+    /// This host's sampler.
+    pub sampler: VitalsSampler,
+    /// Pings between two readings sent (at least 1).
+    pub every: u64,
+}
+
+impl SendVitals {
+    /// Whether ping number `seq` (from 1) carries vitals.
+    pub fn due(&self, seq: u64) -> bool {
+        seq.saturating_sub(1).is_multiple_of(self.every.max(1))
+    }
 }
 
 /// Pings the peer every interval and closes the connection when it misses `threshold` in a
-/// row. Returns when the connection is closed (by either side).
-pub async fn monitor(conn: Connection, cfg: HealthConfig, live: Liveness) {
+/// row; sends this host's vitals with the pings when `send` says so, and keeps the peer's in
+/// `live`. Returns when the connection is closed (by either side).
+pub async fn monitor(
+    conn: Connection,
+    cfg: HealthConfig,
+    live: Liveness,
+    send: Option<SendVitals>,
+) {
     {
         live.inner
             .lock()
@@ -63,6 +98,11 @@ pub async fn monitor(conn: Connection, cfg: HealthConfig, live: Liveness) {
                 if let Ok(b) = frame::encode_datagram(&Datagram::Ping { seq }) {
                     let _ = conn.send_datagram(b.into());
                 }
+                if let Some(s) = send.as_ref().filter(|s| s.due(seq)) {
+                    if let Ok(b) = frame::encode_datagram(&Datagram::Vitals(s.sampler.current())) {
+                        let _ = conn.send_datagram(b.into());
+                    }
+                }
             }
             dg = conn.read_datagram() => {
                 let Ok(bytes) = dg else { return };
@@ -75,6 +115,7 @@ pub async fn monitor(conn: Connection, cfg: HealthConfig, live: Liveness) {
                             let _ = conn.send_datagram(b.into());
                         }
                     }
+                    Ok(Datagram::Vitals(v)) => live.set_vitals(Received::now(v, Duration::ZERO)),
                     Err(_) => {}
                 }
             }

@@ -31,6 +31,7 @@ use crate::identity::{DeviceId, DeviceIdentity, PublicKey};
 use crate::pairing::{PairingRecord, Registry};
 use crate::rpc::{self, BoxFuture, Caller, CallerKind, Handler};
 use crate::store::{Store, StoreError};
+use crate::vitals::{NodeVitals, Received, VitalsSampler};
 use crate::wire::{
     Datagram, Event, GatewayHello, Hello, HelloReply, HelloRole, Member, Membership, Refusal,
     RefusalCode, Request, Welcome, WireError, PROTOCOL_VERSION,
@@ -202,6 +203,8 @@ pub struct RemoteNodes {
     pub last_seen: Option<SystemTime>,
     /// Its nodes.
     pub nodes: Vec<NodeSummary>,
+    /// Its nodes' host vitals, as it last relayed them.
+    pub vitals: HashMap<DeviceId, Received>,
 }
 
 /// One gateway as seen from here, for `gateway status`.
@@ -237,6 +240,9 @@ pub struct GatewayStatus {
     /// gateway recorded it with [`Mesh::note_found`]; `None` for one learned from the member
     /// list or that joined us, and for self.
     pub found: Option<String>,
+    /// Its host vitals: read now for self, the last received for a peer (`None`: none yet,
+    /// or a peer too old to send them).
+    pub vitals: Option<Received>,
 }
 
 /// The federation as seen from this gateway.
@@ -273,6 +279,10 @@ struct Peer {
     linked: watch::Sender<bool>,
     dialing: bool,
     last_error: Option<String>,
+    /// Its host vitals, from its health datagrams.
+    vitals: Option<Received>,
+    /// Its nodes' host vitals, as it relays them (bounded by [`crate::vitals::MAX_RELAYED`]).
+    node_vitals: HashMap<DeviceId, Received>,
 }
 
 impl Peer {
@@ -288,6 +298,8 @@ impl Peer {
             linked: watch::channel(false).0,
             dialing: false,
             last_error: None,
+            vitals: None,
+            node_vitals: HashMap::new(),
         }
     }
 }
@@ -326,6 +338,8 @@ struct Inner {
     /// Health settings in force: start from [`MeshConfig::health`], changed live by
     /// [`Mesh::set_health`] (a shared-config change of the interval or threshold).
     health: watch::Sender<HealthConfig>,
+    /// This host's vitals, sent with the pings once attached ([`Mesh::attach_vitals`]).
+    vitals: std::sync::OnceLock<VitalsSampler>,
 }
 
 /// Handle to the running mesh; cheap to clone.
@@ -439,6 +453,7 @@ impl Mesh {
             peer_service: std::sync::OnceLock::new(),
             log_service: std::sync::OnceLock::new(),
             health: watch::channel(health).0,
+            vitals: std::sync::OnceLock::new(),
         });
         let mesh = Mesh { inner };
         let accept = mesh.clone();
@@ -503,6 +518,19 @@ impl Mesh {
         self.broadcast(Event::PairingSync(records));
     }
 
+    /// Sends this host's vitals to every linked gateway with the health pings (every
+    /// [`crate::vitals::VITALS_EVERY`] intervals), and shows them in [`Mesh::status`].
+    pub fn attach_vitals(&self, sampler: VitalsSampler) {
+        let _ = self.inner.vitals.set(sampler);
+    }
+
+    /// Relays the host vitals of the nodes attached here to every linked gateway (at most
+    /// [`crate::vitals::MAX_RELAYED`]).
+    pub fn publish_node_vitals(&self, mut vitals: Vec<NodeVitals>) {
+        vitals.truncate(crate::vitals::MAX_RELAYED);
+        self.broadcast(Event::NodeVitals(vitals));
+    }
+
     /// Replaces the list of nodes attached here and announces it to every gateway.
     pub fn set_local_nodes(&self, mut nodes: Vec<NodeSummary>) {
         nodes.truncate(MAX_NODES_PER_GATEWAY);
@@ -529,6 +557,7 @@ impl Mesh {
                     status: p.health.status(&self.health()),
                     last_seen: p.health.last_seen(),
                     nodes: p.nodes.nodes.clone(),
+                    vitals: p.node_vitals.clone(),
                 })
             })
             .collect()
@@ -729,6 +758,7 @@ impl Mesh {
                     }
                 }),
                 found: st.found.get(&m.key).cloned(),
+                vitals: peer.and_then(|p| p.vitals),
             });
         }
         let me = st
@@ -758,6 +788,11 @@ impl Mesh {
             missed: 0,
             last_error: None,
             found: None,
+            vitals: self
+                .inner
+                .vitals
+                .get()
+                .map(|s| Received::now(s.current(), Duration::ZERO)),
         };
         gateways.insert(0, self_row);
         MeshStatus {
@@ -1615,6 +1650,8 @@ impl Mesh {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq: u64 = 0;
         let mut event_stream: Option<quinn::SendStream> = None;
+        let mut vitals_stream: Option<quinn::SendStream> = None;
+        let mut vitals_refused = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -1639,6 +1676,12 @@ impl Mesh {
                     if let Ok(bytes) = frame::encode_datagram(&Datagram::Ping { seq }) {
                         let _ = conn.send_datagram(bytes.into());
                     }
+                    let due = seq.saturating_sub(1).is_multiple_of(crate::vitals::VITALS_EVERY);
+                    if let Some(sampler) = self.inner.vitals.get().filter(|_| due) {
+                        if let Ok(b) = frame::encode_datagram(&Datagram::Vitals(sampler.current())) {
+                            let _ = conn.send_datagram(b.into());
+                        }
+                    }
                 }
                 dg = conn.read_datagram() => {
                     let Ok(bytes) = dg else { break };
@@ -1656,6 +1699,11 @@ impl Mesh {
                                 }
                             }
                         }
+                        Ok(Datagram::Vitals(v)) => {
+                            if let Some(p) = self.state().peers.get_mut(&key) {
+                                p.vitals = Some(Received::now(v, Duration::ZERO));
+                            }
+                        }
                         Err(e) => debug!("bad datagram: {e}"),
                     }
                 }
@@ -1666,6 +1714,21 @@ impl Mesh {
                 }
                 ev = events.recv() => {
                     let Some(ev) = ev else { break };
+                    if matches!(ev, Event::NodeVitals(_)) {
+                        // A stream of its own: a peer too old to know the event drops that
+                        // stream, not the one carrying membership and directories.
+                        if vitals_stream.is_none() && !vitals_refused {
+                            vitals_stream = conn.open_uni().await.ok();
+                        }
+                        if let Some(s) = vitals_stream.as_mut() {
+                            if let Err(e) = frame::write_frame(s, &ev, MAX_FRAME).await {
+                                debug!("peer does not take node vitals: {e}");
+                                vitals_stream = None;
+                                vitals_refused = true;
+                            }
+                        }
+                        continue;
+                    }
                     if event_stream.is_none() {
                         match conn.open_uni().await {
                             Ok(s) => event_stream = Some(s),
@@ -1720,6 +1783,19 @@ impl Mesh {
                     }
                 }
                 Ok(Some(Event::PairingSync(records))) => self.merge_pairing(&records),
+                Ok(Some(Event::NodeVitals(mut list))) => {
+                    list.truncate(crate::vitals::MAX_RELAYED);
+                    let vitals: HashMap<DeviceId, Received> = list
+                        .into_iter()
+                        .map(|n| {
+                            let age = Duration::from_millis(u64::from(n.age_ms));
+                            (n.node, Received::now(n.vitals, age))
+                        })
+                        .collect();
+                    if let Some(p) = self.state().peers.get_mut(&from) {
+                        p.node_vitals = vitals;
+                    }
+                }
                 Ok(None) => return,
                 Err(e) => {
                     debug!("event stream error: {e}");

@@ -270,6 +270,10 @@ pub enum Event {
     NodeDirectory(crate::directory::NodeDirectory),
     /// Pairing decisions (approvals and revocations), newest wins.
     PairingSync(Vec<PairingRecord>),
+    /// The host vitals of the nodes attached to the sender (at most
+    /// [`crate::vitals::MAX_RELAYED`]). Sent on a uni stream of its own, so a peer too old to
+    /// know this variant drops that stream and keeps reading the others.
+    NodeVitals(Vec<crate::vitals::NodeVitals>),
 }
 
 /// Health datagrams.
@@ -285,6 +289,9 @@ pub enum Datagram {
         /// The ping's sequence number.
         seq: u64,
     },
+    /// The sender's host vitals, every [`crate::vitals::VITALS_EVERY`] pings; a peer too
+    /// old to know it drops it as a bad datagram.
+    Vitals(crate::vitals::Vitals),
 }
 
 /// One device's pairing state, as gateways exchange it so that a device approved (or revoked)

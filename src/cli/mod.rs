@@ -17,6 +17,7 @@ pub mod node;
 pub mod nodes;
 pub mod output;
 pub mod status;
+pub mod vitals;
 
 pub use args::{Cli, Command};
 

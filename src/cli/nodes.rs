@@ -36,6 +36,7 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                             "gateway": n["gateway"], "paired": n["paired"], "connected": n["connected"],
                             "transport": n["transport"], "labels": n["labels"],
                             "approvedBy": n.get("approvedBy"), "tailnet": n.get("tailnet"),
+                            "vitals": n.get("vitals"),
                         })
                     })
                     .collect();
@@ -187,6 +188,11 @@ pub fn render_status(nodes: &[Value]) -> String {
         "Transport",
         "Labels",
         "Admitted by",
+        "Load",
+        "CPU",
+        "Mem",
+        "Disk",
+        "Up",
     ]);
     for n in nodes {
         let status = [
@@ -201,34 +207,41 @@ pub fn render_status(nodes: &[Value]) -> String {
                 "disconnected"
             },
         ];
-        t.add_row(vec![
-            n["displayName"].as_str().unwrap_or("?").to_string(),
-            // 12 hex digits: unique in any real fleet, and accepted by --node as an id prefix.
-            n["nodeId"]
-                .as_str()
-                .unwrap_or("?")
-                .chars()
-                .take(12)
-                .collect(),
-            n["remoteIp"].as_str().unwrap_or("-").to_string(),
-            status.join(" · "),
-            n["gateway"].as_str().unwrap_or("-").to_string(),
-            n["transport"].as_str().unwrap_or("-").to_string(),
-            n["labels"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .unwrap_or_default(),
-            if n["paired"] == true {
-                crate::cli::devices::admitted_by(n)
-            } else {
-                "-".to_string()
-            },
-        ]);
+        t.add_row(
+            vec![
+                n["displayName"].as_str().unwrap_or("?").to_string(),
+                // 12 hex digits: unique in any real fleet, and accepted by --node as an id prefix.
+                n["nodeId"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .chars()
+                    .take(12)
+                    .collect(),
+                n["remoteIp"].as_str().unwrap_or("-").to_string(),
+                status.join(" · "),
+                n["gateway"].as_str().unwrap_or("-").to_string(),
+                n["transport"].as_str().unwrap_or("-").to_string(),
+                n["labels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default(),
+                if n["paired"] == true {
+                    crate::cli::devices::admitted_by(n)
+                } else {
+                    "-".to_string()
+                },
+            ]
+            .into_iter()
+            .chain(crate::cli::vitals::cells(
+                &n["vitals"],
+                n["connected"] == true,
+            )),
+        );
     }
     out.push_str(&format!("{t}\n"));
     out

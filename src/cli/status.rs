@@ -47,20 +47,29 @@ fn latency_text(v: &Value) -> String {
     }
 }
 
+/// Columns of the table.
+const COLUMNS: usize = 13;
+
 /// Renders the status document as the table of seeds/003: name (region), role, status,
-/// latency, last seen.
+/// latency, last seen, then how it was found, its address and version, and its host vitals.
 pub fn render_table(doc: &Value) -> String {
     let now = SystemTime::now();
-    let mut rows: Vec<[String; 8]> = vec![[
-        "GATEWAY".into(),
-        "ROLE".into(),
-        "STATUS".into(),
-        "LATENCY".into(),
-        "LAST SEEN".into(),
-        "FOUND".into(),
-        "ADDRESS".into(),
-        "VERSION".into(),
-    ]];
+    let mut header: Vec<String> = [
+        "GATEWAY",
+        "ROLE",
+        "STATUS",
+        "LATENCY",
+        "LAST SEEN",
+        "FOUND",
+        "ADDRESS",
+        "VERSION",
+    ]
+    .into_iter()
+    .chain(crate::cli::vitals::HEADERS)
+    .map(String::from)
+    .collect();
+    header.truncate(COLUMNS);
+    let mut rows: Vec<Vec<String>> = vec![header];
     for g in doc["gateways"].as_array().into_iter().flatten() {
         let name = g["name"].as_str().unwrap_or("?");
         let label = match g["region"].as_str() {
@@ -83,7 +92,7 @@ pub fn render_table(doc: &Value) -> String {
             Some(t) => ago(t, now),
             None => "never".into(),
         };
-        rows.push([
+        let mut row = vec![
             label,
             g["role"].as_str().unwrap_or("?").to_string(),
             format!("{mark} {status}"),
@@ -96,9 +105,11 @@ pub fn render_table(doc: &Value) -> String {
             g["found"].as_str().unwrap_or("-").to_string(),
             g["addr"].as_str().unwrap_or("").to_string(),
             g["version"].as_str().unwrap_or("-").to_string(),
-        ]);
+        ];
+        row.extend(crate::cli::vitals::cells(&g["vitals"], status != "offline"));
+        rows.push(row);
     }
-    let widths: Vec<usize> = (0..8)
+    let widths: Vec<usize> = (0..COLUMNS)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -115,7 +126,7 @@ pub fn render_table(doc: &Value) -> String {
         for (c, cell) in r.iter().enumerate() {
             line.push_str(cell);
             if c + 1 < r.len() {
-                let pad = widths[c] - cell.chars().count() + 2;
+                let pad = widths[c].saturating_sub(cell.chars().count()) + 2;
                 line.push_str(&" ".repeat(pad));
             }
         }

@@ -246,9 +246,10 @@ impl Admission for GatewayAdmission {
                     // Serve the node's own requests while pinging it: a node that stops
                     // answering is closed, which fails its pending invokes at once.
                     let live = liveness::Liveness::default();
+                    registry.set_liveness(&node_id, session, live.clone());
                     tokio::join!(
                         rpc::serve(conn.clone(), caller, methods),
-                        liveness::monitor(conn.clone(), health, live),
+                        liveness::monitor(conn.clone(), health, live, None),
                     );
                     registry.detach(&node_id, session);
                     let reason = conn

@@ -196,6 +196,27 @@ pub(super) fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods) {
             }
         }
     });
+    let (m, registry) = (mesh.clone(), methods.nodes().clone());
+    tokio::spawn(async move {
+        // The nodes' vitals go on to the other gateways at the pace the nodes send them
+        // (VITALS_EVERY health intervals), so a relayed reading is at most one period late.
+        loop {
+            let period = m.health().interval * clawmesh_federation::vitals::VITALS_EVERY as u32;
+            tokio::time::sleep(period).await;
+            let vitals: Vec<_> = registry
+                .vitals()
+                .into_iter()
+                .map(|(node, r)| clawmesh_federation::vitals::NodeVitals {
+                    node,
+                    vitals: r.vitals,
+                    age_ms: u32::try_from(r.age().as_millis()).unwrap_or(u32::MAX),
+                })
+                .collect();
+            if !vitals.is_empty() {
+                m.publish_node_vitals(vitals);
+            }
+        }
+    });
     let mut notices = mesh.notices();
     let registry = methods.nodes().clone();
     tokio::spawn(async move {

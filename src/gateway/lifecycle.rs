@@ -139,6 +139,9 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         admission,
     )?;
     methods.set_mesh(mesh.clone());
+    mesh.attach_vitals(clawmesh_federation::vitals::VitalsSampler::new(
+        &s.state_dir,
+    ));
     mesh.attach_pairing(methods.pairing().clone());
     methods.set_fallback(s.fallback.clone());
     let replica = Replica::start(

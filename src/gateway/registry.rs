@@ -10,7 +10,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use clawmesh_federation::identity::{DeviceId, PublicKey};
+use clawmesh_federation::liveness::Liveness;
 use clawmesh_federation::rpc::{self, CallError};
+use clawmesh_federation::vitals::Received;
 use clawmesh_federation::wire::{Request, WireError};
 use quinn::{Connection, VarInt};
 use serde_json::{json, Value};
@@ -103,6 +105,8 @@ struct Entry {
     info: NodeInfo,
     link: NodeLink,
     session: u64,
+    /// A native node's pings and host vitals (a classic node has none).
+    live: Option<Liveness>,
 }
 
 /// Connected nodes, by device id.
@@ -146,6 +150,7 @@ impl NodeRegistry {
                 info,
                 link,
                 session,
+                live: None,
             },
         );
         if let Some(old) = old {
@@ -183,6 +188,22 @@ impl NodeRegistry {
         self.lock()
             .get(node)
             .map(|e| (e.info.clone(), e.link.clone()))
+    }
+
+    /// Keeps `live` (a native session's pings and vitals) with the node's session, if that
+    /// session is still the current one.
+    pub fn set_liveness(&self, node: &DeviceId, session: u64, live: Liveness) {
+        if let Some(e) = self.lock().get_mut(node).filter(|e| e.session == session) {
+            e.live = Some(live);
+        }
+    }
+
+    /// The host vitals of every attached node that has sent some.
+    pub fn vitals(&self) -> HashMap<DeviceId, Received> {
+        self.lock()
+            .iter()
+            .filter_map(|(id, e)| Some((*id, e.live.as_ref()?.vitals()?)))
+            .collect()
     }
 
     /// Every connected node.

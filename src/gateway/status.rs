@@ -40,6 +40,8 @@ pub fn to_json(s: &MeshStatus, all: bool) -> Value {
                 // How this gateway found the peer: static (--join), mdns, tailnet; member
                 // when learned from the member list or when it joined us.
                 "found": if g.is_self { None } else { Some(g.found.clone().unwrap_or_else(|| "member".into())) },
+                // Host vitals (clawmesh_federation::vitals::Vitals::to_json), null if none.
+                "vitals": g.vitals.map(|v| v.to_json()),
             })
         })
         .collect();

@@ -435,9 +435,20 @@ async fn session(
         interval: Duration::from_millis((welcome.health_interval_ms / 2).max(50)),
         unhealthy_threshold: 3,
     };
+    // This host's vitals ride every other ping's pace: VITALS_EVERY of the gateway's
+    // intervals, which are two of ours.
+    let send = clawmesh_federation::liveness::SendVitals {
+        sampler: clawmesh_federation::vitals::VitalsSampler::new(&s.state_dir),
+        every: clawmesh_federation::vitals::VITALS_EVERY * 2,
+    };
     tokio::join!(
         rpc::serve(conn.clone(), caller, handler),
-        clawmesh_federation::liveness::monitor(conn.clone(), health, Default::default()),
+        clawmesh_federation::liveness::monitor(
+            conn.clone(),
+            health,
+            Default::default(),
+            Some(send)
+        ),
         forward_logs(conn.clone(), logs),
     );
     let reason = conn

@@ -93,6 +93,11 @@ impl Cluster {
         &self.dirs[i]
     }
 
+    /// Gateway `i`'s own port on 127.0.0.1 (QUIC on UDP; the HTTP bridge, `/metrics`, on TCP).
+    pub fn port(&self, i: usize) -> u16 {
+        self.ports[i]
+    }
+
     /// The address other gateways and nodes dial for gateway `i` (its relay site).
     pub fn public(&self, i: usize) -> &str {
         &self.adv[i]

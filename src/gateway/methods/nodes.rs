@@ -91,6 +91,7 @@ impl Methods {
             labels
         };
         let mut claims = Vec::new();
+        let vitals = self.inner.nodes.vitals();
         for (info, transport) in self.inner.nodes.list() {
             if only.is_some_and(|o| *o != info.node_id) {
                 continue;
@@ -120,6 +121,7 @@ impl Methods {
                 "attach": info.attach.to_string(),
                 "labels": labels,
                 "approvalState": "approved",
+                "vitals": vitals.get(&info.node_id).map(|v| v.to_json()),
             });
             claims.push(Claim {
                 node: info.node_id,
@@ -162,6 +164,7 @@ impl Methods {
                     "attach": n.attach.to_string(),
                     "labels": labels_of(&id, &n.labels),
                     "approvalState": "approved",
+                    "vitals": r.vitals.get(&n.id).map(|v| v.to_json()),
                 });
                 claims.push(Claim {
                     node: n.id,
