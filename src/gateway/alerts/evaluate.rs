@@ -97,9 +97,9 @@ pub fn conditions(rules: &[Rule], status: &Value, nodes: &Value) -> Vec<Conditio
             }
             RuleKind::Cpu | RuleKind::Memory | RuleKind::Disk => {
                 let (key, what) = match rule.kind {
-                    RuleKind::Cpu => ("cpuPercent", "CPU"),
-                    RuleKind::Memory => ("memPercent", "memory"),
-                    _ => ("diskPercent", "disk"),
+                    RuleKind::Cpu => ("cpuPct", "CPU"),
+                    RuleKind::Memory => ("memPct", "memory"),
+                    _ => ("diskPct", "disk"),
                 };
                 let hosts = gateways
                     .iter()
@@ -211,7 +211,7 @@ mod tests {
             .iter()
             .map(|n| {
                 json!({"name": n, "status": if offline.contains(n) {"offline"} else {"healthy"},
-                       "vitals": {"cpuPercent": if *n == "b" {95.0} else {10.0}, "memPercent": 50.0, "diskPercent": 20.0}})
+                       "vitals": {"cpuPct": if *n == "b" {95.0} else {10.0}, "memPct": 50.0, "diskPct": 20.0}})
             })
             .collect();
         json!({"gateways": gws, "consensus": {"quorum": quorum, "voters": ["a","b","c"], "reachableVoters": 1}})
@@ -228,7 +228,7 @@ mod tests {
         ]))
         .unwrap();
         let nodes = json!({"nodes": [
-            {"displayName": "n1", "gateway": "a", "connected": true, "vitals": {"memPercent": 99.0}},
+            {"displayName": "n1", "gateway": "a", "connected": true, "vitals": {"memPct": 99.0}},
             {"displayName": "n2", "gateway": null, "connected": false},
             {"displayName": "n3", "gateway": "c", "connected": false},
         ]});
