@@ -8,6 +8,7 @@
 //! - `logs`: the log spool, shipping to the primary, the collector and the audit trail;
 //! - `followers`: shared-config keys applied live, the node directory announced, revocations;
 //! - [`methods`]: the operator method table, one file per family, behind every front door;
+//! - [`page`]: the status page at `/` and its JSON feed;
 //! - [`registry`]: the nodes attached here, whatever their transport;
 //! - [`scopes`]: operator scopes; [`shared_config`]: the replicated config under the sync policy;
 //! - [`status`]: the federation status document served by `status` and `gateway.status`;
@@ -23,6 +24,7 @@ mod lifecycle;
 mod listen;
 mod logs;
 pub mod methods;
+pub mod page;
 pub mod registry;
 pub mod scopes;
 mod settings;
