@@ -115,7 +115,7 @@
       $("#logs").innerHTML = `<div class="empty">${esc(d.logsError || "No recent records.")}</div>`;
       return;
     }
-    $("#logs").innerHTML = l.map((r) => {
+    $("#logs").innerHTML = l.slice().reverse().map((r) => {
       const t = new Date(r.tsMs).toLocaleTimeString([], { hour12: false });
       return `<div class="log"><span class="t">${t}</span><span class="lv ${esc(r.level)}">${esc(r.level)}</span>` +
         `<span class="o">${esc(r.origin)}</span><span class="m">${esc(r.message)}</span></div>`;
