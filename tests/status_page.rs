@@ -291,6 +291,7 @@ fn chromium_sees_three_gateways_then_one_offline() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let _node = t.node(1, "bj-box", &["role=gpu", "rack=b7"]);
     let shots: PathBuf = t.tmp.path().join("screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     // The token in the fragment takes the page's token path (Bearer header), as from afar.
@@ -332,6 +333,14 @@ fn chromium_sees_three_gateways_then_one_offline() {
             )
             .await;
         assert!(meters, "{}", page.eval("document.body.innerText").await);
+        // The node, under its gateway, with its labels.
+        let node = page
+            .wait_for(
+                "!!document.querySelector('[data-node=\"bj-box\"]') && document.body.innerText.includes('role=gpu')",
+                Duration::from_secs(20),
+            )
+            .await;
+        assert!(node, "{}", page.eval("document.body.innerText").await);
         page.screenshot(&shots.join("laptop-healthy.png")).await;
 
         t.kill9(2);

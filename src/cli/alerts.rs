@@ -5,26 +5,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::Args;
 use serde_json::Value;
 
-use crate::cli::args::TargetArgs;
+use crate::cli::args::AlertsArgs;
 use crate::cli::output::{relative, rfc3339_ms, Table};
 use crate::cli::{call, target};
 
 /// Deadline of the request: the answering gateway may ask the evaluator (5 s) first.
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Flags of `clawmesh alerts`.
-#[derive(Debug, Args)]
-pub struct AlertsArgs {
-    /// Print JSON (the evaluator's book: firing, resolved, webhook counters).
-    #[arg(long)]
-    pub json: bool,
-    /// Where to ask.
-    #[command(flatten)]
-    pub target: TargetArgs,
-}
 
 fn when(ms: &Value) -> String {
     rfc3339_ms(ms).as_str().map(relative).unwrap_or_default()

@@ -102,7 +102,18 @@ pub enum Command {
     Logs(LogsArgs),
     /// Alerts firing now and resolved recently (alerts.rules, evaluated by the primary);
     /// exit 1 while any fires.
-    Alerts(crate::cli::alerts::AlertsArgs),
+    Alerts(AlertsArgs),
+}
+
+/// Flags of `clawmesh alerts`.
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    /// Print JSON (the evaluator's book: firing, resolved, webhook counters).
+    #[arg(long)]
+    pub json: bool,
+    /// Where to ask.
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 /// Flags of `clawmesh logs`.

@@ -10,6 +10,9 @@ use super::{free_udp_port, log_tail, sees_healthy, status, wait_until, Gw};
 /// The gateways' names, in start order (the first is the configured primary).
 pub const NAMES: [&str; 3] = ["tokyo", "beijing", "frankfurt"];
 
+/// Their regions.
+pub const REGIONS: [&str; 3] = ["ap-northeast-1", "cn-north-1", "eu-central-1"];
+
 /// The operator token every gateway accepts.
 pub const TOKEN: &str = "trio-token";
 
@@ -57,6 +60,8 @@ impl Trio {
             TOKEN,
             "--health-interval",
             &self.interval,
+            "--region",
+            REGIONS[i],
         ];
         if i == 0 {
             args.push("--primary");
@@ -83,6 +88,38 @@ impl Trio {
     /// Gateway `i`'s port (UDP for QUIC, TCP for the bridge and the status page).
     pub fn port(&self, i: usize) -> u16 {
         self.ports[i]
+    }
+
+    /// Starts `clawmesh node run` named `name` on gateway `i` with `labels` (KEY=VALUE) and
+    /// approves its pairing request there.
+    pub fn node(&self, i: usize, name: &str, labels: &[&str]) -> Gw {
+        let gw = format!("quic://127.0.0.1:{}", self.ports[i]);
+        let mut args = vec!["node", "run", "--gateway", gw.as_str(), "--name", name];
+        for l in labels {
+            args.extend(["--label", l]);
+        }
+        let node = Gw::spawn_cmd(&self.tmp.path().join(name), &args);
+        let approved = wait_until(Duration::from_secs(20), || {
+            let out = super::cli(self.dir(i), &["devices", "list", "--json"]);
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+                return false;
+            };
+            let req = v["pending"]
+                .as_array()
+                .and_then(|p| p.iter().find(|p| p["name"] == name))
+                .and_then(|p| p["requestId"].as_str().map(str::to_string));
+            req.is_some_and(|r| {
+                super::cli(self.dir(i), &["devices", "approve", &r])
+                    .status
+                    .success()
+            })
+        });
+        assert!(
+            approved,
+            "node {name} was never pending:\n{}",
+            node.log_text()
+        );
+        node
     }
 
     /// Waits until every gateway sees the three healthy and they agree on a primary.

@@ -112,7 +112,7 @@
   function logs(d) {
     const l = d.logs || [];
     if (!l.length) {
-      $("#logs").innerHTML = `<div class="empty">${esc(d.logsError || "No recent records.")}</div>`;
+      $("#logs").innerHTML = `<div class="empty">${esc(d.logsError || "No records collected yet (gateways ship their logs every few seconds).")}</div>`;
       return;
     }
     $("#logs").innerHTML = l.slice().reverse().map((r) => {
