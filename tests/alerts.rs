@@ -268,3 +268,100 @@ fn bad_rules_are_refused_with_the_field_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must start with http:// or https://"), "{err}");
 }
+
+/// The notices `receiver` got, as (status, alert id, sender), in arrival order.
+fn notices(receiver: &Receiver) -> Vec<(String, String, String)> {
+    receiver
+        .hits()
+        .iter()
+        .map(|h| {
+            let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (
+                s(&h.body["status"]),
+                s(&h.body["alert"]["id"]),
+                s(&h.body["gateway"]),
+            )
+        })
+        .collect()
+}
+
+fn count(receiver: &Receiver, status: &str, id: &str) -> usize {
+    notices(receiver)
+        .iter()
+        .filter(|(s, i, _)| s == status && i == id)
+        .count()
+}
+
+/// The duty moves with the primary and so does the book: the new primary neither re-fires
+/// what fires already nor misses what the old primary's death causes; the old primary,
+/// restarted (empty book) and primary again, does not re-fire either.
+#[test]
+fn the_duty_fails_over_with_the_primary_without_a_second_notice() {
+    let mut t = Trio::start(300);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let receiver = Receiver::start(listener);
+    config_set(
+        t.dir(0),
+        "alerts.webhooks",
+        &format!(r#"["http://127.0.0.1:{port}/json"]"#),
+    );
+    // Memory above 0 % holds on every host: three alerts that keep firing.
+    config_set(
+        t.dir(0),
+        "alerts.rules",
+        r#"[{"kind": "memory", "above": 0}, {"kind": "gateway-offline"}]"#,
+    );
+    let all_three = wait_until(Duration::from_secs(20), || {
+        NAMES
+            .iter()
+            .all(|n| count(&receiver, "firing", &format!("memory/{n}")) == 1)
+    });
+    assert!(all_three, "{:?}\n{}", notices(&receiver), t.report());
+    assert!(notices(&receiver).iter().all(|(_, _, by)| by == NAMES[0]));
+
+    // The primary dies: another gateway takes the duty from its copy of the book.
+    t.kill9(0);
+    let taken = wait_until(Duration::from_secs(30), || {
+        count(&receiver, "firing", "gateway-offline/tokyo") == 1
+            && count(&receiver, "resolved", "memory/tokyo") == 1
+    });
+    assert!(taken, "{:?}\n{}", notices(&receiver), t.report());
+    let new = notices(&receiver)
+        .iter()
+        .find(|(_, i, _)| i == "gateway-offline/tokyo")
+        .map(|(_, _, by)| by.clone())
+        .unwrap();
+    assert_ne!(new, NAMES[0]);
+
+    // Tokyo comes back with an empty book and, as the configured primary, takes the role
+    // back: it pulls the book, resolves its own offline alert at most once, re-fires nothing.
+    t.spawn(0);
+    let back = wait_until(Duration::from_secs(40), || {
+        let (_, doc) = alerts_json(t.dir(0));
+        doc["evaluator"] == NAMES[0]
+            && count(&receiver, "resolved", "gateway-offline/tokyo") == 1
+            && count(&receiver, "firing", "memory/tokyo") == 2
+    });
+    assert!(
+        back,
+        "{:?}\n{:?}\n{}",
+        notices(&receiver),
+        alerts_json(t.dir(0)),
+        t.report()
+    );
+    // A few evaluations and pushes later, still nothing twice.
+    std::thread::sleep(Duration::from_secs(3));
+    for n in ["memory/beijing", "memory/frankfurt"] {
+        assert_eq!(count(&receiver, "firing", n), 1, "{:?}", notices(&receiver));
+        assert_eq!(
+            count(&receiver, "resolved", n),
+            0,
+            "{:?}",
+            notices(&receiver)
+        );
+    }
+    assert_eq!(count(&receiver, "firing", "gateway-offline/tokyo"), 1);
+    assert_eq!(count(&receiver, "resolved", "gateway-offline/tokyo"), 1);
+    assert_eq!(count(&receiver, "firing", "memory/tokyo"), 2);
+}

@@ -110,6 +110,18 @@ impl AlertBook {
         }
     }
 
+    /// Adopts `c` even on duty, if it is newer than what this book holds: a gateway taking the
+    /// duty pulls the books of the others (it may have just restarted, with an empty book).
+    pub fn adopt_newer(&self, c: Contents) -> bool {
+        let mut cur = self.lock();
+        if c.updated_ms > cur.updated_ms {
+            *cur = c;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Starts firing `a` (the evaluator); false when the book is full.
     pub fn fire(&self, a: Alert, evaluator: &str, now_ms: u64) -> bool {
         let mut c = self.lock();

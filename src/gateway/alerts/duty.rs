@@ -7,7 +7,8 @@
 //! partition: each side sees only itself).
 //!
 //! After every change, and every [`SYNC_EVERY`], the evaluator pushes its book to every other
-//! gateway (`alerts.sync`). A gateway taking the duty starts from that copy: alerts firing
+//! gateway (`alerts.sync`); a gateway taking the duty also pulls the books of the others and
+//! keeps the newest (it may have just restarted). It starts from that copy: alerts firing
 //! there stay firing without a new notice, those whose condition has gone resolve with one
 //! notice, new ones fire. What a new evaluator cannot know: notices the old one had queued
 //! but not delivered when it died (lost), and conditions pending their `for` there (their
@@ -22,7 +23,7 @@ use clawmesh_federation::rpc::{Caller, CallerKind};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use super::book::{Alert, AlertBook};
+use super::book::{Alert, AlertBook, Contents};
 use super::evaluate::{conditions, Pending};
 use super::webhook::{Notice, Webhooks};
 use crate::alerts_config::{self, Rule, RuleKind};
@@ -120,6 +121,7 @@ pub fn spawn(methods: Methods, mesh: Mesh, book: Arc<AlertBook>) {
                 book.set_on_duty(duty);
                 pending.clear();
                 if duty {
+                    pull_books(&mesh, &status, &book).await;
                     info!(
                         adopted = book.firing_ids().len(),
                         "alert duty taken: evaluating the rules (alerts already firing stay firing, no new notice)"
@@ -221,20 +223,57 @@ pub fn spawn(methods: Methods, mesh: Mesh, book: Arc<AlertBook>) {
     });
 }
 
-/// Pushes the book to every gateway this one is linked to, in the background; one push at
-/// a time (`syncing`).
-fn push_book(mesh: &Mesh, status: &Value, book: &AlertBook, syncing: Arc<AtomicBool>) {
-    let Ok(params) = serde_json::to_string(&book.contents()) else {
-        return;
-    };
-    let conns: Vec<(String, quinn::Connection)> = status["gateways"]
+/// Asks every linked gateway for its book and keeps the newest: a gateway that takes the
+/// duty right after a restart has none of its own, and the pushes may not have reached it.
+async fn pull_books(mesh: &Mesh, status: &Value, book: &AlertBook) {
+    let calls = linked(mesh, status)
+        .into_iter()
+        .map(|(name, conn)| async move {
+            let r = clawmesh_federation::rpc::call(
+                &conn,
+                "alerts.list",
+                json!({"book": true}).to_string(),
+                1,
+                SYNC_TIMEOUT,
+            )
+            .await;
+            match r.map(|t| serde_json::from_str::<Contents>(&t)) {
+                Ok(Ok(c)) => Some(c),
+                Ok(Err(e)) => {
+                    tracing::debug!(gateway = %name, "alert book unreadable: {e}");
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(gateway = %name, "alert book not pulled: {e}");
+                    None
+                }
+            }
+        });
+    let books = futures_util::future::join_all(calls).await;
+    if let Some(c) = books.into_iter().flatten().max_by_key(|c| c.updated_ms) {
+        book.adopt_newer(c);
+    }
+}
+
+/// The other gateways this one has a link to, with the link.
+fn linked(mesh: &Mesh, status: &Value) -> Vec<(String, quinn::Connection)> {
+    status["gateways"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|g| g["isSelf"] != true)
         .filter_map(|g| g["name"].as_str())
         .filter_map(|n| Some((n.to_string(), mesh.connection_to(n)?)))
-        .collect();
+        .collect()
+}
+
+/// Pushes the book to every gateway this one is linked to, in the background; one push at
+/// a time (`syncing`).
+fn push_book(mesh: &Mesh, status: &Value, book: &AlertBook, syncing: Arc<AtomicBool>) {
+    let Ok(params) = serde_json::to_string(&book.contents()) else {
+        return;
+    };
+    let conns = linked(mesh, status);
     if conns.is_empty() {
         return;
     }

@@ -26,7 +26,7 @@ impl Methods {
         let _ = self.inner.alerts.set(book);
     }
 
-    /// `alerts.list {local}` and `alerts.sync {firing, resolved, evaluator, updatedMs}`.
+    /// `alerts.list {local, book}` and `alerts.sync {firing, resolved, evaluator, updatedMs}`.
     pub(super) async fn alerts_method(
         &self,
         caller: &Caller,
@@ -41,6 +41,11 @@ impl Methods {
         match method {
             "alerts.list" => {
                 let local = params.get("local").and_then(Value::as_bool) == Some(true);
+                // `book`: the raw contents, for a gateway taking the duty.
+                if params.get("book").and_then(Value::as_bool) == Some(true) {
+                    return serde_json::to_value(book.contents())
+                        .map_err(|e| WireError::new("UNAVAILABLE", e.to_string()));
+                }
                 if local || book.on_duty() {
                     return Ok(book.to_json(&me));
                 }
