@@ -563,6 +563,29 @@ impl Mesh {
             .collect()
     }
 
+    /// The host vitals other gateways relayed for their nodes: (gateway, node, node name,
+    /// reading), for nodes still in that gateway's directory.
+    pub fn remote_node_vitals(&self) -> Vec<(String, DeviceId, String, Received)> {
+        let st = self.state();
+        let mut out = Vec::new();
+        for m in st
+            .membership
+            .members
+            .iter()
+            .filter(|m| m.key != self.inner.key)
+        {
+            let Some(p) = st.peers.get(&m.key) else {
+                continue;
+            };
+            for n in &p.nodes.nodes {
+                if let Some(v) = p.node_vitals.get(&n.id) {
+                    out.push((m.name.clone(), n.id, n.name.clone(), *v));
+                }
+            }
+        }
+        out
+    }
+
     fn broadcast(&self, ev: Event) {
         let st = self.state();
         for p in st.peers.values() {

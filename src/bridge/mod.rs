@@ -57,6 +57,8 @@ pub struct Bridge {
     /// Start time, for `uptimeMs`.
     pub started: Instant,
     connections: Arc<AtomicUsize>,
+    /// The gateway's `/metrics` registry, once attached ([`Bridge::with_metrics`]).
+    metrics: Option<Arc<crate::gateway::metrics::GatewayMetrics>>,
 }
 
 impl Bridge {
@@ -72,7 +74,32 @@ impl Bridge {
             shutdown,
             started: Instant::now(),
             connections: Arc::new(AtomicUsize::new(0)),
+            metrics: None,
         }
+    }
+
+    /// Open classic connections, shared with `/metrics`.
+    pub fn connection_count(&self) -> Arc<AtomicUsize> {
+        self.connections.clone()
+    }
+
+    /// Serves `metrics` at `GET /metrics`.
+    pub fn with_metrics(mut self, metrics: crate::gateway::metrics::GatewayMetrics) -> Self {
+        self.metrics = Some(Arc::new(metrics));
+        self
+    }
+
+    /// Whether an HTTP request may read operator data: from loopback, or with
+    /// `Authorization: Bearer <token>` naming the gateway's operator or join token.
+    pub fn operator_allowed(&self, remote: SocketAddr, headers: &axum::http::HeaderMap) -> bool {
+        if remote.ip().to_canonical().is_loopback() {
+            return true;
+        }
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| clawmesh_federation::secret::equals_any(&self.secrets, t.trim()))
     }
 
     fn features_methods(&self) -> Vec<&'static str> {
@@ -112,6 +139,37 @@ async fn readyz(
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(doc))
+}
+
+/// `GET /metrics`: the Prometheus text format, for loopback or the operator token.
+async fn metrics(
+    State(bridge): State<Arc<Bridge>>,
+    ConnectInfo(Peer(remote)): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if !bridge.operator_allowed(remote, &headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+            "metrics need the operator token: Authorization: Bearer <token>\n",
+        )
+            .into_response();
+    }
+    let Some(m) = bridge.metrics.clone() else {
+        return (StatusCode::NOT_FOUND, "no metrics on this gateway\n").into_response();
+    };
+    // Off the async threads: a scrape reads SQLite (the log spool's counts).
+    match tokio::task::spawn_blocking(move || m.encode()).await {
+        Ok(Ok(text)) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::gateway::metrics::CONTENT_TYPE,
+            )],
+            text,
+        )
+            .into_response(),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "metrics failed\n").into_response(),
+    }
 }
 
 /// The client's address, for both the plain and the TLS listener.
@@ -167,9 +225,10 @@ async fn status_page(
     if let Ok(ws) = ws {
         return upgrade(State(bridge), ConnectInfo(Peer(remote)), Ok(ws)).await;
     }
-    let initial = match crate::gateway::page::authorize(remote, None, &bridge.secrets) {
-        Ok(()) => Some(crate::gateway::page::feed(&bridge.methods, remote).await),
-        Err(_) => None,
+    let initial = if bridge.operator_allowed(remote, &axum::http::HeaderMap::new()) {
+        Some(crate::gateway::page::feed(&bridge.methods, remote).await)
+    } else {
+        None
     };
     let name = initial
         .as_ref()
@@ -192,13 +251,10 @@ async fn status_feed(
     ConnectInfo(Peer(remote)): ConnectInfo<Peer>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    let auth = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if let Err(e) = crate::gateway::page::authorize(remote, auth, &bridge.secrets) {
+    if !bridge.operator_allowed(remote, &headers) {
         return (
             StatusCode::UNAUTHORIZED,
-            Json(json!({"error": e.message()})),
+            Json(json!({"error": "the status feed needs the operator token (Authorization: Bearer TOKEN) from a non-loopback address"})),
         )
             .into_response();
     }
@@ -215,6 +271,7 @@ fn router(bridge: Arc<Bridge>) -> Router {
         .route("/status.json", get(status_feed))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(get(upgrade))
         .with_state(bridge)
 }
@@ -255,4 +312,28 @@ pub async fn serve_tls(
     )
     .with_graceful_shutdown(stopped(stop, bridge_conns))
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_data_needs_loopback_or_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let methods = Methods::bare(dir.path());
+        let (_tx, rx) = watch::channel(None);
+        let b = Bridge::new(methods, vec!["s3cret".into()], rx);
+        let far: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        let mut h = axum::http::HeaderMap::new();
+        assert!(b.operator_allowed("127.0.0.1:1".parse().unwrap(), &h));
+        assert!(b.operator_allowed("[::ffff:127.0.0.1]:1".parse().unwrap(), &h));
+        assert!(!b.operator_allowed(far, &h));
+        h.insert("authorization", "Bearer wrong".parse().unwrap());
+        assert!(!b.operator_allowed(far, &h));
+        h.insert("authorization", "Basic s3cret".parse().unwrap());
+        assert!(!b.operator_allowed(far, &h));
+        h.insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert!(b.operator_allowed(far, &h));
+    }
 }

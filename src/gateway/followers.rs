@@ -206,7 +206,7 @@ pub(super) fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods) {
             let vitals: Vec<_> = registry
                 .vitals()
                 .into_iter()
-                .map(|(node, r)| clawmesh_federation::vitals::NodeVitals {
+                .map(|(node, _, r)| clawmesh_federation::vitals::NodeVitals {
                     node,
                     vitals: r.vitals,
                     age_ms: u32::try_from(r.age().as_millis()).unwrap_or(u32::MAX),

@@ -177,11 +177,10 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     let (bridge_stop, bridge_rx) = tokio::sync::watch::channel(None);
     let mut secrets: Vec<String> = s.token.iter().cloned().collect();
     secrets.extend(s.operator_token.iter().cloned());
-    let bridge = Arc::new(crate::bridge::Bridge::new(
-        methods.clone(),
-        secrets,
-        bridge_rx,
-    ));
+    let bridge = crate::bridge::Bridge::new(methods.clone(), secrets, bridge_rx);
+    let metrics =
+        crate::gateway::metrics::GatewayMetrics::new(methods.clone(), bridge.connection_count());
+    let bridge = Arc::new(bridge.with_metrics(metrics));
     let ws_scheme = if tls.is_some() { "wss" } else { "ws" };
     let ws_host = if bound.ip().is_unspecified() {
         IpAddr::V4(Ipv4Addr::LOCALHOST)

@@ -79,6 +79,20 @@ impl GatewayLogs {
         });
     }
 
+    /// The spool's counts (records held, unacknowledged: the shipping lag in records) and
+    /// the shipper's counters, if this gateway ships (for `/metrics`).
+    pub fn shipping_stats(
+        &self,
+    ) -> (
+        Option<clawmesh_federation::logs::spool::SpoolStats>,
+        Option<Arc<clawmesh_federation::logs::ship::ShipStats>>,
+    ) {
+        (
+            self.spool.stats().ok(),
+            self._shipper.as_ref().map(|s| s.stats().clone()),
+        )
+    }
+
     /// Takes records a node sent (`node.logs`); `lost` counts what the node's own hand-off
     /// dropped.
     pub fn from_node(&self, node: &str, entries: Vec<Entry>, lost: u64) {

@@ -198,12 +198,22 @@ impl NodeRegistry {
         }
     }
 
-    /// The host vitals of every attached node that has sent some.
-    pub fn vitals(&self) -> HashMap<DeviceId, Received> {
+    /// The host vitals of every attached node that has sent some, with its name.
+    pub fn vitals(&self) -> Vec<(DeviceId, String, Received)> {
         self.lock()
             .iter()
-            .filter_map(|(id, e)| Some((*id, e.live.as_ref()?.vitals()?)))
+            .filter_map(|(id, e)| Some((*id, e.info.name.clone(), e.live.as_ref()?.vitals()?)))
             .collect()
+    }
+
+    /// Attached nodes per transport: (native QUIC, classic WebSocket).
+    pub fn count_by_transport(&self) -> (usize, usize) {
+        let nodes = self.lock();
+        let quic = nodes
+            .values()
+            .filter(|e| matches!(e.link, NodeLink::Quic(_)))
+            .count();
+        (quic, nodes.len() - quic)
     }
 
     /// Every connected node.

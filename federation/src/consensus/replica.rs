@@ -227,6 +227,10 @@ pub struct ConsensusStatus {
     pub applied: u64,
     /// Index of the last entry in the local log.
     pub last_log: u64,
+    /// Index of the last entry known committed here: on the leader, the highest index a
+    /// majority of voters holds; elsewhere the applied index (openraft 0.9 does not publish a
+    /// follower's commit index, and a follower applies what it learns is committed at once).
+    pub commit: u64,
     /// Index of the last entry covered by the local snapshot, if one was built or received.
     pub snapshot: Option<u64>,
     /// Index of the last entry removed from the local log (covered by the snapshot).
@@ -235,6 +239,31 @@ pub struct ConsensusStatus {
     pub initialized: bool,
     /// Why the consensus stopped, if it did.
     pub error: Option<String>,
+}
+
+/// See [`ConsensusStatus::commit`].
+fn commit_index(m: &openraft::RaftMetrics<NodeId, GatewayNode>, voters: &[NodeId]) -> u64 {
+    let applied = m.last_applied.map_or(0, |l| l.index);
+    let Some(repl) = m.replication.as_ref().filter(|_| !voters.is_empty()) else {
+        return applied;
+    };
+    let mut matched: Vec<u64> = voters
+        .iter()
+        .map(|v| {
+            if *v == m.id {
+                m.last_log_index.unwrap_or(0)
+            } else {
+                repl.get(v).copied().flatten().map_or(0, |l| l.index)
+            }
+        })
+        .collect();
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    // The majority-th highest: held by at least a majority of voters.
+    matched
+        .get(voters.len() / 2)
+        .copied()
+        .unwrap_or(applied)
+        .max(applied)
 }
 
 struct Inner {
@@ -491,6 +520,7 @@ impl Replica {
             quorum: !voters.is_empty() && reachable * 2 > voters.len(),
             applied: m.last_applied.map_or(0, |l| l.index),
             last_log: m.last_log_index.unwrap_or(0),
+            commit: commit_index(&m, &voters),
             snapshot: m.snapshot.map(|l| l.index),
             purged: m.purged.map(|l| l.index),
             initialized: m.membership_config.log_id().is_some(),

@@ -158,7 +158,10 @@ impl Methods {
                     Command::SetConfigBatch(c) => c.iter().map(|(k, _)| k.clone()).collect(),
                     _ => Vec::new(),
                 };
-                let ack = sh.replica.write(cmd).await.map_err(|e| e.to_wire())?;
+                let result = sh.replica.write(cmd).await;
+                self.instruments()
+                    .config_write(crate::gateway::instruments::write_outcome(&result));
+                let ack = result.map_err(|e| e.to_wire())?;
                 tracing::info!(revision = ack.revision, keys = n, primary = %ack.leader, "shared config written");
                 // Keys this gateway pins by a flag or its file (unless the sync policy lets
                 // the shared value win): the write is stored but not in force here.

@@ -198,6 +198,8 @@ struct Inner {
     tailnet: OnceLock<Arc<TailnetAuth>>,
     started: Instant,
     started_at: SystemTime,
+    /// Invokes and config writes counted for `/metrics`.
+    instruments: Arc<crate::gateway::instruments::Instruments>,
 }
 
 fn bad(msg: impl Into<String>) -> WireError {
@@ -240,6 +242,7 @@ impl Methods {
                 tailnet: OnceLock::new(),
                 started: Instant::now(),
                 started_at: SystemTime::now(),
+                instruments: Arc::default(),
             }),
         }
     }
@@ -334,6 +337,36 @@ impl Methods {
     /// Records where the classic bridge listens (URL, TLS fingerprint), for status.
     pub fn set_front_doors(&self, v: Value) {
         let _ = self.inner.front_doors.set(v);
+    }
+
+    /// A table over a fresh state database in `dir`, with nothing attached (unit tests).
+    #[cfg(test)]
+    pub(crate) fn bare(dir: &std::path::Path) -> Methods {
+        let store = clawmesh_federation::store::Store::open(dir).unwrap();
+        let pairing = Registry::open(store).unwrap();
+        Methods::new(pairing, Arc::default())
+    }
+
+    /// The counters of invokes and config writes (for `/metrics`).
+    pub fn instruments(&self) -> &Arc<crate::gateway::instruments::Instruments> {
+        &self.inner.instruments
+    }
+
+    /// The running mesh, once attached (for `/metrics`).
+    pub fn mesh_view(&self) -> Option<&Mesh> {
+        self.inner.mesh.get()
+    }
+
+    /// The consensus as this gateway sees it, once attached (for `/metrics`).
+    pub fn consensus_view(
+        &self,
+    ) -> Option<clawmesh_federation::consensus::replica::ConsensusStatus> {
+        self.inner.shared.get().map(|s| s.replica.status())
+    }
+
+    /// The gateway's logs, once attached (for `/metrics`).
+    pub fn logs_view(&self) -> Option<&crate::gateway::logs::GatewayLogs> {
+        self.inner.logs.get()
     }
 
     /// The node registry.

@@ -1,6 +1,7 @@
 //! `node.*` and a node's exec approvals: listing, resolving and invoking nodes anywhere.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use clawmesh_federation::directory::{self, Claim};
@@ -91,7 +92,13 @@ impl Methods {
             labels
         };
         let mut claims = Vec::new();
-        let vitals = self.inner.nodes.vitals();
+        let vitals: HashMap<DeviceId, _> = self
+            .inner
+            .nodes
+            .vitals()
+            .into_iter()
+            .map(|(id, _, v)| (id, v))
+            .collect();
         for (info, transport) in self.inner.nodes.list() {
             if only.is_some_and(|o| *o != info.node_id) {
                 continue;
@@ -547,6 +554,7 @@ impl Methods {
         let started = Instant::now();
         // Dropped unfinished (the caller went away): recorded as cancelled.
         let audit = AuditGuard::new(
+            &self.inner.instruments,
             self.inner.logs.get(),
             who,
             &name,
@@ -757,10 +765,13 @@ struct AuditGuard {
     logs: Option<crate::gateway::logs::GatewayLogs>,
     audit: Option<Audit>,
     started: Instant,
+    /// The counters and the command, until counted once.
+    metric: Option<(Arc<crate::gateway::instruments::Instruments>, String)>,
 }
 
 impl AuditGuard {
     fn new(
+        instruments: &Arc<crate::gateway::instruments::Instruments>,
         logs: Option<&crate::gateway::logs::GatewayLogs>,
         who: Option<&Who>,
         node: &str,
@@ -798,6 +809,7 @@ impl AuditGuard {
             logs: logs.cloned(),
             audit,
             started: Instant::now(),
+            metric: Some((instruments.clone(), command.to_string())),
         }
     }
 
@@ -806,6 +818,9 @@ impl AuditGuard {
     }
 
     fn write(&mut self, outcome: Outcome, exit_code: Option<i32>) {
+        if let Some((m, command)) = self.metric.take() {
+            m.invoke_done(&command, outcome.as_str(), self.started.elapsed());
+        }
         if let (Some(logs), Some(mut a)) = (self.logs.take(), self.audit.take()) {
             a.outcome = outcome;
             a.exit_code = exit_code;

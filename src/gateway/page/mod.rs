@@ -9,7 +9,8 @@
 //! no data for other callers, only a login form (the token stays in the tab's
 //! sessionStorage; `#token=...` in the URL fills it).
 //!
-//! The routes are in [`crate::bridge`] (the HTTP front door); this module builds what they
+//! The routes, and the check of who may read (`Bridge::operator_allowed`, shared with
+//! `/metrics`), are in [`crate::bridge`] (the HTTP front door); this module builds what they
 //! serve.
 
 use std::net::SocketAddr;
@@ -30,59 +31,6 @@ const LOG_LINES: usize = 14;
 /// How long the feed waits for the log lines (the primary's collector answers them, maybe
 /// across a continent); without them the page still renders, with the reason.
 const LOGS_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// Why a request for the feed is refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refused {
-    /// No `Authorization: Bearer` header from a non-loopback address.
-    NoToken,
-    /// A token that is not the operator (or federation) token.
-    BadToken,
-    /// No token is configured, so only loopback may read.
-    NoneConfigured,
-}
-
-impl Refused {
-    /// The message for the 401 body.
-    pub fn message(&self) -> &'static str {
-        match self {
-            Refused::NoToken => "the status feed needs the operator token (Authorization: Bearer TOKEN) from a non-loopback address",
-            Refused::BadToken => "that token is not this federation's operator token",
-            Refused::NoneConfigured => "this gateway has no operator token: the status feed is served to loopback only",
-        }
-    }
-}
-
-/// Whether the feed may be served to `peer` with this `Authorization` header: loopback
-/// always; anyone else with a Bearer token equal (in constant time) to one of `secrets`.
-pub fn authorize(
-    peer: SocketAddr,
-    authorization: Option<&str>,
-    secrets: &[String],
-) -> Result<(), Refused> {
-    let ip = match peer.ip() {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
-        v4 => v4,
-    };
-    if ip.is_loopback() {
-        return Ok(());
-    }
-    if secrets.is_empty() {
-        return Err(Refused::NoneConfigured);
-    }
-    let token = authorization
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or(Refused::NoToken)?;
-    if clawmesh_federation::secret::equals_any(secrets, token) {
-        Ok(())
-    } else {
-        Err(Refused::BadToken)
-    }
-}
 
 fn page_caller(peer: SocketAddr) -> Caller {
     Caller {
@@ -189,32 +137,6 @@ pub fn html(name: &str, initial: Option<&Value>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn loopback_reads_others_need_the_token() {
-        let secrets = vec!["op-token".to_string()];
-        let lo: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let lo6: SocketAddr = "[::1]:5000".parse().unwrap();
-        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
-        let far: SocketAddr = "192.0.2.7:5000".parse().unwrap();
-        assert_eq!(authorize(lo, None, &secrets), Ok(()));
-        assert_eq!(authorize(lo6, None, &secrets), Ok(()));
-        assert_eq!(authorize(mapped, None, &secrets), Ok(()));
-        assert_eq!(authorize(far, None, &secrets), Err(Refused::NoToken));
-        assert_eq!(
-            authorize(far, Some("Bearer nope"), &secrets),
-            Err(Refused::BadToken)
-        );
-        assert_eq!(
-            authorize(far, Some("op-token"), &secrets),
-            Err(Refused::NoToken)
-        );
-        assert_eq!(authorize(far, Some("Bearer op-token"), &secrets), Ok(()));
-        assert_eq!(
-            authorize(far, Some("Bearer op-token"), &[]),
-            Err(Refused::NoneConfigured)
-        );
-    }
 
     #[test]
     fn html_embeds_assets_and_cannot_be_closed_by_data() {
