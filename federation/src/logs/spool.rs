@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -537,6 +537,21 @@ impl Spool {
             bytes: g.bytes,
         })
     }
+
+    /// When the oldest record not yet acknowledged by a collector was logged (ms since the
+    /// epoch), if any: the shipping lag in time (the `log-lag` alert rule).
+    pub fn oldest_unacked_ms(&self) -> Result<Option<u64>, LogError> {
+        let g = self.lock();
+        g.conn
+            .query_row(
+                "SELECT ts_ms FROM records WHERE acked_ms = 0 ORDER BY id LIMIT 1",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|t| t.map(|t| t.max(0) as u64))
+            .map_err(|e| LogError::sql(&self.path, e))
+    }
 }
 
 /// The sequence origin of an entry logged at `gateway` by `node` (or the gateway itself).
@@ -632,6 +647,21 @@ mod tests {
         let p3 = s.pending(0, &all, 2, 1 << 20).unwrap();
         assert!(p3.records.is_empty());
         assert_eq!(p3.upto, p2.upto);
+    }
+
+    #[test]
+    fn oldest_unacked_is_the_shipping_lag() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), SpoolLimits::default()).unwrap();
+        assert_eq!(s.oldest_unacked_ms().unwrap(), None);
+        let before = now_ms();
+        s.append("beijing", vec![entry("a", None), entry("b", None)])
+            .unwrap();
+        let oldest = s.oldest_unacked_ms().unwrap().unwrap();
+        assert!(oldest + 1000 >= before, "{oldest} vs {before}");
+        let p = s.pending(0, &HashMap::new(), 1000, 1 << 20).unwrap();
+        s.ack(p.upto, now_ms()).unwrap();
+        assert_eq!(s.oldest_unacked_ms().unwrap(), None);
     }
 
     #[test]

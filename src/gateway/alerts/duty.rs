@@ -41,6 +41,10 @@ pub const SYNC_EVERY: Duration = Duration::from_secs(2);
 /// next push.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often the evaluator asks every gateway for its log shipping lag (only while a
+/// `log-lag` rule exists): lag worth an alert is minutes; one small request per gateway.
+const LOG_PROBE_EVERY: Duration = Duration::from_secs(10);
+
 /// With no primary for this long, the smallest-named gateway online takes the duty: longer
 /// than an election (about 2.5 s at a 1 s health interval), so a normal failover never
 /// has two evaluators.
@@ -101,6 +105,8 @@ pub fn spawn(methods: Methods, mesh: Mesh, book: Arc<AlertBook>) {
         let syncing = Arc::new(AtomicBool::new(false));
         let mut rules_error: Option<String> = None;
         let mut rules: Vec<Rule> = alerts_config::default_rules();
+        let mut lags: Vec<(String, Option<f64>)> = Vec::new();
+        let mut last_probe: Option<Instant> = None;
         loop {
             tokio::time::sleep(TICK).await;
             let caller = internal_caller();
@@ -186,6 +192,22 @@ pub fn spawn(methods: Methods, mesh: Mesh, book: Arc<AlertBook>) {
             } else {
                 Value::Null
             };
+            let mut status = status;
+            if rules.iter().any(|r| r.kind == RuleKind::LogLag) {
+                if last_probe.is_none_or(|t| t.elapsed() >= LOG_PROBE_EVERY) {
+                    last_probe = Some(Instant::now());
+                    lags = probe_log_lag(&mesh, &status).await;
+                    lags.push((me.clone(), methods.log_lag_seconds()));
+                }
+                if let Some(rows) = status["gateways"].as_array_mut() {
+                    for g in rows {
+                        let lag = lags.iter().find(|(n, _)| g["name"] == n.as_str());
+                        if let Some((_, Some(s))) = lag {
+                            g["logLagSeconds"] = json!(s);
+                        }
+                    }
+                }
+            }
             let held = conditions(&rules, &status, &nodes);
             let step = pending.step(held, &book.firing_ids(), Instant::now());
             let now = now_ms();
@@ -253,6 +275,24 @@ async fn pull_books(mesh: &Mesh, status: &Value, book: &AlertBook) {
     if let Some(c) = books.into_iter().flatten().max_by_key(|c| c.updated_ms) {
         book.adopt_newer(c);
     }
+}
+
+/// Every linked gateway's log shipping lag in seconds (`alerts.probe`); `None` for one that
+/// does not ship or did not answer.
+async fn probe_log_lag(mesh: &Mesh, status: &Value) -> Vec<(String, Option<f64>)> {
+    let calls = linked(mesh, status)
+        .into_iter()
+        .map(|(name, conn)| async move {
+            let r =
+                clawmesh_federation::rpc::call(&conn, "alerts.probe", "{}".into(), 1, SYNC_TIMEOUT)
+                    .await;
+            let lag = r
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| v["logLagSeconds"].as_f64());
+            (name, lag)
+        });
+    futures_util::future::join_all(calls).await
 }
 
 /// The other gateways this one has a link to, with the link.

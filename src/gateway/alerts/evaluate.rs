@@ -250,6 +250,21 @@ mod tests {
     }
 
     #[test]
+    fn log_lag_of_online_gateways_only() {
+        let rules = parse_rules(&json!([{"kind": "log-lag", "above": "2m"}])).unwrap();
+        let status = json!({"gateways": [
+            {"name": "a", "status": "healthy", "logLagSeconds": 30.0},
+            {"name": "b", "status": "healthy", "logLagSeconds": 600.0},
+            {"name": "c", "status": "offline", "logLagSeconds": 900.0},
+            {"name": "d", "status": "healthy"},
+        ]});
+        let c = conditions(&rules, &status, &json!({}));
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(c[0].id, "log-lag/b");
+        assert!(c[0].summary.contains("600 s behind"), "{}", c[0].summary);
+    }
+
+    #[test]
     fn hold_fire_once_and_resolve() {
         let rules = parse_rules(&json!([{"kind": "gateway-offline", "for": 1000}])).unwrap();
         let mut p = Pending::default();

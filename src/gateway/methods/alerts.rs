@@ -26,7 +26,17 @@ impl Methods {
         let _ = self.inner.alerts.set(book);
     }
 
-    /// `alerts.list {local, book}` and `alerts.sync {firing, resolved, evaluator, updatedMs}`.
+    /// This gateway's log shipping lag in seconds (see `GatewayLogs::shipping_lag`).
+    pub fn log_lag_seconds(&self) -> Option<f64> {
+        self.inner
+            .logs
+            .get()?
+            .shipping_lag()
+            .map(|d| d.as_secs_f64())
+    }
+
+    /// `alerts.list {local, book}`, `alerts.probe` (this gateway's log lag, for the evaluator)
+    /// and `alerts.sync {firing, resolved, evaluator, updatedMs}`.
     pub(super) async fn alerts_method(
         &self,
         caller: &Caller,
@@ -75,6 +85,7 @@ impl Methods {
                 v["stale"] = json!(why);
                 Ok(v)
             }
+            "alerts.probe" => Ok(json!({"logLagSeconds": self.log_lag_seconds()})),
             "alerts.sync" => {
                 let c: Contents = serde_json::from_value(params)
                     .map_err(|e| bad(format!("invalid alerts.sync: {e}")))?;

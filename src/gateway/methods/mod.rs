@@ -92,6 +92,7 @@ const TABLE: &[(&str, Access)] = &[
     ("node.logs", Access::Node),
     ("alerts.list", Access::Scope(scopes::READ)),
     ("alerts.sync", Access::Gateway),
+    ("alerts.probe", Access::Gateway),
 ];
 
 /// Sends the federation's default exec level to one node, in the background; a node that is
@@ -473,7 +474,9 @@ impl Methods {
             | "device.pair.reject"
             | "device.pair.remove" => self.devices_method(caller, method, params).await,
             "logs.query" | "node.logs" => self.logs_method(caller, method, params).await,
-            "alerts.list" | "alerts.sync" => self.alerts_method(caller, method, params).await,
+            "alerts.list" | "alerts.sync" | "alerts.probe" => {
+                self.alerts_method(caller, method, params).await
+            }
             other => Err(bad(format!("unknown method: {other}"))),
         }
     }
