@@ -380,6 +380,24 @@ fn chromium_sees_three_gateways_then_one_offline() {
         // One more poll at the new width, then the phone screenshot.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         page.screenshot(&shots.join("phone-offline.png")).await;
+        // Dark, as a system set to dark shows it.
+        page.call(
+            "Emulation.setEmulatedMedia",
+            json!({"features": [{"name": "prefers-color-scheme", "value": "dark"}]}),
+        )
+        .await;
+        let dark = page
+            .wait_for(
+                "getComputedStyle(document.body).backgroundColor === 'rgb(13, 17, 23)'",
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(dark, "dark colours not applied");
+        page.screenshot(&shots.join("phone-dark.png")).await;
+        page.call("Emulation.clearDeviceMetricsOverride", json!({}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        page.screenshot(&shots.join("laptop-dark.png")).await;
     });
     drop(browser);
     for f in [

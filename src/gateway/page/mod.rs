@@ -28,6 +28,10 @@ const JS: &str = include_str!("page.js");
 /// Log lines shown: a glance, not a log viewer (`clawmesh logs -f` is that).
 const LOG_LINES: usize = 14;
 
+/// Node rows in the feed at most: a page polled every second stays small on a phone with a
+/// 10 000-node fleet; disconnected nodes come first, the total is given (`nodesTotal`).
+const MAX_NODE_ROWS: usize = 500;
+
 /// How long the feed waits for the log lines (the primary's collector answers them, maybe
 /// across a continent); without them the page still renders, with the reason.
 const LOGS_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -57,11 +61,20 @@ pub async fn feed(methods: &Methods, peer: SocketAddr) -> Value {
         .dispatch(&caller, "gateway.status", json!({"all": true}))
         .await
         .unwrap_or_else(|e| json!({"error": e.message}));
-    let nodes = methods
+    let mut nodes: Vec<Value> = methods
         .dispatch(&caller, "node.list", json!({"all": true}))
         .await
-        .map(|v| v["nodes"].clone())
-        .unwrap_or_else(|_| json!([]));
+        .ok()
+        .and_then(|mut v| v.get_mut("nodes").map(Value::take))
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    let nodes_total = nodes.len();
+    let nodes_connected = nodes.iter().filter(|n| n["connected"] == true).count();
+    if nodes_total > MAX_NODE_ROWS {
+        // Stable: disconnected first, each group in the order node.list gave.
+        nodes.sort_by_key(|n| n["connected"] == true);
+        nodes.truncate(MAX_NODE_ROWS);
+    }
     let me = status["self"].as_str().unwrap_or_default().to_string();
     let alerts = methods
         .alerts()
@@ -89,6 +102,8 @@ pub async fn feed(methods: &Methods, peer: SocketAddr) -> Value {
         "consensus": status["consensus"],
         "healthIntervalMs": status["healthIntervalMs"],
         "nodes": nodes,
+        "nodesTotal": nodes_total,
+        "nodesConnected": nodes_connected,
         "alerts": alerts,
         "logs": logs,
         "logsError": logs_error,

@@ -44,15 +44,16 @@
   function overview(d) {
     const gws = d.gateways || [];
     const off = gws.filter((g) => g.status === "offline").length;
-    const nodes = d.nodes || [];
-    const conn = nodes.filter((n) => n.connected).length;
+    const list = d.nodes || [];
+    const total = d.nodesTotal ?? list.length;
+    const conn = d.nodesConnected ?? list.filter((n) => n.connected).length;
     const firing = (d.alerts && d.alerts.firing) || [];
     const c = d.consensus || {};
     const stat = (k, v, s, cls) =>
       `<div class="panel stat ${cls || ""}"><div class="k">${k}</div><div class="v">${esc(v)}</div><div class="s">${esc(s)}</div></div>`;
     $("#overview").innerHTML =
       stat("Gateways", `${gws.length - off}/${gws.length}`, off ? `${off} offline` : "all online", off ? "bad" : "ok") +
-      stat("Nodes", `${conn}/${nodes.length}`, nodes.length - conn ? `${nodes.length - conn} disconnected` : "all connected", nodes.length - conn ? "bad" : "") +
+      stat("Nodes", `${conn}/${total}`, total - conn ? `${total - conn} disconnected` : "all connected", total - conn ? "bad" : "") +
       stat("Primary", d.primary || "none", c.quorum === false ? "no quorum" : `term ${c.term ?? "–"}`, d.primary ? "" : "bad") +
       stat("Alerts", firing.length, firing.length ? "firing" : "all clear", firing.length ? "bad" : "ok");
   }
@@ -147,7 +148,10 @@
           `<td data-k="Disk">${meter("", v.diskPct) || "–"}</td><td data-k="Load">${v.load1 != null ? v.load1.toFixed(2) : "–"}</td></tr>`;
       }
     }
-    $("#nodes").innerHTML = `<table class="nodes"><thead><tr><th>Node</th><th>Labels</th><th>Via</th><th>CPU</th><th>Memory</th><th>Disk</th><th>Load</th></tr></thead><tbody>${rows}</tbody></table>`;
+    const more = (d.nodesTotal || 0) > list.length
+      ? `<div class="sub" style="margin:0 0 8px">Showing ${list.length} of ${d.nodesTotal} nodes (disconnected first); <code>clawmesh nodes status --all</code> lists every one.</div>`
+      : "";
+    $("#nodes").innerHTML = more + `<table class="nodes"><thead><tr><th>Node</th><th>Labels</th><th>Via</th><th>CPU</th><th>Memory</th><th>Disk</th><th>Load</th></tr></thead><tbody>${rows}</tbody></table>`;
   }
 
   let last = null;
