@@ -23,6 +23,22 @@ use serde_json::Value;
 /// Joins and attaches take well under this; only a real failure reaches it.
 const WAIT: Duration = Duration::from_secs(30);
 
+/// The flags every gateway of these tests runs with: a fast health interval (300 ms, so a
+/// link shows within a second), the default port on its own namespace address, bound to the
+/// LAN side of the veth; then `extra`.
+fn lan_gateway_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "--health-interval",
+        "300",
+        "--port",
+        "18789",
+        "--bind",
+        "lan",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
 fn gateway(lan: &Lan, i: usize, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Gw {
     let mut full = vec!["gateway", "run"];
     full.extend_from_slice(args);
@@ -102,24 +118,11 @@ fn mdns_join_two_federations_and_a_node() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let d = |n: &str| tmp.path().join(n);
-    let fast = [
-        "--health-interval",
-        "300",
-        "--port",
-        "18789",
-        "--bind",
-        "lan",
-    ];
-    let with = |extra: &[&'static str]| -> Vec<&'static str> {
-        let mut v: Vec<&str> = fast.to_vec();
-        v.extend_from_slice(extra);
-        v
-    };
     let _tokyo = gateway(
         &lan,
         0,
         &d("tokyo"),
-        &with(&["--name", "tokyo", "--primary", "--token", "fed-A-secret"]),
+        &lan_gateway_args(&["--name", "tokyo", "--primary", "--token", "fed-A-secret"]),
         &[],
     );
     // No URL: finds tokyo by mDNS and joins.
@@ -127,7 +130,7 @@ fn mdns_join_two_federations_and_a_node() {
         &lan,
         1,
         &d("osaka"),
-        &with(&["--name", "osaka", "--token", "fed-A-secret"]),
+        &lan_gateway_args(&["--name", "osaka", "--token", "fed-A-secret"]),
         &[],
     );
     let doc = sees(&lan, 1, &d("osaka"), &["osaka", "tokyo"])
@@ -140,7 +143,7 @@ fn mdns_join_two_federations_and_a_node() {
         &lan,
         2,
         &d("berlin"),
-        &with(&["--name", "berlin", "--token", "fed-B-secret"]),
+        &lan_gateway_args(&["--name", "berlin", "--token", "fed-B-secret"]),
         &[],
     );
     let doc = sees(&lan, 2, &d("berlin"), &["berlin"]).expect("berlin alone");
@@ -157,7 +160,7 @@ fn mdns_join_two_federations_and_a_node() {
         &lan,
         3,
         &d("quiet"),
-        &with(&["--name", "quiet", "--token", "fed-A-secret"]),
+        &lan_gateway_args(&["--name", "quiet", "--token", "fed-A-secret"]),
         &[("OPENCLAW_DISABLE_BONJOUR", "1")],
     );
     assert!(
@@ -287,25 +290,12 @@ fn forged_advertisement_gets_no_link() {
         .unwrap()
         .to_string();
     let fed_a = clawmesh_discovery::FederationId::from_token("fed-A-secret").to_string();
-    let fast = [
-        "--health-interval",
-        "300",
-        "--port",
-        "18789",
-        "--bind",
-        "lan",
-    ];
-    let with = |extra: &[&'static str]| -> Vec<&'static str> {
-        let mut v: Vec<&str> = fast.to_vec();
-        v.extend_from_slice(extra);
-        v
-    };
     // mallory: a real gateway of federation B, the forged advertisement's target.
     let _mallory = gateway(
         &lan,
         1,
         &d("mallory"),
-        &with(&[
+        &lan_gateway_args(&[
             "--name",
             "mallory",
             "--primary",
@@ -322,7 +312,12 @@ fn forged_advertisement_gets_no_link() {
         &d("osaka"),
         &{
             let mut v = vec!["gateway", "run"];
-            v.extend(with(&["--name", "osaka", "--token", "fed-A-secret"]));
+            v.extend(lan_gateway_args(&[
+                "--name",
+                "osaka",
+                "--token",
+                "fed-A-secret",
+            ]));
             v
         },
         &[],
@@ -344,7 +339,7 @@ fn forged_advertisement_gets_no_link() {
         &lan,
         0,
         &d("tokyo"),
-        &with(&["--name", "tokyo", "--primary", "--token", "fed-A-secret"]),
+        &lan_gateway_args(&["--name", "tokyo", "--primary", "--token", "fed-A-secret"]),
         &[],
     );
     let doc = sees(&lan, 3, &d("osaka"), &["osaka", "tokyo"])
@@ -448,24 +443,11 @@ fn tailnet_join_through_a_fake_tailscaled() {
         .to_string(),
     )
     .unwrap();
-    let fast = [
-        "--health-interval",
-        "300",
-        "--port",
-        "18789",
-        "--bind",
-        "lan",
-    ];
-    let with = |extra: &[&'static str]| -> Vec<&'static str> {
-        let mut v: Vec<&str> = fast.to_vec();
-        v.extend_from_slice(extra);
-        v
-    };
     let _tokyo = gateway(
         &lan,
         0,
         &d("tokyo"),
-        &with(&[
+        &lan_gateway_args(&[
             "--name",
             "tokyo",
             "--primary",
@@ -479,7 +461,7 @@ fn tailnet_join_through_a_fake_tailscaled() {
         &lan,
         1,
         &d("osaka"),
-        &with(&["--name", "osaka", "--token", "fed-T", "--no-mdns"]),
+        &lan_gateway_args(&["--name", "osaka", "--token", "fed-T", "--no-mdns"]),
         &[],
     );
     let doc = sees(&lan, 1, &d("osaka"), &["osaka", "tokyo"]).unwrap_or_else(|| {

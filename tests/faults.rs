@@ -87,22 +87,6 @@ fn a_stalled_voter_does_not_depose_a_healthy_primary() {
     );
 }
 
-/// Where `dir`'s gateway lists node `name` federation-wide: (gateway, connected) of every row
-/// for it.
-fn listed_at(dir: &std::path::Path, name: &str) -> Vec<(String, bool)> {
-    node_rows(dir, true)
-        .unwrap_or_default()
-        .iter()
-        .filter(|r| r["name"] == name)
-        .map(|r| {
-            (
-                r["gateway"].as_str().unwrap_or("?").to_string(),
-                r["connected"] == true,
-            )
-        })
-        .collect()
-}
-
 /// Every answering gateway lists `name` once, connected, at `at`, and reaches it.
 fn listed_once_at(c: &Cluster, name: &str, at: &str) -> Result<(), String> {
     for i in c.answering() {

@@ -65,6 +65,30 @@ fn pending<'a>(list: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|p| p["name"] == name)
 }
 
+/// The gateway `osaka` in namespace 0: primary of federation `fed-T`, bound to the LAN side
+/// on `PORT`, no mDNS (the tailnet is the only discovery here); then `extra`. Waits until it
+/// is ready.
+fn osaka(lan: &Lan, dir: &Path, extra: &[&str]) -> Gw {
+    let mut args = vec![
+        "gateway",
+        "run",
+        "--name",
+        "osaka",
+        "--primary",
+        "--token",
+        "fed-T",
+        "--bind",
+        "lan",
+        "--port",
+        PORT,
+        "--no-mdns",
+    ];
+    args.extend_from_slice(extra);
+    let mut gw = Gw::spawn_wrapped(&["ip", "netns", "exec", lan.ns(0)], dir, &args, &[]);
+    gw.wait_ready();
+    gw
+}
+
 /// A native node host in namespace `i`, dialing the gateway's tailnet address.
 fn node(lan: &Lan, i: usize, dir: &Path, name: &str) -> Gw {
     Gw::spawn_wrapped(
@@ -210,29 +234,8 @@ fn tailnet_vouches_for_nodes_and_operators() {
     )
     .unwrap();
     let advertise = format!("{GW_IP}:{PORT}");
-    let mut gw = Gw::spawn_wrapped(
-        &["ip", "netns", "exec", lan.ns(0)],
-        &d("gw"),
-        &[
-            "gateway",
-            "run",
-            "--name",
-            "osaka",
-            "--primary",
-            "--token",
-            "fed-T",
-            "--bind",
-            "lan",
-            "--port",
-            PORT,
-            "--no-mdns",
-            // Nodes learn this address from the member list and reconnect to it.
-            "--advertise",
-            &advertise,
-        ],
-        &[],
-    );
-    gw.wait_ready();
+    // Nodes learn this address from the member list and reconnect to it.
+    let gw = osaka(&lan, &d("gw"), &["--advertise", &advertise]);
 
     // An allowed tag: in at once, and it serves commands.
     let _tagged = node(&lan, 1, &d("node-tag"), "node-tag");
@@ -495,26 +498,7 @@ fn classic_node_host_admitted_by_the_tailnet() {
         .to_string(),
     )
     .unwrap();
-    let mut gw = Gw::spawn_wrapped(
-        &["ip", "netns", "exec", lan.ns(0)],
-        &d("gw"),
-        &[
-            "gateway",
-            "run",
-            "--name",
-            "osaka",
-            "--primary",
-            "--token",
-            "fed-T",
-            "--bind",
-            "lan",
-            "--port",
-            PORT,
-            "--no-mdns",
-        ],
-        &[],
-    );
-    gw.wait_ready();
+    let gw = osaka(&lan, &d("gw"), &[]);
 
     let home = d("classic");
     std::fs::create_dir_all(&home).unwrap();

@@ -110,7 +110,7 @@ pub async fn monitor(
                     Ok(Datagram::Pong { seq }) => {
                         live.inner.lock().unwrap_or_else(|p| p.into_inner()).pong(seq, Instant::now());
                     }
-                    Ok(Datagram::Ping { seq }) => {
+                    Ok(Datagram::Ping { seq } | Datagram::LinkPing { seq, .. }) => {
                         if let Ok(b) = frame::encode_datagram(&Datagram::Pong { seq }) {
                             let _ = conn.send_datagram(b.into());
                         }

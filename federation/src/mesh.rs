@@ -22,7 +22,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
-use crate::directory::{NodeDirectory, NodeSummary, MAX_NODES_PER_GATEWAY};
+use crate::directory::{Applied, DirVersion, LocalDirectory, NodeSummary, RemoteDirectory};
 use crate::endpoint::{self, EndpointError};
 use crate::frame::{self, MAX_FRAME};
 use crate::handshake::{self, HandshakeError};
@@ -201,8 +201,8 @@ pub struct RemoteNodes {
     pub status: Status,
     /// When it last answered.
     pub last_seen: Option<SystemTime>,
-    /// Its nodes.
-    pub nodes: Vec<NodeSummary>,
+    /// Its nodes, in id order (shared with the directory: taking them copies no node).
+    pub nodes: Vec<Arc<NodeSummary>>,
     /// Its nodes' host vitals, as it last relayed them.
     pub vitals: HashMap<DeviceId, Received>,
 }
@@ -275,7 +275,7 @@ struct Peer {
     health: PeerHealth,
     link: Option<Link>,
     software: Option<String>,
-    nodes: NodeDirectory,
+    nodes: RemoteDirectory,
     linked: watch::Sender<bool>,
     dialing: bool,
     last_error: Option<String>,
@@ -291,10 +291,7 @@ impl Peer {
             health: PeerHealth::default(),
             link: None,
             software: None,
-            nodes: NodeDirectory {
-                version: 0,
-                nodes: Vec::new(),
-            },
+            nodes: RemoteDirectory::default(),
             linked: watch::channel(false).0,
             dialing: false,
             last_error: None,
@@ -306,7 +303,7 @@ impl Peer {
 
 struct State {
     membership: Membership,
-    local_nodes: NodeDirectory,
+    local_nodes: LocalDirectory,
     peers: HashMap<PublicKey, Peer>,
     next_link_id: u64,
     shutting_down: bool,
@@ -340,6 +337,8 @@ struct Inner {
     health: watch::Sender<HealthConfig>,
     /// This host's vitals, sent with the pings once attached ([`Mesh::attach_vitals`]).
     vitals: std::sync::OnceLock<VitalsSampler>,
+    /// What the node directory sent and asked for.
+    directory: DirectoryTallies,
 }
 
 /// Handle to the running mesh; cheap to clone.
@@ -425,20 +424,18 @@ impl Mesh {
             }
         }
         let health = cfg.health;
+        let boot_id: u64 = rand::rng().random();
         let inner = Arc::new(Inner {
             cfg,
             key,
             endpoint,
             store,
-            boot_id: rand::rng().random(),
+            boot_id,
             handler,
             admission,
             state: Mutex::new(State {
                 membership,
-                local_nodes: NodeDirectory {
-                    version: 0,
-                    nodes: Vec::new(),
-                },
+                local_nodes: LocalDirectory::new(boot_id),
                 peers,
                 next_link_id: 1,
                 shutting_down: false,
@@ -454,6 +451,7 @@ impl Mesh {
             log_service: std::sync::OnceLock::new(),
             health: watch::channel(health).0,
             vitals: std::sync::OnceLock::new(),
+            directory: DirectoryTallies::default(),
         });
         let mesh = Mesh { inner };
         let accept = mesh.clone();
@@ -531,16 +529,53 @@ impl Mesh {
         self.broadcast(Event::NodeVitals(vitals));
     }
 
-    /// Replaces the list of nodes attached here and announces it to every gateway.
-    pub fn set_local_nodes(&self, mut nodes: Vec<NodeSummary>) {
-        nodes.truncate(MAX_NODES_PER_GATEWAY);
-        let dir = {
-            let mut st = self.state();
-            st.local_nodes.version += 1;
-            st.local_nodes.nodes = nodes;
-            st.local_nodes.clone()
+    /// Replaces the list of nodes attached here and announces what changed to every gateway
+    /// (a delta; see [`crate::directory`]).
+    pub fn set_local_nodes(&self, nodes: Vec<NodeSummary>) {
+        // Versioned and queued under one lock, so every link's queue holds the deltas in
+        // version order and a snapshot queued on a new link is never older than a delta
+        // queued after it.
+        let mut st = self.state();
+        let Some(delta) = st.local_nodes.update(nodes) else {
+            return;
         };
-        self.broadcast(Event::NodeDirectory(dir));
+        let ev = Event::DirectoryDelta(delta);
+        for p in st.peers.values() {
+            if let Some(l) = &p.link {
+                if l.events.try_send(ev.clone()).is_err() {
+                    // The peer notices the gap (next delta, or its next pings) and asks.
+                    self.inner.directory.dropped.inc(0);
+                    debug!("event queue full; the peer will ask for a snapshot");
+                }
+            }
+        }
+    }
+
+    /// Queues this gateway's whole directory on one link's event queue.
+    fn send_snapshot(&self, tx: &mpsc::Sender<Event>) {
+        let st = self.state();
+        if tx
+            .try_send(Event::NodeDirectory(st.local_nodes.snapshot()))
+            .is_err()
+        {
+            // The peer asks again at a later ping.
+            self.inner.directory.dropped.inc(0);
+        }
+    }
+
+    /// What this gateway's node directory has sent and asked for since it started.
+    pub fn directory_stats(&self) -> DirectoryStats {
+        let c = &self.inner.directory;
+        let at = self.state().local_nodes.at();
+        DirectoryStats {
+            at,
+            deltas_sent: c.deltas.count(),
+            delta_bytes: c.deltas.bytes(),
+            snapshots_sent: c.snapshots.count(),
+            snapshot_bytes: c.snapshots.bytes(),
+            resyncs_asked: c.resyncs.count(),
+            dropped: c.dropped.count(),
+        }
     }
 
     /// The nodes of every other gateway, as last announced, with that gateway's health.
@@ -556,7 +591,7 @@ impl Mesh {
                     gateway: m.name.clone(),
                     status: p.health.status(&self.health()),
                     last_seen: p.health.last_seen(),
-                    nodes: p.nodes.nodes.clone(),
+                    nodes: p.nodes.nodes().cloned().collect(),
                     vitals: p.node_vitals.clone(),
                 })
             })
@@ -577,7 +612,7 @@ impl Mesh {
             let Some(p) = st.peers.get(&m.key) else {
                 continue;
             };
-            for n in &p.nodes.nodes {
+            for n in p.nodes.nodes() {
                 if let Some(v) = p.node_vitals.get(&n.id) {
                     out.push((m.name.clone(), n.id, n.name.clone(), *v));
                 }
@@ -1628,8 +1663,7 @@ impl Mesh {
             let m = self.state().membership.clone();
             let _ = tx.try_send(Event::Membership(m));
         }
-        let dir = self.state().local_nodes.clone();
-        let _ = tx.try_send(Event::NodeDirectory(dir));
+        self.send_snapshot(&tx);
         if let Some(reg) = self.inner.pairing.get() {
             match reg.records() {
                 Ok(r) if !r.is_empty() => {
@@ -1679,12 +1713,12 @@ impl Mesh {
             tokio::select! {
                 _ = tick.tick() => {
                     seq += 1;
-                    let unresponsive = {
+                    let (unresponsive, directory) = {
                         let mut st = self.state();
                         match st.peers.get_mut(&key) {
                             Some(p) if p.link.as_ref().map(|l| l.id) == Some(id) => {
                                 p.health.ping_sent(seq, Instant::now());
-                                p.health.status(&self.health()) == Status::Offline
+                                (p.health.status(&self.health()) == Status::Offline, st.local_nodes.at())
                             }
                             _ => break,
                         }
@@ -1696,7 +1730,7 @@ impl Mesh {
                         conn.close(VarInt::from_u32(crate::liveness::CLOSE_UNRESPONSIVE), msg.as_bytes());
                         break;
                     }
-                    if let Ok(bytes) = frame::encode_datagram(&Datagram::Ping { seq }) {
+                    if let Ok(bytes) = frame::encode_datagram(&Datagram::LinkPing { seq, directory }) {
                         let _ = conn.send_datagram(bytes.into());
                     }
                     let due = seq.saturating_sub(1).is_multiple_of(crate::vitals::VITALS_EVERY);
@@ -1713,6 +1747,12 @@ impl Mesh {
                             if let Ok(b) = frame::encode_datagram(&Datagram::Pong { seq }) {
                                 let _ = conn.send_datagram(b.into());
                             }
+                        }
+                        Ok(Datagram::LinkPing { seq, directory }) => {
+                            if let Ok(b) = frame::encode_datagram(&Datagram::Pong { seq }) {
+                                let _ = conn.send_datagram(b.into());
+                            }
+                            self.peer_directory_at(key, id, directory);
                         }
                         Ok(Datagram::Pong { seq }) => {
                             let mut st = self.state();
@@ -1733,7 +1773,7 @@ impl Mesh {
                 uni = conn.accept_uni() => {
                     let Ok(recv) = uni else { break };
                     let mesh = self.clone();
-                    tokio::spawn(async move { mesh.read_events(key, recv).await }.in_current_span());
+                    tokio::spawn(async move { mesh.read_events(key, id, recv).await }.in_current_span());
                 }
                 ev = events.recv() => {
                     let Some(ev) = ev else { break };
@@ -1759,7 +1799,19 @@ impl Mesh {
                         }
                     }
                     if let Some(s) = event_stream.as_mut() {
-                        if let Err(e) = frame::write_frame(s, &ev, MAX_FRAME).await {
+                        let bytes = match frame::encode(&ev, MAX_FRAME) {
+                            Ok(b) => b,
+                            Err(e) => {
+                                warn!("event not sent: {e}");
+                                continue;
+                            }
+                        };
+                        match &ev {
+                            Event::DirectoryDelta(_) => self.inner.directory.deltas.inc(bytes.len() as u64),
+                            Event::NodeDirectory(_) => self.inner.directory.snapshots.inc(bytes.len() as u64),
+                            _ => {}
+                        }
+                        if let Err(e) = s.write_all(&bytes).await {
                             debug!("event stream failed: {e}");
                             break;
                         }
@@ -1792,17 +1844,50 @@ impl Mesh {
         }
     }
 
-    async fn read_events(&self, from: PublicKey, mut recv: quinn::RecvStream) {
+    async fn read_events(&self, from: PublicKey, link: u64, mut recv: quinn::RecvStream) {
         loop {
             match frame::read_frame::<_, Event>(&mut recv, MAX_FRAME).await {
                 Ok(Some(Event::Membership(m))) => self.adopt_membership(Some(from), m, true),
                 Ok(Some(Event::Goodbye { reason })) => {
                     info!("peer says goodbye: {reason}");
                 }
-                Ok(Some(Event::NodeDirectory(mut dir))) => {
-                    dir.nodes.truncate(MAX_NODES_PER_GATEWAY);
-                    if let Some(p) = self.state().peers.get_mut(&from) {
-                        p.nodes = dir;
+                Ok(Some(Event::NodeDirectory(snap))) => {
+                    let at = snap.at;
+                    let mut st = self.state();
+                    if let Some(p) = current_link_peer(&mut st, &from, link) {
+                        if p.nodes.apply_snapshot(snap) {
+                            debug!(at = %at, nodes = p.nodes.len(), "directory snapshot taken");
+                        }
+                    }
+                }
+                Ok(Some(Event::DirectoryDelta(delta))) => {
+                    let at = delta.at;
+                    let ask = {
+                        let mut st = self.state();
+                        match current_link_peer(&mut st, &from, link) {
+                            Some(p) => match p.nodes.apply_delta(delta) {
+                                Applied::Gap(ask) => {
+                                    debug!(at = %at, have = ?p.nodes.at(), "directory gap");
+                                    ask.then(|| p.nodes.at())
+                                }
+                                Applied::Applied | Applied::Stale => None,
+                            },
+                            None => None,
+                        }
+                    };
+                    if let Some(have) = ask {
+                        self.ask_resync(from, link, have);
+                    }
+                }
+                Ok(Some(Event::DirectoryResync { have })) => {
+                    debug!(have = ?have, "peer asks for this gateway's directory");
+                    let tx = {
+                        let mut st = self.state();
+                        current_link_peer(&mut st, &from, link)
+                            .and_then(|p| p.link.as_ref().map(|l| l.events.clone()))
+                    };
+                    if let Some(tx) = tx {
+                        self.send_snapshot(&tx);
                     }
                 }
                 Ok(Some(Event::PairingSync(records))) => self.merge_pairing(&records),
@@ -1830,6 +1915,37 @@ impl Mesh {
 }
 
 impl Mesh {
+    /// A peer's health ping said which directory version it has announced: ask for a
+    /// snapshot if a change was lost (see [`RemoteDirectory::on_ping`]).
+    fn peer_directory_at(&self, from: PublicKey, link: u64, announced: DirVersion) {
+        let ask = {
+            let mut st = self.state();
+            match current_link_peer(&mut st, &from, link) {
+                Some(p) => p.nodes.on_ping(announced).then(|| p.nodes.at()),
+                None => None,
+            }
+        };
+        if let Some(have) = ask {
+            debug!(announced = %announced, have = ?have, "directory behind the peer's pings");
+            self.ask_resync(from, link, have);
+        }
+    }
+
+    /// Asks a peer (on its current link) for its whole directory.
+    fn ask_resync(&self, from: PublicKey, link: u64, have: Option<DirVersion>) {
+        let tx = {
+            let mut st = self.state();
+            current_link_peer(&mut st, &from, link)
+                .and_then(|p| p.link.as_ref().map(|l| l.events.clone()))
+        };
+        let Some(tx) = tx else { return };
+        self.inner.directory.resyncs.inc(0);
+        if tx.try_send(Event::DirectoryResync { have }).is_err() {
+            // Asked again at a later ping.
+            self.inner.directory.dropped.inc(0);
+        }
+    }
+
     fn merge_pairing(&self, records: &[PairingRecord]) {
         let Some(reg) = self.inner.pairing.get() else {
             return;
@@ -1851,6 +1967,67 @@ impl Mesh {
             Err(e) => warn!("cannot merge pairing records: {e}"),
         }
     }
+}
+
+/// The peer `key` if `link` is still its link: events read from a replaced link (a restarted
+/// peer's old process, a duplicate) must not overwrite what the current one announced.
+fn current_link_peer<'a>(st: &'a mut State, key: &PublicKey, link: u64) -> Option<&'a mut Peer> {
+    st.peers
+        .get_mut(key)
+        .filter(|p| p.link.as_ref().map(|l| l.id) == Some(link))
+}
+
+/// A count and a byte total, for what the directory sends.
+#[derive(Debug, Default)]
+struct Tally {
+    count: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Tally {
+    fn inc(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.count.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The node directory's counters (see [`Mesh::directory_stats`]).
+#[derive(Debug, Default)]
+struct DirectoryTallies {
+    deltas: Tally,
+    snapshots: Tally,
+    resyncs: Tally,
+    dropped: Tally,
+}
+
+/// What this gateway's node directory sent and asked for since it started: deltas and
+/// snapshots written to peers (bytes: their frames on the wire), snapshots asked of peers, and
+/// events not queued because a link's event queue was full (the peer resyncs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectoryStats {
+    /// This gateway's directory version.
+    pub at: DirVersion,
+    /// Deltas sent (one per linked peer per change).
+    pub deltas_sent: u64,
+    /// Their bytes.
+    pub delta_bytes: u64,
+    /// Snapshots sent (new links, peers' requests).
+    pub snapshots_sent: u64,
+    /// Their bytes.
+    pub snapshot_bytes: u64,
+    /// Snapshots this gateway asked of its peers (gaps it detected).
+    pub resyncs_asked: u64,
+    /// Directory events dropped on a full event queue.
+    pub dropped: u64,
 }
 
 async fn close_after_reply(conn: Connection, reason: &str) {

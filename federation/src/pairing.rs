@@ -9,6 +9,7 @@
 use std::time::{Duration, SystemTime};
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use rand::RngExt as _;
 use rusqlite::{params, OptionalExtension};
@@ -294,6 +295,18 @@ CREATE TABLE IF NOT EXISTS device_tokens (
     PRIMARY KEY (device_id, role)
 );
 CREATE INDEX IF NOT EXISTS pending_by_key ON pending_devices(public_key, role);
+CREATE INDEX IF NOT EXISTS paired_by_name ON paired_devices(name);
+CREATE TABLE IF NOT EXISTS paired_generation (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    generation INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO paired_generation(id, generation) VALUES (0, 0);
+CREATE TRIGGER IF NOT EXISTS paired_generation_insert AFTER INSERT ON paired_devices
+    BEGIN UPDATE paired_generation SET generation = generation + 1 WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS paired_generation_update AFTER UPDATE ON paired_devices
+    BEGIN UPDATE paired_generation SET generation = generation + 1 WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS paired_generation_delete AFTER DELETE ON paired_devices
+    BEGIN UPDATE paired_generation SET generation = generation + 1 WHERE id = 0; END;
 CREATE TABLE IF NOT EXISTS revoked_devices (
     public_key BLOB PRIMARY KEY,
     revoked_at_ms INTEGER NOT NULL
@@ -304,6 +317,55 @@ CREATE TABLE IF NOT EXISTS revoked_devices (
 #[derive(Debug, Clone)]
 pub struct Registry {
     store: Store,
+    /// The last [`PairedBrief`] built, with the `paired_generation` it was built at (every
+    /// change of `paired_devices`, by this registry, the replicated log or a merge, bumps it
+    /// through a trigger).
+    brief: Arc<Mutex<Option<(i64, Arc<PairedBrief>)>>>,
+}
+
+/// What a node listing needs of one paired device.
+#[derive(Debug, Clone)]
+pub struct BriefDevice {
+    /// Device id (hex).
+    pub device_id: String,
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: String,
+    /// Platform.
+    pub platform: String,
+    /// Classic client id.
+    pub client_id: String,
+    /// Classic client mode.
+    pub client_mode: String,
+    /// Device family.
+    pub device_family: String,
+    /// Region of the gateway where it was paired.
+    pub region: Option<String>,
+    /// When it was approved (RFC 3339).
+    pub approved_at: String,
+    /// Who admitted it (`operator`, `tailscale`).
+    pub approved_by: String,
+    /// The tailnet identity that vouched for it, if any.
+    pub tailnet: Option<serde_json::Value>,
+}
+
+/// Every paired device, sorted by device id, for listings at fleet size: built once per change
+/// of the paired devices and shared (see [`Registry::paired_brief`]).
+#[derive(Debug, Default)]
+pub struct PairedBrief {
+    /// The devices, by device id.
+    pub devices: Vec<BriefDevice>,
+}
+
+impl PairedBrief {
+    /// The paired device with this id, if any.
+    pub fn get(&self, device_id: &str) -> Option<&BriefDevice> {
+        self.devices
+            .binary_search_by(|d| d.device_id.as_str().cmp(device_id))
+            .ok()
+            .map(|i| &self.devices[i])
+    }
 }
 
 type PendingRow = (
@@ -365,7 +427,74 @@ impl Registry {
             c.execute_batch(SCHEMA)?;
             migrate(c)
         })?;
-        Ok(Registry { store })
+        Ok(Registry {
+            store,
+            brief: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Every paired device in brief, by device id. Cached: rebuilt only when the paired
+    /// devices changed since the last call (one indexed read tells), so listing 100 000 nodes
+    /// does not read 100 000 rows every time.
+    pub fn paired_brief(&self) -> Result<Arc<PairedBrief>, PairingError> {
+        let generation: i64 = self.store.with_conn(|c| {
+            c.query_row(
+                "SELECT generation FROM paired_generation WHERE id = 0",
+                [],
+                |r| r.get(0),
+            )
+        })?;
+        let mut cache = self.brief.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, b)) = cache.as_ref() {
+            if *g == generation {
+                return Ok(b.clone());
+            }
+        }
+        let rows: Vec<(String, String, String, String, i64, String)> =
+            self.store.with_conn(|c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT device_id, name, role, platform, approved_at_ms, meta
+                     FROM paired_devices ORDER BY device_id",
+                )?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })?;
+        let devices = rows
+            .into_iter()
+            .map(|(device_id, name, role, platform, at, meta)| {
+                let meta: serde_json::Value = serde_json::from_str(&meta).unwrap_or_default();
+                BriefDevice {
+                    device_id,
+                    name,
+                    role,
+                    platform,
+                    client_id: meta_field(&meta, "clientId"),
+                    client_mode: meta_field(&meta, "clientMode"),
+                    device_family: meta_field(&meta, "deviceFamily"),
+                    region: meta_region(&meta),
+                    approved_at: rfc3339(at.max(0) as u64),
+                    approved_by: match meta_field(&meta, "approvedBy") {
+                        b if b.is_empty() => APPROVED_BY_OPERATOR.to_string(),
+                        b => b,
+                    },
+                    tailnet: meta.get("tailnet").filter(|t| !t.is_null()).cloned(),
+                }
+            })
+            .collect();
+        let brief = Arc::new(PairedBrief { devices });
+        *cache = Some((generation, brief.clone()));
+        Ok(brief)
     }
 
     /// A key read back from our own store: it was validated when it was written, so skip
@@ -765,15 +894,72 @@ impl Registry {
         )
     }
 
+    /// The one paired device `selector` names (device id, name, or id prefix), by indexed
+    /// lookups: the cost does not grow with the number of paired devices.
     fn find_paired(&self, selector: &str) -> Result<PairedDevice, PairingError> {
-        let all = self.paired_all()?;
+        let sel = selector.trim();
+        // Exact matches (device id: unique index; name: `paired_by_name`), then id prefixes (a
+        // range on the device id index). Enough rows to say "ambiguous" with a few candidates.
+        const CANDIDATES: i64 = 8;
+        let keys: Vec<Vec<u8>> = self.store.with_conn(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT public_key FROM paired_devices WHERE device_id = ?1
+                 UNION SELECT public_key FROM paired_devices WHERE name = ?1 LIMIT ?2",
+            )?;
+            let exact = stmt
+                .query_map(params![sel, CANDIDATES], |r| r.get(0))?
+                .collect::<Result<Vec<Vec<u8>>, _>>()?;
+            if !exact.is_empty() || sel.len() < 6 {
+                return Ok(exact);
+            }
+            let mut stmt = c.prepare_cached(
+                "SELECT public_key FROM paired_devices WHERE device_id >= ?1 AND device_id < ?2
+                 ORDER BY device_id LIMIT ?3",
+            )?;
+            let upper = format!("{sel}{}", char::MAX);
+            let hits = stmt
+                .query_map(params![sel, upper, CANDIDATES], |r| r.get(0))?
+                .collect::<Result<Vec<Vec<u8>>, _>>()?;
+            Ok(hits)
+        })?;
+        let mut found = Vec::new();
+        for k in keys {
+            if let Some(d) = Self::key_of(&k)
+                .map(|k| self.paired(&k))
+                .transpose()?
+                .flatten()
+            {
+                found.push(d);
+            }
+        }
         pick(
-            selector,
-            all,
-            |p| p.device_id == selector || p.name == selector,
-            |p| p.device_id.starts_with(selector),
+            sel,
+            found,
+            |p| p.device_id == sel || p.name == sel,
+            |p| p.device_id.starts_with(sel),
             |p| format!("{} ({})", p.name, &p.device_id[..12]),
         )
+    }
+
+    /// A paired device named `name` other than `device_id`, if any (indexed; for refusing a
+    /// second device under a name that selects nodes).
+    pub fn paired_name_clash(
+        &self,
+        name: &str,
+        device_id: &str,
+    ) -> Result<Option<PairedDevice>, PairingError> {
+        let key: Option<Vec<u8>> = self.store.with_conn(|c| {
+            c.query_row(
+                "SELECT public_key FROM paired_devices WHERE name = ?1 AND device_id != ?2 LIMIT 1",
+                params![name, device_id],
+                |r| r.get(0),
+            )
+            .optional()
+        })?;
+        match key.as_deref().and_then(Self::key_of) {
+            Some(k) => self.paired(&k),
+            None => Ok(None),
+        }
     }
 
     /// Approves a pending request (by request id, device id, name, or id prefix).
@@ -872,7 +1058,7 @@ impl Registry {
 
     /// The pairing record of one key (paired or revoked), to send to the other gateways.
     pub fn record(&self, key: &PublicKey) -> Result<Option<PairingRecord>, PairingError> {
-        Ok(self.records()?.into_iter().find(|r| r.key == *key))
+        Ok(self.store.with_conn(|c| read_record(c, key))?)
     }
 
     /// Every paired and revoked device, for a full exchange when two gateways link.
@@ -985,6 +1171,68 @@ pub(crate) fn read_records(c: &rusqlite::Connection) -> rusqlite::Result<Vec<Pai
     Ok(out)
 }
 
+/// One device's record (paired or revoked), read on `c` by its key (indexed).
+pub(crate) fn read_record(
+    c: &rusqlite::Connection,
+    key: &PublicKey,
+) -> rusqlite::Result<Option<PairingRecord>> {
+    let kb = key.0.to_vec();
+    let mut stmt = c.prepare_cached(
+        "SELECT p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.token, t.created_at_ms
+         FROM paired_devices p LEFT JOIN device_tokens t ON t.device_id = p.device_id AND t.role = p.role
+         WHERE p.public_key = ?1",
+    )?;
+    type Row = (
+        String,
+        String,
+        String,
+        i64,
+        String,
+        Option<String>,
+        Option<i64>,
+    );
+    let paired: Option<Row> = stmt
+        .query_row([&kb], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })
+        .optional()?;
+    if let Some((name, role, platform, at, meta, token, token_at)) = paired {
+        return Ok(Some(PairingRecord {
+            key: *key,
+            approved: true,
+            changed_at_ms: at.max(0) as u64,
+            name,
+            role,
+            platform,
+            meta,
+            token: token.map(|t| (t, token_at.unwrap_or(0).max(0) as u64)),
+        }));
+    }
+    let mut stmt =
+        c.prepare_cached("SELECT revoked_at_ms, meta FROM revoked_devices WHERE public_key = ?1")?;
+    let revoked: Option<(i64, String)> = stmt
+        .query_row([&kb], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(revoked.map(|(at, meta)| PairingRecord {
+        key: *key,
+        approved: false,
+        changed_at_ms: at.max(0) as u64,
+        name: String::new(),
+        role: String::new(),
+        platform: String::new(),
+        meta,
+        token: None,
+    }))
+}
+
 /// Merges `records` on `c` (the caller commits): for each device the newest decision wins, a
 /// revocation wins a tie. Deterministic, so every gateway applying the same records in the
 /// same order ends in the same state. Returns the records that changed something.
@@ -992,11 +1240,15 @@ pub(crate) fn apply_records(
     c: &rusqlite::Connection,
     records: &[PairingRecord],
 ) -> rusqlite::Result<Vec<PairingRecord>> {
-    let mut mine: HashMap<PublicKey, PairingRecord> =
-        read_records(c)?.into_iter().map(|r| (r.key, r)).collect();
+    // Only the devices of the batch are read (indexed), not every record: merging one
+    // decision costs the same at 10 or 100 000 paired devices.
+    let mut mine: HashMap<PublicKey, Option<PairingRecord>> = HashMap::new();
     let mut changed = Vec::new();
     for r in records.iter().take(MAX_SYNC_RECORDS) {
-        if let Some(m) = mine.get(&r.key) {
+        if !mine.contains_key(&r.key) {
+            mine.insert(r.key, read_record(c, &r.key)?);
+        }
+        if let Some(Some(m)) = mine.get(&r.key) {
             let newer = r.changed_at_ms > m.changed_at_ms
                 || (r.changed_at_ms == m.changed_at_ms && !r.approved && m.approved);
             if !newer {
@@ -1032,7 +1284,7 @@ pub(crate) fn apply_records(
             )?;
         }
         // Later records of the same batch compare against this one.
-        mine.insert(r.key, r.clone());
+        mine.insert(r.key, Some(r.clone()));
         changed.push(r.clone());
     }
     Ok(changed)
@@ -1087,6 +1339,86 @@ mod tests {
             platform: "linux".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn revoke_selectors_and_records_use_indexed_lookups_with_the_same_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(Store::open(dir.path()).unwrap()).unwrap();
+        let keys: Vec<PublicKey> = (0..40)
+            .map(|_| DeviceIdentity::ephemeral().public_key())
+            .collect();
+        for (i, k) in keys.iter().enumerate() {
+            let Admission::Pending(p) = reg.admit(k, &meta(&format!("n{i}"), "x")).unwrap() else {
+                panic!()
+            };
+            reg.approve(&p.request_id).unwrap();
+        }
+        // One record, read by key, is the one of the full exchange.
+        let all = reg.records().unwrap();
+        for k in &keys {
+            let one = reg.record(k).unwrap().unwrap();
+            assert_eq!(Some(&one), all.iter().find(|r| r.key == *k));
+        }
+        assert!(reg
+            .record(&DeviceIdentity::ephemeral().public_key())
+            .unwrap()
+            .is_none());
+        // A name clash is found, and the device itself is no clash.
+        let id0 = keys[0].device_id().to_string();
+        assert!(reg.paired_name_clash("n0", &id0).unwrap().is_none());
+        assert_eq!(
+            reg.paired_name_clash("n0", "other")
+                .unwrap()
+                .unwrap()
+                .device_id,
+            id0
+        );
+        // Exact id, exact name, unique prefix; a short or unknown one is not found.
+        assert_eq!(reg.find_paired(&id0).unwrap().name, "n0");
+        assert_eq!(
+            reg.find_paired("n1").unwrap().device_id,
+            keys[1].device_id().to_string()
+        );
+        let id2 = keys[2].device_id().to_string();
+        assert_eq!(reg.find_paired(&id2[..16]).unwrap().name, "n2");
+        assert!(matches!(
+            reg.find_paired(&id2[..4]),
+            Err(PairingError::NotFound(_))
+        ));
+        assert!(matches!(
+            reg.find_paired("ffffffffffffz"),
+            Err(PairingError::NotFound(_))
+        ));
+        // Two devices under one name: the name is ambiguous.
+        let Admission::Pending(p) = reg
+            .admit(
+                &DeviceIdentity::ephemeral().public_key(),
+                &meta("twin", "x"),
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        reg.approve(&p.request_id).unwrap();
+        let Admission::Pending(p) = reg
+            .admit(
+                &DeviceIdentity::ephemeral().public_key(),
+                &meta("twin", "x"),
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        reg.approve(&p.request_id).unwrap();
+        assert!(matches!(
+            reg.find_paired("twin"),
+            Err(PairingError::Ambiguous { .. })
+        ));
+        // Revoke by prefix, and the revocation is the key's record.
+        let r = reg.revoke(&id2[..12]).unwrap();
+        assert_eq!(r.name, "n2");
+        assert!(!reg.record(&keys[2]).unwrap().unwrap().approved);
     }
 
     #[test]

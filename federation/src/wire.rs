@@ -266,8 +266,16 @@ pub enum Event {
         /// Why.
         reason: String,
     },
-    /// The nodes attached to the sender.
+    /// All the nodes attached to the sender (on a new link, or when asked).
     NodeDirectory(crate::directory::NodeDirectory),
+    /// A change of the nodes attached to the sender.
+    DirectoryDelta(crate::directory::DirectoryDelta),
+    /// The sender fell behind the receiver's node directory (it holds `have`, or nothing):
+    /// send a snapshot.
+    DirectoryResync {
+        /// The version the sender holds.
+        have: Option<crate::directory::DirVersion>,
+    },
     /// Pairing decisions (approvals and revocations), newest wins.
     PairingSync(Vec<PairingRecord>),
     /// The host vitals of the nodes attached to the sender (at most
@@ -292,6 +300,15 @@ pub enum Datagram {
     /// The sender's host vitals, every [`crate::vitals::VITALS_EVERY`] pings; a peer too
     /// old to know it drops it as a bad datagram.
     Vitals(crate::vitals::Vitals),
+    /// A gateway link's health ping: a [`Datagram::Ping`] that also says which version of its
+    /// node directory the sender has announced, so a peer that lost the last change notices
+    /// (see [`crate::directory`]). Answered with a [`Datagram::Pong`].
+    LinkPing {
+        /// Sequence number.
+        seq: u64,
+        /// The sender's node directory version.
+        directory: crate::directory::DirVersion,
+    },
 }
 
 /// One device's pairing state, as gateways exchange it so that a device approved (or revoked)

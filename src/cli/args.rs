@@ -190,7 +190,7 @@ pub struct NodeRunArgs {
 pub enum NodesCmd {
     /// Known, paired and connected nodes.
     #[command(
-        after_help = "Examples:\n  clawmesh nodes status\n  clawmesh nodes status --all --json"
+        after_help = "Examples:\n  clawmesh nodes status\n  clawmesh nodes status --all --json\n  clawmesh nodes status --all --limit 500 --after <next cursor of the previous page>"
     )]
     Status {
         /// Every node of the federation, with the gateway it is attached to.
@@ -199,6 +199,12 @@ pub enum NodesCmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// At most N nodes (in node id order); the output ends with the cursor of the next page.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Only nodes after this cursor (the `next` of the previous page: a node id).
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
         #[command(flatten)]
         /// Target.
         target: TargetArgs,

@@ -15,15 +15,18 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
         NodesCmd::Status {
             all,
             json,
+            limit,
+            after,
             target: t,
         } => {
             let doc = call(
                 &target(t, state_dir),
                 "node.list",
-                json!({"all": all}),
+                json!({"all": all, "limit": limit, "after": after}),
                 CALL_TIMEOUT,
             )
             .await?;
+            let next = doc["next"].as_str().map(str::to_string);
             let nodes = doc["nodes"].as_array().cloned().unwrap_or_default();
             let paired = nodes.iter().filter(|n| n["paired"] == true).count();
             let connected = nodes.iter().filter(|n| n["connected"] == true).count();
@@ -37,17 +40,26 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
                             "transport": n["transport"], "labels": n["labels"],
                             "approvedBy": n.get("approvedBy"), "tailnet": n.get("tailnet"),
                             "vitals": n.get("vitals"),
+                            "attach": n.get("attach"),
                         })
                     })
                     .collect();
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&json!({
-                        "known": nodes.len(), "paired": paired, "connected": connected, "nodes": out
+                        "known": nodes.len(), "paired": paired, "connected": connected, "nodes": out,
+                        "next": next,
                     }))?
                 );
             } else {
                 print!("{}", render_status(&nodes));
+                if let Some(n) = next {
+                    println!(
+                        "More nodes: clawmesh nodes status{} --limit {} --after {n}",
+                        if all { " --all" } else { "" },
+                        limit.unwrap_or(1)
+                    );
+                }
             }
             Ok(0)
         }

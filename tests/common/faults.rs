@@ -103,6 +103,12 @@ impl Cluster {
         &self.adv[i]
     }
 
+    /// Gateway `i`'s own address, not through the relay: nodes dialing it stay attached when
+    /// the relay cuts the gateway off from the others.
+    pub fn direct(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[i])
+    }
+
     /// Starts (or restarts) gateway `i` and waits until it serves.
     pub fn spawn(&mut self, i: usize) {
         let port = self.ports[i].to_string();
@@ -355,6 +361,22 @@ pub fn node_rows(dir: &Path, all: bool) -> Option<Vec<Value>> {
     }
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
     v["nodes"].as_array().cloned()
+}
+
+/// How `dir`'s gateway lists the node `name` (`nodes status --all`): (gateway, connected) per
+/// row; a node attached nowhere has gateway `?`.
+pub fn listed_at(dir: &Path, name: &str) -> Vec<(String, bool)> {
+    node_rows(dir, true)
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r["name"] == name)
+        .map(|r| {
+            (
+                r["gateway"].as_str().unwrap_or("?").to_string(),
+                r["connected"] == true,
+            )
+        })
+        .collect()
 }
 
 /// Approves the pending request of the device named `name` on whichever gateway of `c` it

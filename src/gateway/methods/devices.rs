@@ -177,10 +177,8 @@ impl Methods {
                 let clash = self
                     .inner
                     .pairing
-                    .paired_all()
-                    .map_err(pairing_err)?
-                    .into_iter()
-                    .find(|d| d.name == pending.name && d.device_id != pending.device_id);
+                    .paired_name_clash(&pending.name, &pending.device_id)
+                    .map_err(pairing_err)?;
                 if let (Some(d), false) = (
                     clash,
                     params.get("allowDuplicateName") == Some(&json!(true)),

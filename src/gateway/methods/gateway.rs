@@ -27,6 +27,18 @@ impl Methods {
                     }
                 }
                 doc["nodes"] = json!(self.inner.nodes.list().len());
+                // What the node directory sent (deltas, snapshots) and asked for (gaps).
+                let d = self.mesh()?.directory_stats();
+                doc["directory"] = json!({
+                    "epoch": format!("{:016x}", d.at.epoch),
+                    "version": d.at.version,
+                    "deltasSent": d.deltas_sent,
+                    "deltaBytes": d.delta_bytes,
+                    "snapshotsSent": d.snapshots_sent,
+                    "snapshotBytes": d.snapshot_bytes,
+                    "resyncsAsked": d.resyncs_asked,
+                    "dropped": d.dropped,
+                });
                 Ok(doc)
             }
             "gateway.identity" => {

@@ -32,8 +32,11 @@ impl Methods {
     ) -> Result<Value, WireError> {
         match method {
             "node.list" => {
-                let all = params.get("all").and_then(Value::as_bool).unwrap_or(false);
-                Ok(json!({"ts": now_ms(), "nodes": self.node_entries(all)?}))
+                // The text is what the mesh's front door sends; the WebSocket front door
+                // embeds a value.
+                let text = self.node_list_text(&params)?;
+                serde_json::from_str(&text)
+                    .map_err(|e| bad(format!("cannot encode the node list: {e}")))
             }
             "node.describe" => {
                 let sel = str_param(&params, "nodeId", method)?;
