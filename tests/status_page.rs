@@ -400,11 +400,14 @@ fn chromium_sees_three_gateways_then_one_offline() {
         page.screenshot(&shots.join("laptop-dark.png")).await;
     });
     drop(browser);
-    for f in [
+    let all = [
         "laptop-healthy.png",
         "laptop-offline.png",
         "phone-offline.png",
-    ] {
+        "phone-dark.png",
+        "laptop-dark.png",
+    ];
+    for f in all {
         assert!(
             shots.join(f).metadata().unwrap().len() > 10_000,
             "{f} is empty"
@@ -412,11 +415,7 @@ fn chromium_sees_three_gateways_then_one_offline() {
     }
     // Keep the screenshots for a person to look at when asked to.
     if let Ok(keep) = std::env::var("CLAWMESH_KEEP_SCREENSHOTS") {
-        for f in [
-            "laptop-healthy.png",
-            "laptop-offline.png",
-            "phone-offline.png",
-        ] {
+        for f in all {
             std::fs::copy(shots.join(f), Path::new(&keep).join(f)).unwrap();
         }
     }
