@@ -102,6 +102,9 @@ pub enum Command {
     Logs(LogsArgs),
     /// Alerts firing now and resolved recently (alerts.rules, evaluated by the primary);
     /// exit 1 while any fires.
+    #[command(
+        after_help = "Examples:\n  clawmesh alerts\n  clawmesh alerts --json\n  clawmesh config set alerts.rules '[{\"kind\": \"cpu\", \"above\": 80, \"for\": \"5m\"}]'\n  clawmesh config set alerts.webhooks '[{\"url\": \"https://hooks.slack.com/services/T/B/X\", \"format\": \"slack\"}]'"
+    )]
     Alerts(AlertsArgs),
 }
 
