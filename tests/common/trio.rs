@@ -122,7 +122,8 @@ impl Trio {
         node
     }
 
-    /// Waits until every gateway sees the three healthy and they agree on a primary.
+    /// Waits until every gateway sees the three healthy, knows the three voters, and they agree
+    /// on a primary.
     pub fn wait_formed(&self) {
         let ok = wait_until(Duration::from_secs(30), || {
             let mut primaries = Vec::new();
@@ -133,6 +134,10 @@ impl Trio {
                 let Some(doc) = status(self.dir(i)) else {
                     return false;
                 };
+                // A member the consensus has not taken in yet refuses config writes.
+                if doc["consensus"]["voters"].as_array().map(Vec::len) != Some(3) {
+                    return false;
+                }
                 primaries.push(doc["primary"].clone());
             }
             primaries[0].is_string() && primaries.iter().all(|p| *p == primaries[0])
