@@ -54,6 +54,7 @@ pub mod node;
 pub mod node_protocol;
 pub mod sim;
 pub mod state_dir;
+pub mod upstream;
 
 /// Software version, reported in status and hellos.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -323,7 +323,7 @@ pub struct Registry {
     brief: Arc<Mutex<Option<CachedBrief>>>,
 }
 
-/// A built [`PairedBrief`] and the `paired_generation` it was built at.
+/// A [`PairedBrief`] with the `paired_generation` it was built at.
 type CachedBrief = (i64, Arc<PairedBrief>);
 
 /// What a node listing needs of one paired device.
