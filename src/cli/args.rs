@@ -100,6 +100,23 @@ pub enum Command {
     Discover(crate::cli::discover::DiscoverArgs),
     /// Logs of every region from the primary's collector, and the audit trail of node.invoke.
     Logs(LogsArgs),
+    /// Alerts firing now and resolved recently (alerts.rules, evaluated by the primary);
+    /// exit 1 while any fires.
+    #[command(
+        after_help = "Examples:\n  clawmesh alerts\n  clawmesh alerts --json\n  clawmesh config set alerts.rules '[{\"kind\": \"cpu\", \"above\": 80, \"for\": \"5m\"}]'\n  clawmesh config set alerts.webhooks '[{\"url\": \"https://hooks.slack.com/services/T/B/X\", \"format\": \"slack\"}]'"
+    )]
+    Alerts(AlertsArgs),
+}
+
+/// Flags of `clawmesh alerts`.
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    /// Print JSON (the evaluator's book: firing, resolved, webhook counters).
+    #[arg(long)]
+    pub json: bool,
+    /// Where to ask.
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 /// Flags of `clawmesh logs`.

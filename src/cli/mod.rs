@@ -3,6 +3,7 @@
 //! and it may use every other part of the crate ([`crate::gateway`], [`crate::node`],
 //! [`crate::sim`]); none of them uses it.
 
+pub mod alerts;
 pub mod approvals;
 pub mod args;
 pub mod client;
@@ -260,6 +261,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Logs(a) => {
             logging::init(cli.log.as_deref(), "warn");
             crate::cli::logs::logs(a, &state_dir).await
+        }
+        Command::Alerts(a) => {
+            logging::init(cli.log.as_deref(), "warn");
+            crate::cli::alerts::alerts(a, &state_dir).await
         }
         Command::Demo(a) => {
             logging::init(cli.log.as_deref(), "warn");

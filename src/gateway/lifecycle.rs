@@ -170,6 +170,9 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     spawn_config_follower(&replica, &methods, &s);
     spawn_pairing_follower(&replica, &methods);
     spawn_tailnet_recheck(&methods);
+    let alert_book = Arc::new(super::alerts::book::AlertBook::default());
+    methods.set_alerts(alert_book.clone());
+    super::alerts::spawn(methods.clone(), mesh.clone(), alert_book);
     // The classic WebSocket bridge on the same port, TCP.
     let (bridge_stop, bridge_rx) = tokio::sync::watch::channel(None);
     let mut secrets: Vec<String> = s.token.iter().cloned().collect();

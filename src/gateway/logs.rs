@@ -114,6 +114,21 @@ impl GatewayLogs {
         )
     }
 
+    /// How far behind this gateway's log shipping is: the age of its oldest record no collector
+    /// has acknowledged (zero when everything is acknowledged); `None` when it does not ship
+    /// (`logging.remote.enabled: false`) or the spool cannot be read.
+    pub fn shipping_lag_age(&self) -> Option<std::time::Duration> {
+        self._shipper.as_ref()?;
+        let oldest = self.spool.oldest_unacked_ms().ok()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis() as u64;
+        Some(std::time::Duration::from_millis(
+            oldest.map_or(0, |t| now.saturating_sub(t)),
+        ))
+    }
+
     /// Takes records a node sent (`node.logs`); `lost` counts what the node's own hand-off
     /// dropped.
     pub fn from_node(&self, node: &str, entries: Vec<Entry>, lost: u64) {

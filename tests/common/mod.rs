@@ -316,3 +316,5 @@ pub fn approve_device(gw: &Path, name: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+pub mod trio;

@@ -635,6 +635,12 @@ impl Spool {
             bytes: g.bytes,
         })
     }
+
+    /// When the oldest record not yet acknowledged by a collector was logged (ms since the
+    /// epoch), if any: the shipping lag in time (the `log-lag` alert rule).
+    pub fn oldest_unacked_ms(&self) -> Result<Option<u64>, LogError> {
+        Ok(self.lag()?.oldest_ts_ms)
+    }
 }
 
 /// The sequence origin of an entry logged at `gateway` by `node` (or the gateway itself).
@@ -739,6 +745,21 @@ mod tests {
         let p3 = s.pending(0, &all, 2, 1 << 20).unwrap();
         assert!(p3.bodies.is_empty());
         assert_eq!(p3.upto, p2.upto);
+    }
+
+    #[test]
+    fn oldest_unacked_is_the_shipping_lag() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), SpoolLimits::default()).unwrap();
+        assert_eq!(s.oldest_unacked_ms().unwrap(), None);
+        let before = now_ms();
+        s.append("beijing", vec![entry("a", None), entry("b", None)])
+            .unwrap();
+        let oldest = s.oldest_unacked_ms().unwrap().unwrap();
+        assert!(oldest + 1000 >= before, "{oldest} vs {before}");
+        let p = s.pending(0, &HashMap::new(), 1000, 1 << 20).unwrap();
+        s.ack(p.upto, now_ms()).unwrap();
+        assert_eq!(s.oldest_unacked_ms().unwrap(), None);
     }
 
     #[test]
