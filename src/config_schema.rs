@@ -28,6 +28,13 @@ pub enum Kind {
     Strings,
     /// A log filter such as `info` or `info,clawmesh_federation=debug`.
     LogFilter,
+    /// A structured value checked by its own parser (`what` describes it in errors).
+    Checked {
+        /// What the value must be, in words.
+        what: &'static str,
+        /// The parser's check: the error names the field at fault.
+        check: fn(&Value) -> Result<(), String>,
+    },
 }
 
 /// The typed keys. The bounds are the ones the gateway enforces where it uses the value (see
@@ -113,13 +120,43 @@ const RULES: &[(&str, Kind)] = &[
         },
     ),
     ("gateway.failover.fallbackNode", Kind::Str),
+    ("gateway.upstream.url", Kind::Str),
+    ("gateway.upstream.token", Kind::Str),
+    ("gateway.upstream.tlsFingerprint", Kind::Str),
+    ("gateway.upstream.nodes", Kind::Strings),
+    ("gateway.upstream.autoApprove", Kind::Bool),
     ("logging.level", Kind::LogFilter),
+    // OTLP/HTTP log export from the collector (gateway/otlp_export.rs); `.headers` is an
+    // object of strings, checked where it is applied.
+    ("logging.export.otlp.endpoint", Kind::Str),
+    (
+        "logging.export.otlp.batchSize",
+        Kind::Int {
+            min: 1,
+            max: 100_000,
+            unit: "records",
+        },
+    ),
     ("node.name", Kind::Str),
     ("node.gateways", Kind::Strings),
     ("node.security", Kind::OneOf(&["deny", "allowlist", "full"])),
     (
         "security.exec.defaultLevel",
         Kind::OneOf(&["deny", "allowlist", "full"]),
+    ),
+    (
+        "alerts.rules",
+        Kind::Checked {
+            what: "a list of alert rules",
+            check: crate::alerts_config::check_rules,
+        },
+    ),
+    (
+        "alerts.webhooks",
+        Kind::Checked {
+            what: "a list of webhooks",
+            check: crate::alerts_config::check_webhooks,
+        },
     ),
 ];
 
@@ -141,6 +178,9 @@ pub fn check(key: &str, value: &Value) -> Result<(), String> {
     };
     if value.is_null() {
         return Ok(());
+    }
+    if let Kind::Checked { check, .. } = kind {
+        return check(value);
     }
     let ok = match (kind, value) {
         (Kind::Str, Value::String(_)) | (Kind::Bool, Value::Bool(_)) => true,
@@ -175,6 +215,7 @@ pub fn describe(kind: Kind) -> String {
             .replacen(", ", " or ", usize::from(allowed.len() == 2)),
         Kind::Strings => "a string or a list of strings".into(),
         Kind::LogFilter => "a log filter such as \"info\" or \"info,clawmesh=debug\"".into(),
+        Kind::Checked { what, .. } => what.into(),
     }
 }
 

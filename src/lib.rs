@@ -19,7 +19,7 @@
 //!   serves (`system.run`, `system.which`, exec approvals).
 //! - [`sim`]: the WAN relay that gives loopback paths a continent's latency, loss and cuts.
 //! - Shared by all of them: [`node_protocol`] (what gateways and nodes both say),
-//!   [`config`] (`clawmesh.json`), [`config_schema`] (the typed keys), [`logging`], [`state_dir`].
+//!   [`config`] (`clawmesh.json`), [`config_schema`] (the typed keys), [`alerts_config`] (alert rules and webhooks), [`logging`], [`state_dir`].
 //!
 //! # The path of one request
 //!
@@ -43,6 +43,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod alerts_config;
 pub mod bridge;
 pub mod cli;
 pub mod config;
@@ -53,6 +54,7 @@ pub mod node;
 pub mod node_protocol;
 pub mod sim;
 pub mod state_dir;
+pub mod upstream;
 
 /// Software version, reported in status and hellos.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -12,59 +12,12 @@ mod classic;
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use classic::openclaw;
+use classic::{oc, oc_json, openclaw};
 use common::*;
 use serde_json::Value;
-
-/// Runs the real CLI with its own HOME, against `url` with `token`.
-fn oc(bin: &Path, home: &Path, url: &str, token: &str, args: &[&str]) -> Output {
-    std::fs::create_dir_all(home).unwrap();
-    let mut cmd = Command::new(bin);
-    cmd.args(args)
-        .args(["--url", url, "--token", token])
-        .env("HOME", home)
-        .env("OPENCLAW_STATE_DIR", home.join(".openclaw"))
-        .env_remove("OPENCLAW_GATEWAY_TOKEN")
-        .stdin(Stdio::null());
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_output(child, Duration::from_secs(90))
-}
-
-fn wait_output(mut child: std::process::Child, timeout: Duration) -> Output {
-    let start = std::time::Instant::now();
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            return child.wait_with_output().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn oc_json(bin: &Path, home: &Path, url: &str, token: &str, args: &[&str]) -> Value {
-    let out = oc(bin, home, url, token, args);
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "openclaw {args:?} failed ({:?}):\n{text}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The CLI may print a banner before the JSON document.
-    let start = text.find(['{', '[']).unwrap_or(0);
-    serde_json::from_str(&text[start..])
-        .unwrap_or_else(|e| panic!("openclaw {args:?}: {e}:\n{text}"))
-}
 
 /// A real `openclaw node run` process, killed on drop.
 struct ClassicNode {

@@ -42,28 +42,6 @@ fn invoke(
     )
 }
 
-fn approve(gw: &Path, name: &str) {
-    let mut req = None;
-    assert!(
-        wait_until(Duration::from_secs(20), || {
-            let v = cli_json(gw, &["devices", "list", "--json"]);
-            req = v["pending"]
-                .as_array()
-                .and_then(|p| p.iter().find(|p| p["name"] == name))
-                .and_then(|p| p["requestId"].as_str().map(str::to_string));
-            req.is_some()
-        }),
-        "{name} never asked to pair at {}",
-        gw.display()
-    );
-    let out = cli(gw, &["devices", "approve", req.as_deref().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 async fn classic_invoke(ws_url: &str, token: &str, node: &str) -> Value {
     let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
     let _challenge = ws.next().await.unwrap().unwrap();
@@ -182,9 +160,9 @@ fn delegation_across_three_gateways_over_the_wan_relay() {
     let n_tyo = node("n-tyo", &[&a0], "web");
     let n_bj = node("n-bj", &[&a1], "web");
     let n_fra = node("n-fra", &[&a2, &a1], "db");
-    approve(&dirs[0], "n-tyo");
-    approve(&dirs[1], "n-bj");
-    approve(&dirs[2], "n-fra");
+    approve_device(&dirs[0], "n-tyo");
+    approve_device(&dirs[1], "n-bj");
+    approve_device(&dirs[2], "n-fra");
     for (node, gw) in [
         ("n-tyo", "tokyo"),
         ("n-bj", "beijing"),

@@ -187,24 +187,6 @@ fn origins(recs: &[Value]) -> BTreeMap<String, Vec<u64>> {
     m
 }
 
-fn approve(gw: &Path, name: &str) {
-    let mut req = None;
-    assert!(
-        wait_until(Duration::from_secs(20), || {
-            let v = cli_json(gw, &["devices", "list", "--json"]);
-            req = v["pending"]
-                .as_array()
-                .and_then(|p| p.iter().find(|p| p["name"] == name))
-                .and_then(|p| p["requestId"].as_str().map(str::to_string));
-            req.is_some()
-        }),
-        "{name} never asked to pair"
-    );
-    assert!(cli(gw, &["devices", "approve", req.as_deref().unwrap()])
-        .status
-        .success());
-}
-
 #[test]
 fn three_regions_audit_and_follow() {
     let _s = serial();
@@ -258,7 +240,7 @@ fn three_regions_audit_and_follow() {
             "allowlist",
         ],
     );
-    approve(fed.dir(2), "n-fra");
+    approve_device(fed.dir(2), "n-fra");
     assert!(
         wait_until(Duration::from_secs(20), || {
             let out = cli(fed.dir(0), &["nodes", "status", "--all", "--json"]);

@@ -236,6 +236,10 @@ impl LocalDirectory {
     }
 }
 
+/// Health pings to wait for a snapshot asked for before asking again: a snapshot of 50 000
+/// nodes is a few MB, seconds on a slow WAN path; asking every other ping would send several.
+pub const REASK_PINGS: u32 = 10;
+
 /// What [`RemoteDirectory::apply_delta`] did with a delta.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -255,8 +259,11 @@ pub struct RemoteDirectory {
     at: Option<DirVersion>,
     /// Shared, so a listing takes the nodes without copying them.
     nodes: BTreeMap<DeviceId, Arc<NodeSummary>>,
-    /// A snapshot was asked for and has not arrived yet.
+    /// A snapshot was asked for (or a new link's is on its way) and has not arrived yet.
     asked: bool,
+    /// Pings seen since then: a big snapshot on a slow path takes a while, so it is asked
+    /// for again only after [`REASK_PINGS`].
+    pings_since_asked: u32,
     /// The version a ping announced while this directory was behind it: if the next ping
     /// finds it still behind that version, a change was lost (see [`Self::on_ping`]).
     lag_seen: Option<DirVersion>,
@@ -300,6 +307,7 @@ impl RemoteDirectory {
         }
         self.at = Some(snap.at);
         self.asked = false;
+        self.pings_since_asked = 0;
         self.lag_seen = None;
         true
     }
@@ -330,6 +338,12 @@ impl RemoteDirectory {
     /// was lost (or the snapshot of a new link, or a snapshot asked for), so ask. A new epoch
     /// is treated the same way: its snapshot is normally on its way with the new link.
     pub fn on_ping(&mut self, announced: DirVersion) -> bool {
+        if self.asked {
+            self.pings_since_asked += 1;
+            if self.pings_since_asked < REASK_PINGS {
+                return false;
+            }
+        }
         let held = self.at;
         let behind = |v: DirVersion| match held {
             Some(at) => at.epoch != v.epoch || at.version < v.version,
@@ -345,6 +359,7 @@ impl RemoteDirectory {
                 // change that was lost.
                 self.lag_seen = None;
                 self.asked = true;
+                self.pings_since_asked = 0;
                 true
             }
             _ => {
@@ -354,12 +369,20 @@ impl RemoteDirectory {
         }
     }
 
+    /// A new link came up: its snapshot is on its way (pings do not ask for one for a while).
+    pub fn expect_snapshot(&mut self) {
+        self.asked = true;
+        self.pings_since_asked = 0;
+        self.lag_seen = None;
+    }
+
     /// Forgets the gateway's directory (it was forgotten by the federation).
     pub fn clear(&mut self) {
         *self = RemoteDirectory::default();
     }
 
     fn ask(&mut self) -> bool {
+        self.pings_since_asked = 0;
         !std::mem::replace(&mut self.asked, true)
     }
 
@@ -589,7 +612,11 @@ mod tests {
         let _lost = local.update(vec![]).unwrap();
         assert!(!remote.on_ping(local.at()));
         assert!(remote.on_ping(local.at()));
-        // If the snapshot asked for is lost too, two more pings ask again.
+        // If the snapshot asked for is lost too, it is asked again after REASK_PINGS (a big
+        // one may just be slow).
+        for _ in 1..REASK_PINGS {
+            assert!(!remote.on_ping(local.at()));
+        }
         assert!(!remote.on_ping(local.at()));
         assert!(remote.on_ping(local.at()));
         assert!(remote.apply_snapshot(local.snapshot()));
@@ -599,6 +626,13 @@ mod tests {
         let mut fresh = RemoteDirectory::default();
         assert!(!fresh.on_ping(local.at()));
         assert!(fresh.on_ping(local.at()));
+        // A new link's snapshot is awaited, not asked for again at once.
+        let mut linked = RemoteDirectory::default();
+        linked.expect_snapshot();
+        for _ in 0..REASK_PINGS {
+            assert!(!linked.on_ping(local.at()));
+        }
+        assert!(linked.on_ping(local.at()));
     }
 
     #[test]

@@ -1649,6 +1649,7 @@ impl Mesh {
                 events: tx.clone(),
             });
             peer.health.link_up();
+            peer.nodes.expect_snapshot();
             peer.software = software;
             peer.last_error = None;
             let _ = peer.linked.send(true);

@@ -320,8 +320,11 @@ pub struct Registry {
     /// The last [`PairedBrief`] built, with the `paired_generation` it was built at (every
     /// change of `paired_devices`, by this registry, the replicated log or a merge, bumps it
     /// through a trigger).
-    brief: Arc<Mutex<Option<(i64, Arc<PairedBrief>)>>>,
+    brief: Arc<Mutex<Option<CachedBrief>>>,
 }
+
+/// A [`PairedBrief`] with the `paired_generation` it was built at.
+type CachedBrief = (i64, Arc<PairedBrief>);
 
 /// What a node listing needs of one paired device.
 #[derive(Debug, Clone)]
@@ -1245,8 +1248,8 @@ pub(crate) fn apply_records(
     let mut mine: HashMap<PublicKey, Option<PairingRecord>> = HashMap::new();
     let mut changed = Vec::new();
     for r in records.iter().take(MAX_SYNC_RECORDS) {
-        if !mine.contains_key(&r.key) {
-            mine.insert(r.key, read_record(c, &r.key)?);
+        if let std::collections::hash_map::Entry::Vacant(e) = mine.entry(r.key) {
+            e.insert(read_record(c, &r.key)?);
         }
         if let Some(Some(m)) = mine.get(&r.key) {
             let newer = r.changed_at_ms > m.changed_at_ms

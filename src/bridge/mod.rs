@@ -4,7 +4,8 @@
 //! at any path (the node host may add a context path): challenge, `connect` with device
 //! signatures and tokens, pairing, `hello-ok`, ticks, and requests. Operators' requests go to
 //! the same method table as native QUIC requests; classic node hosts become nodes in the same
-//! registry as native ones. `GET /healthz` (liveness) and `GET /readyz` (readiness) answer on the same port. Optional TLS (`wss://`).
+//! registry as native ones. `GET /healthz` (liveness) and `GET /readyz` (readiness) answer on the same port,
+//! and `GET /` is the status page (`GET /status.json` its feed, [`crate::gateway::page`]). Optional TLS (`wss://`).
 
 pub mod classic_node;
 pub mod connect;
@@ -213,8 +214,61 @@ async fn upgrade(
         })
 }
 
+/// `GET /`: a WebSocket upgrade is a classic client (served as at any path); anything else
+/// gets the status page ([`crate::gateway::page`]), with the feed embedded for a caller that
+/// may read it (loopback), else the page asks for the token.
+async fn status_page(
+    State(bridge): State<Arc<Bridge>>,
+    ConnectInfo(Peer(remote)): ConnectInfo<Peer>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if let Ok(ws) = ws {
+        return upgrade(State(bridge), ConnectInfo(Peer(remote)), Ok(ws)).await;
+    }
+    let initial = if bridge.operator_allowed(remote, &axum::http::HeaderMap::new()) {
+        Some(crate::gateway::page::feed(&bridge.methods, remote).await)
+    } else {
+        None
+    };
+    let name = initial
+        .as_ref()
+        .and_then(|v| v["self"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "gateway".into());
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+        ],
+        crate::gateway::page::html(&name, initial.as_ref()),
+    )
+        .into_response()
+}
+
+/// `GET /status.json`: the status page's feed; loopback, or the operator token as a Bearer
+/// header.
+async fn status_feed(
+    State(bridge): State<Arc<Bridge>>,
+    ConnectInfo(Peer(remote)): ConnectInfo<Peer>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if !bridge.operator_allowed(remote, &headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "the status feed needs the operator token (Authorization: Bearer TOKEN) from a non-loopback address"})),
+        )
+            .into_response();
+    }
+    (
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        Json(crate::gateway::page::feed(&bridge.methods, remote).await),
+    )
+        .into_response()
+}
+
 fn router(bridge: Arc<Bridge>) -> Router {
     Router::new()
+        .route("/", get(status_page))
+        .route("/status.json", get(status_feed))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -100,6 +100,23 @@ pub enum Command {
     Discover(crate::cli::discover::DiscoverArgs),
     /// Logs of every region from the primary's collector, and the audit trail of node.invoke.
     Logs(LogsArgs),
+    /// Alerts firing now and resolved recently (alerts.rules, evaluated by the primary);
+    /// exit 1 while any fires.
+    #[command(
+        after_help = "Examples:\n  clawmesh alerts\n  clawmesh alerts --json\n  clawmesh config set alerts.rules '[{\"kind\": \"cpu\", \"above\": 80, \"for\": \"5m\"}]'\n  clawmesh config set alerts.webhooks '[{\"url\": \"https://hooks.slack.com/services/T/B/X\", \"format\": \"slack\"}]'"
+    )]
+    Alerts(AlertsArgs),
+}
+
+/// Flags of `clawmesh alerts`.
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    /// Print JSON (the evaluator's book: firing, resolved, webhook counters).
+    #[arg(long)]
+    pub json: bool,
+    /// Where to ask.
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 /// Flags of `clawmesh logs`.
@@ -353,7 +370,7 @@ pub enum GatewayCmd {
     #[command(
         after_help = "Examples:\n  clawmesh gateway run --name tokyo --primary --bind lan\n  clawmesh gateway run --name frankfurt --join quic://tokyo.example.com:18789 --token \"$CLAWMESH_TOKEN\""
     )]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show this gateway, or with --all every gateway of the federation.
     #[command(
         after_help = "Examples:\n  clawmesh gateway status --all\n  clawmesh gateway status --all --check || page-someone"
@@ -440,6 +457,25 @@ pub struct RunArgs {
     /// --bind tailnet), selected by gateway.discovery.tailnetTags / tailnetHosts.
     #[arg(long)]
     pub tailnet: bool,
+    /// Lend the federation's nodes to this OpenClaw gateway (ws://HOST:PORT or wss://...):
+    /// one classic node host per node (config: gateway.upstream.url).
+    #[arg(long, value_name = "ws://HOST:PORT")]
+    pub upstream: Option<String>,
+    /// The OpenClaw gateway's token (config: gateway.upstream.token).
+    #[arg(long, env = "CLAWMESH_UPSTREAM_TOKEN", hide_env_values = true)]
+    pub upstream_token: Option<String>,
+    /// SHA-256 of the OpenClaw gateway's certificate, pinned for wss://
+    /// (config: gateway.upstream.tlsFingerprint).
+    #[arg(long, value_name = "SHA256")]
+    pub upstream_tls_fingerprint: Option<String>,
+    /// Lend only the nodes this selector matches (repeatable; `*`, a name, `key=value`,
+    /// `gateway/NAME`) [default: every node] (config: gateway.upstream.nodes).
+    #[arg(long, value_name = "SELECTOR")]
+    pub upstream_node: Vec<String>,
+    /// Approve, in OpenClaw, the pairing of the proxies this gateway creates (and nothing
+    /// else) (config: gateway.upstream.autoApprove).
+    #[arg(long)]
+    pub upstream_auto_approve: bool,
 }
 
 /// Where a CLI command sends its request.

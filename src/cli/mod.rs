@@ -3,6 +3,7 @@
 //! and it may use every other part of the crate ([`crate::gateway`], [`crate::node`],
 //! [`crate::sim`]); none of them uses it.
 
+pub mod alerts;
 pub mod approvals;
 pub mod args;
 pub mod client;
@@ -60,6 +61,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Completions { .. } | Command::Man => Ok(0),
         Command::Gateway(GatewayCmd::Run(a)) => {
+            let a = *a;
             logging::init(cli.log.as_deref(), logging::DEFAULT_LOG);
             let file = FileConfig::load(&state_dir)?;
             let flags = RunFlags {
@@ -87,6 +89,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
                 },
                 no_mdns: a.no_mdns,
                 tailnet: a.tailnet,
+                upstream: a.upstream,
+                upstream_token: a.upstream_token,
+                upstream_tls_fingerprint: a.upstream_tls_fingerprint,
+                upstream_nodes: a.upstream_node,
+                upstream_auto_approve: a.upstream_auto_approve,
             };
             let settings = GatewaySettings::resolve(state_dir, flags, &file)?;
             gateway::run(settings).await?;
@@ -254,6 +261,10 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Logs(a) => {
             logging::init(cli.log.as_deref(), "warn");
             crate::cli::logs::logs(a, &state_dir).await
+        }
+        Command::Alerts(a) => {
+            logging::init(cli.log.as_deref(), "warn");
+            crate::cli::alerts::alerts(a, &state_dir).await
         }
         Command::Demo(a) => {
             logging::init(cli.log.as_deref(), "warn");

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::gateway::methods::Methods;
 
 use super::settings::GatewaySettings;
+use crate::gateway::otlp_export::OtlpSettings;
 use crate::gateway::shared_config;
 use crate::gateway::tailnet_auth::{Lookup, TailnetPolicy};
 
@@ -89,6 +90,19 @@ pub(super) fn spawn_config_follower(replica: &Replica, methods: &Methods, s: &Ga
                     );
                 }
             }
+            if changed
+                .iter()
+                .any(|k| k.starts_with("logging.export.otlp."))
+            {
+                let (otlp, warnings) = OtlpSettings::from_lookup(|k| {
+                    shared_config::lookup(&entries, k).map(|e| e.value.clone())
+                });
+                for w in warnings {
+                    warn!("{w}");
+                }
+                info!(endpoint = ?otlp.url, batch = otlp.batch_size, "OTLP log export settings applied");
+                methods.set_otlp_export(otlp);
+            }
             if let Some(level) =
                 shared_config::lookup(&entries, "logging.level").and_then(|e| e.value.as_str())
             {
@@ -123,6 +137,9 @@ const FOLLOWED_KEYS: &[&str] = &[
     "gateway.auth.tailscale.operatorTags",
     "gateway.auth.tailscale.operatorScopes",
     "gateway.auth.tailscale.recheckInterval",
+    "logging.export.otlp.endpoint",
+    "logging.export.otlp.headers",
+    "logging.export.otlp.batchSize",
 ];
 
 /// The health settings the effective config asks for (`gateway.failover.healthCheckInterval`

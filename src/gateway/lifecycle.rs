@@ -170,6 +170,9 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     spawn_config_follower(&replica, &methods, &s);
     spawn_pairing_follower(&replica, &methods);
     spawn_tailnet_recheck(&methods);
+    let alert_book = Arc::new(super::alerts::book::AlertBook::default());
+    methods.set_alerts(alert_book.clone());
+    super::alerts::spawn(methods.clone(), mesh.clone(), alert_book);
     // The classic WebSocket bridge on the same port, TCP.
     let (bridge_stop, bridge_rx) = tokio::sync::watch::channel(None);
     let mut secrets: Vec<String> = s.token.iter().cloned().collect();
@@ -222,6 +225,19 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         bound,
     });
     disc.spawn_follower(mesh.clone(), !primary && s.join.is_none());
+    // Upstream mode: the federation's nodes lent to an OpenClaw gateway, as node hosts there.
+    let upstream = match &s.upstream {
+        Some(u) => Some(
+            crate::upstream::start(
+                methods.clone(),
+                u.clone(),
+                s.state_dir.clone(),
+                s.health.interval,
+            )
+            .map_err(|e| anyhow!("--upstream: {e}"))?,
+        ),
+        None => None,
+    };
     info!(
         name = %s.name,
         role = if primary { "primary" } else { "remote" },
@@ -248,6 +264,9 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
         Err(e) => format!("gateway {} stopping: {e}", s.name),
     };
     info!("{reason}");
+    if let Some(u) = upstream {
+        u.abort();
+    }
     let _ = bridge_stop.send(Some(reason.clone()));
     let _ = tokio::time::timeout(Duration::from_secs(2), bridge_task).await;
     // Bounded: raft stops at its next step; a wedged storage call must not hold the exit.

@@ -11,11 +11,13 @@ use clawmesh_federation::logs::layer::{start_writer, Handoff, HANDOFF_CAPACITY};
 use clawmesh_federation::logs::record::{Audit, Entry};
 use clawmesh_federation::logs::service::{self, LogService, MeshRouter};
 use clawmesh_federation::logs::ship::{ShipConfig, Shipper};
-use clawmesh_federation::logs::spool::Spool;
+use clawmesh_federation::logs::spool::{Lag, Spool};
 use clawmesh_federation::mesh::Mesh;
 use clawmesh_federation::wire::WireError;
+use tokio::sync::watch;
 use tracing::warn;
 
+use super::otlp_export::{self, OtlpSettings};
 use super::settings::RemoteLogs;
 
 /// Records a node may send in one `node.logs` request: a node flushes every second, so this
@@ -30,6 +32,7 @@ pub struct GatewayLogs {
     handoff: Handoff,
     mesh: Mesh,
     _shipper: Option<Arc<Shipper>>,
+    otlp: Arc<watch::Sender<OtlpSettings>>,
 }
 
 impl GatewayLogs {
@@ -58,13 +61,31 @@ impl GatewayLogs {
         } else {
             None
         };
+        let (otlp, otlp_rx) = watch::channel(OtlpSettings::default());
+        otlp_export::spawn(mesh.clone(), collector.clone(), otlp_rx);
         Ok(GatewayLogs {
             spool,
             collector,
             handoff,
             mesh: mesh.clone(),
             _shipper: shipper,
+            otlp: Arc::new(otlp),
         })
+    }
+
+    /// This gateway's shipping lag: records spooled and not yet acknowledged by the collector,
+    /// and the time of the oldest (status `logShipping`, the metric `log shipping lag`).
+    pub fn shipping_lag(&self) -> Result<Lag, clawmesh_federation::logs::LogError> {
+        self.spool.lag()
+    }
+
+    /// Applies `logging.export.otlp.*` (the export runs while this gateway is the primary).
+    pub fn set_otlp(&self, s: OtlpSettings) {
+        self.otlp.send_if_modified(|cur| {
+            let changed = *cur != s;
+            *cur = s;
+            changed
+        });
     }
 
     /// Writes an audit record straight to the spool (not through the lossy hand-off, and
@@ -91,6 +112,21 @@ impl GatewayLogs {
             self.spool.stats().ok(),
             self._shipper.as_ref().map(|s| s.stats().clone()),
         )
+    }
+
+    /// How far behind this gateway's log shipping is: the age of its oldest record no collector
+    /// has acknowledged (zero when everything is acknowledged); `None` when it does not ship
+    /// (`logging.remote.enabled: false`) or the spool cannot be read.
+    pub fn shipping_lag_age(&self) -> Option<std::time::Duration> {
+        self._shipper.as_ref()?;
+        let oldest = self.spool.oldest_unacked_ms().ok()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis() as u64;
+        Some(std::time::Duration::from_millis(
+            oldest.map_or(0, |t| now.saturating_sub(t)),
+        ))
     }
 
     /// Takes records a node sent (`node.logs`); `lost` counts what the node's own hand-off

@@ -77,6 +77,16 @@ pub struct RunFlags {
     pub no_mdns: bool,
     /// `--tailnet`: find peers in tailscaled's status.
     pub tailnet: bool,
+    /// `--upstream`: the OpenClaw gateway to lend the federation's nodes to.
+    pub upstream: Option<String>,
+    /// `--upstream-token` / `CLAWMESH_UPSTREAM_TOKEN`.
+    pub upstream_token: Option<String>,
+    /// `--upstream-tls-fingerprint`.
+    pub upstream_tls_fingerprint: Option<String>,
+    /// `--upstream-node` (repeatable selectors).
+    pub upstream_nodes: Vec<String>,
+    /// `--upstream-auto-approve`.
+    pub upstream_auto_approve: bool,
 }
 
 /// Everything a gateway runs with, after merging flags, file and defaults.
@@ -128,6 +138,9 @@ pub struct GatewaySettings {
     /// Started with a token and neither `--primary` nor `--join`: look for a gateway of the
     /// federation and join it; start the federation only if none shows (and the mode allows).
     pub find_federation: bool,
+    /// The OpenClaw gateway this gateway lends its federation's nodes to
+    /// (`gateway.upstream.*`), if any.
+    pub upstream: Option<crate::upstream::UpstreamSettings>,
 }
 
 /// `logging.remote.*`: whether this gateway spools and ships its logs, and how often.
@@ -308,6 +321,7 @@ impl GatewaySettings {
                 Some(t) => Some(t),
                 None => tls_from_file(file)?,
             },
+            upstream: upstream_settings(&flags, file)?,
         })
     }
 }
@@ -389,6 +403,41 @@ fn consensus_settings(file: &FileConfig) -> Result<ReplicaConfig> {
             .unwrap_or(d.keep_log),
         ..d
     })
+}
+
+/// `--upstream*` flags over `gateway.upstream.*`; None when no URL is given either way.
+fn upstream_settings(
+    flags: &RunFlags,
+    file: &FileConfig,
+) -> Result<Option<crate::upstream::UpstreamSettings>> {
+    let Some(url) = flags.upstream.clone().or(file.str("gateway.upstream.url")?) else {
+        return Ok(None);
+    };
+    crate::upstream::UpstreamSettings::check_url(&url).map_err(|e| anyhow!(e))?;
+    let nodes = if flags.upstream_nodes.is_empty() {
+        file.strings("gateway.upstream.nodes")?.unwrap_or_default()
+    } else {
+        flags.upstream_nodes.clone()
+    };
+    let s = crate::upstream::UpstreamSettings {
+        url,
+        token: flags
+            .upstream_token
+            .clone()
+            .or(file.str("gateway.upstream.token")?),
+        tls_fingerprint: flags
+            .upstream_tls_fingerprint
+            .clone()
+            .or(file.str("gateway.upstream.tlsFingerprint")?),
+        nodes,
+        auto_approve: flags.upstream_auto_approve
+            || file.bool("gateway.upstream.autoApprove")?.unwrap_or(false),
+    };
+    s.pin().map_err(|e| anyhow!(e))?;
+    if s.url.starts_with("wss://") && s.tls_fingerprint.is_none() {
+        bail!("a wss:// upstream needs gateway.upstream.tlsFingerprint (or --upstream-tls-fingerprint): the leaf certificate's SHA-256, as OpenClaw's --tls-fingerprint");
+    }
+    Ok(Some(s))
 }
 
 fn tls_from_file(file: &FileConfig) -> Result<Option<crate::bridge::tls::TlsSource>> {

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use clawmesh_federation::logs::spool::Lag;
 use clawmesh_federation::mesh::MeshStatus;
 use serde_json::{json, Value};
 
@@ -13,6 +14,16 @@ fn ms(d: Duration) -> f64 {
 
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The shipping lag of this gateway's logs (records spooled and not yet acknowledged by the
+/// collector, and the age of the oldest), as the self row's `logShipping` shows it:
+/// `{"unacked": 0, "oldestAgeMs": 0}` when everything is delivered.
+pub fn shipping_lag_json(lag: &Lag, now_ms: u64) -> Value {
+    json!({
+        "unacked": lag.unacked,
+        "oldestAgeMs": lag.oldest_age_ms(now_ms),
+    })
 }
 
 /// The JSON document of `gateway status --json`.

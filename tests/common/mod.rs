@@ -292,3 +292,29 @@ pub fn process_running(marker: &str) -> bool {
                     .contains(marker)
         })
 }
+
+/// Approves the pending pairing request of device `name` on the gateway in `gw` (waiting up to
+/// 20 s for the request to show).
+pub fn approve_device(gw: &Path, name: &str) {
+    let mut req = None;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let v = cli_json(gw, &["devices", "list", "--json"]);
+            req = v["pending"]
+                .as_array()
+                .and_then(|p| p.iter().find(|p| p["name"] == name))
+                .and_then(|p| p["requestId"].as_str().map(str::to_string));
+            req.is_some()
+        }),
+        "{name} never asked to pair at {}",
+        gw.display()
+    );
+    let out = cli(gw, &["devices", "approve", req.as_deref().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub mod trio;

@@ -65,12 +65,18 @@ pub enum PayloadError {
 
 /// Encodes a raft message for [`Request::params`](crate::wire::Request) or a reply.
 pub fn encode<T: Serialize>(value: &T, compress: bool) -> Result<String, PayloadError> {
+    encode_at(value, if compress { LEVEL } else { 0 })
+}
+
+/// [`encode`] at deflate `level` (0: never compress; 1 is the fastest, for bulk payloads such
+/// as log batches whose CPU matters more than a few bytes). [`decode`] reads any level.
+pub fn encode_at<T: Serialize>(value: &T, level: u8) -> Result<String, PayloadError> {
     use base64::Engine;
     let body = postcard::to_stdvec(value).map_err(|e| PayloadError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(body.len() + 1);
-    if compress && body.len() > COMPRESS_OVER {
+    if level > 0 && body.len() > COMPRESS_OVER {
         out.push(FLAG_DEFLATE);
-        out.extend_from_slice(&miniz_oxide::deflate::compress_to_vec_zlib(&body, LEVEL));
+        out.extend_from_slice(&miniz_oxide::deflate::compress_to_vec_zlib(&body, level));
     } else {
         out.push(FLAG_PLAIN);
         out.extend_from_slice(&body);

@@ -2,10 +2,14 @@
 //!
 //! One SQLite file (`logstore.db`) with `synchronous=FULL`: a batch is written in one
 //! transaction and acknowledged only after it commits, so an acknowledged record survives a
-//! SIGKILL or a power cut of the collector. `INSERT OR IGNORE` on the key (origin, seq) drops
-//! duplicates, which a shipper sends after any fault where it cannot know whether its last
-//! batch arrived. Every origin's highest stored sequence number is kept apart from the records
-//! (the *cursor*), so a record the store's own limit removed is never taken again.
+//! SIGKILL or a power cut of the collector. Every origin's highest stored sequence number is
+//! kept apart from the records (the *cursor*, also in memory), and a record at or below it is a
+//! duplicate: a shipper sends those after any fault where it cannot know whether its last
+//! batch arrived, and a record the store's own limit removed is never taken again. That test
+//! is exact because batches are stored in the order their shipper sent them (each names the
+//! sequence number the store must hold first, [`Batch::prev`]) and each origin's records are in
+//! sequence order within a batch; so the store needs no unique index on (origin, seq), the
+//! most expensive part of an insert (stores created before keep theirs, harmlessly).
 //!
 //! Each store has a random id, created with the file: a shipper that sees it change (the
 //! primary moved, or a collector's disk was replaced) asks for the cursor again and backfills.
@@ -19,7 +23,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::record::{Audit, Level, Record};
+use super::record::{Audit, Frames, Level, Record, RecordRef};
 use super::spool::OriginDrops;
 use super::LogError;
 
@@ -53,10 +57,37 @@ pub struct Batch {
     pub gateway: String,
     /// The store id the shipper believes it is talking to (0: any).
     pub store_id: u64,
-    /// Records, each origin's in sequence order.
-    pub records: Vec<Record>,
+    /// Records as the spool stores them (postcard [`Record`]s), each origin's in sequence
+    /// order: the shipper sends the stored bytes as they are.
+    pub records: Frames,
+    /// For each origin in the batch, the sequence number the collector must already hold
+    /// before it may store this batch (the last one of the shipper's previous batch, or the
+    /// cursor it started from). A shipper keeps several batches in flight; this keeps their
+    /// commits in order, so the cursor never moves past a batch that was lost.
+    pub prev: Vec<(String, u64)>,
     /// The shipper's cumulative drop counters, per origin.
     pub drops: Vec<OriginDrops>,
+}
+
+impl Batch {
+    /// A batch of `records` (encoded here; shippers send the spool's stored encodings).
+    pub fn from_records(
+        gateway: &str,
+        store_id: u64,
+        records: &[Record],
+    ) -> Result<Batch, LogError> {
+        let mut frames = Frames::default();
+        for r in records {
+            frames.push(&postcard::to_stdvec(r).map_err(|e| LogError::Encode(e.to_string()))?);
+        }
+        Ok(Batch {
+            gateway: gateway.to_string(),
+            store_id,
+            records: frames,
+            prev: Vec::new(),
+            drops: Vec::new(),
+        })
+    }
 }
 
 /// The collector's reply to a batch, sent after the batch is durable.
@@ -140,6 +171,8 @@ pub struct QueryReply {
 struct Inner {
     conn: Connection,
     bytes: u64,
+    /// Each origin's highest stored sequence number (the `origins` table, in memory).
+    high: HashMap<String, u64>,
 }
 
 /// Handle to the collector's store; cheap to clone.
@@ -150,6 +183,8 @@ pub struct Collector {
     limits: StoreLimits,
     path: PathBuf,
     last_id: Arc<watch::Sender<i64>>,
+    /// Counts commits: a batch waiting for its predecessor wakes on it.
+    commits: Arc<watch::Sender<u64>>,
 }
 
 impl std::fmt::Debug for Collector {
@@ -173,8 +208,7 @@ CREATE TABLE IF NOT EXISTS records (
     node TEXT,
     target TEXT NOT NULL,
     message TEXT NOT NULL,
-    audit TEXT,
-    UNIQUE(origin, seq)
+    audit TEXT
 );
 CREATE INDEX IF NOT EXISTS records_ts ON records(ts_ms);
 CREATE TABLE IF NOT EXISTS origins (
@@ -187,7 +221,7 @@ CREATE TABLE IF NOT EXISTS origins (
 ";
 
 /// Bytes a record counts against the store's size limit (text plus a row's overhead).
-fn row_bytes(r: &Record) -> u64 {
+fn row_bytes(r: &RecordRef) -> u64 {
     // 48: the fixed columns and SQLite's row header, roughly.
     (r.message.len() + r.target.len() + r.origin.len() + 48) as u64
 }
@@ -226,15 +260,30 @@ impl Collector {
         let last: i64 = conn
             .query_row("SELECT COALESCE(MAX(id), 0) FROM records", [], |r| r.get(0))
             .map_err(sql)?;
+        let high = {
+            let mut stmt = conn
+                .prepare("SELECT origin, high_seq FROM origins")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+                })
+                .map_err(sql)?
+                .collect::<Result<HashMap<_, _>, _>>()
+                .map_err(sql)?;
+            rows
+        };
         Ok(Collector {
             inner: Arc::new(Mutex::new(Inner {
                 conn,
                 bytes: bytes.max(0) as u64,
+                high,
             })),
             store_id,
             limits,
             path,
             last_id: Arc::new(watch::channel(last).0),
+            commits: Arc::new(watch::channel(0).0),
         })
     }
 
@@ -279,8 +328,27 @@ impl Collector {
                 actual: self.store_id,
             });
         }
+        // Decode outside the lock: only the inserts need it.
+        let records = batch
+            .records
+            .iter()
+            .map(|b| {
+                b.and_then(|b| postcard::from_bytes::<RecordRef>(b).map_err(|e| e.to_string()))
+                    .map_err(LogError::Encode)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut g = self.lock();
         let inner = &mut *g;
+        for (origin, prev) in &batch.prev {
+            let held = inner.high.get(origin).copied().unwrap_or(0);
+            if held < *prev {
+                return Err(LogError::OutOfOrder {
+                    origin: origin.clone(),
+                    held,
+                    prev: *prev,
+                });
+            }
+        }
         let sql = |e| LogError::sql(&self.path, e);
         let tx = inner.conn.transaction().map_err(sql)?;
         let mut stored = 0u64;
@@ -293,7 +361,15 @@ impl Collector {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(sql)?;
-            for r in &batch.records {
+            for r in &records {
+                let held = high
+                    .get(r.origin)
+                    .copied()
+                    .or_else(|| inner.high.get(r.origin).copied())
+                    .unwrap_or(0);
+                if r.seq <= held {
+                    continue;
+                }
                 let audit = match &r.audit {
                     Some(a) => Some(
                         serde_json::to_string(a).map_err(|e| LogError::Encode(e.to_string()))?,
@@ -317,8 +393,7 @@ impl Collector {
                     stored += 1;
                     added += row_bytes(r);
                 }
-                let h = high.entry(r.origin.as_str()).or_default();
-                *h = (*h).max(r.seq);
+                high.insert(r.origin, r.seq);
             }
             let mut up = tx
                 .prepare_cached(
@@ -347,6 +422,10 @@ impl Collector {
             }
         }
         tx.commit().map_err(sql)?;
+        for (o, h) in high {
+            let e = inner.high.entry(o.to_string()).or_default();
+            *e = (*e).max(h);
+        }
         inner.bytes += added;
         if inner.bytes > self.limits.max_bytes {
             self.enforce_size(inner)?;
@@ -356,11 +435,69 @@ impl Collector {
         if stored > 0 {
             self.last_id.send_modify(|v| *v = (*v).max(last));
         }
+        self.commits.send_modify(|c| *c += 1);
         Ok(Ack {
             store_id: self.store_id,
             stored,
             duplicates: batch.records.len() as u64 - stored,
         })
+    }
+
+    /// The store position up to which the export `name` (e.g. `otlp`) has delivered: kept in
+    /// the store itself, so an export resumes where it was after a restart, and a new primary
+    /// exports from its own store's cursor.
+    pub fn export_cursor(&self, name: &str) -> Result<i64, LogError> {
+        let g = self.lock();
+        g.conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [format!("export.{name}")],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map(|v| v.and_then(|v| v.parse().ok()).unwrap_or(0))
+            .map_err(|e| LogError::sql(&self.path, e))
+    }
+
+    /// Records that the export `name` delivered everything up to store position `id`
+    /// (durably: written with the store's `synchronous=FULL`).
+    pub fn set_export_cursor(&self, name: &str, id: i64) -> Result<(), LogError> {
+        let g = self.lock();
+        g.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)",
+                params![format!("export.{name}"), id.to_string()],
+            )
+            .map(|_| ())
+            .map_err(|e| LogError::sql(&self.path, e))
+    }
+
+    /// [`Collector::ingest`] off the async threads, waiting up to `wait` for the batches
+    /// before it (its [`Batch::prev`]) to be stored: a shipper's pipelined batches may arrive
+    /// on parallel streams in any order, and are stored in theirs.
+    pub async fn ingest_in_order(&self, batch: Batch, wait: Duration) -> Result<Ack, LogError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut commits = self.commits.subscribe();
+        let mut batch = batch;
+        loop {
+            commits.borrow_and_update();
+            let c = self.clone();
+            let (b, res) = tokio::task::spawn_blocking(move || {
+                let r = c.ingest(&batch);
+                (batch, r)
+            })
+            .await
+            .map_err(|e| LogError::Encode(format!("ingest task: {e}")))?;
+            batch = b;
+            match res {
+                Err(LogError::OutOfOrder { .. }) if tokio::time::Instant::now() < deadline => {
+                    // Woken by the next commit; a predecessor that never comes ends at the
+                    // deadline and the shipper resumes from the cursor.
+                    let _ = tokio::time::timeout_at(deadline, commits.changed()).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Removes the oldest records down to 90% of the size limit, counted per origin.
@@ -637,12 +774,7 @@ mod tests {
     }
 
     fn batch(records: Vec<Record>) -> Batch {
-        Batch {
-            gateway: "g".into(),
-            store_id: 0,
-            records,
-            drops: vec![],
-        }
+        Batch::from_records("g", 0, &records).unwrap()
     }
 
     #[test]
@@ -808,9 +940,45 @@ mod tests {
         assert_eq!(c.cursor().unwrap().held, vec![("beijing".into(), 40)]);
         // An older counter never lowers a newer one.
         b.drops[0].spool_dropped = 5;
-        b.records.clear();
+        b.records = Frames::default();
         c.ingest(&b).unwrap();
         assert_eq!(c.drops().unwrap()[0].spool_dropped, 1204);
+    }
+
+    #[tokio::test]
+    async fn a_pipelined_batch_waits_for_its_predecessor_and_a_lost_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Collector::open(dir.path(), StoreLimits::default()).unwrap();
+        let first = batch((1..=3).map(|s| rec("tokyo", s, Level::Info, "a")).collect());
+        let mut second = batch((4..=6).map(|s| rec("tokyo", s, Level::Info, "b")).collect());
+        second.prev = vec![("tokyo".into(), 3)];
+        // The second arrives first: it is held, not stored ahead (the cursor must not pass
+        // records that may never come).
+        assert!(matches!(
+            c.ingest(&second),
+            Err(LogError::OutOfOrder {
+                held: 0,
+                prev: 3,
+                ..
+            })
+        ));
+        let c2 = c.clone();
+        let waiting =
+            tokio::spawn(async move { c2.ingest_in_order(second, Duration::from_secs(5)).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(c.cursor().unwrap().held, vec![]);
+        c.ingest_in_order(first, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(waiting.await.unwrap().unwrap().stored, 3);
+        assert_eq!(c.cursor().unwrap().held, vec![("tokyo".into(), 6)]);
+        // A batch whose predecessor never comes is refused at the deadline.
+        let mut orphan = batch(vec![rec("tokyo", 9, Level::Info, "c")]);
+        orphan.prev = vec![("tokyo".into(), 8)];
+        assert!(matches!(
+            c.ingest_in_order(orphan, Duration::from_millis(100)).await,
+            Err(LogError::OutOfOrder { held: 6, .. })
+        ));
     }
 
     #[tokio::test]

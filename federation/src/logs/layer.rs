@@ -288,10 +288,11 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         let p = spool.pending(0, &HashMap::new(), 100_000, 1 << 30).unwrap();
-        assert_eq!(p.records[0].message, "hello peer=x");
+        let p_records = p.records().unwrap();
+        assert_eq!(p_records[0].message, "hello peer=x");
         let d = spool.drops();
         let own = d.iter().find(|d| d.origin == "tokyo").unwrap();
-        assert_eq!(p.records.len() as u64 + own.overflow_dropped, want, "{d:?}");
+        assert_eq!(p_records.len() as u64 + own.overflow_dropped, want, "{d:?}");
         assert!(own.overflow_dropped > 0);
         assert_eq!(
             d.iter()

@@ -153,6 +153,122 @@ pub struct Record {
     pub audit: Option<Audit>,
 }
 
+/// Encoded records back to back, each behind its length (4 bytes, little endian): how the
+/// spool hands a batch to the shipper and how a batch crosses the mesh, so the stored
+/// encodings travel as one byte string (one allocation per batch, not one per record) and
+/// the collector decodes each record in place.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frames {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+impl Frames {
+    /// Appends one record's encoding.
+    pub fn push(&mut self, body: &[u8]) {
+        self.bytes
+            .extend_from_slice(&(body.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(body);
+        self.count += 1;
+    }
+
+    /// How many records.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The encodings in order; a truncated frame ends the walk with an error.
+    pub fn iter(&self) -> impl Iterator<Item = Result<&[u8], String>> + '_ {
+        let mut rest = &self.bytes[..];
+        std::iter::from_fn(move || {
+            if rest.is_empty() {
+                return None;
+            }
+            let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+                rest = &[];
+                return Some(Err("truncated frame length".to_string()));
+            };
+            let len = u32::from_le_bytes(*len) as usize;
+            if tail.len() < len {
+                rest = &[];
+                return Some(Err(format!("frame of {len} bytes, {} left", tail.len())));
+            }
+            let (body, tail) = tail.split_at(len);
+            rest = tail;
+            Some(Ok(body))
+        })
+    }
+
+    /// Every record, decoded.
+    pub fn records(&self) -> Result<Vec<Record>, String> {
+        self.iter()
+            .map(|b| b.and_then(|b| postcard::from_bytes(b).map_err(|e| e.to_string())))
+            .collect()
+    }
+}
+
+impl Serialize for Frames {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.bytes)
+    }
+}
+
+impl<'de> Deserialize<'de> for Frames {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Frames, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("record frames")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        let bytes = d.deserialize_byte_buf(V)?;
+        let mut f = Frames { bytes, count: 0 };
+        let mut count = 0;
+        for r in f.iter() {
+            r.map_err(serde::de::Error::custom)?;
+            count += 1;
+        }
+        f.count = count;
+        Ok(f)
+    }
+}
+
+/// A stored record read in place (the collector's insert path): the same encoding as
+/// [`Record`], its text borrowed from the batch instead of copied.
+#[derive(Debug, Deserialize)]
+pub struct RecordRef<'a> {
+    /// See [`Record::origin`].
+    pub origin: &'a str,
+    /// See [`Record::seq`].
+    pub seq: u64,
+    /// See [`Record::ts_ms`].
+    pub ts_ms: u64,
+    /// See [`Record::level`].
+    pub level: Level,
+    /// See [`Record::gateway`].
+    pub gateway: &'a str,
+    /// See [`Record::node`].
+    pub node: Option<&'a str>,
+    /// See [`Record::target`].
+    pub target: &'a str,
+    /// See [`Record::message`].
+    pub message: &'a str,
+    /// See [`Record::audit`].
+    pub audit: Option<Audit>,
+}
+
 /// A record before the spool numbers it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {

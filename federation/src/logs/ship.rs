@@ -13,7 +13,7 @@
 //!   again: the collector's highest stored sequence numbers are the resume point, and
 //!   whatever is sent twice is dropped there by (origin, seq).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +47,11 @@ pub enum ShipError {
     },
 }
 
+/// How long a collector holds a pipelined batch whose predecessor has not been stored yet:
+/// the predecessor left at most a few batch times earlier on the same link, so 10 s means it
+/// is lost, and the shipper resumes from the cursor.
+pub const ORDER_WAIT: Duration = Duration::from_secs(10);
+
 /// Where batches go: the local store or a remote gateway.
 pub trait Destination: Send + Sync + 'static {
     /// What the collector holds.
@@ -79,9 +84,8 @@ impl Destination for LocalDestination {
     fn push(&self, batch: Batch) -> BoxFuture<Result<Ack, ShipError>> {
         let c = self.0.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || c.ingest(&batch))
+            c.ingest_in_order(batch, ORDER_WAIT)
                 .await
-                .map_err(|e| refused_local(e.to_string()))?
                 .map_err(|e| refused_local(e.to_string()))
         })
     }
@@ -283,42 +287,104 @@ async fn run(
     }
 }
 
-/// Sends batches until the spool has nothing beyond the session's position.
+/// Batches in flight at once. One batch at a time waits a round trip plus both ends' work
+/// per batch; four overlap the collector's commit of one with the transfer of the next and
+/// the remote's read of a third (the benchmark in docs/BENCHMARKS.md), yet hold at most
+/// 4 x 2 MiB of encoded records in memory.
+pub const WINDOW: usize = 4;
+
+/// One batch on its way: where it ends in the spool, what it carries, its push.
+struct InFlight {
+    upto: i64,
+    n: u64,
+    task: tokio::task::JoinHandle<Result<Option<Ack>, ShipError>>,
+}
+
+/// Sends batches until the spool has nothing beyond the session's position: up to
+/// [`WINDOW`] batches in flight, acknowledged in spool order (each batch names what the
+/// collector must hold before it, so the collector stores them in that order too).
 async fn ship_all(
     spool: &Spool,
     sess: &mut Session,
     cfg: &ShipConfig,
     stats: &ShipStats,
 ) -> Result<(), ShipError> {
+    let mut flight: VecDeque<InFlight> = VecDeque::new();
+    let res = fill_and_drain(spool, sess, cfg, stats, &mut flight).await;
+    // A failure leaves the rest unacknowledged: stop their pushes (the collector dedupes
+    // whatever of them it stores anyway).
+    for f in flight {
+        f.task.abort();
+    }
+    res
+}
+
+async fn fill_and_drain(
+    spool: &Spool,
+    sess: &mut Session,
+    cfg: &ShipConfig,
+    stats: &ShipStats,
+    flight: &mut VecDeque<InFlight>,
+) -> Result<(), ShipError> {
+    // Where the next read starts: past everything in flight.
+    let mut read_upto = sess.upto;
+    // The last sequence number sent per origin: the `prev` of the next batch.
+    let mut sent = sess.held.clone();
+    let mut exhausted = false;
     loop {
-        let s = spool.clone();
-        let held = std::mem::take(&mut sess.held);
-        let (after, max_r, max_b) = (sess.upto, cfg.max_records, cfg.max_bytes);
-        let (pending, held) = tokio::task::spawn_blocking(move || {
-            let p = s.pending(after, &held, max_r, max_b);
-            (p, held)
-        })
-        .await
-        .map_err(|e| local_err(sess, e.to_string()))?;
-        sess.held = held;
-        let pending = pending.map_err(|e| local_err(sess, e.to_string()))?;
-        if pending.records.is_empty() && pending.upto == sess.upto {
-            return Ok(());
-        }
-        let mut batch_high: HashMap<String, u64> = HashMap::new();
-        for r in &pending.records {
-            let h = batch_high.entry(r.origin.clone()).or_default();
-            *h = (*h).max(r.seq);
-        }
-        let n = pending.records.len() as u64;
-        let ack = if n > 0 {
-            let batch = Batch {
-                gateway: cfg.gateway.clone(),
-                store_id: sess.store_id,
-                records: pending.records,
-                drops: spool.drops(),
+        while !exhausted && flight.len() < WINDOW {
+            let s = spool.clone();
+            let held = std::mem::take(&mut sess.held);
+            let (max_r, max_b) = (cfg.max_records, cfg.max_bytes);
+            let (pending, held) = tokio::task::spawn_blocking(move || {
+                let p = s.pending(read_upto, &held, max_r, max_b);
+                (p, held)
+            })
+            .await
+            .map_err(|e| local_err(sess, e.to_string()))?;
+            sess.held = held;
+            let pending = pending.map_err(|e| local_err(sess, e.to_string()))?;
+            exhausted = !pending.more;
+            if pending.bodies.is_empty() && pending.upto == read_upto {
+                break;
+            }
+            read_upto = pending.upto;
+            let n = pending.bodies.len() as u64;
+            let task = if n == 0 {
+                // Everything read was held already: acknowledge the position in turn.
+                tokio::spawn(async { Ok(None) })
+            } else {
+                let mut prev = Vec::with_capacity(pending.origins.len());
+                for (o, (_, last)) in &pending.origins {
+                    prev.push((o.clone(), sent.get(o).copied().unwrap_or(0)));
+                    sent.insert(o.clone(), *last);
+                }
+                let batch = Batch {
+                    gateway: cfg.gateway.clone(),
+                    store_id: sess.store_id,
+                    records: pending.bodies,
+                    prev,
+                    drops: spool.drops(),
+                };
+                let dest = sess.dest.clone();
+                tokio::spawn(async move { dest.push(batch).await.map(Some) })
             };
-            let ack = sess.dest.push(batch).await?;
+            flight.push_back(InFlight {
+                upto: pending.upto,
+                n,
+                task,
+            });
+        }
+        let Some(front) = flight.pop_front() else {
+            // Everything sent is acknowledged: the next round's batches follow it.
+            sess.held = sent;
+            return Ok(());
+        };
+        let ack = front
+            .task
+            .await
+            .map_err(|e| local_err(sess, e.to_string()))??;
+        if let Some(ack) = &ack {
             if ack.store_id != sess.store_id {
                 // A different store answered (its disk was replaced, or the name now
                 // belongs to a new process): start over from its cursor.
@@ -327,30 +393,20 @@ async fn ship_all(
                     reason: "store changed".into(),
                 });
             }
-            Some(ack)
-        } else {
-            None
-        };
+        }
         let s = spool.clone();
-        let upto = pending.upto;
+        let upto = front.upto;
         tokio::task::spawn_blocking(move || s.ack(upto, now_ms()))
             .await
             .map_err(|e| local_err(sess, e.to_string()))?
             .map_err(|e| local_err(sess, e.to_string()))?;
         sess.upto = upto;
-        for (o, h) in batch_high {
-            let e = sess.held.entry(o).or_default();
-            *e = (*e).max(h);
-        }
         if let Some(ack) = ack {
-            stats.acked.fetch_add(n, Ordering::Relaxed);
+            stats.acked.fetch_add(front.n, Ordering::Relaxed);
             stats.batches.fetch_add(1, Ordering::Relaxed);
             stats
                 .duplicates
                 .fetch_add(ack.duplicates, Ordering::Relaxed);
-        }
-        if !pending.more {
-            return Ok(());
         }
     }
 }
@@ -394,9 +450,11 @@ mod tests {
                 if me.down.load(Ordering::SeqCst) {
                     return Err(unreach());
                 }
-                let ack = me.c.ingest(&batch).map_err(|e| ShipError::Refused {
-                    collector: "x".into(),
-                    reason: e.to_string(),
+                let ack = me.c.ingest_in_order(batch, ORDER_WAIT).await.map_err(|e| {
+                    ShipError::Refused {
+                        collector: "x".into(),
+                        reason: e.to_string(),
+                    }
                 })?;
                 if me.lose_ack.swap(false, Ordering::SeqCst) {
                     return Err(unreach());

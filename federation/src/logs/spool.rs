@@ -24,7 +24,7 @@ use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::record::{Entry, Record};
+use super::record::{Entry, Frames, Record};
 use super::LogError;
 
 /// File name of the spool inside a state dir.
@@ -70,8 +70,11 @@ pub struct OriginDrops {
 /// A batch read from the spool for shipping.
 #[derive(Debug, Clone, Default)]
 pub struct Pending {
-    /// Records in spool order, each origin's in sequence order.
-    pub records: Vec<Record>,
+    /// The records' stored encodings (postcard [`Record`]s) in spool order, each origin's in
+    /// sequence order: shipped as they are, never decoded and encoded again on the way.
+    pub bodies: Frames,
+    /// Each origin in the batch with the first and last sequence number it has there.
+    pub origins: HashMap<String, (u64, u64)>,
     /// The spool position up to which everything is either in `records` or already held by
     /// the collector; acknowledging the batch acknowledges up to here.
     pub upto: i64,
@@ -79,6 +82,31 @@ pub struct Pending {
     pub more: bool,
     /// Record body bytes in the batch.
     pub bytes: usize,
+}
+
+impl Pending {
+    /// The records, decoded (tests and tools; shipping sends [`Pending::bodies`] as is).
+    pub fn records(&self) -> Result<Vec<Record>, LogError> {
+        self.bodies.records().map_err(LogError::Encode)
+    }
+}
+
+/// Records not yet acknowledged by a collector: the shipping lag of one gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lag {
+    /// Records spooled and not yet acknowledged.
+    pub unacked: u64,
+    /// Source time of the oldest of them (ms since the epoch), if any.
+    pub oldest_ts_ms: Option<u64>,
+}
+
+impl Lag {
+    /// Age of the oldest unacknowledged record at `now_ms` (0 when there is none).
+    pub fn oldest_age_ms(&self, now_ms: u64) -> u64 {
+        self.oldest_ts_ms
+            .map(|t| now_ms.saturating_sub(t))
+            .unwrap_or(0)
+    }
 }
 
 /// Counters of the spool, for status lines and benchmarks.
@@ -103,6 +131,9 @@ struct Inner {
     conn: Connection,
     origins: HashMap<String, OriginState>,
     bytes: u64,
+    /// Every record at or below this spool position is acknowledged (acks are always a
+    /// prefix of the spool, so one number says it, instead of a flag on every row).
+    acked_upto: i64,
 }
 
 /// Wakes the shipper when a full batch is waiting.
@@ -137,7 +168,11 @@ CREATE TABLE IF NOT EXISTS records (
     acked_ms INTEGER NOT NULL DEFAULT 0,
     body BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_acked ON records(acked_ms, id);
+DROP INDEX IF EXISTS records_acked;
+CREATE TABLE IF NOT EXISTS acks (
+    upto INTEGER PRIMARY KEY,
+    acked_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS origins (
     origin TEXT PRIMARY KEY,
     next_seq INTEGER NOT NULL,
@@ -201,11 +236,35 @@ impl Spool {
                 |r| r.get(0),
             )
             .map_err(sql)?;
+        // Acknowledgements: one row per ack (position, time). A spool written before the acks
+        // table existed kept a time on each acknowledged row (`acked_ms`): carry it over once.
+        let mut acked_upto: i64 = conn
+            .query_row("SELECT COALESCE(MAX(upto), 0) FROM acks", [], |r| r.get(0))
+            .map_err(sql)?;
+        if acked_upto == 0 {
+            let (old_upto, old_ms): (i64, i64) = conn
+                .query_row(
+                    "SELECT COALESCE(MAX(id), 0), COALESCE(MAX(acked_ms), 0) FROM records
+                     WHERE acked_ms > 0",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(sql)?;
+            if old_upto > 0 {
+                conn.execute(
+                    "INSERT OR REPLACE INTO acks(upto, acked_ms) VALUES (?1, ?2)",
+                    params![old_upto, old_ms],
+                )
+                .map_err(sql)?;
+                acked_upto = old_upto;
+            }
+        }
         Ok(Spool {
             inner: Arc::new(Mutex::new(Inner {
                 conn,
                 origins,
                 bytes: bytes.max(0) as u64,
+                acked_upto,
             })),
             kick: Arc::new(Kick {
                 threshold: AtomicU64::new(u64::MAX),
@@ -328,13 +387,19 @@ impl Spool {
             }
             let need = inner.bytes - target;
             let (last_id, freed, per_origin) = {
-                let q = if acked_pass {
-                    "SELECT id, origin, length(body) FROM records WHERE acked_ms > 0 ORDER BY id"
+                // Acknowledged records are the prefix up to `acked_upto`.
+                let bound = if acked_pass {
+                    inner.acked_upto
                 } else {
-                    "SELECT id, origin, length(body) FROM records ORDER BY id"
+                    i64::MAX
                 };
-                let mut stmt = inner.conn.prepare(q).map_err(sql)?;
-                let mut rows = stmt.query([]).map_err(sql)?;
+                let mut stmt = inner
+                    .conn
+                    .prepare(
+                        "SELECT id, origin, length(body) FROM records WHERE id <= ?1 ORDER BY id",
+                    )
+                    .map_err(sql)?;
+                let mut rows = stmt.query([bound]).map_err(sql)?;
                 let mut freed = 0u64;
                 let mut last = None;
                 let mut per_origin: HashMap<String, u64> = HashMap::new();
@@ -353,15 +418,9 @@ impl Spool {
             };
             let Some(last_id) = last_id else { continue };
             let tx = inner.conn.transaction().map_err(sql)?;
-            if acked_pass {
-                tx.execute(
-                    "DELETE FROM records WHERE acked_ms > 0 AND id <= ?1",
-                    [last_id],
-                )
+            tx.execute("DELETE FROM records WHERE id <= ?1", [last_id])
                 .map_err(sql)?;
-            } else {
-                tx.execute("DELETE FROM records WHERE id <= ?1", [last_id])
-                    .map_err(sql)?;
+            if !acked_pass {
                 for (origin, n) in &per_origin {
                     let st = inner.origins.entry(origin.clone()).or_default();
                     st.spool_dropped += n;
@@ -390,31 +449,43 @@ impl Spool {
             let mut stmt = tx
                 .prepare(
                     "SELECT origin, COUNT(*), SUM(length(body)) FROM records
-                     WHERE acked_ms = 0 AND ts_ms < ?1 GROUP BY origin",
+                     WHERE id > ?2 AND ts_ms < ?1 GROUP BY origin",
                 )
                 .map_err(sql)?;
             let rows = stmt
-                .query_map([old_before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .query_map(params![old_before, inner.acked_upto], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
                 .map_err(sql)?;
             for r in rows {
                 per_origin.push(r.map_err(sql)?);
             }
         }
-        let acked_bytes: i64 = tx
+        // The newest acknowledgement older than the retention window: everything up to its
+        // position has been delivered long enough.
+        let expired: i64 = tx
             .query_row(
-                "SELECT COALESCE(SUM(length(body)), 0) FROM records WHERE acked_ms > 0 AND acked_ms < ?1",
+                "SELECT COALESCE(MAX(upto), 0) FROM acks WHERE acked_ms < ?1",
                 [acked_before],
                 |r| r.get(0),
             )
             .map_err(sql)?;
+        let acked_bytes: i64 = tx
+            .query_row(
+                "SELECT COALESCE(SUM(length(body)), 0) FROM records WHERE id <= ?1",
+                [expired],
+                |r| r.get(0),
+            )
+            .map_err(sql)?;
+        tx.execute("DELETE FROM records WHERE id <= ?1", [expired])
+            .map_err(sql)?;
+        // Older ack rows say nothing the expired one does not; the newest row stays (it is
+        // `acked_upto` after a restart).
+        tx.execute("DELETE FROM acks WHERE upto < ?1", [expired])
+            .map_err(sql)?;
         tx.execute(
-            "DELETE FROM records WHERE acked_ms > 0 AND acked_ms < ?1",
-            [acked_before],
-        )
-        .map_err(sql)?;
-        tx.execute(
-            "DELETE FROM records WHERE acked_ms = 0 AND ts_ms < ?1",
-            [old_before],
+            "DELETE FROM records WHERE id > ?2 AND ts_ms < ?1",
+            params![old_before, inner.acked_upto],
         )
         .map_err(sql)?;
         let mut dropped = 0u64;
@@ -469,20 +540,27 @@ impl Spool {
                     out.upto = id;
                     continue;
                 }
-                let body: Vec<u8> = r.get(3).map_err(sql)?;
-                if out.records.len() >= max_records
-                    || (!out.records.is_empty() && out.bytes + body.len() > max_bytes)
+                let body: &[u8] =
+                    r.get_ref(3)
+                        .and_then(|v| Ok(v.as_blob()?))
+                        .map_err(|e| LogError::BadRow {
+                            path: self.path.clone(),
+                            table: "records",
+                            reason: format!("row {id}: {e}"),
+                        })?;
+                if out.bodies.len() >= max_records
+                    || (!out.bodies.is_empty() && out.bytes + body.len() > max_bytes)
                 {
                     out.more = true;
                     return Ok(out);
                 }
-                let rec: Record = postcard::from_bytes(&body).map_err(|e| LogError::BadRow {
-                    path: self.path.clone(),
-                    table: "records",
-                    reason: format!("row {id}: {e}"),
-                })?;
+                let seq = seq.max(0) as u64;
+                out.origins
+                    .entry(origin)
+                    .and_modify(|e| e.1 = seq)
+                    .or_insert((seq, seq));
                 out.bytes += body.len();
-                out.records.push(rec);
+                out.bodies.push(body);
                 out.upto = id;
             }
             if seen < page {
@@ -494,14 +572,34 @@ impl Spool {
     /// Marks every record up to spool position `upto` acknowledged (its retention window
     /// starts now).
     pub fn ack(&self, upto: i64, now_ms: u64) -> Result<(), LogError> {
-        let g = self.lock();
+        let mut g = self.lock();
+        if upto <= g.acked_upto {
+            return Ok(());
+        }
         g.conn
-            .execute(
-                "UPDATE records SET acked_ms = ?1 WHERE acked_ms = 0 AND id <= ?2",
-                params![now_ms.max(1) as i64, upto],
+            .prepare_cached("INSERT OR REPLACE INTO acks(upto, acked_ms) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute(params![upto, now_ms.max(1) as i64]))
+            .map_err(|e| LogError::sql(&self.path, e))?;
+        g.acked_upto = upto;
+        Ok(())
+    }
+
+    /// What is not acknowledged yet: how many records, and the time of the oldest (the
+    /// shipping lag a status page and metrics show).
+    pub fn lag(&self) -> Result<Lag, LogError> {
+        let g = self.lock();
+        let (records, oldest): (i64, Option<i64>) = g
+            .conn
+            .query_row(
+                "SELECT COUNT(*), MIN(ts_ms) FROM records WHERE id > ?1",
+                [g.acked_upto],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .map(|_| ())
-            .map_err(|e| LogError::sql(&self.path, e))
+            .map_err(|e| LogError::sql(&self.path, e))?;
+        Ok(Lag {
+            unacked: records.max(0) as u64,
+            oldest_ts_ms: oldest.map(|t| t.max(0) as u64),
+        })
     }
 
     /// Every origin's drop counters.
@@ -526,8 +624,8 @@ impl Spool {
         let (records, unacked): (i64, i64) = g
             .conn
             .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(acked_ms = 0), 0) FROM records",
-                [],
+                "SELECT COUNT(*), COALESCE(SUM(id > ?1), 0) FROM records",
+                [g.acked_upto],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(|e| LogError::sql(&self.path, e))?;
@@ -536,6 +634,12 @@ impl Spool {
             unacked: unacked.max(0) as u64,
             bytes: g.bytes,
         })
+    }
+
+    /// When the oldest record not yet acknowledged by a collector was logged (ms since the
+    /// epoch), if any: the shipping lag in time (the `log-lag` alert rule).
+    pub fn oldest_unacked_ms(&self) -> Result<Option<u64>, LogError> {
+        Ok(self.lag()?.oldest_ts_ms)
     }
 }
 
@@ -593,7 +697,8 @@ mod tests {
         s.append("tokyo", vec![entry("d", None)]).unwrap();
         let p = s.pending(0, &HashMap::new(), 100, 1 << 20).unwrap();
         let seqs: Vec<(String, u64)> = p
-            .records
+            .records()
+            .unwrap()
             .iter()
             .map(|r| (r.origin.clone(), r.seq))
             .collect();
@@ -618,20 +723,43 @@ mod tests {
         let held = HashMap::from([("a".to_string(), 4u64)]);
         let p = s.pending(0, &held, 3, 1 << 20).unwrap();
         assert_eq!(
-            p.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            p.records()
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<_>>(),
             vec![5, 6, 7]
         );
         assert!(p.more);
         let p2 = s.pending(p.upto, &held, 100, 1 << 20).unwrap();
         assert_eq!(
-            p2.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            p2.records()
+                .unwrap()
+                .iter()
+                .map(|r| r.seq)
+                .collect::<Vec<_>>(),
             vec![8, 9, 10]
         );
         // Everything held: nothing to send, but the position moves past it.
         let all = HashMap::from([("a".to_string(), 10u64)]);
         let p3 = s.pending(0, &all, 2, 1 << 20).unwrap();
-        assert!(p3.records.is_empty());
+        assert!(p3.bodies.is_empty());
         assert_eq!(p3.upto, p2.upto);
+    }
+
+    #[test]
+    fn oldest_unacked_is_the_shipping_lag() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), SpoolLimits::default()).unwrap();
+        assert_eq!(s.oldest_unacked_ms().unwrap(), None);
+        let before = now_ms();
+        s.append("beijing", vec![entry("a", None), entry("b", None)])
+            .unwrap();
+        let oldest = s.oldest_unacked_ms().unwrap().unwrap();
+        assert!(oldest + 1000 >= before, "{oldest} vs {before}");
+        let p = s.pending(0, &HashMap::new(), 1000, 1 << 20).unwrap();
+        s.ack(p.upto, now_ms()).unwrap();
+        assert_eq!(s.oldest_unacked_ms().unwrap(), None);
     }
 
     #[test]
@@ -666,6 +794,25 @@ mod tests {
     }
 
     #[test]
+    fn lag_counts_what_is_not_acknowledged_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), SpoolLimits::default()).unwrap();
+        assert_eq!(s.lag().unwrap(), Lag::default());
+        let t0 = now_ms();
+        s.append("a", (0..5).map(|i| entry(&i.to_string(), None)).collect())
+            .unwrap();
+        let p = s.pending(0, &HashMap::new(), 3, 1 << 20).unwrap();
+        s.ack(p.upto, t0).unwrap();
+        let lag = s.lag().unwrap();
+        assert_eq!(lag.unacked, 2);
+        assert!(lag.oldest_ts_ms.unwrap() >= t0);
+        drop(s);
+        let s = Spool::open(dir.path(), SpoolLimits::default()).unwrap();
+        assert_eq!(s.lag().unwrap().unacked, 2);
+        assert_eq!(s.stats().unwrap().unacked, 2);
+    }
+
+    #[test]
     fn prune_applies_retention_and_age() {
         let dir = tempfile::tempdir().unwrap();
         let limits = SpoolLimits {
@@ -692,6 +839,6 @@ mod tests {
         // Numbering continues after everything was pruned.
         s.append("a", vec![entry("3", None)]).unwrap();
         let p = s.pending(0, &HashMap::new(), 10, 1 << 20).unwrap();
-        assert_eq!(p.records[0].seq, 3);
+        assert_eq!(p.records().unwrap()[0].seq, 3);
     }
 }

@@ -26,6 +26,17 @@ impl Methods {
                         g["tlsFingerprint"] = extra["tlsFingerprint"].clone();
                     }
                 }
+                // This gateway's log shipping lag (only the gateway itself knows its spool).
+                if let (Some(logs), Some(gws)) =
+                    (self.inner.logs.get(), doc["gateways"].as_array_mut())
+                {
+                    if let Ok(lag) = logs.shipping_lag() {
+                        let v = crate::gateway::status::shipping_lag_json(&lag, now_ms());
+                        for g in gws.iter_mut().filter(|g| g["isSelf"] == true) {
+                            g["logShipping"] = v.clone();
+                        }
+                    }
+                }
                 doc["nodes"] = json!(self.inner.nodes.list().len());
                 // What the node directory sent (deltas, snapshots) and asked for (gaps).
                 let d = self.mesh()?.directory_stats();

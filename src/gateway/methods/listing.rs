@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use clawmesh_federation::directory::{self, Claim, NodeSummary};
 use clawmesh_federation::health::Status;
+use clawmesh_federation::identity::DeviceId;
 use clawmesh_federation::pairing::{BriefDevice, PairedBrief};
+use clawmesh_federation::vitals::Received;
 use clawmesh_federation::wire::WireError;
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
@@ -69,6 +71,8 @@ struct Remote {
     last_seen: Option<String>,
     latency_ms: Option<f64>,
     nodes: Vec<Arc<NodeSummary>>,
+    /// Its nodes' host vitals, as it last relayed them.
+    vitals: HashMap<DeviceId, Received>,
 }
 
 /// Where a node's winning claim came from.
@@ -145,6 +149,8 @@ struct Row<'a> {
     approved_by: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tailnet: Option<&'a Value>,
+    /// Host vitals (`null` for a node that sends none, such as a classic node).
+    vitals: Option<Value>,
 }
 
 /// One entry of the listing before paging: a node someone claims, or a paired node nobody
@@ -158,6 +164,8 @@ enum Entry<'a> {
 struct Sources {
     gateway: String,
     local: Vec<(NodeInfo, &'static str)>,
+    /// The host vitals of the nodes attached here.
+    local_vitals: HashMap<DeviceId, Received>,
     remotes: Vec<Remote>,
     paired: Arc<PairedBrief>,
 }
@@ -282,6 +290,7 @@ impl Sources {
                         approved_at: None,
                         approved_by,
                         tailnet,
+                        vitals: self.local_vitals.get(&info.node_id).map(Received::to_json),
                     }
                 }
                 Source::Remote(gi, n) => {
@@ -316,6 +325,7 @@ impl Sources {
                         approved_at: None,
                         approved_by,
                         tailnet,
+                        vitals: r.vitals.get(&n.id).map(Received::to_json),
                     }
                 }
             },
@@ -349,6 +359,7 @@ impl Sources {
                 approved_at: Some(&d.approved_at),
                 approved_by: Some(&d.approved_by),
                 tailnet: d.tailnet.as_ref(),
+                vitals: None,
             },
         }
     }
@@ -358,6 +369,7 @@ impl Methods {
     /// `node.list` as response text: the page `params` asks for (see the module
     /// documentation).
     pub(super) fn node_list_text(&self, params: &Value) -> Result<String, WireError> {
+        let started = std::time::Instant::now();
         let p = ListParams::parse(params)?;
         let paired = self.inner.pairing.paired_brief().map_err(pairing_err)?;
         let mut remotes = Vec::new();
@@ -378,16 +390,31 @@ impl Methods {
                         .map(|t| humantime::format_rfc3339_millis(t).to_string()),
                     gateway: r.gateway,
                     nodes: r.nodes,
+                    vitals: r.vitals,
                 });
             }
         }
         let sources = Sources {
             gateway: self.gateway_name(),
             local: self.inner.nodes.list(),
+            local_vitals: self
+                .inner
+                .nodes
+                .vitals()
+                .into_iter()
+                .map(|(id, _, v)| (id, v))
+                .collect(),
             remotes,
             paired,
         };
-        sources.page_text(&p)
+        let text = sources.page_text(&p)?;
+        // Read by `examples/bench_fleet.rs` (the listing's cost at the gateway).
+        tracing::debug!(
+            micros = started.elapsed().as_micros() as u64,
+            bytes = text.len(),
+            "node.list built"
+        );
+        Ok(text)
     }
 }
 
@@ -395,7 +422,6 @@ impl Methods {
 mod tests {
     use super::*;
     use clawmesh_federation::directory::AttachOrder;
-    use clawmesh_federation::identity::DeviceId;
 
     fn node(i: u8) -> Arc<NodeSummary> {
         Arc::new(NodeSummary {
@@ -436,6 +462,7 @@ mod tests {
         Sources {
             gateway: "tokyo".into(),
             local: vec![],
+            local_vitals: HashMap::new(),
             remotes: vec![Remote {
                 gateway: "frankfurt".into(),
                 status: "healthy",
@@ -443,6 +470,7 @@ mod tests {
                 last_seen: None,
                 latency_ms: Some(1.0),
                 nodes: announced.iter().map(|i| node(*i)).collect(),
+                vitals: HashMap::new(),
             }],
             paired: brief(paired),
         }

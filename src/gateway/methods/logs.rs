@@ -19,6 +19,13 @@ impl Methods {
         })
     }
 
+    /// Hands `logging.export.otlp.*` to the log export (nothing until the logs started).
+    pub(crate) fn set_otlp_export(&self, s: crate::gateway::otlp_export::OtlpSettings) {
+        if let Some(l) = self.inner.logs.get() {
+            l.set_otlp(s);
+        }
+    }
+
     /// `logs.query {since, gateway, node, level, grep, audit, afterId, limit, waitMs}` and
     /// `node.logs {entries, lost}`.
     pub(super) async fn logs_method(

@@ -13,6 +13,7 @@
 //! - `nodes`: `node.list|describe|invoke` and a node's exec approvals, local or delegated;
 //! - `devices`: `device.pair.*`, the pairing registry;
 //! - `config`: `config.*` and `gateway.promote`, the shared config;
+//! - `alerts`: `alerts.list` (the evaluator's book) and `alerts.sync` (its pushes);
 //! - `logs`: `logs.query` (answered by the primary's collector) and `node.logs` (a node's
 //!   records, into this gateway's spool).
 
@@ -27,6 +28,7 @@ use clawmesh_federation::rpc::{BoxFuture, Caller, CallerKind, Handler};
 use clawmesh_federation::wire::{Request, WireError};
 use serde_json::{json, Value};
 
+mod alerts;
 mod config;
 mod devices;
 mod gateway;
@@ -61,6 +63,8 @@ enum Access {
     Scope(&'static str),
     /// Only node hosts (a node sending its own records).
     Node,
+    /// Only gateways of the federation (the alert evaluator's pushes).
+    Gateway,
 }
 
 /// Every method the table serves, with its access rule.
@@ -87,6 +91,9 @@ const TABLE: &[(&str, Access)] = &[
     ("gateway.promote", Access::Scope(scopes::ADMIN)),
     ("logs.query", Access::Scope(scopes::READ)),
     ("node.logs", Access::Node),
+    ("alerts.list", Access::Scope(scopes::READ)),
+    ("alerts.sync", Access::Gateway),
+    ("alerts.probe", Access::Gateway),
 ];
 
 /// Sends the federation's default exec level to one node, in the background; a node that is
@@ -123,6 +130,7 @@ pub fn method_scopes() -> Vec<(&'static str, &'static str)> {
                     Access::Any => "-",
                     Access::Scope(s) => s,
                     Access::Node => "node role only",
+                    Access::Gateway => "gateway role only",
                 },
             )
         })
@@ -186,6 +194,7 @@ struct Inner {
     exec_default: RwLock<Option<String>>,
     front_doors: OnceLock<Value>,
     logs: OnceLock<crate::gateway::logs::GatewayLogs>,
+    alerts: OnceLock<Arc<crate::gateway::alerts::book::AlertBook>>,
     nodes: Arc<NodeRegistry>,
     pairing: Registry,
     tailnet: OnceLock<Arc<TailnetAuth>>,
@@ -229,6 +238,7 @@ impl Methods {
                 exec_default: RwLock::new(None),
                 front_doors: OnceLock::new(),
                 logs: OnceLock::new(),
+                alerts: OnceLock::new(),
                 nodes,
                 pairing,
                 tailnet: OnceLock::new(),
@@ -425,6 +435,8 @@ impl Methods {
             (CallerKind::Node { .. }, Access::Node) => {}
             (CallerKind::Node { .. }, _) => return Err(bad("unauthorized role: node")),
             (_, Access::Node) => return Err(bad(format!("{method} is sent by nodes only"))),
+            (CallerKind::Gateway { .. }, Access::Gateway) => {}
+            (_, Access::Gateway) => return Err(bad(format!("{method} is sent by gateways only"))),
             (
                 CallerKind::Operator {
                     scopes: granted, ..
@@ -463,6 +475,9 @@ impl Methods {
             | "device.pair.reject"
             | "device.pair.remove" => self.devices_method(caller, method, params).await,
             "logs.query" | "node.logs" => self.logs_method(caller, method, params).await,
+            "alerts.list" | "alerts.sync" | "alerts.probe" => {
+                self.alerts_method(caller, method, params).await
+            }
             other => Err(bad(format!("unknown method: {other}"))),
         }
     }
