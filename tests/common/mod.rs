@@ -245,13 +245,17 @@ pub fn sees_healthy(dir: &Path, names: &[&str]) -> bool {
     }) && doc["gateways"].as_array().map(|g| g.len()) == Some(names.len())
 }
 
-/// A free UDP port on 127.0.0.1 (for gateways that must come back on the same port).
+/// A port on 127.0.0.1 free for both UDP and TCP (for gateways that must come back on the
+/// same port: a gateway binds QUIC and its WebSocket bridge on the same number, so a port
+/// only free for UDP can fail its TCP bind).
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Runs the CLI and parses its stdout as JSON (panics with stderr on failure).
