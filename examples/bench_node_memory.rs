@@ -22,11 +22,13 @@
 //!      half the gateway's interval, vitals with the first ping and every 6th after), as
 //!      `clawmesh node run` does.
 //!
-//!    At each count, once the gateway's `clawmesh_nodes_attached{transport}` gauge (from
-//!    `/metrics`) says every node is attached and 5 s have passed: the gateway's VmRSS, RssAnon
-//!    and VmHWM (`/proc/PID/status`), Pss (`/proc/PID/smaps_rollup`), and this bench process's
-//!    own RSS (the node side). Per node = (RSS at N − RSS before any node) / N. Then every node
-//!    closes and the gateway stops.
+//!    At each count, 5 s after every node got its welcome: the gateway's VmRSS, RssAnon and
+//!    VmHWM (`/proc/PID/status`), Pss (`/proc/PID/smaps_rollup`), and this bench process's
+//!    own RSS (the node side); then the gateway's `clawmesh_nodes_attached{transport}` gauge
+//!    (`/metrics`, read after the memory: a scrape of N nodes allocates about 1 KiB per node)
+//!    must show all of them. Per node = (RSS at N − RSS before any node) / N. Then every node
+//!    closes and the gateway stops. `BENCH_NODE_MEMORY_WRAP="heaptrack -o FILE"` runs the
+//!    gateway under a heap profiler (what each part costs).
 //!
 //! ```text
 //! cargo build --release --bin clawmesh --example bench_node_memory
@@ -100,6 +102,8 @@ struct Opts {
     classic: bool,
     native: bool,
     concurrency: usize,
+    /// The open-files soft limit in force (set in `run`).
+    nofile: u64,
 }
 
 fn parse_opts() -> Result<Opts> {
@@ -109,6 +113,7 @@ fn parse_opts() -> Result<Opts> {
         classic: true,
         native: true,
         concurrency: 64,
+        nofile: 0,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -210,12 +215,14 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 
 struct Gateway {
     proc: Proc,
+    /// The gateway's own pid (from `gateway.json`: under a wrapper it is not `proc`'s).
+    pid: i32,
     quic: SocketAddr,
     ws: SocketAddr,
 }
 
 async fn start_gateway(bin: &Path, dir: &Path, log: &Path) -> Result<Gateway> {
-    let cmd = clawmesh_cmd(
+    let mut cmd = clawmesh_cmd(
         bin,
         dir,
         &[
@@ -230,19 +237,38 @@ async fn start_gateway(bin: &Path, dir: &Path, log: &Path) -> Result<Gateway> {
             "0",
         ],
     );
+    // `BENCH_NODE_MEMORY_WRAP="heaptrack -o /tmp/gw"`: run the gateway under a profiler.
+    let wrap = std::env::var(bench_env("WRAP")).ok();
+    if let Some(w) = &wrap {
+        let mut words = w.split_whitespace();
+        let prog = words.next().ok_or_else(|| anyhow!("empty wrapper"))?;
+        let mut wrapped = std::process::Command::new(prog);
+        wrapped
+            .args(words)
+            .arg(cmd.get_program())
+            .args(cmd.get_args());
+        clawmesh_env(&mut wrapped);
+        cmd = wrapped;
+    }
     let mut proc = Proc::spawn("gateway", cmd, log)?;
-    let pid = proc.pid();
+    let spawned = proc.pid();
     let rt = poll(
         "gateway.json",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         Duration::from_millis(50),
         || {
-            let v = runtime_file(dir, pid);
+            let v = std::fs::read_to_string(dir.join(clawmesh::state_dir::RUNTIME_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .filter(|v| wrap.is_some() || v["pid"] == spawned);
             async move { Ok(v) }
         },
     )
     .await?;
     proc.ensure_running()?;
+    let pid = rt["pid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("no pid in gateway.json"))? as i32;
     let quic: SocketAddr = rt["quic"]
         .as_str()
         .ok_or_else(|| anyhow!("no quic address in gateway.json"))?
@@ -253,7 +279,12 @@ async fn start_gateway(bin: &Path, dir: &Path, log: &Path) -> Result<Gateway> {
         .ok_or_else(|| anyhow!("no ws:// url in gateway.json"))?
         .trim_end_matches('/')
         .parse()?;
-    Ok(Gateway { proc, quic, ws })
+    Ok(Gateway {
+        proc,
+        pid,
+        quic,
+        ws,
+    })
 }
 
 /// `clawmesh_nodes_attached{transport="…"}` from the gateway's `/metrics`.
@@ -574,7 +605,7 @@ async fn run_side(
     let dir = root.join(transport);
     copy_dir(seed_dir, &dir)?;
     let mut gw = start_gateway(bin, &dir, &root.join(format!("{transport}.log"))).await?;
-    let pid = gw.proc.pid();
+    let pid = gw.pid;
     // The consensus forms in a moment on a lone primary; let the start-up settle.
     sleep(Duration::from_secs(3)).await?;
     let base = point(pid, 0, attached_gauge(gw.ws, transport).await?, 0.0, 0)?;
@@ -594,28 +625,58 @@ async fn run_side(
         },
     };
     let mut points = Vec::new();
-    for &n in &o.counts {
+    let mut counts = o.counts.clone();
+    if transport == "ws" {
+        // A classic node is a TCP socket on each side: both processes need a descriptor per
+        // node, and the open-files limit (20 000 hard where the bench is not allowed to raise
+        // it) caps the count. The largest count that fits stands in for the rest.
+        let fits = (o.nofile.saturating_sub(1_000) / 1_000 * 1_000) as usize;
+        if counts.iter().any(|&n| n > fits) {
+            eprintln!(
+                "ws: counts above {fits} do not fit the open-files limit {}: measuring {fits}",
+                o.nofile
+            );
+            counts.retain(|&n| n < fits);
+            counts.push(fits);
+        }
+    }
+    for &n in &counts {
         let t = Instant::now();
         held.grow(&gw, ids, n, o.concurrency).await?;
         let open_secs = t.elapsed().as_secs_f64();
+        // Every node has its welcome (hello-ok) here; the gateway registers it right after
+        // sending that. Memory is read before any scrape: a `/metrics` body for N nodes is
+        // about 1 KiB per node, and the allocator may keep that memory after the scrape.
+        sleep(SETTLE).await?;
+        gw.proc.ensure_running().context("the gateway died")?;
+        let mut p = point(pid, n, 0, open_secs, held.dropped())?;
         let deadline = Instant::now() + ATTACH_DEADLINE;
-        let mut gauge = attached_gauge(gw.ws, transport).await?;
-        while gauge < n && Instant::now() < deadline {
+        p.gauge = attached_gauge(gw.ws, transport).await?;
+        while p.gauge < n && Instant::now() < deadline {
             gw.proc.ensure_running().context("the gateway died")?;
             sleep(Duration::from_millis(500)).await?;
-            gauge = attached_gauge(gw.ws, transport).await?;
+            p.gauge = attached_gauge(gw.ws, transport).await?;
         }
-        sleep(SETTLE).await?;
-        let gauge = attached_gauge(gw.ws, transport).await?;
-        let p = point(pid, n, gauge, open_secs, held.dropped())?;
         eprintln!(
-            "{transport}: {n} nodes opened in {open_secs:.1} s, gauge {gauge}, gateway {} ({:.1} KB/node)",
+            "{transport}: {n} nodes opened in {open_secs:.1} s, gauge {}, gateway {} ({:.1} KB/node)",
+            p.gauge,
             mb(p.rss_kb),
             per_node(&base, &p)
         );
         points.push(p);
     }
     held.close();
+    if std::env::var_os(bench_env("WRAP")).is_some() {
+        // Let the gateway exit on its own so the profiler writes its data out.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let t = Instant::now();
+        while !gw.proc.exited() && t.elapsed() < Duration::from_secs(300) {
+            sleep(Duration::from_millis(200)).await?;
+        }
+    }
     gw.proc.stop(Duration::from_secs(10));
     Ok(Side {
         transport,
@@ -672,10 +733,11 @@ fn report(sides: &[Side]) {
     }
 }
 
-async fn run(o: Opts) -> Result<()> {
+async fn run(mut o: Opts) -> Result<()> {
     install_ctrl_c();
     let max = *o.counts.last().ok_or_else(|| anyhow!("no counts"))?;
     let nofile = raise_nofile(4 * max as u64 + 1024)?;
+    o.nofile = nofile;
     println!("# {BENCH}\n");
     for (k, v) in machine_with_load() {
         println!("- {k}: {v}");

@@ -1253,6 +1253,11 @@ impl Mesh {
             });
         match decision {
             Ok(kind) => {
+                if !matches!(kind, CallerKind::Node { .. }) {
+                    // An operator may fan requests out: the full stream limit (a node keeps
+                    // the small one it was accepted with, see `TransportOptions`).
+                    endpoint::grant_streams(&conn);
+                }
                 let scopes = match &kind {
                     CallerKind::Operator { scopes, .. } => scopes.clone(),
                     _ => Vec::new(),
@@ -1452,6 +1457,8 @@ impl Mesh {
                         return;
                     }
                 }
+                // A member gateway: the full stream limit before it can send a request.
+                endpoint::grant_streams(&conn);
                 let membership = self.state().membership.clone();
                 let welcome = self.welcome(proof, Some(membership), Vec::new());
                 if handshake::reply(&mut send, &HelloReply::Welcome(welcome))
