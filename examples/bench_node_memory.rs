@@ -75,17 +75,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
-use clawmesh_federation::endpoint::{self, TransportOptions, SERVER_NAME};
-use clawmesh_federation::handshake;
-use clawmesh_federation::health::HealthConfig;
+use clawmesh_federation::endpoint::{self, TransportOptions};
 use clawmesh_federation::identity::DeviceIdentity;
-use clawmesh_federation::liveness::{self, Liveness, SendVitals};
-use clawmesh_federation::vitals::{VitalsSampler, VITALS_EVERY};
-use clawmesh_federation::wire::{HelloRole, NodeHello};
+use clawmesh_federation::vitals::VitalsSampler;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{json, Value};
 use support::*;
@@ -162,36 +158,6 @@ fn raise_nofile(want: u64) -> Result<u64> {
     let target = want.min(hard).max(soft);
     setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
     Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
-}
-
-fn seed(dir: &Path, ids: &[DeviceIdentity]) -> Result<()> {
-    use clawmesh_federation::pairing::{PairingRecord, Registry};
-    let store = clawmesh_federation::store::Store::open(dir)?;
-    let registry = Registry::open(store)?;
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)?
-        .as_millis() as u64;
-    let meta =
-        json!({"deviceFamily": "Linux", "clientId": "node-host", "clientMode": "node"}).to_string();
-    let records: Vec<PairingRecord> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| PairingRecord {
-            key: id.public_key(),
-            approved: true,
-            changed_at_ms: now,
-            name: node_name(i),
-            role: "node".into(),
-            platform: "linux".into(),
-            meta: meta.clone(),
-            token: None,
-        })
-        .collect();
-    let changed = registry.apply(&records)?;
-    if changed.len() != records.len() {
-        bail!("seeded {} of {}", changed.len(), records.len());
-    }
-    Ok(())
 }
 
 fn node_name(i: usize) -> String {
@@ -393,50 +359,6 @@ fn hold_classic(mut ws: Ws, dropped: Arc<AtomicUsize>) -> tokio::task::JoinHandl
 // ---------------------------------------------------------------------------------------------
 // Native nodes
 
-/// One native node on `ep`: TLS handshake with its own key, hello, then the node host's health
-/// loop with vitals, as `clawmesh node run` does.
-async fn native_node(
-    gw: SocketAddr,
-    ep: &quinn::Endpoint,
-    id: &DeviceIdentity,
-    i: usize,
-    sampler: &VitalsSampler,
-) -> Result<quinn::Connection> {
-    let (_, cc) = endpoint::configs(id, &TransportOptions::default())?;
-    let conn = tokio::time::timeout(STEP_TIMEOUT, ep.connect_with(cc, gw, SERVER_NAME)?).await??;
-    let hello = handshake::hello(
-        clawmesh::VERSION,
-        0,
-        HelloRole::Node(NodeHello {
-            name: node_name(i),
-            token: None,
-            commands: vec!["system.which".into()],
-            labels: Vec::new(),
-            platform: "linux".into(),
-            attach: clawmesh_federation::directory::AttachOrder { boot: 1, attach: 1 },
-        }),
-    );
-    let welcome =
-        tokio::time::timeout(STEP_TIMEOUT, handshake::send_hello(&conn, &hello)).await??;
-    // As the node host: pings at half the gateway's interval, vitals riding them; never given
-    // up from this side (only the gateway decides a node is gone).
-    let health = HealthConfig {
-        interval: Duration::from_millis((welcome.health_interval_ms / 2).max(50)),
-        unhealthy_threshold: u32::MAX,
-    };
-    let send = SendVitals {
-        sampler: sampler.clone(),
-        every: VITALS_EVERY * 2,
-    };
-    tokio::spawn(liveness::monitor(
-        conn.clone(),
-        health,
-        Liveness::default(),
-        Some(send),
-    ));
-    Ok(conn)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The run
 
@@ -527,7 +449,19 @@ impl Held {
                     .map(|i| {
                         let (ids, sampler) = (ids.clone(), sampler.clone());
                         let ep = eps[i / NODES_PER_SOCKET].clone();
-                        async move { retry(|| native_node(addr, &ep, &ids[i], i, &sampler)).await }
+                        async move {
+                            retry(|| {
+                                attach_native_node(
+                                    &ep,
+                                    addr,
+                                    &ids[i],
+                                    node_name(i),
+                                    &sampler,
+                                    STEP_TIMEOUT,
+                                )
+                            })
+                            .await
+                        }
                     })
                     .buffer_unordered(conc)
                     .collect::<Vec<_>>()
@@ -752,7 +686,9 @@ async fn run(mut o: Opts) -> Result<()> {
         Arc::new((0..max).map(|_| DeviceIdentity::ephemeral()).collect());
     let seed_dir = root.join("seed");
     std::fs::create_dir_all(&seed_dir)?;
-    seed(&seed_dir, &ids)?;
+    let meta =
+        json!({"deviceFamily": "Linux", "clientId": "node-host", "clientMode": "node"}).to_string();
+    seed_paired_nodes(&seed_dir, &ids, (0, max), node_name, &meta)?;
     eprintln!(
         "seeded {max} paired node devices in {:.1} s",
         t.elapsed().as_secs_f64()
