@@ -207,6 +207,26 @@ pub struct RemoteNodes {
     pub vitals: HashMap<DeviceId, Received>,
 }
 
+/// Another gateway's node directory as a listing cache sees it: enough to tell whether it
+/// changed (its key, name, liveness, version and size), and its nodes when asked for.
+#[derive(Debug, Clone)]
+pub struct RemoteDirectoryView {
+    /// The gateway's device key (a member re-added under the same name is another gateway).
+    pub key: PublicKey,
+    /// Gateway name.
+    pub gateway: String,
+    /// Its health as seen from here.
+    pub status: Status,
+    /// When it last answered.
+    pub last_seen: Option<SystemTime>,
+    /// The directory version held (`None`: nothing received yet).
+    pub at: Option<DirVersion>,
+    /// How many nodes it announced.
+    pub len: usize,
+    /// Its nodes in id order (shared, not copied); empty unless asked for.
+    pub nodes: Vec<Arc<NodeSummary>>,
+}
+
 /// One gateway as seen from here, for `gateway status`.
 #[derive(Debug, Clone)]
 pub struct GatewayStatus {
@@ -578,24 +598,63 @@ impl Mesh {
         }
     }
 
-    /// The nodes of every other gateway, as last announced, with that gateway's health.
-    pub fn remote_nodes(&self) -> Vec<RemoteNodes> {
+    /// `f` of every other gateway that has a peer entry, under one lock.
+    fn each_remote<T>(&self, f: impl Fn(&Member, &Peer) -> T) -> Vec<T> {
         let st = self.state();
         st.membership
             .members
             .iter()
             .filter(|m| m.key != self.inner.key)
-            .filter_map(|m| {
-                let p = st.peers.get(&m.key)?;
-                Some(RemoteNodes {
-                    gateway: m.name.clone(),
-                    status: p.health.status(&self.health()),
-                    last_seen: p.health.last_seen(),
-                    nodes: p.nodes.nodes().cloned().collect(),
-                    vitals: p.node_vitals.clone(),
-                })
-            })
+            .filter_map(|m| Some(f(m, st.peers.get(&m.key)?)))
             .collect()
+    }
+
+    /// The nodes of every other gateway, as last announced, with that gateway's health.
+    pub fn remote_nodes(&self) -> Vec<RemoteNodes> {
+        self.each_remote(|m, p| RemoteNodes {
+            gateway: m.name.clone(),
+            status: p.health.status(&self.health()),
+            last_seen: p.health.last_seen(),
+            nodes: p.nodes.nodes().cloned().collect(),
+            vitals: p.node_vitals.clone(),
+        })
+    }
+
+    /// Every other gateway's directory version (and its nodes if `with_nodes`), read under
+    /// one lock so the versions describe the nodes returned with them.
+    pub fn remote_directories(&self, with_nodes: bool) -> Vec<RemoteDirectoryView> {
+        self.each_remote(|m, p| RemoteDirectoryView {
+            key: m.key,
+            gateway: m.name.clone(),
+            status: p.health.status(&self.health()),
+            last_seen: p.health.last_seen(),
+            at: p.nodes.at(),
+            len: p.nodes.len(),
+            nodes: if with_nodes {
+                p.nodes.nodes().cloned().collect()
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// The host vitals gateway `gateway` relayed for each of `ids` (`None`: none relayed), in
+    /// the order asked: a page of a listing looks up only its own rows.
+    pub fn relayed_vitals(&self, gateway: &str, ids: &[DeviceId]) -> Vec<Option<Received>> {
+        let st = self.state();
+        let peer = st
+            .membership
+            .members
+            .iter()
+            .find(|m| m.name == gateway && m.key != self.inner.key)
+            .and_then(|m| st.peers.get(&m.key));
+        match peer {
+            Some(p) if !p.node_vitals.is_empty() => ids
+                .iter()
+                .map(|id| p.node_vitals.get(id).copied())
+                .collect(),
+            _ => vec![None; ids.len()],
+        }
     }
 
     /// The host vitals other gateways relayed for their nodes: (gateway, node, node name,

@@ -137,6 +137,21 @@ impl NodeRegistry {
         self.changes.subscribe()
     }
 
+    /// How many attaches and detaches there have been: a listing cache built at one value is
+    /// still right while it stays.
+    pub fn generation(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
+    /// The host vitals of each of `ids` (`None`: not attached, or none sent), in the order
+    /// asked: a page of a listing looks up only its own rows.
+    pub fn vitals_of(&self, ids: &[DeviceId]) -> Vec<Option<Received>> {
+        let nodes = self.lock();
+        ids.iter()
+            .map(|id| nodes.get(id).and_then(|e| e.live.as_ref()?.vitals()))
+            .collect()
+    }
+
     fn changed(&self) {
         self.changes.send_modify(|v| *v += 1);
     }

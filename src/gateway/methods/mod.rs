@@ -202,6 +202,8 @@ struct Inner {
     started_at: SystemTime,
     /// Invokes and config writes counted for `/metrics`.
     instruments: Arc<crate::gateway::instruments::Instruments>,
+    /// `node.list`'s resolved, id-sorted directory between calls.
+    listing: Arc<listing::ListingCache>,
 }
 
 fn bad(msg: impl Into<String>) -> WireError {
@@ -245,6 +247,7 @@ impl Methods {
                 started: Instant::now(),
                 started_at: SystemTime::now(),
                 instruments: Arc::default(),
+                listing: Arc::default(),
             }),
         }
     }
