@@ -198,6 +198,8 @@ struct Built {
     micros: u64,
     /// Of which finding or building the index (`None`: a binary without one).
     index_micros: Option<u64>,
+    /// The index's size (its rows' text and entries).
+    index_bytes: Option<u64>,
     bytes: u64,
 }
 
@@ -235,6 +237,7 @@ fn built_lines(log: &Path) -> Vec<Built> {
             Some(Built {
                 micros: field("micros")?,
                 index_micros: field("index_micros"),
+                index_bytes: field("index_bytes"),
                 bytes: field("bytes").filter(|b| ours(l, *b))?,
             })
         })
@@ -445,15 +448,16 @@ async fn bench_listing(hub: &Hub, sims: &mut [Sim], label: &str) -> Result<()> {
         .iter()
         .map(|b| b.micros as f64 / 1000.0)
         .collect();
-    let index_text = if index_first.is_empty() {
-        "– (no index)".to_string()
-    } else {
-        // The first listing builds the index; the others find it.
-        format!(
-            "{:.2} first listing, {:.2} median",
-            index_first[0],
-            median(index_first.clone())
-        )
+    let index_text = match listings.first().and_then(|b| b.index_bytes) {
+        None => "– (no index)".to_string(),
+        // The first listing builds the index (unless a listing before found it); the others
+        // find it.
+        Some(size) => format!(
+            "{:.2} first listing, {:.2} median; index {:.1} MB",
+            index_first.first().copied().unwrap_or(f64::NAN),
+            median(index_first.clone()),
+            size as f64 / 1e6
+        ),
     };
     println!(
         "| {label} | {rows} in {pages} pages | {:.2} / {:.2} | {index_text} | {:.2} | {:.1} MB | {:.2} / {:.2} | {:.2} | {} / {} / {} |",

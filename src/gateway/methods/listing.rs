@@ -701,18 +701,19 @@ impl ListingCache {
         Ok((ix, start_sweeper))
     }
 
-    /// Drops the index if unused for `idle`; true when the sweeper's work is done (the index
-    /// is gone).
-    fn forget_if_idle(&self, idle: Duration) -> bool {
+    /// Drops the index if unused for `idle` (`None`: done, the index is gone); else how long
+    /// until it would be idle.
+    fn forget_if_idle(&self, idle: Duration) -> Option<Duration> {
         let mut kept = self.lock();
-        if kept.used.elapsed() >= idle || kept.index.is_none() {
+        let unused = kept.used.elapsed();
+        if unused >= idle || kept.index.is_none() {
             let old = kept.index.take();
             kept.sweeping = false;
             drop(kept);
             drop(old);
-            true
+            None
         } else {
-            false
+            Some(idle - unused)
         }
     }
 
@@ -721,18 +722,20 @@ impl ListingCache {
         let weak = Arc::downgrade(cache);
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             // No runtime (a unit test): the index stays until the next listing replaces it.
-            if let Some(c) = weak.upgrade() {
-                c.lock().sweeping = false;
-            }
+            cache.lock().sweeping = false;
             return;
         };
         rt.spawn(async move {
+            let mut wait = IDLE;
             loop {
-                tokio::time::sleep(IDLE).await;
+                tokio::time::sleep(wait).await;
                 let Some(c) = weak.upgrade() else { return };
-                if c.forget_if_idle(IDLE) {
-                    tracing::debug!("node.list index dropped after being idle");
-                    return;
+                match c.forget_if_idle(IDLE) {
+                    None => {
+                        tracing::debug!("node.list index dropped after being idle");
+                        return;
+                    }
+                    Some(left) => wait = left,
                 }
             }
         });
@@ -842,6 +845,8 @@ impl Methods {
             index_micros = built.as_micros() as u64,
             bytes = text.len(),
             rows = index.items.len(),
+            index_bytes =
+                index.rows.capacity() + index.items.capacity() * std::mem::size_of::<Item>(),
             limit = p.limit.unwrap_or(0),
             notable = p.notable.is_some(),
             "node.list built"
@@ -1203,9 +1208,9 @@ mod tests {
         assert_eq!(after["nodes"][0]["remoteIp"], "10.9.9.9");
         assert_eq!(after["nodes"][1]["labels"]["region"], "fra");
         // Idle: kept while recently used, dropped once idle.
-        assert!(!cache.forget_if_idle(Duration::from_secs(3600)));
+        assert!(cache.forget_if_idle(Duration::from_secs(3600)).is_some());
         assert!(cache.lock().index.is_some());
-        assert!(cache.forget_if_idle(Duration::ZERO));
+        assert!(cache.forget_if_idle(Duration::ZERO).is_none());
         assert!(cache.lock().index.is_none());
         // The next listing builds it again, with the same rows.
         let built = builds(&cache);
