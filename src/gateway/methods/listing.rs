@@ -1190,6 +1190,31 @@ mod tests {
     }
 
     #[test]
+    fn nodes_attaching_and_leaving_between_pages_shift_nothing() {
+        let cache = ListingCache::default();
+        let mut w = world(&[10, 20, 30, 40, 50, 60], &[]);
+        let first = listing(&cache, &w, true, Some(3), None);
+        assert_eq!(names(&first), ["n10", "n20", "n30"]);
+        let cursor = first["next"].as_str().unwrap().to_string();
+        // Between the pages: 5 attaches (before the cursor), 45 attaches (after it), 40 leaves.
+        w.remotes[0].nodes = [5, 10, 20, 30, 45, 50, 60]
+            .iter()
+            .map(|i| node(*i))
+            .collect();
+        w.remotes[0].len = 7;
+        w.remotes[0].at = Some(DirVersion {
+            epoch: 7,
+            version: 2,
+        });
+        let second = listing(&cache, &w, true, Some(3), Some(&cursor));
+        // No row repeated or skipped among those still there: 45 is listed, 5 waits for the
+        // next listing, 40 is gone.
+        assert_eq!(names(&second), ["n45", "n50", "n60"]);
+        assert_eq!(second["next"], Value::Null);
+        assert_eq!(builds(&cache), 2);
+    }
+
+    #[test]
     fn unchanged_rows_are_copied_and_the_index_is_dropped_when_idle() {
         let cache = ListingCache::default();
         let mut w = world(&[1, 2, 3], &[2]);
