@@ -11,11 +11,16 @@ use crate::cli::{call, table, target, CALL_TIMEOUT};
 /// `clawmesh devices ...`
 pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
     match cmd {
-        DevicesCmd::List { json, target: t } => {
+        DevicesCmd::List {
+            json,
+            limit,
+            after,
+            target: t,
+        } => {
             let doc = call(
                 &target(t, state_dir),
                 "device.pair.list",
-                json!({}),
+                json!({"limit": limit, "after": after}),
                 CALL_TIMEOUT,
             )
             .await?;
@@ -34,7 +39,7 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &json!({"pending": pending, "paired": paired, "revoked": doc["revoked"], "unreachable": doc["unreachable"]})
+                        &json!({"pending": pending, "paired": paired, "revoked": doc["revoked"], "unreachable": doc["unreachable"], "next": doc.get("next")})
                     )?
                 );
                 return Ok(0);
@@ -125,6 +130,12 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                 println!(
                     "Not listed: requests waiting at {} (unreachable now).",
                     unreachable.join(", ")
+                );
+            }
+            if let Some(n) = doc["next"].as_str() {
+                println!(
+                    "More devices: clawmesh devices list{} --after {n}",
+                    limit.map(|l| format!(" --limit {l}")).unwrap_or_default()
                 );
             }
             println!("Compare fingerprints with `clawmesh identity show` on the device before approving.");
