@@ -53,6 +53,9 @@ const EVENT_QUEUE: usize = 64;
 /// so an event stays near 1-2 MB, far under the frame limit, whatever the fleet's size.
 const SYNC_CHUNK: usize = 5_000;
 
+/// Merged pairing decisions logged one line each; a larger merge is one summary line.
+const MERGE_LINES: usize = 10;
+
 /// Redial backoff start and cap: quick to relink after a blip, never more than 30 s apart.
 const REDIAL_BASE: Duration = Duration::from_millis(200);
 const REDIAL_CAP: Duration = Duration::from_secs(30);
@@ -1976,11 +1979,26 @@ impl Mesh {
         };
         match reg.apply(records) {
             Ok(changed) => {
+                // One line per decision for the usual handful; a link-up exchange of a large
+                // fleet is summed up in one line, not 100 000.
+                let approved = changed.iter().filter(|r| r.approved).count();
+                let quiet = changed.len() > MERGE_LINES;
+                if quiet {
+                    info!(
+                        approved,
+                        revoked = changed.len() - approved,
+                        "pairing decisions merged from elsewhere in the federation"
+                    );
+                }
                 for r in changed {
                     if r.approved {
-                        info!(device = %r.key.device_id().short(), name = %r.name, "pairing approved elsewhere in the federation");
+                        if !quiet {
+                            info!(device = %r.key.device_id().short(), name = %r.name, "pairing approved elsewhere in the federation");
+                        }
                     } else {
-                        info!(device = %r.key.device_id().short(), "pairing revoked elsewhere in the federation");
+                        if !quiet {
+                            info!(device = %r.key.device_id().short(), "pairing revoked elsewhere in the federation");
+                        }
                         let _ = self
                             .inner
                             .notices

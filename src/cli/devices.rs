@@ -33,7 +33,7 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                     "expiresAt": expires_at(p),
                 })).collect();
                 let paired: Vec<Value> = doc["paired"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
-                    "deviceId": p["deviceId"], "name": p["name"], "role": p["role"], "approvedAt": p["approvedAt"],
+                    "deviceId": p["deviceId"], "publicKey": p["publicKey"], "name": p["name"], "role": p["role"], "approvedAt": p["approvedAt"],
                     "fingerprint": p["fingerprint"], "region": p["region"], "approvedBy": p["approvedBy"], "tailnet": p.get("tailnet"),
                 })).collect();
                 println!(
