@@ -896,29 +896,29 @@ impl Registry {
         // One more than the page: tells whether another page follows.
         let want = (limit + 1) as i64;
         type PairedRow = (Vec<u8>, String, String, String, i64, String);
-        let (paired, revoked): (Vec<PairedRow>, Vec<(Vec<u8>, i64, String)>) =
-            self.store.with_conn(|c| {
-                let paired = c
-                    .prepare_cached(PAIRED_PAGE)?
-                    .query_map(params![from, want], |r| {
-                        Ok((
-                            r.get(0)?,
-                            r.get(1)?,
-                            r.get(2)?,
-                            r.get(3)?,
-                            r.get(4)?,
-                            r.get(5)?,
-                        ))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                let revoked = c
-                    .prepare_cached(REVOKED_PAGE)?
-                    .query_map(params![from, want], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((paired, revoked))
-            })?;
+        type RevokedRow = (Vec<u8>, i64, String);
+        let (paired, revoked): (Vec<PairedRow>, Vec<RevokedRow>) = self.store.with_conn(|c| {
+            let paired = c
+                .prepare_cached(PAIRED_PAGE)?
+                .query_map(params![from, want], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let revoked = c
+                .prepare_cached(REVOKED_PAGE)?
+                .query_map(params![from, want], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((paired, revoked))
+        })?;
         let mut out = Page {
             paired: Vec::new(),
             revoked: Vec::new(),
