@@ -161,6 +161,22 @@ fn pairing_approve_reject_revoke_and_restart() {
     let id = cli_json(&s.node_dir, &["identity", "show", "--json"]);
     let list = cli_json(&s.gw_dir, &["devices", "list", "--json"]);
     assert_eq!(list["paired"][0]["deviceId"], id["deviceId"]);
+    assert!(list["next"].is_null(), "one device, one page: {list}");
+    // Paging: the page after the only device is empty; a bad cursor is a clear error.
+    let cursor = list["paired"][0]["publicKey"].as_str().unwrap();
+    let rest = cli_json(
+        &s.gw_dir,
+        &[
+            "devices", "list", "--json", "--limit", "1", "--after", cursor,
+        ],
+    );
+    assert_eq!(rest["paired"].as_array().map(Vec::len), Some(0), "{rest}");
+    let out = cli(&s.gw_dir, &["devices", "list", "--after", "bogus"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("after must be the `next` of the previous page"),
+        "{err}"
+    );
     let table = String::from_utf8_lossy(&cli(&s.gw_dir, &["nodes", "status"]).stdout).to_string();
     assert!(
         table.contains("Known: 1 · Paired: 1 · Connected: 1")

@@ -49,6 +49,13 @@ const MAX_CONNECTIONS: usize = 20_000;
 /// membership event is a full snapshot, so a dropped one is repaired by the next.
 const EVENT_QUEUE: usize = 64;
 
+/// Pairing records per event in a link-up exchange: a record is at most a few hundred bytes,
+/// so an event stays near 1-2 MB, far under the frame limit, whatever the fleet's size.
+const SYNC_CHUNK: usize = 5_000;
+
+/// Merged pairing decisions logged one line each; a larger merge is one summary line.
+const MERGE_LINES: usize = 10;
+
 /// Redial backoff start and cap: quick to relink after a blip, never more than 30 s apart.
 const REDIAL_BASE: Duration = Duration::from_millis(200);
 const REDIAL_CAP: Duration = Duration::from_secs(30);
@@ -1727,7 +1734,16 @@ impl Mesh {
         if let Some(reg) = self.inner.pairing.get() {
             match reg.records() {
                 Ok(r) if !r.is_empty() => {
-                    let _ = tx.try_send(Event::PairingSync(r));
+                    // In chunks, each a frame far under the frame limit, waiting for room in
+                    // the link's queue: 100 000 devices are 20 events, none dropped.
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        for chunk in r.chunks(SYNC_CHUNK) {
+                            if tx.send(Event::PairingSync(chunk.to_vec())).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
                 }
                 Ok(_) => {}
                 Err(e) => warn!("cannot read pairing records to share: {e}"),
@@ -1950,7 +1966,17 @@ impl Mesh {
                         self.send_snapshot(&tx);
                     }
                 }
-                Ok(Some(Event::PairingSync(records))) => self.merge_pairing(&records),
+                Ok(Some(Event::PairingSync(records))) => {
+                    // A merge is a database transaction (thousands of rows in a link-up
+                    // exchange): off the async workers, so links' pings and calls go on;
+                    // awaited, so this link's events still apply in order.
+                    let mesh = self.clone();
+                    if let Err(e) =
+                        tokio::task::spawn_blocking(move || mesh.merge_pairing(&records)).await
+                    {
+                        warn!("pairing merge failed: {e}");
+                    }
+                }
                 Ok(Some(Event::NodeVitals(mut list))) => {
                     list.truncate(crate::vitals::MAX_RELAYED);
                     let vitals: HashMap<DeviceId, Received> = list
@@ -2012,11 +2038,26 @@ impl Mesh {
         };
         match reg.apply(records) {
             Ok(changed) => {
+                // One line per decision for the usual handful; a link-up exchange of a large
+                // fleet is summed up in one line, not 100 000.
+                let approved = changed.iter().filter(|r| r.approved).count();
+                let quiet = changed.len() > MERGE_LINES;
+                if quiet {
+                    info!(
+                        approved,
+                        revoked = changed.len() - approved,
+                        "pairing decisions merged from elsewhere in the federation"
+                    );
+                }
                 for r in changed {
                     if r.approved {
-                        info!(device = %r.key.device_id().short(), name = %r.name, "pairing approved elsewhere in the federation");
+                        if !quiet {
+                            info!(device = %r.key.device_id().short(), name = %r.name, "pairing approved elsewhere in the federation");
+                        }
                     } else {
-                        info!(device = %r.key.device_id().short(), "pairing revoked elsewhere in the federation");
+                        if !quiet {
+                            info!(device = %r.key.device_id().short(), "pairing revoked elsewhere in the federation");
+                        }
                         let _ = self
                             .inner
                             .notices
