@@ -50,8 +50,8 @@ use support::{
 
 const BENCH: &str = "bench_invoke_path";
 
-/// Measured calls per series.
-const N: usize = 2000;
+/// Measured calls per series (`BENCH_INVOKE_PATH_N` overrides, e.g. for a long profile).
+const N_DEFAULT: usize = 2000;
 /// Unmeasured calls first.
 const WARMUP: usize = 50;
 /// Deadline of one call.
@@ -164,13 +164,22 @@ fn start_relay(dir: &Path, echo: SocketAddr) -> Result<SocketAddr> {
     Ok(rx.recv_timeout(Duration::from_secs(10))?)
 }
 
+/// Calls per series.
+fn n() -> usize {
+    std::env::var(support::bench_env("N"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(N_DEFAULT)
+}
+
 /// Sequential raw calls of `request` bytes to `target` from a fresh client endpoint.
 async fn raw_series(dir: &Path, target: SocketAddr, request: usize) -> Result<Lat> {
     let ep = quic_endpoint(dir)?;
     let conn = endpoint::dial(&ep, target, CALL_TIMEOUT).await?;
     let body = vec![b'q'; request];
-    let mut lat = Vec::with_capacity(N);
-    for i in 0..WARMUP + N {
+    let n = n();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..WARMUP + n {
         let t = Instant::now();
         let (mut send, mut recv) = conn.open_bi().await?;
         send.write_all(&body).await?;
@@ -189,8 +198,9 @@ async fn call_series(
     method: &str,
     params: impl Fn(usize) -> Value,
 ) -> Result<Lat> {
-    let mut lat = Vec::with_capacity(N);
-    for i in 0..WARMUP + N {
+    let n = n();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..WARMUP + n {
         let t = Instant::now();
         client
             .call(method, params(i), CALL_TIMEOUT)
@@ -203,9 +213,105 @@ async fn call_series(
     lat_stats(&mut lat)
 }
 
+/// Rounds the compared series are interleaved in (raw two hops, invoke, the old binary's
+/// invoke), so a change of the machine's load during the run hits each the same.
+const ROUNDS: usize = 5;
+
+/// One interleaved chunk: `per` calls after a few unmeasured ones, appended to `out`.
+async fn chunk<F, Fut>(per: usize, out: &mut Vec<Duration>, mut call: F) -> Result<()>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    for i in 0..10 + per {
+        let t = Instant::now();
+        call(i).await?;
+        if i >= 10 {
+            out.push(t.elapsed());
+        }
+    }
+    Ok(())
+}
+
+async fn raw_call(conn: &quinn::Connection, body: &[u8]) -> Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(body).await?;
+    send.finish()?;
+    std::hint::black_box(recv.read_to_end(MAX_RAW).await?);
+    Ok(())
+}
+
+async fn invoke_call(client: &Client, node_id: &str, k: usize) -> Result<()> {
+    client
+        .call("node.invoke", invoke_params(node_id, k), CALL_TIMEOUT)
+        .await
+        .map_err(|e| anyhow!("node.invoke: {e}"))?;
+    Ok(())
+}
+
+/// The legs of one timed invoke, in ns, from the wall-clock stamps of the benchmark client,
+/// the gateway and the node (one host, one clock).
+const LEGS: [&str; 7] = [
+    "operator → gateway (client encode, QUIC, stream accept, frame read)",
+    "gateway before the node send (params, dispatch, scope check, target lookup, audit start)",
+    "gateway → node (request encode, stream open, QUIC, node accept, frame read)",
+    "node (params, `which`, result JSON)",
+    "node → gateway (reply encode, QUIC, gateway read)",
+    "gateway after the node reply (payload parse, audit hand-off, metrics, reply JSON)",
+    "gateway → operator (reply text, frame, QUIC, client read and JSON parse)",
+];
+
+/// Invokes with `"timing": true`: the total and each leg per call.
+async fn timed_series(client: &Client, node_id: &str) -> Result<(Lat, Vec<Lat>)> {
+    let n = n();
+    let mut total = Vec::with_capacity(n);
+    let mut legs: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); LEGS.len()];
+    for i in 0..WARMUP + n {
+        let mut params = invoke_params(node_id, i);
+        params["timing"] = json!(true);
+        let t = Instant::now();
+        let sent = clawmesh::node_protocol::wall_ns();
+        let r = client
+            .call("node.invoke", params, CALL_TIMEOUT)
+            .await
+            .map_err(|e| anyhow!("node.invoke (timed): {e}"))?;
+        let got = clawmesh::node_protocol::wall_ns();
+        let el = t.elapsed();
+        if i < WARMUP {
+            continue;
+        }
+        let tm = &r["timing"];
+        let stamp = |k: &str| {
+            tm[k]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no {k} in the reply's timing: {tm}"))
+        };
+        let stamps = [
+            sent,
+            stamp("gatewayReceivedNs")?,
+            stamp("nodeSentNs")?,
+            stamp("nodeReceivedNs")?,
+            stamp("nodeRepliedNs")?,
+            stamp("replyReceivedNs")?,
+            stamp("gatewayRepliedNs")?,
+            got,
+        ];
+        for (l, w) in legs.iter_mut().zip(stamps.windows(2)) {
+            l.push(Duration::from_nanos(w[1].saturating_sub(w[0])));
+        }
+        total.push(el);
+    }
+    let legs = legs
+        .iter_mut()
+        .map(|l| lat_stats(l))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((lat_stats(&mut total)?, legs))
+}
+
 fn which_in_process() -> Result<Lat> {
-    let mut lat = Vec::with_capacity(N);
-    for i in 0..WARMUP + N {
+    let n = n();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..WARMUP + n {
         let t = Instant::now();
         let p = WhichParams::from_value(json!({"bins": ["sh"]}))?;
         let r = which::which(&p)?;
@@ -223,23 +329,47 @@ struct Report {
     two_hops: Lat,
     health: Lat,
     invoke: Lat,
+    base: Option<Lat>,
+    timed: Lat,
+    legs: Vec<Lat>,
     which: Lat,
     load: String,
+    load_end: String,
+}
+
+/// A gateway and node of `bin` under `root`: (processes, gateway dir, node id).
+fn pair(bin: &Path, root: &Path) -> Result<(Vec<support::Proc>, std::path::PathBuf, String)> {
+    std::fs::create_dir_all(root)?;
+    let (gw, node, gw_dir, node_id) =
+        start_gateway_and_node(bin, root, ("path-gw", NODE_NAME), |dir, args| {
+            Ok(clawmesh_cmd(bin, dir, args))
+        })?;
+    Ok((vec![gw, node], gw_dir, node_id))
 }
 
 fn main() -> Result<()> {
     install_ctrl_c();
     let bin = clawmesh_bin()?;
+    let base_bin = std::env::var_os(support::bench_env("BASE_BIN")).map(std::path::PathBuf::from);
     let tmp = tempfile::Builder::new()
         .prefix("bench-invoke-path-")
         .tempdir()?;
     let root = tmp.path();
     let started = now_utc();
-    let (gw, node, gw_dir, node_id) =
-        start_gateway_and_node(&bin, root, ("path-gw", NODE_NAME), |dir, args| {
-            Ok(clawmesh_cmd(&bin, dir, args))
-        })?;
-    let mut procs = vec![gw, node];
+    let (mut procs, gw_dir, node_id) = pair(&bin, root)?;
+    let base = match &base_bin {
+        Some(b) => match pair(b, &root.join("base")) {
+            Ok((p, d, id)) => {
+                procs.extend(p);
+                Some((d, id))
+            }
+            Err(e) => {
+                stop_all(&mut procs, Duration::from_secs(10));
+                return Err(e.context("starting the old binary's gateway and node"));
+            }
+        },
+        None => None,
+    };
     let result = (|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -248,6 +378,15 @@ fn main() -> Result<()> {
             let client = Client::connect(&Target::Local(gw_dir.clone()))
                 .await
                 .context("operator connection")?;
+            let base_client = match &base {
+                Some((d, id)) => Some((
+                    Client::connect(&Target::Local(d.clone()))
+                        .await
+                        .context("operator connection to the old binary's gateway")?,
+                    id.clone(),
+                )),
+                None => None,
+            };
             // Frame sizes of a real invoke: the request as sent and the answer.
             let sample = client
                 .call("node.invoke", invoke_params(&node_id, 0), CALL_TIMEOUT)
@@ -262,22 +401,53 @@ fn main() -> Result<()> {
             let load = support::loadavg3();
             eprintln!("raw one hop");
             let one_hop = raw_series(&root.join("c1"), echo, request).await?;
-            eprintln!("raw two hops");
-            let two_hops = raw_series(&root.join("c2"), relay, request).await?;
             eprintln!("health");
             let health = call_series(&client, "health", |_| json!({})).await?;
-            eprintln!("node.invoke");
-            let invoke =
-                call_series(&client, "node.invoke", |k| invoke_params(&node_id, k)).await?;
+            eprintln!(
+                "raw two hops, node.invoke{} interleaved",
+                if base_client.is_some() {
+                    ", old binary's node.invoke"
+                } else {
+                    ""
+                }
+            );
+            let ep = quic_endpoint(&root.join("c2"))?;
+            let relay_conn = endpoint::dial(&ep, relay, CALL_TIMEOUT).await?;
+            let body = vec![b'q'; request];
+            let per = n().div_ceil(ROUNDS);
+            let (mut two, mut inv, mut old) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..WARMUP {
+                raw_call(&relay_conn, &body).await?;
+            }
+            for round in 0..ROUNDS {
+                chunk(per, &mut two, |_| raw_call(&relay_conn, &body)).await?;
+                chunk(per, &mut inv, |k| {
+                    invoke_call(&client, &node_id, round * per + k)
+                })
+                .await?;
+                if let Some((c, id)) = &base_client {
+                    chunk(per, &mut old, |k| invoke_call(c, id, round * per + k)).await?;
+                }
+            }
+            eprintln!("node.invoke with hop times");
+            let (timed, legs) = timed_series(&client, &node_id).await?;
             let which = which_in_process()?;
             Ok::<_, anyhow::Error>(Report {
                 sizes: (request, reply),
                 one_hop,
-                two_hops,
+                two_hops: lat_stats(&mut two)?,
                 health,
-                invoke,
+                invoke: lat_stats(&mut inv)?,
+                base: if old.is_empty() {
+                    None
+                } else {
+                    Some(lat_stats(&mut old)?)
+                },
+                timed,
+                legs,
                 which,
                 load,
+                load_end: support::loadavg3(),
             })
         })
     })();
@@ -288,13 +458,22 @@ fn main() -> Result<()> {
     for (k, v) in machine() {
         println!("- {k}: {v}");
     }
-    println!("- load average at the start of the series: {}", r.load);
+    println!(
+        "- load average at the start / end of the series: {} / {}",
+        r.load, r.load_end
+    );
+    if let Some(b) = &base_bin {
+        println!("- old binary (BENCH_INVOKE_PATH_BASE_BIN): {}", b.display());
+    }
     println!(
         "- frame sizes of the raw path: request {} B, reply {} B (a real node.invoke and its answer)",
         r.sizes.0, r.sizes.1
     );
     println!();
-    println!("| series (sequential, n = {N}) | p50 | p90 | p99 | mean |");
+    println!(
+        "| series (sequential, n = {}) | p50 | p90 | p99 | mean |",
+        n()
+    );
     println!("|---|---|---|---|---|");
     let row = |label: &str, l: &Lat| {
         println!(
@@ -304,23 +483,55 @@ fn main() -> Result<()> {
     };
     row("raw quinn, one hop (client → echo)", &r.one_hop);
     row(
-        "**raw quinn, two hops (client → relay → echo)**",
+        "**raw quinn, two hops (client → relay → echo)** ¹",
         &r.two_hops,
     );
     row("`health` (operator → gateway)", &r.health);
     row(
-        "**`node.invoke system.which`** (operator → gateway → node)",
+        "**`node.invoke system.which`** (operator → gateway → node) ¹",
         &r.invoke,
     );
+    if let Some(b) = &r.base {
+        row("`node.invoke system.which`, old binary ¹", b);
+    }
+    row("`node.invoke` with `\"timing\": true`", &r.timed);
     row("`system.which` in-process", &r.which);
+    println!();
+    println!(
+        "¹ interleaved in {ROUNDS} rounds of {} calls each (after 10 unmeasured)",
+        n().div_ceil(ROUNDS)
+    );
     println!();
     println!(
         "invoke p50 / raw two-hop p50 = {:.2} (goal ≤ 1.3); p99 ratio {:.2}",
         r.invoke.p50 / r.two_hops.p50,
         r.invoke.p99 / r.two_hops.p99
     );
+    if let Some(b) = &r.base {
+        println!(
+            "old binary: invoke p50 / raw two-hop p50 = {:.2}; p99 ratio {:.2}",
+            b.p50 / r.two_hops.p50,
+            b.p99 / r.two_hops.p99
+        );
+    }
+    println!();
     println!(
-        "breakdown (p50 differences): gateway operator path beyond a bare QUIC round trip \
+        "Per-hop breakdown of the timed invokes (wall-clock stamps of client, gateway and node):"
+    );
+    println!();
+    println!("| leg | p50 | p90 | mean |");
+    println!("|---|---|---|---|");
+    for (name, l) in LEGS.iter().zip(&r.legs) {
+        println!(
+            "| {name} | {:.3} ms | {:.3} ms | {:.3} ms |",
+            l.p50, l.p90, l.mean
+        );
+    }
+    let sum: f64 = r.legs.iter().map(|l| l.p50).sum();
+    println!("| sum of the leg p50s | {sum:.3} ms | | |");
+    println!();
+    println!(
+        "by difference of p50s: gateway operator path beyond a bare QUIC round trip \
          (health − raw one hop) {:.3} ms; gateway → node hop with lookup, node work and back \
          (invoke − health) {:.3} ms, of which the node's `which` itself {:.3} ms; a bare second \
          QUIC hop (raw two − one) {:.3} ms",
