@@ -261,12 +261,16 @@ const LEGS: [&str; 7] = [
     "gateway → operator (reply text, frame, QUIC, client read and JSON parse)",
 ];
 
-/// Invokes with `"timing": true`: the total and each leg per call.
-async fn timed_series(client: &Client, node_id: &str) -> Result<(Lat, Vec<Lat>)> {
-    let n = n();
-    let mut total = Vec::with_capacity(n);
-    let mut legs: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); LEGS.len()];
-    for i in 0..WARMUP + n {
+/// `per` invokes with `"timing": true` (after 10 unmeasured): the total and each leg of
+/// every call appended to `total` and `legs`.
+async fn timed_chunk(
+    client: &Client,
+    node_id: &str,
+    per: usize,
+    total: &mut Vec<Duration>,
+    legs: &mut [Vec<Duration>],
+) -> Result<()> {
+    for i in 0..10 + per {
         let mut params = invoke_params(node_id, i);
         params["timing"] = json!(true);
         let t = Instant::now();
@@ -277,7 +281,7 @@ async fn timed_series(client: &Client, node_id: &str) -> Result<(Lat, Vec<Lat>)>
             .map_err(|e| anyhow!("node.invoke (timed): {e}"))?;
         let got = clawmesh::node_protocol::wall_ns();
         let el = t.elapsed();
-        if i < WARMUP {
+        if i < 10 {
             continue;
         }
         let tm = &r["timing"];
@@ -301,11 +305,7 @@ async fn timed_series(client: &Client, node_id: &str) -> Result<(Lat, Vec<Lat>)>
         }
         total.push(el);
     }
-    let legs = legs
-        .iter_mut()
-        .map(|l| lat_stats(l))
-        .collect::<Result<Vec<_>>>()?;
-    Ok((lat_stats(&mut total)?, legs))
+    Ok(())
 }
 
 fn which_in_process() -> Result<Lat> {
@@ -416,6 +416,8 @@ fn main() -> Result<()> {
             let body = vec![b'q'; request];
             let per = n().div_ceil(ROUNDS);
             let (mut two, mut inv, mut old) = (Vec::new(), Vec::new(), Vec::new());
+            let mut timed = Vec::new();
+            let mut legs: Vec<Vec<Duration>> = vec![Vec::new(); LEGS.len()];
             for _ in 0..WARMUP {
                 raw_call(&relay_conn, &body).await?;
             }
@@ -428,9 +430,12 @@ fn main() -> Result<()> {
                 if let Some((c, id)) = &base_client {
                     chunk(per, &mut old, |k| invoke_call(c, id, round * per + k)).await?;
                 }
+                timed_chunk(&client, &node_id, per, &mut timed, &mut legs).await?;
             }
-            eprintln!("node.invoke with hop times");
-            let (timed, legs) = timed_series(&client, &node_id).await?;
+            let legs = legs
+                .iter_mut()
+                .map(|l| lat_stats(l))
+                .collect::<Result<Vec<_>>>()?;
             let which = which_in_process()?;
             Ok::<_, anyhow::Error>(Report {
                 sizes: (request, reply),
@@ -443,7 +448,7 @@ fn main() -> Result<()> {
                 } else {
                     Some(lat_stats(&mut old)?)
                 },
-                timed,
+                timed: lat_stats(&mut timed)?,
                 legs,
                 which,
                 load,
@@ -494,7 +499,7 @@ fn main() -> Result<()> {
     if let Some(b) = &r.base {
         row("`node.invoke system.which`, old binary ¹", b);
     }
-    row("`node.invoke` with `\"timing\": true`", &r.timed);
+    row("`node.invoke` with `\"timing\": true` ¹", &r.timed);
     row("`system.which` in-process", &r.which);
     println!();
     println!(
