@@ -100,68 +100,129 @@ where
     Ok(())
 }
 
-/// The raw echo: answers every stream with `reply` bytes after reading the request.
-fn start_echo(dir: &Path, reply: usize) -> Result<SocketAddr> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let dir = dir.to_path_buf();
-    server_thread("raw-echo", async move {
-        let ep = quic_endpoint(&dir)?;
-        tx.send(ep.local_addr()?)?;
-        let body = vec![b'r'; reply];
-        while let Some(inc) = ep.accept().await {
-            let conn = endpoint::accept(inc).await?;
-            let body = body.clone();
-            tokio::spawn(async move {
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    let body = body.clone();
-                    tokio::spawn(async move {
-                        let _ = recv.read_to_end(MAX_RAW).await;
-                        let _ = send.write_all(&body).await;
-                        let _ = send.finish();
-                    });
-                }
-            });
-        }
-        Ok(())
-    })?;
-    Ok(rx.recv_timeout(Duration::from_secs(10))?)
+/// The raw echo: answers every stream with `reply` bytes after reading the request; `ready`
+/// gets its address.
+async fn echo_serve(
+    dir: std::path::PathBuf,
+    reply: usize,
+    ready: impl FnOnce(SocketAddr) -> Result<()>,
+) -> Result<()> {
+    let ep = quic_endpoint(&dir)?;
+    ready(ep.local_addr()?)?;
+    let body = vec![b'r'; reply];
+    while let Some(inc) = ep.accept().await {
+        let conn = endpoint::accept(inc).await?;
+        let body = body.clone();
+        tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let _ = recv.read_to_end(MAX_RAW).await;
+                    let _ = send.write_all(&body).await;
+                    let _ = send.finish();
+                });
+            }
+        });
+    }
+    Ok(())
 }
 
 /// The raw relay: every stream from a client is forwarded on one connection to `echo`.
+async fn relay_serve(
+    dir: std::path::PathBuf,
+    echo: SocketAddr,
+    ready: impl FnOnce(SocketAddr) -> Result<()>,
+) -> Result<()> {
+    let ep = quic_endpoint(&dir)?;
+    let upstream = endpoint::dial(&ep, echo, CALL_TIMEOUT).await?;
+    ready(ep.local_addr()?)?;
+    while let Some(inc) = ep.accept().await {
+        let conn = endpoint::accept(inc).await?;
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(req) = recv.read_to_end(MAX_RAW).await else {
+                        return;
+                    };
+                    let Ok((mut us, mut ur)) = upstream.open_bi().await else {
+                        return;
+                    };
+                    let _ = us.write_all(&req).await;
+                    let _ = us.finish();
+                    let Ok(reply) = ur.read_to_end(MAX_RAW).await else {
+                        return;
+                    };
+                    let _ = send.write_all(&reply).await;
+                    let _ = send.finish();
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The raw echo on a thread of this process.
+fn start_echo(dir: &Path, reply: usize) -> Result<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ready = move |a| Ok(tx.send(a)?);
+    server_thread("raw-echo", echo_serve(dir.to_path_buf(), reply, ready))?;
+    Ok(rx.recv_timeout(Duration::from_secs(10))?)
+}
+
+/// The raw relay on a thread of this process.
 fn start_relay(dir: &Path, echo: SocketAddr) -> Result<SocketAddr> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let dir = dir.to_path_buf();
-    server_thread("raw-relay", async move {
-        let ep = quic_endpoint(&dir)?;
-        let upstream = endpoint::dial(&ep, echo, CALL_TIMEOUT).await?;
-        tx.send(ep.local_addr()?)?;
-        while let Some(inc) = ep.accept().await {
-            let conn = endpoint::accept(inc).await?;
-            let upstream = upstream.clone();
-            tokio::spawn(async move {
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    let upstream = upstream.clone();
-                    tokio::spawn(async move {
-                        let Ok(req) = recv.read_to_end(MAX_RAW).await else {
-                            return;
-                        };
-                        let Ok((mut us, mut ur)) = upstream.open_bi().await else {
-                            return;
-                        };
-                        let _ = us.write_all(&req).await;
-                        let _ = us.finish();
-                        let Ok(reply) = ur.read_to_end(MAX_RAW).await else {
-                            return;
-                        };
-                        let _ = send.write_all(&reply).await;
-                        let _ = send.finish();
-                    });
-                }
-            });
-        }
-        Ok(())
-    })?;
+    let ready = move |a| Ok(tx.send(a)?);
+    server_thread("raw-relay", relay_serve(dir.to_path_buf(), echo, ready))?;
     Ok(rx.recv_timeout(Duration::from_secs(10))?)
+}
+
+/// The environment variable that makes this program a raw server process (`echo` or
+/// `relay`), for the raw path with a process per hop like the product's.
+const ROLE_ENV: &str = "BENCH_INVOKE_PATH_ROLE";
+
+/// This program as a raw server process: `BENCH_INVOKE_PATH_ROLE=echo|relay`, its state dir
+/// as the first argument, then the reply size (echo) or the echo's address (relay); writes
+/// its address to `DIR/addr` and serves until killed. A 2-worker runtime like `clawmesh`'s.
+fn serve_role(role: &str) -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = std::path::PathBuf::from(args.next().context("state dir")?);
+    let arg = args.next().context("reply size or echo address")?;
+    std::fs::create_dir_all(&dir)?;
+    let addr_file = dir.join("addr");
+    let ready = move |a: SocketAddr| Ok(std::fs::write(&addr_file, a.to_string())?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match role {
+        "echo" => rt.block_on(echo_serve(dir, arg.parse()?, ready)),
+        "relay" => rt.block_on(relay_serve(dir, arg.parse()?, ready)),
+        other => Err(anyhow!("unknown {ROLE_ENV} {other}")),
+    }
+}
+
+/// Starts this program as a raw server process and waits for its address.
+fn spawn_role(role: &str, dir: &Path, arg: &str) -> Result<(support::Proc, SocketAddr)> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.env(ROLE_ENV, role).arg(dir).arg(arg);
+    std::fs::create_dir_all(dir)?;
+    let mut p = support::Proc::spawn(&format!("raw {role}"), cmd, &dir.with_extension("log"))?;
+    // It binds and answers in milliseconds; 20 s covers a loaded machine.
+    let addr = support::poll_blocking(
+        &format!("raw {role} address"),
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || {
+            p.ensure_running()?;
+            Ok(std::fs::read_to_string(dir.join("addr"))
+                .ok()
+                .and_then(|a| a.parse().ok()))
+        },
+    )?;
+    Ok((p, addr))
 }
 
 /// Calls per series.
@@ -327,6 +388,7 @@ struct Report {
     sizes: (usize, usize),
     one_hop: Lat,
     two_hops: Lat,
+    two_procs: Lat,
     health: Lat,
     invoke: Lat,
     base: Option<Lat>,
@@ -348,6 +410,9 @@ fn pair(bin: &Path, root: &Path) -> Result<(Vec<support::Proc>, std::path::PathB
 }
 
 fn main() -> Result<()> {
+    if let Ok(role) = std::env::var(ROLE_ENV) {
+        return serve_role(&role);
+    }
     install_ctrl_c();
     let bin = clawmesh_bin()?;
     let base_bin = std::env::var_os(support::bench_env("BASE_BIN")).map(std::path::PathBuf::from);
@@ -370,6 +435,7 @@ fn main() -> Result<()> {
         },
         None => None,
     };
+    let mut procs_raw = Vec::new();
     let result = (|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -398,6 +464,13 @@ fn main() -> Result<()> {
             let reply = sample.to_string().len();
             let echo = start_echo(&root.join("echo"), reply)?;
             let relay = start_relay(&root.join("relay"), echo)?;
+            // The same two hops with relay and echo each a process of its own, as the
+            // gateway and the node are.
+            let (p_echo, echo_p) = spawn_role("echo", &root.join("echo-proc"), &reply.to_string())?;
+            procs_raw.push(p_echo);
+            let (p_relay, relay_p) =
+                spawn_role("relay", &root.join("relay-proc"), &echo_p.to_string())?;
+            procs_raw.push(p_relay);
             let load = support::loadavg3();
             eprintln!("raw one hop");
             let one_hop = raw_series(&root.join("c1"), echo, request).await?;
@@ -413,6 +486,8 @@ fn main() -> Result<()> {
             );
             let ep = quic_endpoint(&root.join("c2"))?;
             let relay_conn = endpoint::dial(&ep, relay, CALL_TIMEOUT).await?;
+            let relay_proc_conn = endpoint::dial(&ep, relay_p, CALL_TIMEOUT).await?;
+            let mut two_proc = Vec::new();
             let body = vec![b'q'; request];
             let per = n().div_ceil(ROUNDS);
             let (mut two, mut inv, mut old) = (Vec::new(), Vec::new(), Vec::new());
@@ -420,9 +495,11 @@ fn main() -> Result<()> {
             let mut legs: Vec<Vec<Duration>> = vec![Vec::new(); LEGS.len()];
             for _ in 0..WARMUP {
                 raw_call(&relay_conn, &body).await?;
+                raw_call(&relay_proc_conn, &body).await?;
             }
             for round in 0..ROUNDS {
                 chunk(per, &mut two, |_| raw_call(&relay_conn, &body)).await?;
+                chunk(per, &mut two_proc, |_| raw_call(&relay_proc_conn, &body)).await?;
                 chunk(per, &mut inv, |k| {
                     invoke_call(&client, &node_id, round * per + k)
                 })
@@ -441,6 +518,7 @@ fn main() -> Result<()> {
                 sizes: (request, reply),
                 one_hop,
                 two_hops: lat_stats(&mut two)?,
+                two_procs: lat_stats(&mut two_proc)?,
                 health,
                 invoke: lat_stats(&mut inv)?,
                 base: if old.is_empty() {
@@ -457,6 +535,7 @@ fn main() -> Result<()> {
         })
     })();
     stop_all(&mut procs, Duration::from_secs(10));
+    stop_all(&mut procs_raw, Duration::from_secs(10));
     let r = result?;
     println!("## bench_invoke_path, {started}");
     println!();
@@ -491,6 +570,10 @@ fn main() -> Result<()> {
         "**raw quinn, two hops (client → relay → echo)** ¹",
         &r.two_hops,
     );
+    row(
+        "raw quinn, two hops, relay and echo each a process ¹",
+        &r.two_procs,
+    );
     row("`health` (operator → gateway)", &r.health);
     row(
         "**`node.invoke system.which`** (operator → gateway → node) ¹",
@@ -511,6 +594,10 @@ fn main() -> Result<()> {
         "invoke p50 / raw two-hop p50 = {:.2} (goal ≤ 1.3); p99 ratio {:.2}",
         r.invoke.p50 / r.two_hops.p50,
         r.invoke.p99 / r.two_hops.p99
+    );
+    println!(
+        "invoke p50 / raw two-hop p50 with a process per hop = {:.2}",
+        r.invoke.p50 / r.two_procs.p50
     );
     if let Some(b) = &r.base {
         println!(
