@@ -1,9 +1,10 @@
 //! On-demand benchmark of the invoke path against its limit (issue 18): `node.invoke
 //! system.which` through a real gateway and node host, beside a raw two-hop quinn relay with
-//! the same frame sizes, measured in the same run, plus the pieces in between.
+//! the same frame sizes, measured in the same run, with the invoke's per-hop breakdown.
 //!
-//! All on 127.0.0.1, strictly sequential calls (n = [`N`] after [`WARMUP`]), the benchmark
-//! client on a tokio `current_thread` runtime:
+//! All on 127.0.0.1, strictly sequential calls (n = 2000 per series after warm-up;
+//! `BENCH_INVOKE_PATH_N` changes it, e.g. for a long `perf record`), the benchmark client on a
+//! tokio `current_thread` runtime:
 //!
 //! 1. **raw one hop**: client → quinn echo. One bidirectional stream per call on one
 //!    connection: the request bytes, finish, the reply bytes, finish.
@@ -13,17 +14,22 @@
 //!    `node.invoke` call and its answer (JSON, measured first). Echo and relay each run on
 //!    their own thread with a 2-worker `multi_thread` runtime (like the `clawmesh` binary),
 //!    and use the product's QUIC settings and TLS (`clawmesh_federation::endpoint`, ed25519
-//!    raw public keys, TLS 1.3).
+//!    raw public keys, TLS 1.3). Also **with relay and echo each a process of its own** (this
+//!    program started again with `BENCH_INVOKE_PATH_ROLE`), as the gateway and node are.
 //! 3. **`health`** on the gateway: operator → gateway only (client, operator protocol, method
 //!    dispatch), no node.
 //! 4. **`node.invoke` `system.which {"bins":["sh"]}`**: operator → gateway → node → back, the
-//!    real `clawmesh gateway run` and `clawmesh node run` processes (release binary).
-//! 5. **`system.which` in-process**: the node's own work, no transport.
+//!    real `clawmesh gateway run` and `clawmesh node run` processes (release binary); with
+//!    `BENCH_INVOKE_PATH_BASE_BIN=/path/to/old/clawmesh` also a second gateway and node of
+//!    that binary, for a before/after in the same run.
+//! 5. **`node.invoke` with `"timing": true`**: the same, answered with the wall-clock stamps
+//!    of the gateway and the node, which with the client's own give seven legs (operator →
+//!    gateway, gateway work before the node send, gateway → node, node work, node → gateway,
+//!    gateway work after the reply, gateway → operator).
+//! 6. **`system.which` in-process**: the node's own work, no transport.
 //!
-//! The breakdown of the invoke beyond the raw relay is by difference: (3 − 1) is what the
-//! gateway's operator path adds to a bare QUIC round trip; (4 − 3) is the gateway → node hop
-//! with the registry lookup, the node's work (5) and the way back; the raw (2 − 1) is what a
-//! bare second hop costs.
+//! The two-hop series and the invokes are interleaved in rounds, so a change of the machine's
+//! load during the run hits each alike.
 //!
 //! ```text
 //! cargo build --release --bin clawmesh --example bench_invoke_path

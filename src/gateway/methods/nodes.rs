@@ -377,7 +377,12 @@ impl Methods {
         };
         // Classic clients must send one; it reaches the node unchanged.
         let key = str_param(&params, "idempotencyKey", "node.invoke")?.to_string();
-        let inner = params.get("params").cloned().unwrap_or(Value::Null);
+        // Taken out, not copied: the rest of `params` is read below.
+        let mut params = params;
+        let inner = params
+            .get_mut("params")
+            .map(Value::take)
+            .unwrap_or(Value::Null);
         let inner = if inner.is_null() { json!({}) } else { inner };
         let all = params.get("all").and_then(Value::as_bool).unwrap_or(false);
         // Hop times for a benchmark: the gateway's receive time (from the request handler),
@@ -691,6 +696,9 @@ impl Methods {
                     gateway,
                 });
             }
+        }
+        if claims.len() == 1 {
+            return claims.pop().map(|c| c.item);
         }
         directory::resolve(claims)
             .into_iter()
