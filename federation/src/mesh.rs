@@ -664,6 +664,23 @@ impl Mesh {
         }
     }
 
+    /// Every other gateway's claim on one node, by index (no copy of any directory): (the
+    /// gateway, its health as seen from here, the node as it announced it). What a
+    /// `node.invoke` by exact id needs, at a cost that does not grow with the fleet.
+    pub fn remote_claims_of(&self, node: &DeviceId) -> Vec<(String, Status, Arc<NodeSummary>)> {
+        let st = self.state();
+        st.membership
+            .members
+            .iter()
+            .filter(|m| m.key != self.inner.key)
+            .filter_map(|m| {
+                let p = st.peers.get(&m.key)?;
+                let n = p.nodes.get(node)?;
+                Some((m.name.clone(), p.health.status(&self.health()), n.clone()))
+            })
+            .collect()
+    }
+
     /// The host vitals other gateways relayed for their nodes: (gateway, node, node name,
     /// reading), for nodes still in that gateway's directory.
     pub fn remote_node_vitals(&self) -> Vec<(String, DeviceId, String, Received)> {

@@ -198,6 +198,30 @@ impl NodeRegistry {
         }
     }
 
+    /// What an invoke of `command` needs of an attached node, without copying its
+    /// description: its link, or (`Err`) the commands it offers when it did not declare
+    /// `command`.
+    pub fn for_invoke(&self, node: &DeviceId, command: &str) -> Option<Result<NodeLink, String>> {
+        self.lock().get(node).map(|e| {
+            if e.info.commands.iter().any(|c| c == command) {
+                Ok(e.link.clone())
+            } else {
+                Err(e.info.commands.join(", "))
+            }
+        })
+    }
+
+    /// An attached node's display name and which of its attachments this is (what resolving
+    /// an invoke's target needs), without copying the rest of its description.
+    pub fn brief(
+        &self,
+        node: &DeviceId,
+    ) -> Option<(String, clawmesh_federation::directory::AttachOrder)> {
+        self.lock()
+            .get(node)
+            .map(|e| (e.info.name.clone(), e.info.attach))
+    }
+
     /// A connected node's info and link.
     pub fn get(&self, node: &DeviceId) -> Option<(NodeInfo, NodeLink)> {
         self.lock()
