@@ -997,9 +997,6 @@ async fn measure_scale(op: &mut Rpc, responder: &str, paired: usize, attached: u
     }
 }
 
-/// Adds pairing records for devices `from..to` to the stopped gateway's store, the way records
-/// arrive from another gateway of the federation (`Registry::apply`).
-
 async fn node_phase(bin: &Path, root: &Path, o: &Opts) -> Result<NodeResult> {
     let n = o.node_conns;
     let dir = root.join("nodes-gw");
