@@ -68,6 +68,7 @@ pub mod election;
 pub mod group_commit;
 pub mod log_store;
 pub mod network;
+pub mod piggyback;
 pub(crate) mod recovery;
 pub mod replica;
 pub mod state_machine;
