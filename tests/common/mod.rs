@@ -248,7 +248,44 @@ pub fn sees_healthy(dir: &Path, names: &[&str]) -> bool {
 /// A port on 127.0.0.1 free for both UDP and TCP (for gateways that must come back on the
 /// same port: a gateway binds QUIC and its WebSocket bridge on the same number, so a port
 /// only free for UDP can fail its TCP bind).
+///
+/// The port is released before the gateway binds it, so it is picked outside the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`): every socket bound to port 0 meanwhile
+/// (QUIC clients, outgoing TCP, other tests' listeners) gets an ephemeral port, so none of
+/// them can take the number in between. Within this process, numbers are handed out in
+/// turn from a pid-derived start, so two tests never get the same one.
 pub fn free_udp_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // The window outside the ephemeral range: below it if there is room (ports under
+    // 10 000 are left to well-known services), else above it.
+    let window = if lo > 12_000 {
+        Some((10_000, lo))
+    } else if hi < 63_000 {
+        Some((hi + 1, 65_535))
+    } else {
+        None
+    };
+    if let Some((start, end)) = window {
+        let span = end - start;
+        let base = std::process::id().wrapping_mul(7919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (start + (base + n) % span) as u16;
+            let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+            if udp.is_ok() && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    // No room outside the ephemeral range: ask the kernel, as before.
     loop {
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = udp.local_addr().unwrap().port();
