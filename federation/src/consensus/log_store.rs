@@ -3,6 +3,7 @@
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
@@ -46,6 +47,9 @@ const LAST_PURGED: &str = "last_purged";
 pub struct SqliteLogStore {
     store: Store,
     committed: Arc<Mutex<LazyCommitted>>,
+    /// The index after the last stored entry, as this process last wrote it (a hint for the
+    /// replication path, see [`SqliteLogStore::next_index_hint`]).
+    next_index: Arc<AtomicU64>,
 }
 
 /// The committed log id as last told by openraft, and whether the table is behind it.
@@ -65,10 +69,22 @@ impl SqliteLogStore {
     /// startup or in `spawn_blocking`).
     pub fn open(store: Store) -> Result<SqliteLogStore, ConsensusStoreError> {
         store.with_conn(|c| c.execute_batch(SCHEMA))?;
+        let last: Option<i64> =
+            store.with_conn(|c| c.query_row("SELECT MAX(idx) FROM raft_log", [], |r| r.get(0)))?;
+        let next = last.map_or(0, |l| u64::try_from(l).map_or(0, |l| l + 1));
         Ok(SqliteLogStore {
             store,
             committed: Arc::default(),
+            next_index: Arc::new(AtomicU64::new(next)),
         })
+    }
+
+    /// The index after the last entry this process appended (or found at open), without
+    /// reading the table: the replication path reads the log only when it may hold entries at
+    /// or after an index. A hint (an append in progress is not counted yet); the log itself is
+    /// what is read and sent.
+    pub fn next_index_hint(&self) -> u64 {
+        self.next_index.load(Ordering::Acquire)
     }
 
     /// The state database underneath.
@@ -243,9 +259,15 @@ impl SqliteLogStore {
             tx.commit()
         })
         .await;
-        if result.is_err() {
+        match &result {
+            Ok(()) => {
+                if let Some(last) = entries.last() {
+                    self.next_index
+                        .fetch_max(last.log_id.index + 1, Ordering::AcqRel);
+                }
+            }
             // Not written: the next append tries again.
-            self.lock_committed().unsaved = true;
+            Err(_) => self.lock_committed().unsaved = true,
         }
         result
     }
@@ -281,7 +303,9 @@ impl SqliteLogStore {
             c.execute("DELETE FROM raft_log WHERE idx >= ?1", [idx])
                 .map(|_| ())
         })
-        .await
+        .await?;
+        self.next_index.fetch_min(index, Ordering::AcqRel);
+        Ok(())
     }
 
     async fn purge_upto(&self, log_id: LogId) -> Result<(), ConsensusStoreError> {
@@ -577,17 +601,21 @@ mod tests {
             // This process reads what it was told at once.
             assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 3)));
             log.blocking_append(entries[5..8].to_vec()).await.unwrap();
+            assert_eq!(log.next_index_hint(), entries[7].log_id.index + 1);
             // Told, then the process stops before any append: not on disk.
             log.save_committed(Some(log_id(2, 7))).await.unwrap();
         }
         drop(store);
         let store = crate::store::Store::open(dir.path()).unwrap();
         let mut log = SqliteLogStore::open(store.clone()).unwrap();
+        assert_eq!(log.next_index_hint(), entries[7].log_id.index + 1);
         // Behind what was told (openraft re-learns the rest from the leader), never ahead.
         assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 3)));
         // Cleared, then written by the next append.
         log.save_committed(None).await.unwrap();
         log.blocking_append(entries[8..].to_vec()).await.unwrap();
+        log.truncate(entries[8].log_id).await.unwrap();
+        assert_eq!(log.next_index_hint(), entries[8].log_id.index);
         drop(log);
         let mut log = SqliteLogStore::open(store).unwrap();
         assert_eq!(log.read_committed().await.unwrap(), None);

@@ -228,12 +228,18 @@ impl RaftNetwork<TypeConfig> for MeshClient {
             Some(after) => {
                 let from = after.map_or(0, |l| l.index + 1);
                 let to = from.saturating_add(self.limits.entries);
-                match self.log.try_get_log_entries(from..to).await {
-                    Ok(read) => piggyback::plan(&rpc, after, read, self.limits),
-                    Err(e) => {
-                        // Only an optimisation: the empty request goes as it is.
-                        debug!(target = %self.name, "cannot read entries to piggyback: {e}");
-                        None
+                if self.log.next_index_hint() <= from {
+                    // Nothing appended past it: no read (a lone write's commit-index update
+                    // goes out at once, as before).
+                    None
+                } else {
+                    match self.log.try_get_log_entries(from..to).await {
+                        Ok(read) => piggyback::plan(&rpc, after, read, self.limits),
+                        Err(e) => {
+                            // Only an optimisation: the empty request goes as it is.
+                            debug!(target = %self.name, "cannot read entries to piggyback: {e}");
+                            None
+                        }
                     }
                 }
             }
