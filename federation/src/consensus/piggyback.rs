@@ -146,10 +146,10 @@ pub fn plan(
     limits: PiggybackLimits,
 ) -> Option<AppendRequest> {
     let leader = *rpc.vote.leader_id();
-    let mut next = after.map_or(0, |l| l.index + 1);
+    let first = after.map_or(0, |l| l.index + 1);
     let mut bytes = 0usize;
     let mut entries = Vec::new();
-    for e in read {
+    for (next, e) in (first..).zip(read) {
         let weight = match &e.payload {
             EntryPayload::Normal(cmd) => cmd.weight(),
             EntryPayload::Blank => 0,
@@ -165,7 +165,6 @@ pub fn plan(
             break;
         }
         bytes += weight;
-        next += 1;
         entries.push(e);
     }
     if entries.is_empty() {
