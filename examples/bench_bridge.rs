@@ -84,7 +84,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
@@ -997,41 +997,6 @@ async fn measure_scale(op: &mut Rpc, responder: &str, paired: usize, attached: u
     }
 }
 
-/// Adds pairing records for devices `from..to` to the stopped gateway's store, the way records
-/// arrive from another gateway of the federation (`Registry::apply`).
-fn seed_paired(dir: &Path, ids: &[DeviceIdentity], from: usize, to: usize) -> Result<()> {
-    use clawmesh_federation::pairing::{PairingRecord, Registry};
-    let _lock = clawmesh::state_dir::DirLock::acquire(dir)?;
-    let store = clawmesh_federation::store::Store::open(dir)?;
-    let registry = Registry::open(store)?;
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)?
-        .as_millis() as u64;
-    let meta =
-        json!({"deviceFamily": "Linux", "clientId": "node-host", "clientMode": "node"}).to_string();
-    let records: Vec<PairingRecord> = (from..to)
-        .map(|i| PairingRecord {
-            key: ids[i].public_key(),
-            approved: true,
-            changed_at_ms: now,
-            name: node_name(i),
-            role: "node".into(),
-            platform: "linux".into(),
-            meta: meta.clone(),
-            token: None,
-        })
-        .collect();
-    let changed = registry.apply(&records)?;
-    if changed.len() != records.len() {
-        bail!(
-            "seeding: {} of {} records applied",
-            changed.len(),
-            records.len()
-        );
-    }
-    Ok(())
-}
-
 async fn node_phase(bin: &Path, root: &Path, o: &Opts) -> Result<NodeResult> {
     let n = o.node_conns;
     let dir = root.join("nodes-gw");
@@ -1111,7 +1076,9 @@ async fn node_phase(bin: &Path, root: &Path, o: &Opts) -> Result<NodeResult> {
     let t0 = Instant::now();
     if n > wave {
         eprintln!("nodes: seeding {} paired devices", n - wave);
-        seed_paired(&dir, &ids, wave, n)?;
+        let meta = json!({"deviceFamily": "Linux", "clientId": "node-host", "clientMode": "node"})
+            .to_string();
+        support::seed_paired_nodes(&dir, &ids, (wave, n), node_name, &meta)?;
     }
     let seed_secs = t0.elapsed().as_secs_f64();
 

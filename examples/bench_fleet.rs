@@ -14,10 +14,13 @@
 //!    gateways' own counters: frames written), beside the full directory every change
 //!    re-sent before (the snapshot of 10 000 nodes, encoded the same way); and the time until
 //!    the real gateway lists exactly the simulated gateways' nodes after the churn stops.
-//! 2. **Listing**: `node.list {"all":true}` with 10 nodes in the federation and with
-//!    100 002, n = 5 each: the gateway's own time to build the answer (its debug log line
-//!    `node.list built`), and the client's round trip (QUIC transfer and JSON parse
-//!    included); a page of 1 000 (`limit`); the gateway's VmRSS before, after, and 5 s after.
+//! 2. **Listing**: `node.list {"all":true}` of every node, in pages of 20 000 (100 000 rows
+//!    in one answer would pass the 32 MiB frame limit), n = 3, at 30 000 and 100 002 nodes:
+//!    the gateway's own time to build each answer (its debug log line `node.list built`, with
+//!    the part spent finding or building its listing index), per page and summed over the
+//!    pages; the client's round trip (QUIC transfer and JSON parse included); a page of
+//!    1 000 (`limit`); a whole listing after one node changed (the index rebuilt once); the
+//!    gateway's VmRSS before, after, and 12 s later (the index is dropped after 10 s unused).
 //! 3. **Approve and revoke** through the gateway's methods (`device.pair.approve`, what
 //!    `clawmesh devices approve` calls, and `device.pair.remove`): 10 real `clawmesh node run`
 //!    processes ask to pair, each is approved, attaches (admission by its paired key) and is
@@ -30,7 +33,17 @@
 //! cargo run --release --example bench_fleet
 //! ```
 //!
-//! `CLAWMESH_BIN=/path/to/clawmesh` selects another binary. Everything runs on 127.0.0.1.
+//! `CLAWMESH_BIN=/path/to/clawmesh` selects another binary. `BENCH_FLEET_PART=listing` runs
+//! only the listing at 100 002 nodes (≈ 2 min a binary), and with it
+//! `BENCH_FLEET_BASE_BIN=/path/to/old/clawmesh` measures that baseline binary first, in the
+//! same run, each on its own fresh gateways:
+//!
+//! ```text
+//! BENCH_FLEET_PART=listing BENCH_FLEET_BASE_BIN=/tmp/clawmesh-before \
+//!     cargo run --release --example bench_fleet
+//! ```
+//!
+//! Everything runs on 127.0.0.1.
 
 #[path = "support/mod.rs"]
 #[allow(dead_code)]
@@ -178,21 +191,55 @@ fn rss_kb(pid: i32) -> u64 {
     support::status_field(pid, "VmRSS").unwrap_or(0)
 }
 
-/// The `node.list built` lines of the gateway's log: (micros, bytes), in order.
-fn built_lines(log: &Path) -> Vec<(u64, u64)> {
+/// One `node.list built` line of the gateway's log.
+#[derive(Debug, Clone, Copy)]
+struct Built {
+    /// The whole answer, at the gateway.
+    micros: u64,
+    /// Of which finding or building the index (`None`: a binary without one).
+    index_micros: Option<u64>,
+    /// The index's size (its rows' text and entries).
+    index_bytes: Option<u64>,
+    bytes: u64,
+}
+
+/// Whether a `node.list built` line is one of this benchmark's pages (of `PAGE` or 1 000
+/// rows), not the gateway's own alert duty reading its nodes twice a second. A binary that
+/// does not log `limit` (the baseline) reads every node in one answer, over 30 MB at 100 000
+/// nodes, where a page of 20 000 is under 20 MB.
+fn ours(l: &str, bytes: u64) -> bool {
+    match l.find(" limit=") {
+        Some(at) => {
+            let v: String = l[at + 7..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            v == PAGE.to_string() || v == "1000"
+        }
+        None => bytes < 30_000_000,
+    }
+}
+
+/// The `node.list built` lines of the gateway's log, in order.
+fn built_lines(log: &Path) -> Vec<Built> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
         .filter(|l| l.contains("node.list built"))
         .filter_map(|l| {
             let field = |k: &str| -> Option<u64> {
-                let at = l.find(&format!("{k}="))? + k.len() + 1;
+                let at = l.find(&format!(" {k}="))? + k.len() + 2;
                 l[at..]
                     .split(|c: char| !c.is_ascii_digit())
                     .next()?
                     .parse()
                     .ok()
             };
-            Some((field("micros")?, field("bytes")?))
+            Some(Built {
+                micros: field("micros")?,
+                index_micros: field("index_micros"),
+                index_bytes: field("index_bytes"),
+                bytes: field("bytes").filter(|b| ours(l, *b))?,
+            })
         })
         .collect()
 }
@@ -324,7 +371,17 @@ async fn wait_listed(hub: &Hub, sims: &[Sim], deadline: Duration) -> Result<Dura
     }
 }
 
-async fn bench_listing(hub: &Hub, label: &str) -> Result<()> {
+/// How long the listing measurements wait for the gateway to give back a listing's memory:
+/// the gateway drops its listing index after 10 s unused.
+const SETTLE: Duration = Duration::from_secs(12);
+
+/// The header of [`bench_listing`]'s table.
+fn listing_header() {
+    println!("| binary, federation | rows (pages of 20 000) | built at the gateway: per page / all pages (ms) | of which the index, first page (ms) | client round trip, all pages (ms) | answer | page of 1 000: built / round trip (ms) | all pages after one node changed: built (ms) | hub VmRSS before / after / {} s later |", SETTLE.as_secs());
+    println!("|---|---|---|---|---|---|---|---|---|");
+}
+
+async fn bench_listing(hub: &Hub, sims: &mut [Sim], label: &str) -> Result<()> {
     let pid = hub.proc.pid();
     let before = rss_kb(pid);
     let log = hub.proc.log.clone();
@@ -350,30 +407,67 @@ async fn bench_listing(hub: &Hub, label: &str) -> Result<()> {
             .map_err(|e| anyhow!("{e}"))?;
         page.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // One node of one simulated gateway changes (a newer attachment): the next listing
+    // rebuilds its index once, then pages as before.
+    let mut changed = Vec::new();
+    for round in 0..3u64 {
+        let s = &mut sims[(round as usize) % sims.len()];
+        if let Some(n) = s.nodes.first_mut() {
+            n.attach.attach += 1;
+        }
+        s.mesh.set_local_nodes(s.nodes.clone());
+        // The delta goes out within the 50 ms coalescing window.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let from = built_lines(&log).len();
+        list_all(hub).await?;
+        let lines = built_lines(&log);
+        changed.push(
+            lines[from..]
+                .iter()
+                .map(|b| b.micros as f64 / 1000.0)
+                .sum::<f64>(),
+        );
+    }
+    tokio::time::sleep(SETTLE).await;
     let later = rss_kb(pid);
     let lines = built_lines(&log);
+    let listings = &lines[skip..skip_pages];
     // One listing = `pages` answers; its build time is their sum.
-    let full: Vec<f64> = lines[skip..skip_pages]
+    let full: Vec<f64> = listings
         .chunks(pages.max(1))
-        .map(|c| c.iter().map(|(us, _)| *us as f64 / 1000.0).sum())
+        .map(|c| c.iter().map(|b| b.micros as f64 / 1000.0).sum())
         .collect();
-    let bytes: u64 = lines[skip..skip_pages]
-        .iter()
-        .take(pages)
-        .map(|(_, b)| *b)
-        .sum();
-    let paged: Vec<f64> = lines[skip_pages..]
-        .iter()
-        .map(|(us, _)| *us as f64 / 1000.0)
+    let per_page: Vec<f64> = listings.iter().map(|b| b.micros as f64 / 1000.0).collect();
+    let index_first: Vec<f64> = listings
+        .chunks(pages.max(1))
+        .filter_map(|c| c.first()?.index_micros)
+        .map(|us| us as f64 / 1000.0)
         .collect();
+    let bytes: u64 = listings.iter().take(pages).map(|b| b.bytes).sum();
+    let paged: Vec<f64> = lines[skip_pages..skip_pages + 5]
+        .iter()
+        .map(|b| b.micros as f64 / 1000.0)
+        .collect();
+    let index_text = match listings.first().and_then(|b| b.index_bytes) {
+        None => "– (no index)".to_string(),
+        // The first listing builds the index (unless a listing before found it); the others
+        // find it.
+        Some(size) => format!(
+            "{:.2} first listing, {:.2} median; index {:.1} MB",
+            index_first.first().copied().unwrap_or(f64::NAN),
+            median(index_first.clone()),
+            size as f64 / 1e6
+        ),
+    };
     println!(
-        "| {label} | {rows} in {pages} pages | {:.2} | {:.2} | {:.1} MB | {:.2} / {:.2} | {} / {} / {} |",
+        "| {label} | {rows} in {pages} pages | {:.2} / {:.2} | {index_text} | {:.2} | {:.1} MB | {:.2} / {:.2} | {:.2} | {} / {} / {} |",
+        median(per_page),
         median(full),
         median(rtt),
         bytes as f64 / 1e6,
         median(paged),
         median(page),
+        median(changed),
         support::mb(before),
         support::mb(after),
         support::mb(later),
@@ -524,20 +618,9 @@ async fn seed_pairing(hub: &Hub, sim: &Sim, from: u64, to: u64) -> Result<Durati
 /// Seeded pairing records use keys from here on (no simulated node has them).
 const SEEDED: u64 = 1 << 40;
 
-async fn run() -> Result<()> {
-    let bin = std::env::var_os("CLAWMESH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/clawmesh")
-        });
-    let tmp = tempfile::tempdir()?;
-    let root = tmp.path();
-    println!(
-        "{BENCH}: {} , load average {} at the start",
-        bin.display(),
-        support::loadavg3()
-    );
-    let hub = start_hub(&bin, root).await?;
+/// The measured gateway and the simulated gateways, joined in a full mesh.
+async fn start_fleet(bin: &Path, root: &Path) -> Result<(Hub, Vec<Sim>)> {
+    let hub = start_hub(bin, root).await?;
     let addr = hub_addr(&hub.dir)?;
     let mut sims = Vec::new();
     for i in 0..SIMS {
@@ -565,6 +648,62 @@ async fn run() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok((hub, sims))
+}
+
+/// `BENCH_FLEET_PART=listing`: only the listing at 100 002 nodes, for the binary measured and,
+/// with `BENCH_FLEET_BASE_BIN`, for that baseline binary first (each with its own gateways).
+async fn run_listing(bin: &Path) -> Result<()> {
+    let mut bins = Vec::new();
+    if let Some(base) = std::env::var_os(support::bench_env("BASE_BIN")) {
+        bins.push(("baseline", PathBuf::from(base)));
+    }
+    bins.push(("this build", bin.to_path_buf()));
+    println!("\n### `node.list {{\"all\":true}}` at 100 002 nodes (all pages n = 3, one page n = 5, after a change n = 3; medians)\n");
+    listing_header();
+    for (label, bin) in bins {
+        let tmp = tempfile::tempdir()?;
+        let (hub, mut sims) = start_fleet(&bin, tmp.path()).await?;
+        let mut next = 0u64;
+        for s in sims.iter_mut() {
+            s.nodes = (next..next + 33_334).map(summary).collect();
+            next += 33_334;
+            s.mesh.set_local_nodes(s.nodes.clone());
+        }
+        wait_listed(&hub, &sims, Duration::from_secs(180)).await?;
+        bench_listing(
+            &hub,
+            &mut sims,
+            &format!("{label}: {}, 100 002 simulated", bin.display()),
+        )
+        .await?;
+        hub.client.close().await;
+        let mut hub_proc = hub.proc;
+        hub_proc.stop(Duration::from_secs(10));
+        for s in &sims {
+            s.mesh.shutdown("benchmark done").await;
+        }
+    }
+    Ok(())
+}
+
+async fn run() -> Result<()> {
+    let bin = std::env::var_os("CLAWMESH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/clawmesh")
+        });
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    println!(
+        "{BENCH}: {} , load average {} at the start",
+        bin.display(),
+        support::loadavg3()
+    );
+    if std::env::var(support::bench_env("PART")).as_deref() == Ok("listing") {
+        return run_listing(&bin).await;
+    }
+    let (hub, mut sims) = start_fleet(&bin, root).await?;
 
     // 2 (baseline first): listing 10 nodes; approvals at 10 paired devices.
     let mut next = 0u64;
@@ -659,11 +798,10 @@ async fn run() -> Result<()> {
     );
 
     // 2: listing at 100 002 nodes.
-    println!("\n### `node.list {{\"all\":true}}` (all pages n = 3, one page n = 5; medians)\n");
-    println!("| federation | rows (pages of 20 000) | built at the gateway, all pages (ms) | client round trip, all pages (ms) | answer | first page of 1 000: built / round trip (ms) | hub VmRSS before / after / 5 s later |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("\n### `node.list {{\"all\":true}}` (all pages n = 3, one page n = 5, after a change n = 3; medians)\n");
+    listing_header();
     // (The 30 000-node state is measured too, as a midpoint.)
-    bench_listing(&hub, "30 000 simulated + 0 local").await?;
+    bench_listing(&hub, &mut sims, "30 000 simulated + 0 local").await?;
     for s in sims.iter_mut() {
         let more = 33_334 - s.nodes.len() as u64;
         s.nodes.extend((next..next + more).map(summary));
@@ -671,7 +809,7 @@ async fn run() -> Result<()> {
         s.mesh.set_local_nodes(s.nodes.clone());
     }
     wait_listed(&hub, &sims, Duration::from_secs(120)).await?;
-    bench_listing(&hub, "100 002 simulated").await?;
+    bench_listing(&hub, &mut sims, "100 002 simulated").await?;
 
     // 3: approvals at 100 000 paired devices.
     let t = seed_pairing(&hub, &sims[0], 10, 100_000).await?;
@@ -682,7 +820,7 @@ async fn run() -> Result<()> {
     println!("| round | paired devices | `device.pair.approve` p50 | `device.pair.remove` p50 | 10 approved nodes attached after (ms) |");
     println!("|---|---|---|---|---|");
     bench_approvals(&bin, root, &hub, "at-100k", 100_000).await?;
-    bench_listing(&hub, "100 002 simulated, 100 000 paired").await?;
+    bench_listing(&hub, &mut sims, "100 002 simulated, 100 000 paired").await?;
 
     hub.client.close().await;
     let mut hub_proc = hub.proc;

@@ -1,9 +1,10 @@
 //! On-demand benchmark of the invoke path against its limit (issue 18): `node.invoke
 //! system.which` through a real gateway and node host, beside a raw two-hop quinn relay with
-//! the same frame sizes, measured in the same run, plus the pieces in between.
+//! the same frame sizes, measured in the same run, with the invoke's per-hop breakdown.
 //!
-//! All on 127.0.0.1, strictly sequential calls (n = [`N`] after [`WARMUP`]), the benchmark
-//! client on a tokio `current_thread` runtime:
+//! All on 127.0.0.1, strictly sequential calls (n = 2000 per series after warm-up;
+//! `BENCH_INVOKE_PATH_N` changes it, e.g. for a long `perf record`), the benchmark client on a
+//! tokio `current_thread` runtime:
 //!
 //! 1. **raw one hop**: client → quinn echo. One bidirectional stream per call on one
 //!    connection: the request bytes, finish, the reply bytes, finish.
@@ -13,17 +14,22 @@
 //!    `node.invoke` call and its answer (JSON, measured first). Echo and relay each run on
 //!    their own thread with a 2-worker `multi_thread` runtime (like the `clawmesh` binary),
 //!    and use the product's QUIC settings and TLS (`clawmesh_federation::endpoint`, ed25519
-//!    raw public keys, TLS 1.3).
+//!    raw public keys, TLS 1.3). Also **with relay and echo each a process of its own** (this
+//!    program started again with `BENCH_INVOKE_PATH_ROLE`), as the gateway and node are.
 //! 3. **`health`** on the gateway: operator → gateway only (client, operator protocol, method
 //!    dispatch), no node.
 //! 4. **`node.invoke` `system.which {"bins":["sh"]}`**: operator → gateway → node → back, the
-//!    real `clawmesh gateway run` and `clawmesh node run` processes (release binary).
-//! 5. **`system.which` in-process**: the node's own work, no transport.
+//!    real `clawmesh gateway run` and `clawmesh node run` processes (release binary); with
+//!    `BENCH_INVOKE_PATH_BASE_BIN=/path/to/old/clawmesh` also a second gateway and node of
+//!    that binary, for a before/after in the same run.
+//! 5. **`node.invoke` with `"timing": true`**: the same, answered with the wall-clock stamps
+//!    of the gateway and the node, which with the client's own give seven legs (operator →
+//!    gateway, gateway work before the node send, gateway → node, node work, node → gateway,
+//!    gateway work after the reply, gateway → operator).
+//! 6. **`system.which` in-process**: the node's own work, no transport.
 //!
-//! The breakdown of the invoke beyond the raw relay is by difference: (3 − 1) is what the
-//! gateway's operator path adds to a bare QUIC round trip; (4 − 3) is the gateway → node hop
-//! with the registry lookup, the node's work (5) and the way back; the raw (2 − 1) is what a
-//! bare second hop costs.
+//! The two-hop series and the invokes are interleaved in rounds, so a change of the machine's
+//! load during the run hits each alike.
 //!
 //! ```text
 //! cargo build --release --bin clawmesh --example bench_invoke_path
@@ -50,8 +56,8 @@ use support::{
 
 const BENCH: &str = "bench_invoke_path";
 
-/// Measured calls per series.
-const N: usize = 2000;
+/// Measured calls per series (`BENCH_INVOKE_PATH_N` overrides, e.g. for a long profile).
+const N_DEFAULT: usize = 2000;
 /// Unmeasured calls first.
 const WARMUP: usize = 50;
 /// Deadline of one call.
@@ -100,68 +106,137 @@ where
     Ok(())
 }
 
-/// The raw echo: answers every stream with `reply` bytes after reading the request.
-fn start_echo(dir: &Path, reply: usize) -> Result<SocketAddr> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let dir = dir.to_path_buf();
-    server_thread("raw-echo", async move {
-        let ep = quic_endpoint(&dir)?;
-        tx.send(ep.local_addr()?)?;
-        let body = vec![b'r'; reply];
-        while let Some(inc) = ep.accept().await {
-            let conn = endpoint::accept(inc).await?;
-            let body = body.clone();
-            tokio::spawn(async move {
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    let body = body.clone();
-                    tokio::spawn(async move {
-                        let _ = recv.read_to_end(MAX_RAW).await;
-                        let _ = send.write_all(&body).await;
-                        let _ = send.finish();
-                    });
-                }
-            });
-        }
-        Ok(())
-    })?;
-    Ok(rx.recv_timeout(Duration::from_secs(10))?)
+/// The raw echo: answers every stream with `reply` bytes after reading the request; `ready`
+/// gets its address.
+async fn echo_serve(
+    dir: std::path::PathBuf,
+    reply: usize,
+    ready: impl FnOnce(SocketAddr) -> Result<()>,
+) -> Result<()> {
+    let ep = quic_endpoint(&dir)?;
+    ready(ep.local_addr()?)?;
+    let body = vec![b'r'; reply];
+    while let Some(inc) = ep.accept().await {
+        let conn = endpoint::accept(inc).await?;
+        let body = body.clone();
+        tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let _ = recv.read_to_end(MAX_RAW).await;
+                    let _ = send.write_all(&body).await;
+                    let _ = send.finish();
+                });
+            }
+        });
+    }
+    Ok(())
 }
 
 /// The raw relay: every stream from a client is forwarded on one connection to `echo`.
+async fn relay_serve(
+    dir: std::path::PathBuf,
+    echo: SocketAddr,
+    ready: impl FnOnce(SocketAddr) -> Result<()>,
+) -> Result<()> {
+    let ep = quic_endpoint(&dir)?;
+    let upstream = endpoint::dial(&ep, echo, CALL_TIMEOUT).await?;
+    ready(ep.local_addr()?)?;
+    while let Some(inc) = ep.accept().await {
+        let conn = endpoint::accept(inc).await?;
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(req) = recv.read_to_end(MAX_RAW).await else {
+                        return;
+                    };
+                    let Ok((mut us, mut ur)) = upstream.open_bi().await else {
+                        return;
+                    };
+                    let _ = us.write_all(&req).await;
+                    let _ = us.finish();
+                    let Ok(reply) = ur.read_to_end(MAX_RAW).await else {
+                        return;
+                    };
+                    let _ = send.write_all(&reply).await;
+                    let _ = send.finish();
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+/// The raw echo on a thread of this process.
+fn start_echo(dir: &Path, reply: usize) -> Result<SocketAddr> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ready = move |a| Ok(tx.send(a)?);
+    server_thread("raw-echo", echo_serve(dir.to_path_buf(), reply, ready))?;
+    Ok(rx.recv_timeout(Duration::from_secs(10))?)
+}
+
+/// The raw relay on a thread of this process.
 fn start_relay(dir: &Path, echo: SocketAddr) -> Result<SocketAddr> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let dir = dir.to_path_buf();
-    server_thread("raw-relay", async move {
-        let ep = quic_endpoint(&dir)?;
-        let upstream = endpoint::dial(&ep, echo, CALL_TIMEOUT).await?;
-        tx.send(ep.local_addr()?)?;
-        while let Some(inc) = ep.accept().await {
-            let conn = endpoint::accept(inc).await?;
-            let upstream = upstream.clone();
-            tokio::spawn(async move {
-                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                    let upstream = upstream.clone();
-                    tokio::spawn(async move {
-                        let Ok(req) = recv.read_to_end(MAX_RAW).await else {
-                            return;
-                        };
-                        let Ok((mut us, mut ur)) = upstream.open_bi().await else {
-                            return;
-                        };
-                        let _ = us.write_all(&req).await;
-                        let _ = us.finish();
-                        let Ok(reply) = ur.read_to_end(MAX_RAW).await else {
-                            return;
-                        };
-                        let _ = send.write_all(&reply).await;
-                        let _ = send.finish();
-                    });
-                }
-            });
-        }
-        Ok(())
-    })?;
+    let ready = move |a| Ok(tx.send(a)?);
+    server_thread("raw-relay", relay_serve(dir.to_path_buf(), echo, ready))?;
     Ok(rx.recv_timeout(Duration::from_secs(10))?)
+}
+
+/// The environment variable that makes this program a raw server process (`echo` or
+/// `relay`), for the raw path with a process per hop like the product's.
+const ROLE_ENV: &str = "BENCH_INVOKE_PATH_ROLE";
+
+/// This program as a raw server process: `BENCH_INVOKE_PATH_ROLE=echo|relay`, its state dir
+/// as the first argument, then the reply size (echo) or the echo's address (relay); writes
+/// its address to `DIR/addr` and serves until killed. A 2-worker runtime like `clawmesh`'s.
+fn serve_role(role: &str) -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let dir = std::path::PathBuf::from(args.next().context("state dir")?);
+    let arg = args.next().context("reply size or echo address")?;
+    std::fs::create_dir_all(&dir)?;
+    let addr_file = dir.join("addr");
+    let ready = move |a: SocketAddr| Ok(std::fs::write(&addr_file, a.to_string())?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    match role {
+        "echo" => rt.block_on(echo_serve(dir, arg.parse()?, ready)),
+        "relay" => rt.block_on(relay_serve(dir, arg.parse()?, ready)),
+        other => Err(anyhow!("unknown {ROLE_ENV} {other}")),
+    }
+}
+
+/// Starts this program as a raw server process and waits for its address.
+fn spawn_role(role: &str, dir: &Path, arg: &str) -> Result<(support::Proc, SocketAddr)> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.env(ROLE_ENV, role).arg(dir).arg(arg);
+    std::fs::create_dir_all(dir)?;
+    let mut p = support::Proc::spawn(&format!("raw {role}"), cmd, &dir.with_extension("log"))?;
+    // It binds and answers in milliseconds; 20 s covers a loaded machine.
+    let addr = support::poll_blocking(
+        &format!("raw {role} address"),
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || {
+            p.ensure_running()?;
+            Ok(std::fs::read_to_string(dir.join("addr"))
+                .ok()
+                .and_then(|a| a.parse().ok()))
+        },
+    )?;
+    Ok((p, addr))
+}
+
+/// Calls per series.
+fn n() -> usize {
+    std::env::var(support::bench_env("N"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(N_DEFAULT)
 }
 
 /// Sequential raw calls of `request` bytes to `target` from a fresh client endpoint.
@@ -169,8 +244,9 @@ async fn raw_series(dir: &Path, target: SocketAddr, request: usize) -> Result<La
     let ep = quic_endpoint(dir)?;
     let conn = endpoint::dial(&ep, target, CALL_TIMEOUT).await?;
     let body = vec![b'q'; request];
-    let mut lat = Vec::with_capacity(N);
-    for i in 0..WARMUP + N {
+    let n = n();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..WARMUP + n {
         let t = Instant::now();
         let (mut send, mut recv) = conn.open_bi().await?;
         send.write_all(&body).await?;
@@ -189,8 +265,9 @@ async fn call_series(
     method: &str,
     params: impl Fn(usize) -> Value,
 ) -> Result<Lat> {
-    let mut lat = Vec::with_capacity(N);
-    for i in 0..WARMUP + N {
+    let n = n();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..WARMUP + n {
         let t = Instant::now();
         client
             .call(method, params(i), CALL_TIMEOUT)
@@ -203,9 +280,105 @@ async fn call_series(
     lat_stats(&mut lat)
 }
 
+/// Rounds the compared series are interleaved in (raw two hops, invoke, the old binary's
+/// invoke), so a change of the machine's load during the run hits each the same.
+const ROUNDS: usize = 5;
+
+/// One interleaved chunk: `per` calls after a few unmeasured ones, appended to `out`.
+async fn chunk<F, Fut>(per: usize, out: &mut Vec<Duration>, mut call: F) -> Result<()>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    for i in 0..10 + per {
+        let t = Instant::now();
+        call(i).await?;
+        if i >= 10 {
+            out.push(t.elapsed());
+        }
+    }
+    Ok(())
+}
+
+async fn raw_call(conn: &quinn::Connection, body: &[u8]) -> Result<()> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(body).await?;
+    send.finish()?;
+    std::hint::black_box(recv.read_to_end(MAX_RAW).await?);
+    Ok(())
+}
+
+async fn invoke_call(client: &Client, node_id: &str, k: usize) -> Result<()> {
+    client
+        .call("node.invoke", invoke_params(node_id, k), CALL_TIMEOUT)
+        .await
+        .map_err(|e| anyhow!("node.invoke: {e}"))?;
+    Ok(())
+}
+
+/// The legs of one timed invoke, in ns, from the wall-clock stamps of the benchmark client,
+/// the gateway and the node (one host, one clock).
+const LEGS: [&str; 7] = [
+    "operator → gateway (client encode, QUIC, stream accept, frame read)",
+    "gateway before the node send (params, dispatch, scope check, target lookup, audit start)",
+    "gateway → node (request encode, stream open, QUIC, node accept, frame read)",
+    "node (params, `which`, result JSON)",
+    "node → gateway (reply encode, QUIC, gateway read)",
+    "gateway after the node reply (payload parse, audit hand-off, metrics, reply JSON)",
+    "gateway → operator (reply text, frame, QUIC, client read and JSON parse)",
+];
+
+/// `per` invokes with `"timing": true` (after 10 unmeasured): the total and each leg of
+/// every call appended to `total` and `legs`.
+async fn timed_chunk(
+    client: &Client,
+    node_id: &str,
+    per: usize,
+    total: &mut Vec<Duration>,
+    legs: &mut [Vec<Duration>],
+) -> Result<()> {
+    for i in 0..10 + per {
+        let mut params = invoke_params(node_id, i);
+        params["timing"] = json!(true);
+        let t = Instant::now();
+        let sent = clawmesh::node_protocol::wall_ns();
+        let r = client
+            .call("node.invoke", params, CALL_TIMEOUT)
+            .await
+            .map_err(|e| anyhow!("node.invoke (timed): {e}"))?;
+        let got = clawmesh::node_protocol::wall_ns();
+        let el = t.elapsed();
+        if i < 10 {
+            continue;
+        }
+        let tm = &r["timing"];
+        let stamp = |k: &str| {
+            tm[k]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no {k} in the reply's timing: {tm}"))
+        };
+        let stamps = [
+            sent,
+            stamp("gatewayReceivedNs")?,
+            stamp("nodeSentNs")?,
+            stamp("nodeReceivedNs")?,
+            stamp("nodeRepliedNs")?,
+            stamp("replyReceivedNs")?,
+            stamp("gatewayRepliedNs")?,
+            got,
+        ];
+        for (l, w) in legs.iter_mut().zip(stamps.windows(2)) {
+            l.push(Duration::from_nanos(w[1].saturating_sub(w[0])));
+        }
+        total.push(el);
+    }
+    Ok(())
+}
+
 fn which_in_process() -> Result<Lat> {
-    let mut lat = Vec::with_capacity(N);
-    for i in 0..WARMUP + N {
+    let n = n();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..WARMUP + n {
         let t = Instant::now();
         let p = WhichParams::from_value(json!({"bins": ["sh"]}))?;
         let r = which::which(&p)?;
@@ -221,25 +394,54 @@ struct Report {
     sizes: (usize, usize),
     one_hop: Lat,
     two_hops: Lat,
+    two_procs: Lat,
     health: Lat,
     invoke: Lat,
+    base: Option<Lat>,
+    timed: Lat,
+    legs: Vec<Lat>,
     which: Lat,
     load: String,
+    load_end: String,
+}
+
+/// A gateway and node of `bin` under `root`: (processes, gateway dir, node id).
+fn pair(bin: &Path, root: &Path) -> Result<(Vec<support::Proc>, std::path::PathBuf, String)> {
+    std::fs::create_dir_all(root)?;
+    let (gw, node, gw_dir, node_id) =
+        start_gateway_and_node(bin, root, ("path-gw", NODE_NAME), |dir, args| {
+            Ok(clawmesh_cmd(bin, dir, args))
+        })?;
+    Ok((vec![gw, node], gw_dir, node_id))
 }
 
 fn main() -> Result<()> {
+    if let Ok(role) = std::env::var(ROLE_ENV) {
+        return serve_role(&role);
+    }
     install_ctrl_c();
     let bin = clawmesh_bin()?;
+    let base_bin = std::env::var_os(support::bench_env("BASE_BIN")).map(std::path::PathBuf::from);
     let tmp = tempfile::Builder::new()
         .prefix("bench-invoke-path-")
         .tempdir()?;
     let root = tmp.path();
     let started = now_utc();
-    let (gw, node, gw_dir, node_id) =
-        start_gateway_and_node(&bin, root, ("path-gw", NODE_NAME), |dir, args| {
-            Ok(clawmesh_cmd(&bin, dir, args))
-        })?;
-    let mut procs = vec![gw, node];
+    let (mut procs, gw_dir, node_id) = pair(&bin, root)?;
+    let base = match &base_bin {
+        Some(b) => match pair(b, &root.join("base")) {
+            Ok((p, d, id)) => {
+                procs.extend(p);
+                Some((d, id))
+            }
+            Err(e) => {
+                stop_all(&mut procs, Duration::from_secs(10));
+                return Err(e.context("starting the old binary's gateway and node"));
+            }
+        },
+        None => None,
+    };
+    let mut procs_raw = Vec::new();
     let result = (|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -248,6 +450,15 @@ fn main() -> Result<()> {
             let client = Client::connect(&Target::Local(gw_dir.clone()))
                 .await
                 .context("operator connection")?;
+            let base_client = match &base {
+                Some((d, id)) => Some((
+                    Client::connect(&Target::Local(d.clone()))
+                        .await
+                        .context("operator connection to the old binary's gateway")?,
+                    id.clone(),
+                )),
+                None => None,
+            };
             // Frame sizes of a real invoke: the request as sent and the answer.
             let sample = client
                 .call("node.invoke", invoke_params(&node_id, 0), CALL_TIMEOUT)
@@ -259,42 +470,100 @@ fn main() -> Result<()> {
             let reply = sample.to_string().len();
             let echo = start_echo(&root.join("echo"), reply)?;
             let relay = start_relay(&root.join("relay"), echo)?;
+            // The same two hops with relay and echo each a process of its own, as the
+            // gateway and the node are.
+            let (p_echo, echo_p) = spawn_role("echo", &root.join("echo-proc"), &reply.to_string())?;
+            procs_raw.push(p_echo);
+            let (p_relay, relay_p) =
+                spawn_role("relay", &root.join("relay-proc"), &echo_p.to_string())?;
+            procs_raw.push(p_relay);
             let load = support::loadavg3();
             eprintln!("raw one hop");
             let one_hop = raw_series(&root.join("c1"), echo, request).await?;
-            eprintln!("raw two hops");
-            let two_hops = raw_series(&root.join("c2"), relay, request).await?;
             eprintln!("health");
             let health = call_series(&client, "health", |_| json!({})).await?;
-            eprintln!("node.invoke");
-            let invoke =
-                call_series(&client, "node.invoke", |k| invoke_params(&node_id, k)).await?;
+            eprintln!(
+                "raw two hops, node.invoke{} interleaved",
+                if base_client.is_some() {
+                    ", old binary's node.invoke"
+                } else {
+                    ""
+                }
+            );
+            let ep = quic_endpoint(&root.join("c2"))?;
+            let relay_conn = endpoint::dial(&ep, relay, CALL_TIMEOUT).await?;
+            let relay_proc_conn = endpoint::dial(&ep, relay_p, CALL_TIMEOUT).await?;
+            let mut two_proc = Vec::new();
+            let body = vec![b'q'; request];
+            let per = n().div_ceil(ROUNDS);
+            let (mut two, mut inv, mut old) = (Vec::new(), Vec::new(), Vec::new());
+            let mut timed = Vec::new();
+            let mut legs: Vec<Vec<Duration>> = vec![Vec::new(); LEGS.len()];
+            for _ in 0..WARMUP {
+                raw_call(&relay_conn, &body).await?;
+                raw_call(&relay_proc_conn, &body).await?;
+            }
+            for round in 0..ROUNDS {
+                chunk(per, &mut two, |_| raw_call(&relay_conn, &body)).await?;
+                chunk(per, &mut two_proc, |_| raw_call(&relay_proc_conn, &body)).await?;
+                chunk(per, &mut inv, |k| {
+                    invoke_call(&client, &node_id, round * per + k)
+                })
+                .await?;
+                if let Some((c, id)) = &base_client {
+                    chunk(per, &mut old, |k| invoke_call(c, id, round * per + k)).await?;
+                }
+                timed_chunk(&client, &node_id, per, &mut timed, &mut legs).await?;
+            }
+            let legs = legs
+                .iter_mut()
+                .map(|l| lat_stats(l))
+                .collect::<Result<Vec<_>>>()?;
             let which = which_in_process()?;
             Ok::<_, anyhow::Error>(Report {
                 sizes: (request, reply),
                 one_hop,
-                two_hops,
+                two_hops: lat_stats(&mut two)?,
+                two_procs: lat_stats(&mut two_proc)?,
                 health,
-                invoke,
+                invoke: lat_stats(&mut inv)?,
+                base: if old.is_empty() {
+                    None
+                } else {
+                    Some(lat_stats(&mut old)?)
+                },
+                timed: lat_stats(&mut timed)?,
+                legs,
                 which,
                 load,
+                load_end: support::loadavg3(),
             })
         })
     })();
     stop_all(&mut procs, Duration::from_secs(10));
+    stop_all(&mut procs_raw, Duration::from_secs(10));
     let r = result?;
     println!("## bench_invoke_path, {started}");
     println!();
     for (k, v) in machine() {
         println!("- {k}: {v}");
     }
-    println!("- load average at the start of the series: {}", r.load);
+    println!(
+        "- load average at the start / end of the series: {} / {}",
+        r.load, r.load_end
+    );
+    if let Some(b) = &base_bin {
+        println!("- old binary (BENCH_INVOKE_PATH_BASE_BIN): {}", b.display());
+    }
     println!(
         "- frame sizes of the raw path: request {} B, reply {} B (a real node.invoke and its answer)",
         r.sizes.0, r.sizes.1
     );
     println!();
-    println!("| series (sequential, n = {N}) | p50 | p90 | p99 | mean |");
+    println!(
+        "| series (sequential, n = {}) | p50 | p90 | p99 | mean |",
+        n()
+    );
     println!("|---|---|---|---|---|");
     let row = |label: &str, l: &Lat| {
         println!(
@@ -304,15 +573,28 @@ fn main() -> Result<()> {
     };
     row("raw quinn, one hop (client → echo)", &r.one_hop);
     row(
-        "**raw quinn, two hops (client → relay → echo)**",
+        "**raw quinn, two hops (client → relay → echo)** ¹",
         &r.two_hops,
+    );
+    row(
+        "raw quinn, two hops, relay and echo each a process ¹",
+        &r.two_procs,
     );
     row("`health` (operator → gateway)", &r.health);
     row(
-        "**`node.invoke system.which`** (operator → gateway → node)",
+        "**`node.invoke system.which`** (operator → gateway → node) ¹",
         &r.invoke,
     );
+    if let Some(b) = &r.base {
+        row("`node.invoke system.which`, old binary ¹", b);
+    }
+    row("`node.invoke` with `\"timing\": true` ¹", &r.timed);
     row("`system.which` in-process", &r.which);
+    println!();
+    println!(
+        "¹ interleaved in {ROUNDS} rounds of {} calls each (after 10 unmeasured)",
+        n().div_ceil(ROUNDS)
+    );
     println!();
     println!(
         "invoke p50 / raw two-hop p50 = {:.2} (goal ≤ 1.3); p99 ratio {:.2}",
@@ -320,7 +602,34 @@ fn main() -> Result<()> {
         r.invoke.p99 / r.two_hops.p99
     );
     println!(
-        "breakdown (p50 differences): gateway operator path beyond a bare QUIC round trip \
+        "invoke p50 / raw two-hop p50 with a process per hop = {:.2}",
+        r.invoke.p50 / r.two_procs.p50
+    );
+    if let Some(b) = &r.base {
+        println!(
+            "old binary: invoke p50 / raw two-hop p50 = {:.2}; p99 ratio {:.2}",
+            b.p50 / r.two_hops.p50,
+            b.p99 / r.two_hops.p99
+        );
+    }
+    println!();
+    println!(
+        "Per-hop breakdown of the timed invokes (wall-clock stamps of client, gateway and node):"
+    );
+    println!();
+    println!("| leg | p50 | p90 | mean |");
+    println!("|---|---|---|---|");
+    for (name, l) in LEGS.iter().zip(&r.legs) {
+        println!(
+            "| {name} | {:.3} ms | {:.3} ms | {:.3} ms |",
+            l.p50, l.p90, l.mean
+        );
+    }
+    let sum: f64 = r.legs.iter().map(|l| l.p50).sum();
+    println!("| sum of the leg p50s | {sum:.3} ms | | |");
+    println!();
+    println!(
+        "by difference of p50s: gateway operator path beyond a bare QUIC round trip \
          (health − raw one hop) {:.3} ms; gateway → node hop with lookup, node work and back \
          (invoke − health) {:.3} ms, of which the node's `which` itself {:.3} ms; a bare second \
          QUIC hop (raw two − one) {:.3} ms",

@@ -37,19 +37,21 @@ const BENCH: &str = "bench_metrics";
 /// Simulated nodes sharing one client UDP socket.
 const NODES_PER_SOCKET: usize = 250;
 
+/// One node's handshake and hello each: a loaded machine is slow, a lost one is retried.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clawmesh_federation::endpoint::{self, TransportOptions, SERVER_NAME};
-use clawmesh_federation::handshake;
+use clawmesh_federation::endpoint::{self, TransportOptions};
 use clawmesh_federation::health::HealthConfig;
 use clawmesh_federation::identity::DeviceIdentity;
 use clawmesh_federation::liveness::{self, Liveness, SendVitals};
 use clawmesh_federation::vitals::{VitalsSampler, VITALS_EVERY};
-use clawmesh_federation::wire::{Datagram, HelloRole, NodeHello};
+use clawmesh_federation::wire::Datagram;
 use futures_util::StreamExt as _;
 use support::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -132,34 +134,6 @@ async fn scrapes(port: u16, pid: i32, n: usize) -> Result<Scrapes> {
     })
 }
 
-fn seed(dir: &Path, ids: &[DeviceIdentity]) -> Result<()> {
-    use clawmesh_federation::pairing::{PairingRecord, Registry};
-    let store = clawmesh_federation::store::Store::open(dir)?;
-    let registry = Registry::open(store)?;
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)?
-        .as_millis() as u64;
-    let records: Vec<PairingRecord> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| PairingRecord {
-            key: id.public_key(),
-            approved: true,
-            changed_at_ms: now,
-            name: format!("node-{i:05}"),
-            role: "node".into(),
-            platform: "linux".into(),
-            meta: "{}".into(),
-            token: None,
-        })
-        .collect();
-    let changed = registry.apply(&records)?;
-    if changed.len() != records.len() {
-        bail!("seeded {} of {}", changed.len(), records.len());
-    }
-    Ok(())
-}
-
 /// Attaches every identity as a native node; returns the connections (kept open).
 async fn attach(
     ids: Arc<Vec<DeviceIdentity>>,
@@ -175,12 +149,15 @@ async fn attach(
     let conns = futures_util::stream::iter(0..ids.len())
         .map(|i| {
             let ep = eps[i / NODES_PER_SOCKET].clone();
-            let (ids, sampler, opts) = (ids.clone(), sampler.clone(), opts.clone());
+            let (ids, sampler) = (ids.clone(), sampler.clone());
             async move {
                 // A loaded machine may let a handshake or hello time out: retry it.
                 let mut tries = 0;
                 loop {
-                    match attach_one(&ids[i], i, &ep, addr, &opts, &sampler).await {
+                    let name = format!("node-{i:05}");
+                    match attach_native_node(&ep, addr, &ids[i], name, &sampler, HELLO_TIMEOUT)
+                        .await
+                    {
                         Ok(c) => return anyhow::Ok(c),
                         Err(e) if tries >= 5 => return Err(e),
                         Err(_) => tries += 1,
@@ -195,52 +172,6 @@ async fn attach(
     conns.into_iter().collect()
 }
 
-/// One node: handshake, hello, then its health loop with vitals.
-async fn attach_one(
-    id: &DeviceIdentity,
-    i: usize,
-    ep: &quinn::Endpoint,
-    addr: SocketAddr,
-    opts: &TransportOptions,
-    sampler: &VitalsSampler,
-) -> Result<quinn::Connection> {
-    let (_, cc) = endpoint::configs(id, opts)?;
-    let conn = tokio::time::timeout(
-        Duration::from_secs(20),
-        ep.connect_with(cc, addr, SERVER_NAME)?,
-    )
-    .await??;
-    let hello = handshake::hello(
-        clawmesh::VERSION,
-        0,
-        HelloRole::Node(NodeHello {
-            name: format!("node-{i:05}"),
-            token: None,
-            commands: vec!["system.which".into()],
-            labels: Vec::new(),
-            platform: "linux".into(),
-            attach: clawmesh_federation::directory::AttachOrder { boot: 1, attach: 1 },
-        }),
-    );
-    let welcome = handshake::send_hello(&conn, &hello).await?;
-    // Never given up from this side: only the gateway decides a node is gone.
-    let health = HealthConfig {
-        interval: Duration::from_millis((welcome.health_interval_ms / 2).max(50)),
-        unhealthy_threshold: u32::MAX,
-    };
-    let send = SendVitals {
-        sampler: sampler.clone(),
-        every: VITALS_EVERY * 2,
-    };
-    tokio::spawn(liveness::monitor(
-        conn.clone(),
-        health,
-        Liveness::default(),
-        Some(send),
-    ));
-    Ok(conn)
-}
-
 async fn scrape_phase(nodes: usize, n_scrapes: usize) -> Result<()> {
     let bin = clawmesh_bin()?;
     let tmp = tempfile::Builder::new().prefix(BENCH).tempdir()?;
@@ -249,7 +180,7 @@ async fn scrape_phase(nodes: usize, n_scrapes: usize) -> Result<()> {
     let t = Instant::now();
     let ids: Arc<Vec<DeviceIdentity>> =
         Arc::new((0..nodes).map(|_| DeviceIdentity::ephemeral()).collect());
-    seed(&gw_dir, &ids)?;
+    seed_paired_nodes(&gw_dir, &ids, (0, nodes), |i| format!("node-{i:05}"), "{}")?;
     println!(
         "seeded {nodes} paired devices in {:.1} s",
         t.elapsed().as_secs_f64()

@@ -11,6 +11,20 @@ use serde::{Deserialize, Serialize};
 /// (`security.exec.defaultLevel` of the shared config); not offered to operators.
 pub const DEFAULTS_COMMAND: &str = "system.execApprovals.defaults";
 
+/// The params key by which a gateway asks a native node for its hop times (a `node.invoke`
+/// with `"timing": true`, which benchmarks send), and the key of the node's answer in the
+/// result (`{"receivedNs": .., "repliedNs": ..}`); the gateway removes it before answering.
+pub const TIMING_KEY: &str = "clawmeshTiming";
+
+/// Wall clock in ns since the Unix epoch (0 before 1970): the hop times of an invoke, which
+/// compare between processes of one host only.
+pub fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 /// Exec security level: what the node runs without asking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -161,6 +161,22 @@ fn pairing_approve_reject_revoke_and_restart() {
     let id = cli_json(&s.node_dir, &["identity", "show", "--json"]);
     let list = cli_json(&s.gw_dir, &["devices", "list", "--json"]);
     assert_eq!(list["paired"][0]["deviceId"], id["deviceId"]);
+    assert!(list["next"].is_null(), "one device, one page: {list}");
+    // Paging: the page after the only device is empty; a bad cursor is a clear error.
+    let cursor = list["paired"][0]["publicKey"].as_str().unwrap();
+    let rest = cli_json(
+        &s.gw_dir,
+        &[
+            "devices", "list", "--json", "--limit", "1", "--after", cursor,
+        ],
+    );
+    assert_eq!(rest["paired"].as_array().map(Vec::len), Some(0), "{rest}");
+    let out = cli(&s.gw_dir, &["devices", "list", "--after", "bogus"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("after must be the `next` of the previous page"),
+        "{err}"
+    );
     let table = String::from_utf8_lossy(&cli(&s.gw_dir, &["nodes", "status"]).stdout).to_string();
     assert!(
         table.contains("Known: 1 · Paired: 1 · Connected: 1")
@@ -492,4 +508,112 @@ fn the_federation_default_exec_level_follows_the_shared_config_live() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("security.exec.defaultLevel must be"));
+}
+
+/// The audit trail off the invoke's path: the records of many concurrent invokes all reach
+/// the spool, each caller's in the order its invokes were answered, and a gateway stopped
+/// (SIGTERM) right after the last answer loses none of them (the stop flushes the audit
+/// writer's queue and its linger). Also: a timed invoke answers with its hop times and an
+/// untouched payload.
+#[test]
+fn audit_records_of_concurrent_invokes_all_stored_when_stopped_right_after() {
+    use clawmesh::cli::client::{Client, Target};
+    use clawmesh_federation::logs::record::Level;
+    use clawmesh_federation::logs::spool::{Spool, SpoolLimits};
+
+    let mut s = setup(&[]);
+    let node_id = nodes_status(&s.gw_dir)["nodes"][0]["nodeId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (callers, each) = (8, 25);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = std::sync::Arc::new(
+            Client::connect(&Target::Local(s.gw_dir.clone()))
+                .await
+                .unwrap(),
+        );
+        // A timed invoke: the stamps in order, the payload without the node's timing key.
+        let r = client
+            .call(
+                "node.invoke",
+                serde_json::json!({"nodeId": node_id, "command": "system.which",
+                    "params": {"bins": ["sh"]}, "idempotencyKey": "timed", "timing": true}),
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap();
+        let t = &r["timing"];
+        let stamps: Vec<u64> = [
+            "gatewayReceivedNs",
+            "nodeSentNs",
+            "nodeReceivedNs",
+            "nodeRepliedNs",
+            "replyReceivedNs",
+            "gatewayRepliedNs",
+        ]
+        .iter()
+        .map(|k| t[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}")))
+        .collect();
+        assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{r}");
+        assert!(r["payload"]["bins"]["sh"].is_string(), "{r}");
+        assert!(r["payload"].get("clawmeshTiming").is_none(), "{r}");
+        assert!(!r["payloadJSON"].as_str().unwrap().contains("clawmeshTiming"));
+        let tasks: Vec<_> = (0..callers)
+            .map(|c| {
+                let client = client.clone();
+                let node_id = node_id.clone();
+                tokio::spawn(async move {
+                    for i in 0..each {
+                        client
+                            .call(
+                                "node.invoke",
+                                serde_json::json!({"nodeId": node_id, "command": "system.which",
+                                    "params": {"bins": ["sh"]}, "idempotencyKey": format!("c{c}-{i}")}),
+                                Duration::from_secs(20),
+                            )
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    // Every invoke above was answered; stop at once.
+    assert!(s.gw.term().success(), "{}", s.gw.log_text());
+    let spool = Spool::open(&s.gw_dir, SpoolLimits::default()).unwrap();
+    let recs = spool
+        .pending(0, &Default::default(), 1_000_000, 1 << 30)
+        .unwrap()
+        .records()
+        .unwrap();
+    let audits: Vec<_> = recs.iter().filter(|r| r.level == Level::Audit).collect();
+    let keys: Vec<&str> = audits
+        .iter()
+        .map(|r| r.audit.as_ref().unwrap().key.as_str())
+        .collect();
+    assert!(keys.contains(&"timed"), "{keys:?}");
+    let mut next = vec![0; callers];
+    for k in keys.iter().filter_map(|k| k.strip_prefix('c')) {
+        let (c, i) = k.split_once('-').unwrap();
+        let (c, i): (usize, usize) = (c.parse().unwrap(), i.parse().unwrap());
+        assert_eq!(i, next[c], "caller {c}'s records out of order: {keys:?}");
+        next[c] += 1;
+    }
+    assert_eq!(next, vec![each; callers], "records lost: {keys:?}");
+    // One origin, numbered without a gap or a repeat.
+    assert!(audits.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(audits.iter().all(|r| r.origin == "tokyo"));
+    assert_eq!(
+        spool
+            .drops()
+            .iter()
+            .map(|d| d.overflow_dropped)
+            .sum::<u64>(),
+        0
+    );
 }

@@ -1360,3 +1360,95 @@ pub fn relay_bench_main<R>(
     print(&r, &machine, &started, t.elapsed().as_secs_f64());
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Many paired nodes
+
+/// Writes `ids[from..to]` as approved node devices named `name(i)` with `meta` into the state
+/// dir `dir` with `Registry::apply` (the federation-sync path) while no gateway runs: how the
+/// benches get thousands of nodes admitted (approving them one by one through
+/// `devices approve` is its own benchmark).
+pub fn seed_paired_nodes(
+    dir: &Path,
+    ids: &[clawmesh_federation::identity::DeviceIdentity],
+    (from, to): (usize, usize),
+    name: impl Fn(usize) -> String,
+    meta: &str,
+) -> Result<()> {
+    use clawmesh_federation::pairing::{PairingRecord, Registry};
+    let _lock = clawmesh::state_dir::DirLock::acquire(dir)?;
+    let registry = Registry::open(clawmesh_federation::store::Store::open(dir)?)?;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let records: Vec<PairingRecord> = (from..to)
+        .map(|i| PairingRecord {
+            key: ids[i].public_key(),
+            approved: true,
+            changed_at_ms: now,
+            name: name(i),
+            role: "node".into(),
+            platform: "linux".into(),
+            meta: meta.to_string(),
+            token: None,
+        })
+        .collect();
+    let changed = registry.apply(&records)?;
+    if changed.len() != records.len() {
+        bail!("seeded {} of {} paired nodes", changed.len(), records.len());
+    }
+    Ok(())
+}
+
+/// One simulated native node on the client endpoint `ep`: the TLS raw-key handshake with
+/// `id`'s own key, the node's hello (`name`, offering `system.which`), then the node host's
+/// health loop (pings at half the gateway's interval, `sampler`'s vitals with the first ping
+/// and every 6th after; never given up from this side: only the gateway decides a node is
+/// gone), as `clawmesh node run` does. Each step waits at most `step`.
+pub async fn attach_native_node(
+    ep: &quinn::Endpoint,
+    gateway: SocketAddr,
+    id: &clawmesh_federation::identity::DeviceIdentity,
+    name: String,
+    sampler: &clawmesh_federation::vitals::VitalsSampler,
+    step: Duration,
+) -> Result<quinn::Connection> {
+    use clawmesh_federation::endpoint::{self, TransportOptions, SERVER_NAME};
+    use clawmesh_federation::health::HealthConfig;
+    use clawmesh_federation::liveness::{self, Liveness, SendVitals};
+    use clawmesh_federation::wire::{HelloRole, NodeHello};
+    let (_, cc) = endpoint::configs(id, &TransportOptions::default())?;
+    let conn = tokio::time::timeout(step, ep.connect_with(cc, gateway, SERVER_NAME)?).await??;
+    let hello = clawmesh_federation::handshake::hello(
+        clawmesh::VERSION,
+        0,
+        HelloRole::Node(NodeHello {
+            name,
+            token: None,
+            commands: vec!["system.which".into()],
+            labels: Vec::new(),
+            platform: "linux".into(),
+            attach: clawmesh_federation::directory::AttachOrder { boot: 1, attach: 1 },
+        }),
+    );
+    let welcome = tokio::time::timeout(
+        step,
+        clawmesh_federation::handshake::send_hello(&conn, &hello),
+    )
+    .await??;
+    let health = HealthConfig {
+        interval: Duration::from_millis((welcome.health_interval_ms / 2).max(50)),
+        unhealthy_threshold: u32::MAX,
+    };
+    let send = SendVitals {
+        sampler: sampler.clone(),
+        every: clawmesh_federation::vitals::VITALS_EVERY * 2,
+    };
+    tokio::spawn(liveness::monitor(
+        conn.clone(),
+        health,
+        Liveness::default(),
+        Some(send),
+    ));
+    Ok(conn)
+}

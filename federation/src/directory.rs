@@ -287,6 +287,11 @@ impl RemoteDirectory {
         self.nodes.len()
     }
 
+    /// One node, if the gateway announced it.
+    pub fn get(&self, node: &DeviceId) -> Option<&Arc<NodeSummary>> {
+        self.nodes.get(node)
+    }
+
     /// Whether the gateway announced no node.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()

@@ -78,8 +78,16 @@ pub struct TransportOptions {
     pub idle_timeout: Duration,
     /// Keep-alive so NATs and the idle timer stay open on quiet links.
     pub keep_alive: Duration,
-    /// Concurrent requests (bidirectional streams) a peer may have open towards us.
+    /// Concurrent requests (bidirectional streams) a peer may have open towards us: a peer we
+    /// dialed at once, one that dialed us once [`grant_streams`] says it is a gateway or an
+    /// operator.
     pub max_bidi_streams: u32,
+    /// Concurrent requests a peer that dialed us may have open before it is admitted as a
+    /// gateway or an operator, and for good if it is a node. quinn keeps a map entry for every
+    /// stream a peer may open, from the handshake on: at 256 that is about 20 KB per
+    /// connection, most of an idle node's cost on its gateway (docs/BENCHMARKS.md, "Memory per
+    /// idle node").
+    pub accept_bidi_streams: u32,
 }
 
 impl Default for TransportOptions {
@@ -91,12 +99,27 @@ impl Default for TransportOptions {
             keep_alive: Duration::from_secs(5),
             // Bounds in-flight requests per connection (each is a stream): fan-out and bursts
             // of invokes fit, a misbehaving peer cannot make us hold thousands.
-            max_bidi_streams: 256,
+            max_bidi_streams: MAX_BIDI_STREAMS,
+            // A node opens its hello, then one `node.logs` call at a time (the gateway's
+            // invokes to it are streams the gateway opens, bounded by the node's own limit):
+            // 8 leaves room for an overlap or two. A gateway or operator is raised to
+            // `max_bidi_streams` right after its hello is admitted, before any request.
+            accept_bidi_streams: 8,
         }
     }
 }
 
-fn transport(opts: &TransportOptions) -> Result<Arc<TransportConfig>, EndpointError> {
+/// The default [`TransportOptions::max_bidi_streams`].
+pub const MAX_BIDI_STREAMS: u32 = 256;
+
+/// Lets a peer that dialed us and was admitted as a gateway or an operator open up to
+/// [`MAX_BIDI_STREAMS`] concurrent requests (it started with
+/// [`TransportOptions::accept_bidi_streams`]); quinn sends the new limit at once.
+pub fn grant_streams(conn: &Connection) {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_BIDI_STREAMS));
+}
+
+fn transport(opts: &TransportOptions, bidi: u32) -> Result<Arc<TransportConfig>, EndpointError> {
     let mut t = TransportConfig::default();
     t.max_idle_timeout(Some(
         opts.idle_timeout
@@ -104,7 +127,7 @@ fn transport(opts: &TransportOptions) -> Result<Arc<TransportConfig>, EndpointEr
             .map_err(|_| EndpointError::Tls("idle timeout out of range".into()))?,
     ));
     t.keep_alive_interval(Some(opts.keep_alive));
-    t.max_concurrent_bidi_streams(VarInt::from_u32(opts.max_bidi_streams));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(bidi));
     // One event stream per direction is all the protocol uses.
     t.max_concurrent_uni_streams(VarInt::from_u32(4));
     // Loopback and LAN peers answer fast; don't wait the default 333 ms before the first
@@ -139,11 +162,16 @@ pub fn configs(
             rustls::client::AlwaysResolvesClientRawPublicKeys::new(key),
         ));
     client.alpn_protocols = vec![ALPN.to_vec()];
-    let transport = transport(opts)?;
     let mut server_config = ServerConfig::with_crypto(Arc::new(
         QuicServerConfig::try_from(server).map_err(|e| EndpointError::Tls(e.to_string()))?,
     ));
-    server_config.transport_config(transport.clone());
+    // Who dialed us is known only after the hello: start every accepted connection at the
+    // small limit ([`grant_streams`] raises gateways and operators).
+    server_config.transport_config(transport(
+        opts,
+        opts.accept_bidi_streams.min(opts.max_bidi_streams),
+    )?);
+    let transport = transport(opts, opts.max_bidi_streams)?;
     let mut client_config = ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(client).map_err(|e| EndpointError::Tls(e.to_string()))?,
     ));
@@ -271,4 +299,76 @@ pub fn peer_key(conn: &Connection) -> Option<PublicKey> {
         .ok()?;
     let first = certs.first()?;
     raw_key::public_key_of(first.as_ref()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    /// Polls `f` once: its output if it is ready now.
+    fn now_or_never<F: Future>(f: F) -> Option<F::Output> {
+        let mut f = std::pin::pin!(f);
+        match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        }
+    }
+
+    /// Opens bidirectional streams until one would wait for the peer's stream limit.
+    async fn open_until_blocked(conn: &Connection, most: u32) -> (u32, Vec<quinn::SendStream>) {
+        let mut held = Vec::new();
+        for n in 0..most {
+            match now_or_never(conn.open_bi()) {
+                Some(Ok((send, _recv))) => held.push(send),
+                Some(Err(e)) => panic!("open_bi failed: {e}"),
+                None => return (n, held),
+            }
+        }
+        (most, held)
+    }
+
+    #[tokio::test]
+    async fn an_accepted_peer_opens_few_requests_until_granted_the_full_limit() {
+        let opts = TransportOptions::default();
+        let (a, b) = (DeviceIdentity::ephemeral(), DeviceIdentity::ephemeral());
+        let server = bind(&a, "127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        let client = bind(&b, "127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        let addr = server.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let inc = server.accept().await.unwrap();
+            (accept(inc).await.unwrap(), server)
+        });
+        let dialed = dial(&client, addr, Duration::from_secs(10)).await.unwrap();
+        let (accepted, _server) = accepting.await.unwrap();
+
+        // The dialer (a node, until it says otherwise) may open the small number only.
+        let (opened, held) = open_until_blocked(&dialed, 300).await;
+        assert_eq!(opened, opts.accept_bidi_streams);
+        // The acceptor may open the full number towards the dialer at once.
+        let (back, _back_held) = open_until_blocked(&accepted, 300).await;
+        assert_eq!(back, opts.max_bidi_streams);
+
+        // Admitted as a gateway or operator: the waiting open completes once the new limit
+        // arrives, and the dialer can hold the full number.
+        let waiting = tokio::spawn({
+            let dialed = dialed.clone();
+            async move { dialed.open_bi().await.map(|(send, _)| send) }
+        });
+        grant_streams(&accepted);
+        let extra = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the stream limit was never raised")
+            .unwrap()
+            .unwrap();
+        let (more, _more_held) = open_until_blocked(&dialed, 300).await;
+        assert_eq!(
+            opened + 1 + more,
+            MAX_BIDI_STREAMS,
+            "held {} + 1 + {more}",
+            held.len()
+        );
+        drop((held, extra));
+    }
 }

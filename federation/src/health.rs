@@ -60,7 +60,9 @@ pub struct PeerHealth {
     missed: u32,
     outstanding: Option<(u64, Instant)>,
     last_seen: Option<SystemTime>,
-    rtts: VecDeque<Duration>,
+    /// Recent round trips in microseconds (4 bytes each, not a 16-byte `Duration`: a gateway
+    /// keeps one window per attached node; a round trip over 71 minutes is stored as 71 min).
+    rtts: VecDeque<u32>,
 }
 
 impl Default for PeerHealth {
@@ -112,7 +114,8 @@ impl PeerHealth {
         if self.rtts.len() == RTT_WINDOW {
             self.rtts.pop_front();
         }
-        self.rtts.push_back(rtt);
+        self.rtts
+            .push_back(u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX));
         Some(rtt)
     }
 
@@ -144,7 +147,7 @@ impl PeerHealth {
 
     /// Latest round trip.
     pub fn last_rtt(&self) -> Option<Duration> {
-        self.rtts.back().copied()
+        self.rtts.back().map(|&us| micros(us))
     }
 
     /// Median of the recent round trips.
@@ -158,14 +161,18 @@ impl PeerHealth {
     }
 }
 
-fn percentile(samples: &VecDeque<Duration>, p: usize) -> Option<Duration> {
+fn micros(us: u32) -> Duration {
+    Duration::from_micros(u64::from(us))
+}
+
+fn percentile(samples: &VecDeque<u32>, p: usize) -> Option<Duration> {
     if samples.is_empty() {
         return None;
     }
-    let mut v: Vec<Duration> = samples.iter().copied().collect();
+    let mut v: Vec<u32> = samples.iter().copied().collect();
     v.sort_unstable();
     let idx = ((v.len() - 1) * p) / 100;
-    v.get(idx).copied()
+    v.get(idx).map(|&us| micros(us))
 }
 
 #[cfg(test)]

@@ -49,6 +49,13 @@ const MAX_CONNECTIONS: usize = 20_000;
 /// membership event is a full snapshot, so a dropped one is repaired by the next.
 const EVENT_QUEUE: usize = 64;
 
+/// Pairing records per event in a link-up exchange: a record is at most a few hundred bytes,
+/// so an event stays near 1-2 MB, far under the frame limit, whatever the fleet's size.
+const SYNC_CHUNK: usize = 5_000;
+
+/// Merged pairing decisions logged one line each; a larger merge is one summary line.
+const MERGE_LINES: usize = 10;
+
 /// Redial backoff start and cap: quick to relink after a blip, never more than 30 s apart.
 const REDIAL_BASE: Duration = Duration::from_millis(200);
 const REDIAL_CAP: Duration = Duration::from_secs(30);
@@ -205,6 +212,26 @@ pub struct RemoteNodes {
     pub nodes: Vec<Arc<NodeSummary>>,
     /// Its nodes' host vitals, as it last relayed them.
     pub vitals: HashMap<DeviceId, Received>,
+}
+
+/// Another gateway's node directory as a listing cache sees it: enough to tell whether it
+/// changed (its key, name, liveness, version and size), and its nodes when asked for.
+#[derive(Debug, Clone)]
+pub struct RemoteDirectoryView {
+    /// The gateway's device key (a member re-added under the same name is another gateway).
+    pub key: PublicKey,
+    /// Gateway name.
+    pub gateway: String,
+    /// Its health as seen from here.
+    pub status: Status,
+    /// When it last answered.
+    pub last_seen: Option<SystemTime>,
+    /// The directory version held (`None`: nothing received yet).
+    pub at: Option<DirVersion>,
+    /// How many nodes it announced.
+    pub len: usize,
+    /// Its nodes in id order (shared, not copied); empty unless asked for.
+    pub nodes: Vec<Arc<NodeSummary>>,
 }
 
 /// One gateway as seen from here, for `gateway status`.
@@ -578,8 +605,69 @@ impl Mesh {
         }
     }
 
+    /// `f` of every other gateway that has a peer entry, under one lock.
+    fn each_remote<T>(&self, f: impl Fn(&Member, &Peer) -> T) -> Vec<T> {
+        let st = self.state();
+        st.membership
+            .members
+            .iter()
+            .filter(|m| m.key != self.inner.key)
+            .filter_map(|m| Some(f(m, st.peers.get(&m.key)?)))
+            .collect()
+    }
+
     /// The nodes of every other gateway, as last announced, with that gateway's health.
     pub fn remote_nodes(&self) -> Vec<RemoteNodes> {
+        self.each_remote(|m, p| RemoteNodes {
+            gateway: m.name.clone(),
+            status: p.health.status(&self.health()),
+            last_seen: p.health.last_seen(),
+            nodes: p.nodes.nodes().cloned().collect(),
+            vitals: p.node_vitals.clone(),
+        })
+    }
+
+    /// Every other gateway's directory version (and its nodes if `with_nodes`), read under
+    /// one lock so the versions describe the nodes returned with them.
+    pub fn remote_directories(&self, with_nodes: bool) -> Vec<RemoteDirectoryView> {
+        self.each_remote(|m, p| RemoteDirectoryView {
+            key: m.key,
+            gateway: m.name.clone(),
+            status: p.health.status(&self.health()),
+            last_seen: p.health.last_seen(),
+            at: p.nodes.at(),
+            len: p.nodes.len(),
+            nodes: if with_nodes {
+                p.nodes.nodes().cloned().collect()
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// The host vitals gateway `gateway` relayed for each of `ids` (`None`: none relayed), in
+    /// the order asked: a page of a listing looks up only its own rows.
+    pub fn relayed_vitals(&self, gateway: &str, ids: &[DeviceId]) -> Vec<Option<Received>> {
+        let st = self.state();
+        let peer = st
+            .membership
+            .members
+            .iter()
+            .find(|m| m.name == gateway && m.key != self.inner.key)
+            .and_then(|m| st.peers.get(&m.key));
+        match peer {
+            Some(p) if !p.node_vitals.is_empty() => ids
+                .iter()
+                .map(|id| p.node_vitals.get(id).copied())
+                .collect(),
+            _ => vec![None; ids.len()],
+        }
+    }
+
+    /// Every other gateway's claim on one node, by index (no copy of any directory): (the
+    /// gateway, its health as seen from here, the node as it announced it). What a
+    /// `node.invoke` by exact id needs, at a cost that does not grow with the fleet.
+    pub fn remote_claims_of(&self, node: &DeviceId) -> Vec<(String, Status, Arc<NodeSummary>)> {
         let st = self.state();
         st.membership
             .members
@@ -587,13 +675,8 @@ impl Mesh {
             .filter(|m| m.key != self.inner.key)
             .filter_map(|m| {
                 let p = st.peers.get(&m.key)?;
-                Some(RemoteNodes {
-                    gateway: m.name.clone(),
-                    status: p.health.status(&self.health()),
-                    last_seen: p.health.last_seen(),
-                    nodes: p.nodes.nodes().cloned().collect(),
-                    vitals: p.node_vitals.clone(),
-                })
+                let n = p.nodes.get(node)?;
+                Some((m.name.clone(), p.health.status(&self.health()), n.clone()))
             })
             .collect()
     }
@@ -1253,6 +1336,11 @@ impl Mesh {
             });
         match decision {
             Ok(kind) => {
+                if !matches!(kind, CallerKind::Node { .. }) {
+                    // An operator may fan requests out: the full stream limit (a node keeps
+                    // the small one it was accepted with, see `TransportOptions`).
+                    endpoint::grant_streams(&conn);
+                }
                 let scopes = match &kind {
                     CallerKind::Operator { scopes, .. } => scopes.clone(),
                     _ => Vec::new(),
@@ -1452,6 +1540,8 @@ impl Mesh {
                         return;
                     }
                 }
+                // A member gateway: the full stream limit before it can send a request.
+                endpoint::grant_streams(&conn);
                 let membership = self.state().membership.clone();
                 let welcome = self.welcome(proof, Some(membership), Vec::new());
                 if handshake::reply(&mut send, &HelloReply::Welcome(welcome))
@@ -1668,7 +1758,16 @@ impl Mesh {
         if let Some(reg) = self.inner.pairing.get() {
             match reg.records() {
                 Ok(r) if !r.is_empty() => {
-                    let _ = tx.try_send(Event::PairingSync(r));
+                    // In chunks, each a frame far under the frame limit, waiting for room in
+                    // the link's queue: 100 000 devices are 20 events, none dropped.
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        for chunk in r.chunks(SYNC_CHUNK) {
+                            if tx.send(Event::PairingSync(chunk.to_vec())).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
                 }
                 Ok(_) => {}
                 Err(e) => warn!("cannot read pairing records to share: {e}"),
@@ -1891,7 +1990,17 @@ impl Mesh {
                         self.send_snapshot(&tx);
                     }
                 }
-                Ok(Some(Event::PairingSync(records))) => self.merge_pairing(&records),
+                Ok(Some(Event::PairingSync(records))) => {
+                    // A merge is a database transaction (thousands of rows in a link-up
+                    // exchange): off the async workers, so links' pings and calls go on;
+                    // awaited, so this link's events still apply in order.
+                    let mesh = self.clone();
+                    if let Err(e) =
+                        tokio::task::spawn_blocking(move || mesh.merge_pairing(&records)).await
+                    {
+                        warn!("pairing merge failed: {e}");
+                    }
+                }
                 Ok(Some(Event::NodeVitals(mut list))) => {
                     list.truncate(crate::vitals::MAX_RELAYED);
                     let vitals: HashMap<DeviceId, Received> = list
@@ -1953,11 +2062,26 @@ impl Mesh {
         };
         match reg.apply(records) {
             Ok(changed) => {
+                // One line per decision for the usual handful; a link-up exchange of a large
+                // fleet is summed up in one line, not 100 000.
+                let approved = changed.iter().filter(|r| r.approved).count();
+                let quiet = changed.len() > MERGE_LINES;
+                if quiet {
+                    info!(
+                        approved,
+                        revoked = changed.len() - approved,
+                        "pairing decisions merged from elsewhere in the federation"
+                    );
+                }
                 for r in changed {
                     if r.approved {
-                        info!(device = %r.key.device_id().short(), name = %r.name, "pairing approved elsewhere in the federation");
+                        if !quiet {
+                            info!(device = %r.key.device_id().short(), name = %r.name, "pairing approved elsewhere in the federation");
+                        }
                     } else {
-                        info!(device = %r.key.device_id().short(), "pairing revoked elsewhere in the federation");
+                        if !quiet {
+                            info!(device = %r.key.device_id().short(), "pairing revoked elsewhere in the federation");
+                        }
                         let _ = self
                             .inner
                             .notices

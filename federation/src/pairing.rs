@@ -30,6 +30,20 @@ pub const MAX_PENDING: usize = 1024;
 /// make us write without bound.
 pub const MAX_SYNC_RECORDS: usize = 100_000;
 
+/// Most devices (paired and revoked together) in one page of [`Registry::page`]: a paired
+/// device is about 700 bytes of JSON (more with a tailnet identity), so a page stays near
+/// 10 MB, well under the 32 MiB frame limit, at any fleet size.
+pub const MAX_PAGE: usize = 10_000;
+
+/// The tailnet node a paired device's metadata names (`$.tailnet.nodeId`), as the expression
+/// index `paired_by_tailnet_node` in the schema computes it: the lookup must spell it the same
+/// way to use the index. `json_valid` first: a peer's malformed metadata must not fail a write.
+macro_rules! tailnet_node_expr {
+    () => {
+        "CASE WHEN json_valid(meta) THEN json_extract(meta, '$.tailnet.nodeId') END"
+    };
+}
+
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]
 pub enum PairingError {
@@ -227,6 +241,25 @@ pub struct Listing {
     pub revoked: Vec<RevokedDevice>,
 }
 
+/// One page of the paired and revoked devices, in public key order (see [`Registry::page`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    /// Approved devices of this page.
+    pub paired: Vec<PairedDevice>,
+    /// Revoked devices (tombstones) of this page.
+    pub revoked: Vec<RevokedDevice>,
+    /// Where the next page starts (the last device's key, base64url), if any device follows.
+    pub next: Option<String>,
+}
+
+/// Reads a page cursor (the `next` of a previous page): 32 bytes of base64. Only an order
+/// position, so the bytes need not be a valid curve point.
+pub fn parse_cursor(text: &str) -> Option<[u8; 32]> {
+    crate::identity::decode_base64_lenient(text)?
+        .try_into()
+        .ok()
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -296,6 +329,10 @@ CREATE TABLE IF NOT EXISTS device_tokens (
 );
 CREATE INDEX IF NOT EXISTS pending_by_key ON pending_devices(public_key, role);
 CREATE INDEX IF NOT EXISTS paired_by_name ON paired_devices(name);
+CREATE INDEX IF NOT EXISTS pending_by_device ON pending_devices(device_id);
+CREATE INDEX IF NOT EXISTS pending_by_name ON pending_devices(name);
+CREATE INDEX IF NOT EXISTS paired_by_tailnet_node ON paired_devices(
+    CASE WHEN json_valid(meta) THEN json_extract(meta, '$.tailnet.nodeId') END);
 CREATE TABLE IF NOT EXISTS paired_generation (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     generation INTEGER NOT NULL
@@ -422,6 +459,88 @@ fn meta_field(meta: &serde_json::Value, key: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// The columns of a pending request, as [`PendingRow`] reads them.
+macro_rules! pending_cols {
+    () => {
+        "request_id, public_key, name, role, addr, platform, requested_at_ms, refreshed_at_ms, meta"
+    };
+}
+
+/// Unexpired pending requests whose request id (primary key), device id or name
+/// (`pending_by_device`, `pending_by_name`) is `?1`.
+const PENDING_EXACT: &str = concat!(
+    "SELECT ",
+    pending_cols!(),
+    " FROM pending_devices WHERE request_id = ?1 AND refreshed_at_ms >= ?2
+     UNION SELECT ",
+    pending_cols!(),
+    " FROM pending_devices WHERE device_id = ?1 AND refreshed_at_ms >= ?2
+     UNION SELECT ",
+    pending_cols!(),
+    " FROM pending_devices WHERE name = ?1 AND refreshed_at_ms >= ?2
+     LIMIT ?3"
+);
+
+/// Unexpired pending requests whose device id or request id starts with `?1` (`?2` is `?1`
+/// followed by the largest character): two index ranges.
+const PENDING_PREFIX: &str = concat!(
+    "SELECT ",
+    pending_cols!(),
+    " FROM pending_devices
+        WHERE device_id >= ?1 AND device_id < ?2 AND refreshed_at_ms >= ?3
+     UNION SELECT ",
+    pending_cols!(),
+    " FROM pending_devices
+        WHERE request_id >= ?1 AND request_id < ?2 AND refreshed_at_ms >= ?3
+     LIMIT ?4"
+);
+
+/// The keys of paired devices whose metadata names tailnet node `?1` (the expression index
+/// `paired_by_tailnet_node`).
+const PAIRED_BY_TAILNET_NODE: &str = concat!(
+    "SELECT public_key FROM paired_devices WHERE ",
+    tailnet_node_expr!(),
+    " = ?1 LIMIT ?2"
+);
+
+/// A key's revocation tombstone (primary key).
+const REVOKED_BY_KEY: &str =
+    "SELECT revoked_at_ms, meta FROM revoked_devices WHERE public_key = ?1";
+
+/// Paired devices after key `?1`, in key order, at most `?2` (a primary key range).
+const PAIRED_PAGE: &str =
+    "SELECT public_key, name, role, platform, approved_at_ms, meta FROM paired_devices
+     WHERE public_key > ?1 ORDER BY public_key LIMIT ?2";
+
+/// Revoked devices after key `?1`, in key order, at most `?2` (a primary key range).
+const REVOKED_PAGE: &str = "SELECT public_key, revoked_at_ms, meta FROM revoked_devices
+     WHERE public_key > ?1 ORDER BY public_key LIMIT ?2";
+
+/// A device's tokens (primary key prefix).
+const TOKENS_OF: &str = "SELECT role, created_at_ms FROM device_tokens WHERE device_id = ?1";
+
+/// A paired device by key (primary key).
+const PAIRED_BY_KEY: &str =
+    "SELECT name, role, platform, approved_at_ms, meta FROM paired_devices WHERE public_key = ?1";
+
+/// Paired devices whose device id (unique index) or name (`paired_by_name`) is `?1`.
+const PAIRED_EXACT: &str = "SELECT public_key FROM paired_devices WHERE device_id = ?1
+     UNION SELECT public_key FROM paired_devices WHERE name = ?1 LIMIT ?2";
+
+/// Paired devices whose id starts with `?1` (a range on the device id index).
+const PAIRED_PREFIX: &str =
+    "SELECT public_key FROM paired_devices WHERE device_id >= ?1 AND device_id < ?2
+     ORDER BY device_id LIMIT ?3";
+
+/// Another paired device under name `?1` (`paired_by_name`).
+const NAME_CLASH: &str =
+    "SELECT public_key FROM paired_devices WHERE name = ?1 AND device_id != ?2 LIMIT 1";
+
+/// A paired device's federation record by key, with its token (primary keys).
+const RECORD_BY_KEY: &str = "SELECT p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.token, t.created_at_ms
+     FROM paired_devices p LEFT JOIN device_tokens t ON t.device_id = p.device_id AND t.role = p.role
+     WHERE p.public_key = ?1";
 
 impl Registry {
     /// Opens the registry, creating its tables if needed.
@@ -578,9 +697,7 @@ impl Registry {
 
     fn token_summaries(&self, device_id: &str) -> Result<Vec<serde_json::Value>, PairingError> {
         let rows: Vec<(String, i64)> = self.store.with_conn(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT role, created_at_ms FROM device_tokens WHERE device_id = ?1",
-            )?;
+            let mut stmt = c.prepare_cached(TOKENS_OF)?;
             let rows = stmt
                 .query_map([device_id], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -698,11 +815,9 @@ impl Registry {
     pub fn paired(&self, key: &PublicKey) -> Result<Option<PairedDevice>, PairingError> {
         let kb = key.0.to_vec();
         let row: Option<(String, String, String, i64, String)> = self.store.with_conn(|c| {
-            c.query_row(
-                "SELECT name, role, platform, approved_at_ms, meta FROM paired_devices WHERE public_key = ?1",
-                [kb],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
+            c.query_row(PAIRED_BY_KEY, [kb], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
             .optional()
         })?;
         match row {
@@ -738,31 +853,115 @@ impl Registry {
         })?;
         Ok(rows
             .into_iter()
-            .filter_map(|(k, at, meta)| {
-                let key = Self::key_of(&k)?;
-                let meta: serde_json::Value = serde_json::from_str(&meta).unwrap_or_default();
-                Some(RevokedDevice {
-                    device_id: key.device_id().to_string(),
-                    name: meta_field(&meta, "name"),
-                    revoked_at: rfc3339(at.max(0) as u64),
-                    revoked_by: match meta_field(&meta, "revokedBy") {
-                        b if b.is_empty() => APPROVED_BY_OPERATOR.to_string(),
-                        b => b,
-                    },
-                    reason: meta_field(&meta, "reason"),
-                })
-            })
+            .filter_map(|(k, at, meta)| Some(Self::revoked_from(&Self::key_of(&k)?, at, &meta)))
             .collect())
     }
 
-    /// The revocation tombstone of a key, if it is revoked: (who, why).
+    /// The revocation tombstone of a key, if it is revoked: (who, why). One read by key.
     pub fn revocation(&self, key: &PublicKey) -> Result<Option<(String, String)>, PairingError> {
-        let id = key.device_id().to_string();
-        Ok(self
-            .revoked_all()?
-            .into_iter()
-            .find(|r| r.device_id == id)
-            .map(|r| (r.revoked_by, r.reason)))
+        let kb = key.0.to_vec();
+        let row: Option<(i64, String)> = self.store.with_conn(|c| {
+            c.prepare_cached(REVOKED_BY_KEY)?
+                .query_row([kb], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })?;
+        Ok(row.map(|(at, meta)| {
+            let r = Self::revoked_from(key, at, &meta);
+            (r.revoked_by, r.reason)
+        }))
+    }
+
+    fn revoked_from(key: &PublicKey, at: i64, meta: &str) -> RevokedDevice {
+        let meta: serde_json::Value = serde_json::from_str(meta).unwrap_or_default();
+        RevokedDevice {
+            device_id: key.device_id().to_string(),
+            name: meta_field(&meta, "name"),
+            revoked_at: rfc3339(at.max(0) as u64),
+            revoked_by: match meta_field(&meta, "revokedBy") {
+                b if b.is_empty() => APPROVED_BY_OPERATOR.to_string(),
+                b => b,
+            },
+            reason: meta_field(&meta, "reason"),
+        }
+    }
+
+    /// One page of the paired and revoked devices together, in public key order, starting
+    /// after `after` (a [`Page::next`]); at most `limit` devices (clamped to 1..=[`MAX_PAGE`]).
+    /// Two range reads on the tables' primary keys: a page costs the same at any fleet size,
+    /// and every device is on exactly one page.
+    pub fn page(&self, after: Option<&[u8; 32]>, limit: usize) -> Result<Page, PairingError> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        // An empty blob sorts before every key.
+        let from: Vec<u8> = after.map(|a| a.to_vec()).unwrap_or_default();
+        // One more than the page: tells whether another page follows.
+        let want = (limit + 1) as i64;
+        type PairedRow = (Vec<u8>, String, String, String, i64, String);
+        type RevokedRow = (Vec<u8>, i64, String);
+        let (paired, revoked): (Vec<PairedRow>, Vec<RevokedRow>) = self.store.with_conn(|c| {
+            let paired = c
+                .prepare_cached(PAIRED_PAGE)?
+                .query_map(params![from, want], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let revoked = c
+                .prepare_cached(REVOKED_PAGE)?
+                .query_map(params![from, want], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((paired, revoked))
+        })?;
+        let mut out = Page {
+            paired: Vec::new(),
+            revoked: Vec::new(),
+            next: None,
+        };
+        let (mut p, mut r) = (
+            paired.into_iter().peekable(),
+            revoked.into_iter().peekable(),
+        );
+        let mut last: Option<Vec<u8>> = None;
+        for _ in 0..limit {
+            let take_paired = match (p.peek(), r.peek()) {
+                (Some(a), Some(b)) => a.0 <= b.0,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            if take_paired {
+                let Some((k, name, role, platform, at, meta)) = p.next() else {
+                    break;
+                };
+                if let Some(key) = Self::key_of(&k) {
+                    let tokens = self.token_summaries(&key.device_id().to_string())?;
+                    out.paired.push(Self::paired_from(
+                        &key, name, role, platform, at, &meta, tokens,
+                    ));
+                }
+                last = Some(k);
+            } else {
+                let Some((k, at, meta)) = r.next() else {
+                    break;
+                };
+                if let Some(key) = Self::key_of(&k) {
+                    out.revoked.push(Self::revoked_from(&key, at, &meta));
+                }
+                last = Some(k);
+            }
+        }
+        if p.peek().is_some() || r.peek().is_some() {
+            use base64::Engine as _;
+            out.next = last.map(|k| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(k));
+        }
+        Ok(out)
     }
 
     /// Pairs `key` at once because the tailnet vouched for it (`approvedBy: tailscale`),
@@ -803,14 +1002,26 @@ impl Registry {
     /// The paired device the tailnet admitted for tailnet node `node_id` (its stable id), if
     /// any: one tailnet node binds one device key.
     pub fn tailnet_binding(&self, node_id: &str) -> Result<Option<PairedDevice>, PairingError> {
-        Ok(self.paired_all()?.into_iter().find(|p| {
-            p.approved_by == APPROVED_BY_TAILSCALE
-                && p.tailnet
-                    .as_ref()
-                    .and_then(|t| t.get("nodeId"))
-                    .and_then(|v| v.as_str())
-                    == Some(node_id)
-        }))
+        // By the expression index on the metadata's tailnet node id, not a read of every
+        // paired device. Several rows only if an operator approved keys the tailnet once
+        // vouched for; a handful is enough to find the tailnet's own.
+        const CANDIDATES: i64 = 8;
+        let keys: Vec<Vec<u8>> = self.store.with_conn(|c| {
+            c.prepare_cached(PAIRED_BY_TAILNET_NODE)?
+                .query_map(params![node_id, CANDIDATES], |r| r.get(0))?
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        for k in keys {
+            let Some(key) = Self::key_of(&k) else {
+                continue;
+            };
+            if let Some(p) = self.paired(&key)? {
+                if p.approved_by == APPROVED_BY_TAILSCALE {
+                    return Ok(Some(p));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Unexpired pending requests, oldest first (at most [`MAX_PENDING`] rows).
@@ -883,16 +1094,47 @@ impl Registry {
     /// The one pending request `selector` names (request id, device id, name, or id prefix),
     /// for checks an operator front end makes before [`Self::approve`].
     pub fn find_pending(&self, selector: &str) -> Result<PendingRequest, PairingError> {
-        let all = self.pending()?;
+        let sel = selector.trim();
+        let cutoff = now_ms().saturating_sub(PENDING_TTL.as_millis() as u64) as i64;
+        // Exact request id (primary key), device id and name (indexes), then prefixes of the
+        // device and request ids (index ranges): enough rows to say "ambiguous".
+        const CANDIDATES: i64 = 8;
+        let rows: Vec<PendingRow> = self.store.with_conn(|c| {
+            let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<PendingRow> {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                ))
+            };
+            let exact = c
+                .prepare_cached(PENDING_EXACT)?
+                .query_map(params![sel, cutoff, CANDIDATES], row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            if !exact.is_empty() || sel.len() < 6 {
+                return Ok(exact);
+            }
+            let upper = format!("{sel}{}", char::MAX);
+            c.prepare_cached(PENDING_PREFIX)?
+                .query_map(params![sel, upper, cutoff, CANDIDATES], row)?
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        let found: Vec<PendingRequest> = rows.into_iter().filter_map(Self::pending_from).collect();
         pick(
-            selector,
-            all,
+            sel,
+            found,
             |p| {
                 [&p.request_id, &p.device_id, &p.name]
                     .iter()
-                    .any(|f| f.as_str() == selector)
+                    .any(|f| f.as_str() == sel)
             },
-            |p| p.device_id.starts_with(selector) || p.request_id.starts_with(selector),
+            |p| p.device_id.starts_with(sel) || p.request_id.starts_with(sel),
             |p| format!("{} ({})", p.name, &p.device_id[..12]),
         )
     }
@@ -905,20 +1147,14 @@ impl Registry {
         // range on the device id index). Enough rows to say "ambiguous" with a few candidates.
         const CANDIDATES: i64 = 8;
         let keys: Vec<Vec<u8>> = self.store.with_conn(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT public_key FROM paired_devices WHERE device_id = ?1
-                 UNION SELECT public_key FROM paired_devices WHERE name = ?1 LIMIT ?2",
-            )?;
+            let mut stmt = c.prepare_cached(PAIRED_EXACT)?;
             let exact = stmt
                 .query_map(params![sel, CANDIDATES], |r| r.get(0))?
                 .collect::<Result<Vec<Vec<u8>>, _>>()?;
             if !exact.is_empty() || sel.len() < 6 {
                 return Ok(exact);
             }
-            let mut stmt = c.prepare_cached(
-                "SELECT public_key FROM paired_devices WHERE device_id >= ?1 AND device_id < ?2
-                 ORDER BY device_id LIMIT ?3",
-            )?;
+            let mut stmt = c.prepare_cached(PAIRED_PREFIX)?;
             let upper = format!("{sel}{}", char::MAX);
             let hits = stmt
                 .query_map(params![sel, upper, CANDIDATES], |r| r.get(0))?
@@ -952,12 +1188,8 @@ impl Registry {
         device_id: &str,
     ) -> Result<Option<PairedDevice>, PairingError> {
         let key: Option<Vec<u8>> = self.store.with_conn(|c| {
-            c.query_row(
-                "SELECT public_key FROM paired_devices WHERE name = ?1 AND device_id != ?2 LIMIT 1",
-                params![name, device_id],
-                |r| r.get(0),
-            )
-            .optional()
+            c.query_row(NAME_CLASH, params![name, device_id], |r| r.get(0))
+                .optional()
         })?;
         match key.as_deref().and_then(Self::key_of) {
             Some(k) => self.paired(&k),
@@ -1180,11 +1412,7 @@ pub(crate) fn read_record(
     key: &PublicKey,
 ) -> rusqlite::Result<Option<PairingRecord>> {
     let kb = key.0.to_vec();
-    let mut stmt = c.prepare_cached(
-        "SELECT p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.token, t.created_at_ms
-         FROM paired_devices p LEFT JOIN device_tokens t ON t.device_id = p.device_id AND t.role = p.role
-         WHERE p.public_key = ?1",
-    )?;
+    let mut stmt = c.prepare_cached(RECORD_BY_KEY)?;
     type Row = (
         String,
         String,
@@ -1261,29 +1489,27 @@ pub(crate) fn apply_records(
         let kb = r.key.0.to_vec();
         let id = r.key.device_id().to_string();
         if r.approved {
-            c.execute(
-                "INSERT INTO paired_devices(public_key, device_id, name, role, platform, approved_at_ms, meta)
+            c.prepare_cached("INSERT INTO paired_devices(public_key, device_id, name, role, platform, approved_at_ms, meta)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(public_key) DO UPDATE SET name = excluded.name, role = excluded.role,
-                    platform = excluded.platform, approved_at_ms = excluded.approved_at_ms, meta = excluded.meta",
-                params![kb, id, r.name, r.role, r.platform, r.changed_at_ms as i64, r.meta],
+                    platform = excluded.platform, approved_at_ms = excluded.approved_at_ms, meta = excluded.meta")?.execute(params![kb, id, r.name, r.role, r.platform, r.changed_at_ms as i64, r.meta],
             )?;
             if let Some((token, at)) = &r.token {
-                c.execute(
-                    "INSERT INTO device_tokens(device_id, role, token, created_at_ms) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(device_id, role) DO UPDATE SET token = excluded.token, created_at_ms = excluded.created_at_ms",
-                    params![id, r.role, token, *at as i64],
+                c.prepare_cached("INSERT INTO device_tokens(device_id, role, token, created_at_ms) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(device_id, role) DO UPDATE SET token = excluded.token, created_at_ms = excluded.created_at_ms")?.execute(params![id, r.role, token, *at as i64],
                 )?;
             }
-            c.execute("DELETE FROM revoked_devices WHERE public_key = ?1", [&kb])?;
-            c.execute("DELETE FROM pending_devices WHERE public_key = ?1", [&kb])?;
+            c.prepare_cached("DELETE FROM revoked_devices WHERE public_key = ?1")?
+                .execute([&kb])?;
+            c.prepare_cached("DELETE FROM pending_devices WHERE public_key = ?1")?
+                .execute([&kb])?;
         } else {
-            c.execute("DELETE FROM paired_devices WHERE public_key = ?1", [&kb])?;
-            c.execute("DELETE FROM device_tokens WHERE device_id = ?1", [&id])?;
-            c.execute(
-                "INSERT INTO revoked_devices(public_key, revoked_at_ms, meta) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(public_key) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms, meta = excluded.meta",
-                params![kb, r.changed_at_ms as i64, r.meta],
+            c.prepare_cached("DELETE FROM paired_devices WHERE public_key = ?1")?
+                .execute([&kb])?;
+            c.prepare_cached("DELETE FROM device_tokens WHERE device_id = ?1")?
+                .execute([&id])?;
+            c.prepare_cached("INSERT INTO revoked_devices(public_key, revoked_at_ms, meta) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(public_key) DO UPDATE SET revoked_at_ms = excluded.revoked_at_ms, meta = excluded.meta")?.execute(params![kb, r.changed_at_ms as i64, r.meta],
             )?;
         }
         // Later records of the same batch compare against this one.
@@ -1341,6 +1567,176 @@ mod tests {
             addr: addr.into(),
             platform: "linux".into(),
             ..Default::default()
+        }
+    }
+
+    /// Every lookup that approve, reject, revoke, admission (native and classic, with the
+    /// tailnet's checks) and a federation merge make, and a listing page: none reads a whole
+    /// table (no `SCAN` in SQLite's plan; a page needs no sort).
+    #[test]
+    fn lookups_are_index_searches_not_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let _reg = Registry::open(store.clone()).unwrap();
+        let queries = [
+            ("pending exact", PENDING_EXACT),
+            ("pending prefix", PENDING_PREFIX),
+            ("tailnet binding", PAIRED_BY_TAILNET_NODE),
+            ("revocation", REVOKED_BY_KEY),
+            ("paired page", PAIRED_PAGE),
+            ("revoked page", REVOKED_PAGE),
+            ("tokens", TOKENS_OF),
+            ("paired by key", PAIRED_BY_KEY),
+            ("paired exact", PAIRED_EXACT),
+            ("paired prefix", PAIRED_PREFIX),
+            ("name clash", NAME_CLASH),
+            ("record", RECORD_BY_KEY),
+        ];
+        store
+            .with_conn(|c| {
+                let plan = |sql: &str| -> rusqlite::Result<Vec<String>> {
+                    let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                    // Unbound parameters would be refused; the plan does not depend on them.
+                    let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
+                    let steps = stmt
+                        .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))?
+                        .collect();
+                    steps
+                };
+                let reads_all = |p: &[String]| {
+                    p.iter()
+                        .any(|s| s.starts_with("SCAN") || s.contains("FOR ORDER BY"))
+                };
+                // The check sees a scan when there is one.
+                assert!(reads_all(&plan(
+                    "SELECT public_key FROM paired_devices WHERE platform = ?1"
+                )?));
+                for (what, sql) in queries {
+                    let p = plan(sql)?;
+                    assert!(!p.is_empty(), "{what}: no plan");
+                    assert!(!reads_all(&p), "{what} reads a whole table or sorts: {p:?}");
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// The indexed lookups answer what a read of every row answers: tailnet bindings,
+    /// revocations, pending selectors, and pages that cover every paired and revoked device
+    /// exactly once.
+    #[test]
+    fn indexed_lookups_answer_as_a_full_read_and_pages_cover_every_device_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(Store::open(dir.path()).unwrap()).unwrap();
+        let mut keys = Vec::new();
+        for i in 0..30 {
+            let k = DeviceIdentity::ephemeral().public_key();
+            if i % 3 == 0 {
+                let id = serde_json::json!({"nodeId": format!("node{i}"), "node": format!("n{i}.ts.net")});
+                reg.approve_tailnet(&k, &meta(&format!("t{i}"), "x"), &id)
+                    .unwrap();
+            } else {
+                let Admission::Pending(p) = reg.admit(&k, &meta(&format!("d{i}"), "x")).unwrap()
+                else {
+                    panic!()
+                };
+                reg.approve(&p.request_id).unwrap();
+            }
+            if i % 5 == 0 {
+                reg.revoke(&k.device_id().to_string()).unwrap();
+            }
+            keys.push(k);
+        }
+        let waiting: Vec<PendingRequest> = (0..6)
+            .map(|i| {
+                let k = DeviceIdentity::ephemeral().public_key();
+                keys.push(k);
+                let Admission::Pending(p) = reg.admit(&k, &meta(&format!("w{i}"), "x")).unwrap()
+                else {
+                    panic!()
+                };
+                p
+            })
+            .collect();
+        // An operator-approved device whose metadata names a tailnet node is no binding.
+        let all = reg.paired_all().unwrap();
+        let revoked = reg.revoked_all().unwrap();
+        for i in 0..32 {
+            let node = format!("node{i}");
+            let scanned = all.iter().find(|p| {
+                p.approved_by == APPROVED_BY_TAILSCALE
+                    && p.tailnet.as_ref().and_then(|t| t.get("nodeId"))
+                        == Some(&serde_json::json!(node))
+            });
+            assert_eq!(
+                reg.tailnet_binding(&node).unwrap().as_ref(),
+                scanned,
+                "{node}"
+            );
+        }
+        assert!(reg.tailnet_binding("node3").unwrap().is_some());
+        for k in &keys {
+            let id = k.device_id().to_string();
+            let scanned = revoked
+                .iter()
+                .find(|r| r.device_id == id)
+                .map(|r| (r.revoked_by.clone(), r.reason.clone()));
+            assert_eq!(reg.revocation(k).unwrap(), scanned);
+        }
+        // Pending: by request id, device id, name and prefixes; the same request each time.
+        for p in &waiting {
+            for sel in [
+                p.request_id.as_str(),
+                p.device_id.as_str(),
+                p.name.as_str(),
+                &p.device_id[..10],
+                &p.request_id[..13],
+            ] {
+                assert_eq!(
+                    reg.find_pending(sel).unwrap().request_id,
+                    p.request_id,
+                    "{sel}"
+                );
+            }
+        }
+        assert!(matches!(
+            reg.find_pending("d1"),
+            Err(PairingError::NotFound(_))
+        ));
+        // Pages of every size cover every paired and revoked device exactly once.
+        let mut want: Vec<String> = all
+            .iter()
+            .map(|p| p.device_id.clone())
+            .chain(revoked.iter().map(|r| r.device_id.clone()))
+            .collect();
+        want.sort();
+        assert_eq!(want.len(), 30);
+        for limit in [1, 4, 7, 29, 30, 31, MAX_PAGE] {
+            let mut seen = Vec::new();
+            let mut after: Option<[u8; 32]> = None;
+            let mut pages = 0;
+            loop {
+                let page = reg.page(after.as_ref(), limit).unwrap();
+                pages += 1;
+                let n = page.paired.len() + page.revoked.len();
+                assert!(n <= limit && n > 0, "page of {n} at limit {limit}");
+                seen.extend(page.paired.iter().map(|p| p.device_id.clone()));
+                seen.extend(page.revoked.iter().map(|r| r.device_id.clone()));
+                // A paged device is the same record a full read gives.
+                for p in &page.paired {
+                    assert_eq!(Some(p), all.iter().find(|q| q.device_id == p.device_id));
+                }
+                for r in &page.revoked {
+                    assert_eq!(Some(r), revoked.iter().find(|q| q.device_id == r.device_id));
+                }
+                match page.next {
+                    Some(n) => after = Some(parse_cursor(&n).unwrap()),
+                    None => break,
+                }
+            }
+            seen.sort();
+            assert_eq!(seen, want, "limit {limit}");
+            assert_eq!(pages, 30usize.div_ceil(limit), "limit {limit}");
         }
     }
 

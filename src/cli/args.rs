@@ -263,11 +263,20 @@ pub enum NodesCmd {
 #[derive(Debug, Subcommand)]
 pub enum DevicesCmd {
     /// Pending and paired devices.
-    #[command(after_help = "Examples:\n  clawmesh devices list\n  clawmesh devices approve 3f9c")]
+    #[command(
+        after_help = "Examples:\n  clawmesh devices list\n  clawmesh devices list --limit 500 --after <next cursor of the previous page>\n  clawmesh devices approve 3f9c"
+    )]
     List {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// At most N paired and revoked devices (in key order; 10 000 at most, the default);
+        /// the output ends with the cursor of the next page.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        limit: Option<u64>,
+        /// Only devices after this cursor (the `next` of the previous page).
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
         #[command(flatten)]
         /// Target.
         target: TargetArgs,

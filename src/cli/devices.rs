@@ -11,11 +11,16 @@ use crate::cli::{call, table, target, CALL_TIMEOUT};
 /// `clawmesh devices ...`
 pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
     match cmd {
-        DevicesCmd::List { json, target: t } => {
+        DevicesCmd::List {
+            json,
+            limit,
+            after,
+            target: t,
+        } => {
             let doc = call(
                 &target(t, state_dir),
                 "device.pair.list",
-                json!({}),
+                json!({"limit": limit, "after": after}),
                 CALL_TIMEOUT,
             )
             .await?;
@@ -28,13 +33,13 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                     "expiresAt": expires_at(p),
                 })).collect();
                 let paired: Vec<Value> = doc["paired"].as_array().cloned().unwrap_or_default().iter().map(|p| json!({
-                    "deviceId": p["deviceId"], "name": p["name"], "role": p["role"], "approvedAt": p["approvedAt"],
+                    "deviceId": p["deviceId"], "publicKey": p["publicKey"], "name": p["name"], "role": p["role"], "approvedAt": p["approvedAt"],
                     "fingerprint": p["fingerprint"], "region": p["region"], "approvedBy": p["approvedBy"], "tailnet": p.get("tailnet"),
                 })).collect();
                 println!(
                     "{}",
                     serde_json::to_string_pretty(
-                        &json!({"pending": pending, "paired": paired, "revoked": doc["revoked"], "unreachable": doc["unreachable"]})
+                        &json!({"pending": pending, "paired": paired, "revoked": doc["revoked"], "unreachable": doc["unreachable"], "next": doc.get("next")})
                     )?
                 );
                 return Ok(0);
@@ -125,6 +130,12 @@ pub async fn devices(cmd: DevicesCmd, state_dir: &Path) -> Result<i32> {
                 println!(
                     "Not listed: requests waiting at {} (unreachable now).",
                     unreachable.join(", ")
+                );
+            }
+            if let Some(n) = doc["next"].as_str() {
+                println!(
+                    "More devices: clawmesh devices list{} --after {n}",
+                    limit.map(|l| format!(" --limit {l}")).unwrap_or_default()
                 );
             }
             println!("Compare fingerprints with `clawmesh identity show` on the device before approving.");

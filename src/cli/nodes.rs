@@ -9,6 +9,10 @@ use serde_json::{json, Value};
 use crate::cli::args::NodesCmd;
 use crate::cli::{call, table, target, CALL_TIMEOUT};
 
+/// Rows per `node.list` call when `nodes status` lists everything: about 5 MB of JSON, well
+/// inside the 32 MiB frame limit, and few calls for 100 000 nodes.
+const STATUS_PAGE: u64 = 10_000;
+
 /// `clawmesh nodes ...`
 pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
     match cmd {
@@ -19,15 +23,26 @@ pub async fn nodes(cmd: NodesCmd, state_dir: &Path) -> Result<i32> {
             after,
             target: t,
         } => {
-            let doc = call(
-                &target(t, state_dir),
-                "node.list",
-                json!({"all": all, "limit": limit, "after": after}),
-                CALL_TIMEOUT,
-            )
-            .await?;
-            let next = doc["next"].as_str().map(str::to_string);
-            let nodes = doc["nodes"].as_array().cloned().unwrap_or_default();
+            let target = target(t, state_dir);
+            // Without `--limit`, every page (100 000 rows in one answer would pass the frame
+            // limit); with it, the one page asked for and the cursor to the next.
+            let mut nodes = Vec::new();
+            let mut cursor = after;
+            let next = loop {
+                let doc = call(
+                    &target,
+                    "node.list",
+                    json!({"all": all, "limit": limit.unwrap_or(STATUS_PAGE), "after": cursor}),
+                    CALL_TIMEOUT,
+                )
+                .await?;
+                nodes.extend(doc["nodes"].as_array().cloned().unwrap_or_default());
+                let next = doc["next"].as_str().map(str::to_string);
+                match next {
+                    Some(n) if limit.is_none() => cursor = Some(n),
+                    next => break next,
+                }
+            };
             let paired = nodes.iter().filter(|n| n["paired"] == true).count();
             let connected = nodes.iter().filter(|n| n["connected"] == true).count();
             if json {

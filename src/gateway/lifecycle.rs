@@ -278,6 +278,13 @@ pub async fn run(s: GatewaySettings) -> Result<()> {
     }
     disc.shutdown();
     mesh.shutdown(&reason).await;
+    // Every invoke answered so far has its audit record in the spool before the exit; the
+    // writer stores a queue in milliseconds, 5 s covers a slow disk without holding the stop.
+    if let Some(logs) = methods.logs_view() {
+        if !logs.flush_audit(Duration::from_secs(5)).await {
+            warn!("audit records not all stored within 5 s of the stop");
+        }
+    }
     Runtime::remove(&s.state_dir);
     outcome.map(|_| ())
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use clawmesh_federation::logs::audit::{AuditWriter, AUDIT_CAPACITY};
 use clawmesh_federation::logs::collector::{Collector, Query, QueryReply};
 use clawmesh_federation::logs::layer::{start_writer, Handoff, HANDOFF_CAPACITY};
 use clawmesh_federation::logs::record::{Audit, Entry};
@@ -15,7 +16,6 @@ use clawmesh_federation::logs::spool::{Lag, Spool};
 use clawmesh_federation::mesh::Mesh;
 use clawmesh_federation::wire::WireError;
 use tokio::sync::watch;
-use tracing::warn;
 
 use super::otlp_export::{self, OtlpSettings};
 use super::settings::RemoteLogs;
@@ -30,6 +30,7 @@ pub struct GatewayLogs {
     spool: Spool,
     collector: Collector,
     handoff: Handoff,
+    audit: AuditWriter,
     mesh: Mesh,
     _shipper: Option<Arc<Shipper>>,
     otlp: Arc<watch::Sender<OtlpSettings>>,
@@ -46,6 +47,8 @@ impl GatewayLogs {
             Collector::open(state_dir, remote.store).context("opening the log store")?;
         let handoff = start_writer(spool.clone(), &name, HANDOFF_CAPACITY)
             .context("starting the log writer")?;
+        let audit = AuditWriter::start(spool.clone(), &name, AUDIT_CAPACITY)
+            .context("starting the audit writer")?;
         mesh.attach_log_service(Arc::new(LogService::new(mesh.clone(), collector.clone())));
         let shipper = if remote.enabled {
             crate::logging::attach_spool(handoff.clone());
@@ -67,6 +70,7 @@ impl GatewayLogs {
             spool,
             collector,
             handoff,
+            audit,
             mesh: mesh.clone(),
             _shipper: shipper,
             otlp: Arc::new(otlp),
@@ -88,16 +92,22 @@ impl GatewayLogs {
         });
     }
 
-    /// Writes an audit record straight to the spool (not through the lossy hand-off, and
-    /// whatever the log level).
+    /// Hands an audit record to the audit writer (its own bounded queue, not the log
+    /// hand-off, whatever the log level); never waits. A full queue drops and counts it
+    /// (see [`clawmesh_federation::logs::audit`]).
     pub fn audit(&self, a: Audit) {
-        let spool = self.spool.clone();
-        let gateway = self.mesh.config().name.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = spool.append(&gateway, vec![Entry::audit(a)]) {
-                warn!("audit record not spooled: {e}");
-            }
-        });
+        self.audit.offer(a);
+    }
+
+    /// Audit records dropped by a full audit queue since the start (`/metrics`).
+    pub fn audit_dropped(&self) -> u64 {
+        self.audit.dropped()
+    }
+
+    /// Waits (at most `deadline`) until every audit record handed over so far is in the
+    /// spool: the gateway's stop calls it, so no answered invoke loses its record.
+    pub async fn flush_audit(&self, deadline: std::time::Duration) -> bool {
+        self.audit.flush(deadline).await
     }
 
     /// The spool's counts (records held, unacknowledged: the shipping lag in records) and

@@ -22,7 +22,8 @@
 //! - `clawmesh_bridge_connections`;
 //! - `clawmesh_log_spool_records`, `clawmesh_log_spool_unacked_records` (the shipping lag),
 //!   `clawmesh_log_spool_bytes`; counters `clawmesh_log_shipped_records_total`,
-//!   `clawmesh_log_ship_failures_total`;
+//!   `clawmesh_log_ship_failures_total`, `clawmesh_audit_dropped_total` (audit records a full
+//!   audit queue dropped);
 //! - `process_resident_memory_bytes`, `process_cpu_seconds_total` (counter),
 //!   `process_open_fds`, `process_max_fds`;
 //! - `clawmesh_host_*{kind,name,id,gateway}` for every gateway (`kind="gateway"`) and native
@@ -310,6 +311,12 @@ impl Scrape {
         let Some(logs) = self.methods.logs_view() else {
             return Ok(());
         };
+        counter(
+            enc,
+            "clawmesh_audit_dropped",
+            "Audit records dropped because the audit writer's queue was full",
+            logs.audit_dropped(),
+        )?;
         let (spool, ship) = logs.shipping_stats();
         if let Some(s) = spool {
             gauge(

@@ -137,6 +137,21 @@ impl NodeRegistry {
         self.changes.subscribe()
     }
 
+    /// How many attaches and detaches there have been: a listing cache built at one value is
+    /// still right while it stays.
+    pub fn generation(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
+    /// The host vitals of each of `ids` (`None`: not attached, or none sent), in the order
+    /// asked: a page of a listing looks up only its own rows.
+    pub fn vitals_of(&self, ids: &[DeviceId]) -> Vec<Option<Received>> {
+        let nodes = self.lock();
+        ids.iter()
+            .map(|id| nodes.get(id).and_then(|e| e.live.as_ref()?.vitals()))
+            .collect()
+    }
+
     fn changed(&self) {
         self.changes.send_modify(|v| *v += 1);
     }
@@ -181,6 +196,30 @@ impl NodeRegistry {
             }
             None => false,
         }
+    }
+
+    /// What an invoke of `command` needs of an attached node, without copying its
+    /// description: its link, or (`Err`) the commands it offers when it did not declare
+    /// `command`.
+    pub fn for_invoke(&self, node: &DeviceId, command: &str) -> Option<Result<NodeLink, String>> {
+        self.lock().get(node).map(|e| {
+            if e.info.commands.iter().any(|c| c == command) {
+                Ok(e.link.clone())
+            } else {
+                Err(e.info.commands.join(", "))
+            }
+        })
+    }
+
+    /// An attached node's display name and which of its attachments this is (what resolving
+    /// an invoke's target needs), without copying the rest of its description.
+    pub fn brief(
+        &self,
+        node: &DeviceId,
+    ) -> Option<(String, clawmesh_federation::directory::AttachOrder)> {
+        self.lock()
+            .get(node)
+            .map(|e| (e.info.name.clone(), e.info.attach))
     }
 
     /// A connected node's info and link.

@@ -61,7 +61,7 @@ pub struct NodeHandler {
     inner: Arc<NodeInner>,
 }
 
-use crate::node_protocol::DEFAULTS_COMMAND;
+use crate::node_protocol::{wall_ns, DEFAULTS_COMMAND, TIMING_KEY};
 
 struct NodeInner {
     approvals: ExecApprovals,
@@ -163,15 +163,30 @@ impl Handler for NodeHandler {
                     "only the gateway may invoke commands",
                 ));
             }
-            let params: Value = if req.params.trim().is_empty() {
+            let received = wall_ns();
+            let mut params: Value = if req.params.trim().is_empty() {
                 Value::Object(Default::default())
             } else {
                 serde_json::from_str(&req.params).map_err(|e| {
                     WireError::new("INVALID_REQUEST", format!("invalid params: {e}"))
                 })?
             };
+            // The gateway asks for hop times only when a benchmark asked it.
+            let timing = params
+                .as_object_mut()
+                .and_then(|m| m.remove(TIMING_KEY))
+                .is_some();
             tracing::debug!(req_id = req.id, command = %req.method, "invoke");
-            h.run(&req.method, params).await.map(|v| v.to_string())
+            let mut out = h.run(&req.method, params).await?;
+            if timing {
+                if let Value::Object(m) = &mut out {
+                    m.insert(
+                        TIMING_KEY.into(),
+                        serde_json::json!({"receivedNs": received, "repliedNs": wall_ns()}),
+                    );
+                }
+            }
+            Ok(out.to_string())
         })
     }
 }

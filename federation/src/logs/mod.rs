@@ -3,6 +3,7 @@
 //! - [`record`]: the record (a tracing event or an audit entry of a `node.invoke`);
 //! - [`spool`]: the durable local spool of every gateway, numbered per origin;
 //! - [`layer`]: the tracing layer that hands events to the spool without blocking the caller;
+//! - [`audit`]: the audit trail's batching writer (off the invoke's path, drops counted);
 //! - [`ship`]: batches from the spool to the current primary over the mesh, resumed from the
 //!   collector's cursor after any fault, backfilled to a new collector;
 //! - [`service`]: the `logs.*` requests between gateways and the mesh router;
@@ -10,6 +11,7 @@
 //!   `clawmesh logs`, with durable export cursors;
 //! - [`otlp`]: stored records as an OTLP/HTTP `ExportLogsServiceRequest` (protobuf).
 
+pub mod audit;
 pub mod collector;
 pub mod layer;
 pub mod otlp;

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use clawmesh_federation::pairing::PairingError;
+use clawmesh_federation::pairing::{parse_cursor, PairingError, MAX_PAGE};
 use clawmesh_federation::rpc::{Caller, CallerKind};
 use clawmesh_federation::wire::WireError;
 use serde_json::{json, Value};
@@ -26,6 +26,34 @@ fn not_found(e: &WireError) -> bool {
 /// to spare; a gateway that does not answer is listed as unreachable, not waited for.
 const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Reads `limit` (1 to [`MAX_PAGE`], default [`MAX_PAGE`]) and `after` (a page cursor) from
+/// `device.pair.list` params.
+fn page_params(params: &Value) -> Result<(usize, Option<[u8; 32]>), WireError> {
+    let limit = match params.get("limit") {
+        None | Some(Value::Null) => MAX_PAGE,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=MAX_PAGE as u64).contains(&n) => n as usize,
+            _ => {
+                return Err(bad(format!(
+                    "invalid device.pair.list params: limit must be a whole number from 1 to {MAX_PAGE}, not {v}"
+                )))
+            }
+        },
+    };
+    let after = match params.get("after") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_str().and_then(parse_cursor) {
+            Some(c) => Some(c),
+            None => {
+                return Err(bad(format!(
+                    "invalid device.pair.list params: after must be the `next` of the previous page (a device key, base64url), not {v}"
+                )))
+            }
+        },
+    };
+    Ok((limit, after))
+}
+
 impl Methods {
     /// `device.pair.list|approve|reject|remove`: the pairing registry, for operators.
     pub(super) async fn devices_method(
@@ -37,7 +65,7 @@ impl Methods {
         // A request from another gateway is about this gateway's own requests only.
         let forwarded = matches!(caller.kind, CallerKind::Gateway { .. });
         match method {
-            "device.pair.list" => self.pair_list(caller, forwarded).await,
+            "device.pair.list" => self.pair_list(caller, forwarded, &params).await,
             "device.pair.approve" | "device.pair.reject" if !forwarded => {
                 match self.devices_local(caller, method, &params) {
                     // Not waiting here: where it waits, it is decided.
@@ -50,17 +78,47 @@ impl Methods {
     }
 
     /// Every pending request of the federation (this gateway's and every reachable one's,
-    /// each with `gateway`: where it waits) and the paired devices.
-    async fn pair_list(&self, caller: &Caller, forwarded: bool) -> Result<Value, WireError> {
+    /// each with `gateway`: where it waits) and one page of the paired and revoked devices
+    /// (`limit`, at most [`MAX_PAGE`], the default; `after`: the previous page's `next`). The
+    /// pending requests come with the first page only, so paging lists every request and
+    /// device once; a gateway asked by another answers with its pending requests only.
+    async fn pair_list(
+        &self,
+        caller: &Caller,
+        forwarded: bool,
+        params: &Value,
+    ) -> Result<Value, WireError> {
         let me = self.gateway_name();
-        let mut listing = serde_json::to_value(self.inner.pairing.list().map_err(pairing_err)?)
-            .map_err(|e| WireError::new("UNAVAILABLE", e.to_string()))?;
-        if let Some(pending) = listing["pending"].as_array_mut() {
-            for p in pending.iter_mut() {
+        let pending = |first: bool| -> Result<Value, WireError> {
+            let mut pending = if first {
+                serde_json::to_value(self.inner.pairing.pending().map_err(pairing_err)?)
+                    .map_err(|e| WireError::new("UNAVAILABLE", e.to_string()))?
+            } else {
+                json!([])
+            };
+            for p in pending.as_array_mut().into_iter().flatten() {
                 p["gateway"] = json!(me);
             }
-        }
+            Ok(pending)
+        };
         if forwarded {
+            return Ok(json!({"pending": pending(true)?, "paired": [], "revoked": []}));
+        }
+        let (limit, after) = page_params(params)?;
+        let page = self
+            .inner
+            .pairing
+            .page(after.as_ref(), limit)
+            .map_err(pairing_err)?;
+        let mut listing = json!({
+            "pending": pending(after.is_none())?,
+            "paired": page.paired,
+            "revoked": page.revoked,
+        });
+        if let Some(next) = page.next {
+            listing["next"] = json!(next);
+        }
+        if after.is_some() {
             return Ok(listing);
         }
         let others: Vec<String> = self
@@ -232,5 +290,38 @@ impl Methods {
             Ok(None) => {}
             Err(e) => tracing::warn!("cannot share the pairing decision: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_paging_params_get_a_clear_error() {
+        for p in [
+            json!({"limit": 0}),
+            json!({"limit": -1}),
+            json!({"limit": "ten"}),
+            json!({"limit": 1.5}),
+            json!({"limit": MAX_PAGE + 1}),
+            json!({"after": 5}),
+            json!({"after": "not a cursor"}),
+            json!({"after": "AAAA"}),
+        ] {
+            let e = page_params(&p).expect_err(&p.to_string());
+            assert!(
+                e.message.starts_with("invalid device.pair.list params: "),
+                "{p}: {}",
+                e.message
+            );
+        }
+        assert_eq!(page_params(&json!({})).unwrap(), (MAX_PAGE, None));
+        let key = [7u8; 32];
+        let cursor = clawmesh_federation::identity::PublicKey(key).to_base64url();
+        assert_eq!(
+            page_params(&json!({"limit": 3, "after": cursor})).unwrap(),
+            (3, Some(key))
+        );
     }
 }

@@ -202,6 +202,8 @@ struct Inner {
     started_at: SystemTime,
     /// Invokes and config writes counted for `/metrics`.
     instruments: Arc<crate::gateway::instruments::Instruments>,
+    /// `node.list`'s resolved, id-sorted directory between calls.
+    listing: Arc<listing::ListingCache>,
 }
 
 fn bad(msg: impl Into<String>) -> WireError {
@@ -245,6 +247,7 @@ impl Methods {
                 started: Instant::now(),
                 started_at: SystemTime::now(),
                 instruments: Arc::default(),
+                listing: Arc::default(),
             }),
         }
     }
@@ -507,6 +510,8 @@ fn now_ms() -> u64 {
 impl Handler for Methods {
     fn handle(&self, caller: Caller, req: Request) -> BoxFuture<Result<String, WireError>> {
         let this = self.clone();
+        // One clock read: the gateway's receive time if this is a timed `node.invoke`.
+        let received = crate::node_protocol::wall_ns();
         Box::pin(async move {
             if req.params.len() > MAX_PARAMS {
                 return Err(bad(format!(
@@ -522,6 +527,10 @@ impl Handler for Methods {
             };
             if !params.is_object() {
                 return Err(bad("invalid params: must be a JSON object"));
+            }
+            let mut params = params;
+            if req.method == "node.invoke" && params.get("timing") == Some(&Value::Bool(true)) {
+                params["timing"] = json!(received);
             }
             if req.method == "node.list" {
                 // Straight to text: 100 000 rows as a JSON tree first would cost more than

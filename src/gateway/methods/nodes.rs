@@ -16,7 +16,8 @@ use super::{
     bad, now_ms, pairing_err, str_param, Methods, DEFAULT_INVOKE_TIMEOUT, FORWARD_MARGIN,
     MAX_INVOKE_TIMEOUT,
 };
-use crate::gateway::registry;
+use crate::gateway::registry::{self, NodeLink};
+use crate::node_protocol::{wall_ns, TIMING_KEY};
 
 /// Invokes in flight during a fan-out (`node.invoke` with `all`): enough to reach 100 nodes in
 /// a couple of round trips without opening hundreds of streams at once.
@@ -376,15 +377,36 @@ impl Methods {
         };
         // Classic clients must send one; it reaches the node unchanged.
         let key = str_param(&params, "idempotencyKey", "node.invoke")?.to_string();
-        let inner = params.get("params").cloned().unwrap_or(Value::Null);
+        // Taken out, not copied: the rest of `params` is read below.
+        let mut params = params;
+        let inner = params
+            .get_mut("params")
+            .map(Value::take)
+            .unwrap_or(Value::Null);
         let inner = if inner.is_null() { json!({}) } else { inner };
         let all = params.get("all").and_then(Value::as_bool).unwrap_or(false);
+        // Hop times for a benchmark: the gateway's receive time (from the request handler),
+        // or now when the request came through another front door.
+        let timing = match params.get("timing") {
+            Some(Value::Bool(true)) => Some(wall_ns()),
+            Some(v) => v.as_u64(),
+            None => None,
+        };
         // Fast path: an exact id needs no federation-wide listing: a node attached here, or one
         // another gateway announced.
         if !all {
             if let Some(entry) = self.exact_entry(&sel, forwarded) {
                 return self
-                    .invoke_entry(&entry, &command, inner, timeout, &key, forwarded, Some(who))
+                    .invoke_entry(
+                        &entry,
+                        &command,
+                        inner,
+                        timeout,
+                        &key,
+                        forwarded,
+                        Some(who),
+                        timing,
+                    )
                     .await;
             }
         }
@@ -417,6 +439,7 @@ impl Methods {
                     &key,
                     forwarded,
                     Some(who),
+                    timing,
                 )
                 .await;
         }
@@ -444,7 +467,7 @@ impl Methods {
         let local_results = futures_util::stream::iter(local.into_iter().map(|t| {
             let (command, inner, key) = (command.clone(), inner.clone(), key.clone());
             async move {
-                let r = self.invoke_entry(&t, &command, inner, timeout, &key, forwarded, Some(who)).await;
+                let r = self.invoke_entry(&t, &command, inner, timeout, &key, forwarded, Some(who), None).await;
                 let mut row = json!({"nodeId": t["nodeId"], "displayName": t["displayName"], "gateway": t["gateway"]});
                 match r {
                     Ok(v) => {
@@ -492,6 +515,7 @@ impl Methods {
             idempotency_key,
             false,
             None,
+            None,
         )
         .await
     }
@@ -509,13 +533,15 @@ impl Methods {
         idempotency_key: &str,
         forwarded: bool,
         who: Option<&Who>,
+        timing: Option<u64>,
     ) -> Result<Value, WireError> {
         let node_id = entry["nodeId"].as_str().unwrap_or_default().to_string();
         let name = entry["displayName"]
             .as_str()
             .unwrap_or(&node_id)
             .to_string();
-        let link = DeviceId::parse(&node_id).and_then(|id| self.inner.nodes.get(&id));
+        let link =
+            DeviceId::parse(&node_id).and_then(|id| self.inner.nodes.for_invoke(&id, command));
         let holder = entry["gateway"].as_str().unwrap_or_default().to_string();
         // The resolution decided where the node is: a session still open here but older than
         // its attachment elsewhere is stale (this gateway has not noticed yet).
@@ -534,26 +560,29 @@ impl Methods {
                 )
                 .await;
         }
-        let Some((info, link)) = link else {
-            let mut e = WireError::new(
-                "UNAVAILABLE",
-                format!(
-                    "node not connected: {name} ({}) is paired but not attached to gateway {}",
-                    &node_id[..node_id.len().min(12)],
-                    self.gateway_name()
-                ),
-            );
-            e.details = Some(json!({"code":"NOT_CONNECTED","nodeError":{"code":"NOT_CONNECTED","message":"node not connected"},"nodeCommandDispatched":false}).to_string());
-            e.retryable = true;
-            return Err(e);
+        let link = match link {
+            Some(Ok(link)) => link,
+            Some(Err(offered)) => {
+                let mut e = bad(format!("node command not allowed: {command} is not declared by node {name} (it offers: {offered})"));
+                e.details = Some(
+                    json!({"reason":"command not declared by node","command":command}).to_string(),
+                );
+                return Err(e);
+            }
+            None => {
+                let mut e = WireError::new(
+                    "UNAVAILABLE",
+                    format!(
+                        "node not connected: {name} ({}) is paired but not attached to gateway {}",
+                        &node_id[..node_id.len().min(12)],
+                        self.gateway_name()
+                    ),
+                );
+                e.details = Some(json!({"code":"NOT_CONNECTED","nodeError":{"code":"NOT_CONNECTED","message":"node not connected"},"nodeCommandDispatched":false}).to_string());
+                e.retryable = true;
+                return Err(e);
+            }
         };
-        if !info.commands.iter().any(|c| c == command) {
-            let mut e = bad(format!("node command not allowed: {command} is not declared by node {name} (it offers: {})", info.commands.join(", ")));
-            e.details = Some(
-                json!({"reason":"command not declared by node","command":command}).to_string(),
-            );
-            return Err(e);
-        }
         let started = Instant::now();
         // Dropped unfinished (the caller went away): recorded as cancelled.
         let audit = AuditGuard::new(
@@ -565,16 +594,30 @@ impl Methods {
             &params,
             idempotency_key,
         );
+        let mut params = params;
+        // A native node adds its own receive and reply times when asked.
+        if let (Some(_), NodeLink::Quic(_), Value::Object(m)) = (timing, &link, &mut params) {
+            m.insert(TIMING_KEY.into(), Value::Bool(true));
+        }
+        let sent = timing.map(|_| wall_ns());
         let span = tracing::info_span!("invoke", node = %name, %command);
-        match tracing::Instrument::instrument(
+        let result = tracing::Instrument::instrument(
             link.invoke(command, &params, timeout, idempotency_key),
             span,
         )
-        .await
-        {
-            Ok(text) => {
-                let payload: Value =
+        .await;
+        let reply_received = timing.map(|_| wall_ns());
+        match result {
+            Ok(mut text) => {
+                let mut payload: Value =
                     serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+                let node_times = match (timing, &mut payload) {
+                    (Some(_), Value::Object(m)) => m.remove(TIMING_KEY),
+                    _ => None,
+                };
+                if node_times.is_some() {
+                    text = payload.to_string();
+                }
                 let outcome = if payload["timedOut"] == true {
                     Outcome::Timeout
                 } else {
@@ -585,13 +628,25 @@ impl Methods {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "invoke ok"
                 );
-                Ok(json!({
+                let mut reply = json!({
                     "ok": true,
                     "nodeId": node_id,
                     "command": command,
                     "payload": payload,
                     "payloadJSON": text,
-                }))
+                });
+                if let Some(received) = timing {
+                    let node = node_times.unwrap_or(Value::Null);
+                    reply["timing"] = json!({
+                        "gatewayReceivedNs": received,
+                        "nodeSentNs": sent,
+                        "nodeReceivedNs": node["receivedNs"],
+                        "nodeRepliedNs": node["repliedNs"],
+                        "replyReceivedNs": reply_received,
+                        "gatewayRepliedNs": wall_ns(),
+                    });
+                }
+                Ok(reply)
             }
             Err(e) => {
                 let outcome = match &e {
@@ -612,13 +667,40 @@ impl Methods {
     /// serve local nodes, only a session here.
     pub(super) fn exact_entry(&self, sel: &str, local_only: bool) -> Option<Value> {
         let id = DeviceId::parse(sel)?;
+        let me = self.gateway_name();
+        let row = |name: &str, gateway: &str| json!({"nodeId": sel, "displayName": name, "gateway": gateway});
         if local_only {
-            let (info, _) = self.inner.nodes.get(&id)?;
-            return Some(
-                json!({"nodeId": sel, "displayName": info.name, "gateway": self.gateway_name()}),
-            );
+            return Some(row(&self.inner.nodes.brief(&id)?.0, &me));
         }
-        directory::resolve(self.node_claims(Some(&id), &HashMap::new()))
+        // By index: this gateway's session and the other gateways' announcements of this one
+        // node, resolved like every listing; nothing else of the fleet is read.
+        let mut claims = Vec::new();
+        if let Some((name, attach)) = self.inner.nodes.brief(&id) {
+            claims.push(Claim {
+                node: id,
+                gateway: me.clone(),
+                live: true,
+                local: true,
+                order: attach,
+                item: row(&name, &me),
+            });
+        }
+        if let Some(mesh) = self.inner.mesh.get() {
+            for (gateway, status, n) in mesh.remote_claims_of(&id) {
+                claims.push(Claim {
+                    node: id,
+                    live: status != clawmesh_federation::health::Status::Offline,
+                    local: false,
+                    order: n.attach,
+                    item: row(&n.name, &gateway),
+                    gateway,
+                });
+            }
+        }
+        if claims.len() == 1 {
+            return claims.pop().map(|c| c.item);
+        }
+        directory::resolve(claims)
             .into_iter()
             .next()
             .map(|c| c.item)
