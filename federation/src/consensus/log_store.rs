@@ -3,6 +3,8 @@
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader};
@@ -33,9 +35,30 @@ const LAST_PURGED: &str = "last_purged";
 /// the state database.
 ///
 /// Cheap to clone; a clone is also the log reader handed to replication tasks.
+///
+/// The committed log id is saved lazily: `save_committed` keeps it in memory and the next
+/// append writes it in its own transaction, instead of one more fsynced transaction per commit
+/// advance (one per round of replication, on every gateway). openraft allows this because the
+/// state machine is durable on its own ([`super::SqliteStateMachine`] commits the last applied
+/// log id with each applied batch): after a crash the saved value may be behind, so entries
+/// committed but not yet applied then are applied once a leader tells the commit index again,
+/// and openraft raises a saved value below the last applied one to it.
 #[derive(Debug, Clone)]
 pub struct SqliteLogStore {
     store: Store,
+    committed: Arc<Mutex<LazyCommitted>>,
+    /// The index after the last stored entry, as this process last wrote it (a hint for the
+    /// replication path, see [`SqliteLogStore::next_index_hint`]).
+    next_index: Arc<AtomicU64>,
+}
+
+/// The committed log id as last told by openraft, and whether the table is behind it.
+#[derive(Debug, Default)]
+struct LazyCommitted {
+    /// The last value `save_committed` was given in this process (`None`: not yet given).
+    latest: Option<Option<LogId>>,
+    /// `latest` is not yet in `raft_meta`.
+    unsaved: bool,
 }
 
 /// A row of `raft_log` as read: index, term, encoded entry (raw, checked when decoded).
@@ -46,7 +69,22 @@ impl SqliteLogStore {
     /// startup or in `spawn_blocking`).
     pub fn open(store: Store) -> Result<SqliteLogStore, ConsensusStoreError> {
         store.with_conn(|c| c.execute_batch(SCHEMA))?;
-        Ok(SqliteLogStore { store })
+        let last: Option<i64> =
+            store.with_conn(|c| c.query_row("SELECT MAX(idx) FROM raft_log", [], |r| r.get(0)))?;
+        let next = last.map_or(0, |l| u64::try_from(l).map_or(0, |l| l + 1));
+        Ok(SqliteLogStore {
+            store,
+            committed: Arc::default(),
+            next_index: Arc::new(AtomicU64::new(next)),
+        })
+    }
+
+    /// The index after the last entry this process appended (or found at open), without
+    /// reading the table: the replication path reads the log only when it may hold entries at
+    /// or after an index. A hint (an append in progress is not counted yet); the log itself is
+    /// what is read and sent.
+    pub fn next_index_hint(&self) -> u64 {
+        self.next_index.load(Ordering::Acquire)
     }
 
     /// The state database underneath.
@@ -199,7 +237,9 @@ impl SqliteLogStore {
             })?;
             rows.push((idx, term, bytes));
         }
-        run_blocking(&self.store, move |c| {
+        // The committed log id told since the last append rides in this transaction.
+        let committed = self.take_unsaved_committed()?;
+        let result = run_blocking(&self.store, move |c| {
             let tx = c.transaction()?;
             {
                 let mut stmt = tx.prepare_cached(
@@ -209,9 +249,50 @@ impl SqliteLogStore {
                     stmt.execute(params![idx, term, bytes])?;
                 }
             }
+            match committed {
+                Some(Some(value)) => write_meta(&tx, COMMITTED, &value)?,
+                Some(None) => {
+                    tx.execute("DELETE FROM raft_meta WHERE key = ?1", [COMMITTED])?;
+                }
+                None => {}
+            }
             tx.commit()
         })
-        .await
+        .await;
+        match &result {
+            Ok(()) => {
+                if let Some(last) = entries.last() {
+                    self.next_index
+                        .fetch_max(last.log_id.index + 1, Ordering::AcqRel);
+                }
+            }
+            // Not written: the next append tries again.
+            Err(_) => self.lock_committed().unsaved = true,
+        }
+        result
+    }
+
+    fn lock_committed(&self) -> std::sync::MutexGuard<'_, LazyCommitted> {
+        // Plain data: a panic while it was held leaves a usable value.
+        self.committed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The committed log id not yet written, encoded: `Some(None)` clears the row.
+    fn take_unsaved_committed(&self) -> Result<Option<Option<Vec<u8>>>, ConsensusStoreError> {
+        let mut c = self.lock_committed();
+        if !c.unsaved {
+            return Ok(None);
+        }
+        let Some(latest) = c.latest else {
+            return Ok(None);
+        };
+        let encoded = latest
+            .map(|l| to_json(&l, "raft_meta row \"committed\""))
+            .transpose()?;
+        c.unsaved = false;
+        Ok(Some(encoded))
     }
 
     async fn truncate_since(&self, index: u64) -> Result<(), ConsensusStoreError> {
@@ -222,7 +303,9 @@ impl SqliteLogStore {
             c.execute("DELETE FROM raft_log WHERE idx >= ?1", [idx])
                 .map(|_| ())
         })
-        .await
+        .await?;
+        self.next_index.fetch_min(index, Ordering::AcqRel);
+        Ok(())
     }
 
     async fn purge_upto(&self, log_id: LogId) -> Result<(), ConsensusStoreError> {
@@ -360,12 +443,17 @@ impl RaftLogStorage<TypeConfig> for SqliteLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.write_meta(COMMITTED, committed.as_ref())
-            .await
-            .map_err(|e| write_err(e, ErrorSubject::Store))
+        // Lazily: written by the next append (see [`SqliteLogStore`]).
+        let mut c = self.lock_committed();
+        c.latest = Some(committed);
+        c.unsaved = true;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        if let Some(latest) = self.lock_committed().latest {
+            return Ok(latest);
+        }
         self.read_meta(COMMITTED)
             .await
             .map_err(|e| read_err(e, ErrorSubject::Store))
@@ -500,6 +588,37 @@ mod tests {
         log.save_committed(None).await.unwrap();
         assert_eq!(log.read_committed().await.unwrap(), None);
         assert_eq!(log.read_vote().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn the_committed_log_id_is_written_by_the_next_append_and_only_lags() {
+        let (dir, store) = temp_store();
+        let entries = ten_entries();
+        {
+            let mut log = SqliteLogStore::open(store.clone()).unwrap();
+            log.blocking_append(entries[..5].to_vec()).await.unwrap();
+            log.save_committed(Some(log_id(1, 3))).await.unwrap();
+            // This process reads what it was told at once.
+            assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 3)));
+            log.blocking_append(entries[5..8].to_vec()).await.unwrap();
+            assert_eq!(log.next_index_hint(), entries[7].log_id.index + 1);
+            // Told, then the process stops before any append: not on disk.
+            log.save_committed(Some(log_id(2, 7))).await.unwrap();
+        }
+        drop(store);
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let mut log = SqliteLogStore::open(store.clone()).unwrap();
+        assert_eq!(log.next_index_hint(), entries[7].log_id.index + 1);
+        // Behind what was told (openraft re-learns the rest from the leader), never ahead.
+        assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 3)));
+        // Cleared, then written by the next append.
+        log.save_committed(None).await.unwrap();
+        log.blocking_append(entries[8..].to_vec()).await.unwrap();
+        log.truncate(entries[8].log_id).await.unwrap();
+        assert_eq!(log.next_index_hint(), entries[8].log_id.index);
+        drop(log);
+        let mut log = SqliteLogStore::open(store).unwrap();
+        assert_eq!(log.read_committed().await.unwrap(), None);
     }
 
     fn assert_corrupt(err: StorageError, needle: &str) {

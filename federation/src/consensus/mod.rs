@@ -21,8 +21,8 @@
 //!
 //! The [`Store`] runs SQLite in WAL mode with `synchronous=FULL`, so every committed transaction
 //! is fsynced before the commit returns. `save_vote`, `append`, `truncate`, `purge`,
-//! `save_committed`, `apply` and `install_snapshot` each commit one transaction before they
-//! return; `append` reports its entries flushed to openraft only after that commit. The state
+//! `apply` and `install_snapshot` each commit one transaction before they return
+//! (`save_committed` is lazy: the next `append` writes it, see [`SqliteLogStore`]); `append` reports its entries flushed to openraft only after that commit. The state
 //! machine is persistent (each `apply` batch commits the config rows, the last applied log id and
 //! the membership together), so a restart resumes from the last applied entry without a
 //! snapshot; the snapshot is persisted too, so it can still be sent to a lagging follower after
@@ -60,14 +60,15 @@
 //! - The raft tables share the [`Store`]'s one connection (and its mutex) with the rest of the
 //!   gateway: each raft write (append, commit, apply) is one fsynced transaction under that lock.
 //!   Enough for config traffic; a busy log would want its own connection or database file.
-//! - `save_committed` costs one more fsync per commit advance. As the applied state is durable
-//!   anyway, it could be dropped if that shows up in measurements (openraft would then only
-//!   apply entries committed-but-not-applied at a crash once a leader commits again).
+//! - The committed log id on disk may lag (it is written with the next append, not in a
+//!   transaction of its own per commit advance): entries committed but not applied at a crash
+//!   are applied once a leader tells the commit index again.
 
 pub mod election;
 pub mod group_commit;
 pub mod log_store;
 pub mod network;
+pub mod piggyback;
 pub(crate) mod recovery;
 pub mod replica;
 pub mod state_machine;

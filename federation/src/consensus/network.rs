@@ -25,10 +25,13 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{AnyError, RPCTypes};
+use openraft::{AnyError, RPCTypes, RaftLogReader};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tracing::debug;
 
+use super::log_store::SqliteLogStore;
+use super::piggyback::{self, FollowerAcks, PiggybackLimits};
 use super::types::{GatewayNode, NodeId, TypeConfig};
 use crate::frame::MAX_FRAME;
 use crate::identity::PublicKey;
@@ -111,12 +114,24 @@ pub fn decode<T: DeserializeOwned>(text: &str) -> Result<T, PayloadError> {
 pub struct MeshNetwork {
     mesh: Mesh,
     compress: bool,
+    log: SqliteLogStore,
+    limits: PiggybackLimits,
 }
 
 impl MeshNetwork {
-    /// Raft over `mesh`'s links; `compress` deflates large payloads.
-    pub fn new(mesh: Mesh, compress: bool) -> Self {
-        MeshNetwork { mesh, compress }
+    /// Raft over `mesh`'s links; `compress` deflates large payloads. `log` is this gateway's
+    /// raft log, read for the entries that ride on a commit-index update
+    /// ([`piggyback`]), at most `max_entries` (openraft's `max_payload_entries`) at a time.
+    pub fn new(mesh: Mesh, compress: bool, log: SqliteLogStore, max_entries: u64) -> Self {
+        MeshNetwork {
+            mesh,
+            compress,
+            log,
+            limits: PiggybackLimits {
+                entries: max_entries.max(1),
+                bytes: piggyback::PIGGYBACK_BYTES,
+            },
+        }
     }
 }
 
@@ -130,6 +145,9 @@ impl RaftNetworkFactory<TypeConfig> for MeshNetwork {
             target,
             key: PublicKey(node.key),
             name: node.name.clone(),
+            log: self.log.clone(),
+            limits: self.limits,
+            acks: FollowerAcks::default(),
         }
     }
 }
@@ -141,6 +159,10 @@ pub struct MeshClient {
     target: NodeId,
     key: PublicKey,
     name: String,
+    log: SqliteLogStore,
+    limits: PiggybackLimits,
+    /// What this follower acknowledged under the current vote ([`piggyback`]).
+    acks: FollowerAcks,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, GatewayNode, RaftError<NodeId, E>>;
@@ -196,13 +218,50 @@ impl RaftNetwork<TypeConfig> for MeshClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        self.send(
-            METHOD_APPEND,
-            RPCTypes::AppendEntries,
-            &rpc,
-            option.hard_ttl(),
-        )
-        .await
+        // Entries the follower already acknowledged (they rode on a commit-index update):
+        // answered without a round trip, never beyond the acknowledgement.
+        if let Some(resp) = self.acks.answer_early(&rpc) {
+            debug!(target = %self.name, ?resp, "append answered from the follower's acknowledgement");
+            return Ok(resp);
+        }
+        let sent = match piggyback::piggyback_after(&self.acks, &rpc) {
+            Some(after) => {
+                let from = after.map_or(0, |l| l.index + 1);
+                let to = from.saturating_add(self.limits.entries);
+                if self.log.next_index_hint() <= from {
+                    // Nothing appended past it: no read (a lone write's commit-index update
+                    // goes out at once, as before).
+                    None
+                } else {
+                    match self.log.try_get_log_entries(from..to).await {
+                        Ok(read) => piggyback::plan(&rpc, after, read, self.limits),
+                        Err(e) => {
+                            // Only an optimisation: the empty request goes as it is.
+                            debug!(target = %self.name, "cannot read entries to piggyback: {e}");
+                            None
+                        }
+                    }
+                }
+            }
+            None => None,
+        };
+        let ttl = option.hard_ttl();
+        match sent {
+            Some(req) => {
+                let resp = self
+                    .send(METHOD_APPEND, RPCTypes::AppendEntries, &req, ttl)
+                    .await?;
+                self.acks.record(&req, &resp);
+                Ok(piggyback::answer_for_empty(resp))
+            }
+            None => {
+                let resp = self
+                    .send(METHOD_APPEND, RPCTypes::AppendEntries, &rpc, ttl)
+                    .await?;
+                self.acks.record(&rpc, &resp);
+                Ok(resp)
+            }
+        }
     }
 
     async fn install_snapshot(

@@ -1437,7 +1437,12 @@ async fn build_raft(
     let entries = log.verify().await?;
     sm_revision(sm).await?;
     debug!(entries, "raft log verified");
-    let network = MeshNetwork::new(mesh.clone(), compression);
+    let network = MeshNetwork::new(
+        mesh.clone(),
+        compression,
+        log.clone(),
+        config.max_payload_entries,
+    );
     Raft::new(id, config.clone(), network, log, sm.clone())
         .await
         .map_err(|e| ConsensusError::Fatal(e.to_string()))
