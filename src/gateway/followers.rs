@@ -184,10 +184,16 @@ pub(super) fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods) {
     let (m, registry) = (mesh.clone(), methods.nodes().clone());
     let mut changes = registry.changes();
     tokio::spawn(async move {
+        // What the last announcement cost: listing and diffing every local node is O(nodes).
+        let mut cost = Duration::ZERO;
         loop {
             // Coalesce bursts (hundreds of nodes reconnecting after a restart) into one
-            // announcement per 50 ms.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // announcement per 50 ms, or per 10 times what the last one cost if that is
+            // longer: with tens of thousands of nodes attaching, announcing every 50 ms took
+            // the cores that answer the nodes' pings (missed pings closed nodes, which came
+            // back: a spiral); this keeps it near 1/10 of a core at any fleet size.
+            tokio::time::sleep(Duration::from_millis(50).max(cost * 10)).await;
+            let started = std::time::Instant::now();
             let summaries = registry
                 .list()
                 .into_iter()
@@ -208,6 +214,7 @@ pub(super) fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods) {
                 )
                 .collect();
             m.set_local_nodes(summaries);
+            cost = started.elapsed();
             if changes.changed().await.is_err() {
                 return;
             }
