@@ -86,16 +86,35 @@ fn quic_endpoint(dir: &Path) -> Result<quinn::Endpoint> {
     )?)
 }
 
-/// Runs `f` on its own thread with a 2-worker runtime (a server of the raw path).
+/// The runtime a raw server uses: the relay's is the gateway's (`multi_thread`, 2 workers,
+/// as `src/main.rs` builds it for `clawmesh gateway run`), the echo's the node host's
+/// (`current_thread`), so the raw path and the product differ only in what clawmesh does per
+/// request. `BENCH_INVOKE_PATH_RELAY_WORKERS` changes the relay's worker count (0 =
+/// `current_thread`), for experiments only.
+fn runtime_for(role: &str) -> Result<tokio::runtime::Runtime> {
+    let workers = match role {
+        "relay" => std::env::var(support::bench_env("RELAY_WORKERS"))
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2),
+        _ => 0,
+    };
+    let mut b = if workers == 0 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    Ok(b.thread_name(format!("raw-{role}")).enable_all().build()?)
+}
+
+/// Runs `f` on its own thread with the runtime of `role` (a server of the raw path).
 fn server_thread<F>(name: &str, f: F) -> Result<()>
 where
     F: std::future::Future<Output = Result<()>> + Send + 'static,
 {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name(name)
-        .enable_all()
-        .build()?;
+    let rt = runtime_for(name.trim_start_matches("raw-"))?;
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
@@ -191,7 +210,7 @@ const ROLE_ENV: &str = "BENCH_INVOKE_PATH_ROLE";
 
 /// This program as a raw server process: `BENCH_INVOKE_PATH_ROLE=echo|relay`, its state dir
 /// as the first argument, then the reply size (echo) or the echo's address (relay); writes
-/// its address to `DIR/addr` and serves until killed. A 2-worker runtime like `clawmesh`'s.
+/// its address to `DIR/addr` and serves until killed. The runtime of [`runtime_for`].
 fn serve_role(role: &str) -> Result<()> {
     let mut args = std::env::args().skip(1);
     let dir = std::path::PathBuf::from(args.next().context("state dir")?);
@@ -199,10 +218,7 @@ fn serve_role(role: &str) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let addr_file = dir.join("addr");
     let ready = move |a: SocketAddr| Ok(std::fs::write(&addr_file, a.to_string())?);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = runtime_for(role)?;
     match role {
         "echo" => rt.block_on(echo_serve(dir, arg.parse()?, ready)),
         "relay" => rt.block_on(relay_serve(dir, arg.parse()?, ready)),
@@ -278,6 +294,74 @@ async fn call_series(
         }
     }
     lat_stats(&mut lat)
+}
+
+/// CPU time (ns) and context switches (voluntary and involuntary) of process `pid` so far,
+/// summed over its threads (`/proc/PID/task/*/{schedstat,status}`; a thread that exits between
+/// two reads takes its share with it, which the gateway's and node's long-lived workers do
+/// not).
+fn proc_cost(pid: i32) -> (u64, u64) {
+    let (mut cpu, mut switches) = (0, 0);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        if let Ok(s) = std::fs::read_to_string(p.join("schedstat")) {
+            cpu += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        if let Ok(s) = std::fs::read_to_string(p.join("status")) {
+            for l in s.lines() {
+                if let Some(v) = l
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    switches += v.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    (cpu, switches)
+}
+
+/// What the two server processes of a series (relay and echo, or gateway and node) spent per
+/// call: CPU time and context switches, summed over the series' chunks.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cost {
+    calls: u64,
+    cpu_ns: [u64; 2],
+    switches: [u64; 2],
+}
+
+impl Cost {
+    /// Runs `calls` calls (`f`) and adds what `pids` spent meanwhile.
+    async fn during<Fut>(&mut self, pids: [i32; 2], calls: usize, f: Fut) -> Result<()>
+    where
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let before = pids.map(proc_cost);
+        f.await?;
+        let after = pids.map(proc_cost);
+        for i in 0..2 {
+            self.cpu_ns[i] += after[i].0.saturating_sub(before[i].0);
+            self.switches[i] += after[i].1.saturating_sub(before[i].1);
+        }
+        self.calls += calls as u64;
+        Ok(())
+    }
+
+    /// `(CPU µs, context switches)` per call of process `i`.
+    fn per_call(&self, i: usize) -> (f64, f64) {
+        let n = self.calls.max(1) as f64;
+        (
+            self.cpu_ns[i] as f64 / 1e3 / n,
+            self.switches[i] as f64 / n,
+        )
+    }
 }
 
 /// Rounds the compared series are interleaved in (raw two hops, invoke, the old binary's
@@ -398,19 +482,32 @@ struct Report {
     health: Lat,
     invoke: Lat,
     base: Option<Lat>,
+    one_worker: Lat,
     timed: Lat,
     legs: Vec<Lat>,
     which: Lat,
+    /// Per call: relay and echo processes; gateway and node; the old binary's.
+    costs: Vec<(&'static str, [&'static str; 2], Cost)>,
     load: String,
     load_end: String,
 }
 
-/// A gateway and node of `bin` under `root`: (processes, gateway dir, node id).
-fn pair(bin: &Path, root: &Path) -> Result<(Vec<support::Proc>, std::path::PathBuf, String)> {
+/// A gateway and node of `bin` under `root`: (processes, gateway dir, node id). With
+/// `workers`, the processes get `TOKIO_WORKER_THREADS` (only the gateway's runtime reads it:
+/// the node host's is `current_thread`).
+fn pair(
+    bin: &Path,
+    root: &Path,
+    workers: Option<usize>,
+) -> Result<(Vec<support::Proc>, std::path::PathBuf, String)> {
     std::fs::create_dir_all(root)?;
     let (gw, node, gw_dir, node_id) =
         start_gateway_and_node(bin, root, ("path-gw", NODE_NAME), |dir, args| {
-            Ok(clawmesh_cmd(bin, dir, args))
+            let mut c = clawmesh_cmd(bin, dir, args);
+            if let Some(w) = workers {
+                c.env("TOKIO_WORKER_THREADS", w.to_string());
+            }
+            Ok(c)
         })?;
     Ok((vec![gw, node], gw_dir, node_id))
 }
@@ -427,9 +524,20 @@ fn main() -> Result<()> {
         .tempdir()?;
     let root = tmp.path();
     let started = now_utc();
-    let (mut procs, gw_dir, node_id) = pair(&bin, root)?;
+    let (mut procs, gw_dir, node_id) = pair(&bin, root, None)?;
+    // The same binary with its gateway on one worker thread: what the multi-threaded
+    // runtime's hand-offs between workers cost the invoke.
+    let (one_procs, one_dir, one_id) = match pair(&bin, &root.join("one-worker"), Some(1)) {
+        Ok(p) => p,
+        Err(e) => {
+            stop_all(&mut procs, Duration::from_secs(10));
+            return Err(e.context("starting the one-worker gateway and node"));
+        }
+    };
+    let one_pids: Vec<i32> = one_procs.iter().map(support::Proc::pid).collect();
+    procs.extend(one_procs);
     let base = match &base_bin {
-        Some(b) => match pair(b, &root.join("base")) {
+        Some(b) => match pair(b, &root.join("base"), None) {
             Ok((p, d, id)) => {
                 procs.extend(p);
                 Some((d, id))
@@ -442,6 +550,8 @@ fn main() -> Result<()> {
         None => None,
     };
     let mut procs_raw = Vec::new();
+    // gateway, node, the one-worker gateway and node, then the old binary's gateway and node.
+    let pids: Vec<i32> = procs.iter().map(support::Proc::pid).collect();
     let result = (|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -459,6 +569,9 @@ fn main() -> Result<()> {
                 )),
                 None => None,
             };
+            let one_client = Client::connect(&Target::Local(one_dir.clone()))
+                .await
+                .context("operator connection to the one-worker gateway")?;
             // Frame sizes of a real invoke: the request as sent and the answer.
             let sample = client
                 .call("node.invoke", invoke_params(&node_id, 0), CALL_TIMEOUT)
@@ -477,6 +590,7 @@ fn main() -> Result<()> {
             let (p_relay, relay_p) =
                 spawn_role("relay", &root.join("relay-proc"), &echo_p.to_string())?;
             procs_raw.push(p_relay);
+            let raw_pids: Vec<i32> = procs_raw.iter().map(support::Proc::pid).collect();
             let load = support::loadavg3();
             eprintln!("raw one hop");
             let one_hop = raw_series(&root.join("c1"), echo, request).await?;
@@ -503,17 +617,73 @@ fn main() -> Result<()> {
                 raw_call(&relay_conn, &body).await?;
                 raw_call(&relay_proc_conn, &body).await?;
             }
+            if let Ok(only) = std::env::var(support::bench_env("ONLY")) {
+                // For a profiler: one series for n calls, the processes' pids first.
+                eprintln!(
+                    "pids: gateway {} node {} relay {} echo {}",
+                    pids[0], pids[1], raw_pids[1], raw_pids[0]
+                );
+                let mut sink = Vec::new();
+                match only.as_str() {
+                    "invoke" => chunk(n(), &mut sink, |k| invoke_call(&client, &node_id, k)).await?,
+                    "relay" => chunk(n(), &mut sink, |_| raw_call(&relay_proc_conn, &body)).await?,
+                    other => return Err(anyhow!("{BENCH}: ONLY={other}: invoke or relay")),
+                }
+                let l = lat_stats(&mut sink)?;
+                eprintln!("{only}: p50 {:.3} ms p90 {:.3} ms", l.p50, l.p90);
+                std::process::exit(0);
+            }
+            let (mut relay_cost, mut inv_cost, mut old_cost, mut one_cost) = (
+                Cost::default(),
+                Cost::default(),
+                Cost::default(),
+                Cost::default(),
+            );
+            let mut one = Vec::new();
+            let calls = 10 + per;
             for round in 0..ROUNDS {
                 chunk(per, &mut two, |_| raw_call(&relay_conn, &body)).await?;
-                chunk(per, &mut two_proc, |_| raw_call(&relay_proc_conn, &body)).await?;
-                chunk(per, &mut inv, |k| {
-                    invoke_call(&client, &node_id, round * per + k)
-                })
-                .await?;
+                relay_cost
+                    .during([raw_pids[1], raw_pids[0]], calls, async {
+                        chunk(per, &mut two_proc, |_| raw_call(&relay_proc_conn, &body)).await
+                    })
+                    .await?;
+                inv_cost
+                    .during([pids[0], pids[1]], calls, async {
+                        chunk(per, &mut inv, |k| {
+                            invoke_call(&client, &node_id, round * per + k)
+                        })
+                        .await
+                    })
+                    .await?;
+                one_cost
+                    .during([one_pids[0], one_pids[1]], calls, async {
+                        chunk(per, &mut one, |k| {
+                            invoke_call(&one_client, &one_id, round * per + k)
+                        })
+                        .await
+                    })
+                    .await?;
                 if let Some((c, id)) = &base_client {
-                    chunk(per, &mut old, |k| invoke_call(c, id, round * per + k)).await?;
+                    old_cost
+                        .during([pids[4], pids[5]], calls, async {
+                            chunk(per, &mut old, |k| invoke_call(c, id, round * per + k)).await
+                        })
+                        .await?;
                 }
                 timed_chunk(&client, &node_id, per, &mut timed, &mut legs).await?;
+            }
+            let mut costs = vec![
+                ("raw two hops, a process per hop", ["relay", "echo"], relay_cost),
+                ("`node.invoke`", ["gateway", "node"], inv_cost),
+                (
+                    "`node.invoke`, gateway on one worker",
+                    ["gateway", "node"],
+                    one_cost,
+                ),
+            ];
+            if base_client.is_some() {
+                costs.push(("`node.invoke`, old binary", ["gateway", "node"], old_cost));
             }
             let legs = legs
                 .iter_mut()
@@ -532,9 +702,11 @@ fn main() -> Result<()> {
                 } else {
                     Some(lat_stats(&mut old)?)
                 },
+                one_worker: lat_stats(&mut one)?,
                 timed: lat_stats(&mut timed)?,
                 legs,
                 which,
+                costs,
                 load,
                 load_end: support::loadavg3(),
             })
@@ -588,6 +760,10 @@ fn main() -> Result<()> {
     if let Some(b) = &r.base {
         row("`node.invoke system.which`, old binary ¹", b);
     }
+    row(
+        "`node.invoke system.which`, gateway on one worker thread ¹",
+        &r.one_worker,
+    );
     row("`node.invoke` with `\"timing\": true` ¹", &r.timed);
     row("`system.which` in-process", &r.which);
     println!();
@@ -605,12 +781,31 @@ fn main() -> Result<()> {
         "invoke p50 / raw two-hop p50 with a process per hop = {:.2}",
         r.invoke.p50 / r.two_procs.p50
     );
+    println!(
+        "gateway on one worker: invoke p50 / raw two-hop p50 = {:.2}, with a process per hop {:.2}",
+        r.one_worker.p50 / r.two_hops.p50,
+        r.one_worker.p50 / r.two_procs.p50
+    );
     if let Some(b) = &r.base {
         println!(
             "old binary: invoke p50 / raw two-hop p50 = {:.2}; p99 ratio {:.2}",
             b.p50 / r.two_hops.p50,
             b.p99 / r.two_hops.p99
         );
+    }
+    println!();
+    println!(
+        "What the server processes spent per call (CPU of all their threads, context switches; \
+         /proc, measured around the interleaved chunks, warm-up calls included):"
+    );
+    println!();
+    println!("| series | process | CPU per call | context switches per call |");
+    println!("|---|---|---|---|");
+    for (series, names, c) in &r.costs {
+        for (i, name) in names.iter().enumerate() {
+            let (cpu, sw) = c.per_call(i);
+            println!("| {series} | {name} | {cpu:.1} µs | {sw:.2} |");
+        }
     }
     println!();
     println!(

@@ -24,7 +24,10 @@ fn main() {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(2);
+        // Tokio's own TOKIO_WORKER_THREADS, when set, wins (for measuring other counts).
+        if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+            b.worker_threads(2);
+        }
         b
     };
     let runtime = match builder.enable_all().build() {
