@@ -357,10 +357,7 @@ impl Cost {
     /// `(CPU µs, context switches)` per call of process `i`.
     fn per_call(&self, i: usize) -> (f64, f64) {
         let n = self.calls.max(1) as f64;
-        (
-            self.cpu_ns[i] as f64 / 1e3 / n,
-            self.switches[i] as f64 / n,
-        )
+        (self.cpu_ns[i] as f64 / 1e3 / n, self.switches[i] as f64 / n)
     }
 }
 
@@ -625,7 +622,9 @@ fn main() -> Result<()> {
                 );
                 let mut sink = Vec::new();
                 match only.as_str() {
-                    "invoke" => chunk(n(), &mut sink, |k| invoke_call(&client, &node_id, k)).await?,
+                    "invoke" => {
+                        chunk(n(), &mut sink, |k| invoke_call(&client, &node_id, k)).await?
+                    }
                     "relay" => chunk(n(), &mut sink, |_| raw_call(&relay_proc_conn, &body)).await?,
                     other => return Err(anyhow!("{BENCH}: ONLY={other}: invoke or relay")),
                 }
@@ -674,7 +673,11 @@ fn main() -> Result<()> {
                 timed_chunk(&client, &node_id, per, &mut timed, &mut legs).await?;
             }
             let mut costs = vec![
-                ("raw two hops, a process per hop", ["relay", "echo"], relay_cost),
+                (
+                    "raw two hops, a process per hop",
+                    ["relay", "echo"],
+                    relay_cost,
+                ),
                 ("`node.invoke`", ["gateway", "node"], inv_cost),
                 (
                     "`node.invoke`, gateway on one worker",

@@ -144,6 +144,7 @@ pub async fn call_request(
                     },
                 })?;
         let resp = resp.ok_or_else(|| transport(&"stream closed before the reply"))?;
+        take_end_if_here(&mut recv);
         if resp.id != req.id {
             return Err(CallError::Frame {
                 peer: peer.clone(),
@@ -162,6 +163,23 @@ pub async fn call_request(
             timeout,
         }),
     }
+}
+
+/// Reads the end of a request or reply stream if it is already here, without waiting.
+///
+/// Each side finishes its stream right after its one frame, so the end nearly always arrives
+/// in the same packet as the frame's last bytes, but [`frame::read_frame`] stops at the
+/// frame's length. A `quinn::RecvStream` dropped before its end was read asks the peer to
+/// stop sending (a spurious STOP_SENDING for data it already has, which the peer may answer
+/// with a RESET_STREAM) and wakes the connection's driver: extra frames and wake-ups on every
+/// hop of every call. Reading the end first spares them. An end not here yet (Pending), an
+/// error, or bytes after the frame (ignored, as before) leave the stream to be stopped when
+/// dropped, as before.
+fn take_end_if_here(recv: &mut quinn::RecvStream) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let _ = tokio::io::AsyncRead::poll_read(std::pin::Pin::new(recv), &mut cx, &mut buf);
 }
 
 /// Who sent a request: known after the handshake, attached to every request it makes.
@@ -235,6 +253,7 @@ pub async fn serve(conn: Connection, caller: Caller, handler: Arc<dyn Handler>) 
                     return;
                 }
             };
+            take_end_if_here(&mut recv);
             let id = req.id;
             let span = tracing::debug_span!("request", peer = %caller.remote, req_id = id, method = %req.method);
             // A caller that gives up (timeout, cancel) stops the stream: drop the handler, which
@@ -272,6 +291,69 @@ pub async fn serve(conn: Connection, caller: Caller, handler: Arc<dyn Handler>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::{self, TransportOptions};
+    use crate::identity::DeviceIdentity;
+
+    struct Echo;
+
+    impl Handler for Echo {
+        fn handle(&self, _caller: Caller, req: Request) -> BoxFuture<Result<String, WireError>> {
+            Box::pin(async move {
+                if req.params == "fail" {
+                    return Err(WireError::new("INVALID_REQUEST", "asked to fail"));
+                }
+                Ok(format!("{}:{}", req.method, req.params))
+            })
+        }
+    }
+
+    /// Calls answered and failed over real QUIC leave no stream half-stopped: no
+    /// STOP_SENDING or RESET_STREAM either way (each side reads the end its peer sent with the
+    /// frame), and a call after each still works on the same connection.
+    #[tokio::test]
+    async fn calls_read_each_stream_to_its_end_and_stop_none() {
+        let opts = TransportOptions::default();
+        let (a, b) = (DeviceIdentity::ephemeral(), DeviceIdentity::ephemeral());
+        let server = endpoint::bind(&a, "127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        let client = endpoint::bind(&b, "127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        let addr = server.local_addr().unwrap();
+        let serving = tokio::spawn(async move {
+            let conn = endpoint::accept(server.accept().await.unwrap())
+                .await
+                .unwrap();
+            let caller = Caller {
+                key: None,
+                kind: CallerKind::Gateway { name: "t".into() },
+                remote: conn.remote_address(),
+            };
+            serve(conn.clone(), caller, Arc::new(Echo)).await;
+            conn.stats()
+        });
+        let conn = endpoint::dial(&client, addr, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let wait = Duration::from_secs(10);
+        for i in 0..20 {
+            let r = call(&conn, "m", i.to_string(), 0, wait).await.unwrap();
+            assert_eq!(r, format!("m:{i}"));
+        }
+        let e = call(&conn, "m", "fail".into(), 0, wait).await.unwrap_err();
+        assert!(
+            matches!(e, CallError::Remote(ref w) if w.code == "INVALID_REQUEST"),
+            "{e}"
+        );
+        assert_eq!(call(&conn, "m", "x".into(), 0, wait).await.unwrap(), "m:x");
+        // Let the last acknowledgements and any stop frames arrive.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mine = conn.stats();
+        conn.close(0u32.into(), b"done");
+        let theirs = tokio::time::timeout(wait, serving).await.unwrap().unwrap();
+        for (who, s) in [("client", &mine), ("server", &theirs)] {
+            assert_eq!(s.frame_tx.stop_sending, 0, "{who} sent STOP_SENDING");
+            assert_eq!(s.frame_tx.reset_stream, 0, "{who} sent RESET_STREAM");
+        }
+        assert_eq!(mine.frame_rx.stop_sending, 0);
+    }
 
     #[test]
     fn errors_name_the_gateway_and_its_address() {
