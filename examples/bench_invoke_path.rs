@@ -8,20 +8,33 @@
 //!
 //! 1. **raw one hop**: client → quinn echo. One bidirectional stream per call on one
 //!    connection: the request bytes, finish, the reply bytes, finish.
-//! 2. **raw two hops** (the baseline of the goal): client → quinn relay → quinn echo. The relay
-//!    accepts a stream, reads the request, opens a stream on its one connection to the echo,
-//!    forwards, and copies the reply back. Request and reply sizes are those of a real
-//!    `node.invoke` call and its answer (JSON, measured first). Echo and relay each run on
-//!    their own thread with a 2-worker `multi_thread` runtime (like the `clawmesh` binary),
-//!    and use the product's QUIC settings and TLS (`clawmesh_federation::endpoint`, ed25519
-//!    raw public keys, TLS 1.3). Also **with relay and echo each a process of its own** (this
-//!    program started again with `BENCH_INVOKE_PATH_ROLE`), as the gateway and node are.
+//! 2. **raw two hops** (the baseline of the goal): client → quinn relay → quinn echo. What the
+//!    relay does per call is what the gateway does for an invoke minus what clawmesh adds:
+//!    it accepts the client's bidirectional stream on the task that accepts streams, spawns a
+//!    task for it (as `rpc::serve` does), reads the request to its end (`read_to_end`: the
+//!    client finishes its side with the bytes), opens a **new** bidirectional stream per call
+//!    on its one connection to the echo (as the gateway does to a node), writes the bytes and
+//!    finishes, reads the echo's reply to its end, writes it back and finishes. No framing,
+//!    no parsing: the bytes are opaque, of the sizes of a real `node.invoke` request and its
+//!    answer (measured first; the product's 4-byte length prefix and postcard envelope add a
+//!    few bytes). The echo answers each stream with the reply bytes after reading the request
+//!    to its end. Both use the product's QUIC settings and TLS (`clawmesh_federation::
+//!    endpoint`, ed25519 raw public keys, TLS 1.3), and **the product's runtimes**: the relay a
+//!    2-worker `multi_thread` runtime like `clawmesh gateway run`, the echo a `current_thread`
+//!    runtime like `clawmesh node run` (`src/main.rs`). Measured twice: relay and echo on
+//!    threads of this process (the client's process: cheaper thread switches, one address
+//!    space) and **with relay and echo each a process of its own** (this program started again
+//!    with `BENCH_INVOKE_PATH_ROLE`), as the gateway and the node are: the like-for-like
+//!    baseline. For each process of the per-process relay and of the invoke, the CPU time and
+//!    context switches per call (`/proc/PID/task/*`), read around the interleaved chunks.
 //! 3. **`health`** on the gateway: operator → gateway only (client, operator protocol, method
 //!    dispatch), no node.
 //! 4. **`node.invoke` `system.which {"bins":["sh"]}`**: operator → gateway → node → back, the
 //!    real `clawmesh gateway run` and `clawmesh node run` processes (release binary); with
 //!    `BENCH_INVOKE_PATH_BASE_BIN=/path/to/old/clawmesh` also a second gateway and node of
 //!    that binary, for a before/after in the same run.
+//!    Also the same binary with its gateway on **one** worker thread (`TOKIO_WORKER_THREADS=1`):
+//!    what the multi-threaded runtime's hand-offs between workers cost.
 //! 5. **`node.invoke` with `"timing": true`**: the same, answered with the wall-clock stamps
 //!    of the gateway and the node, which with the client's own give seven legs (operator →
 //!    gateway, gateway work before the node send, gateway → node, node work, node → gateway,
@@ -34,6 +47,8 @@
 //! ```text
 //! cargo build --release --bin clawmesh --example bench_invoke_path
 //! cargo run --release --example bench_invoke_path
+//! # one series only, for a profiler (prints the server processes' pids first):
+//! BENCH_INVOKE_PATH_ONLY=invoke|relay BENCH_INVOKE_PATH_N=20000 target/release/examples/bench_invoke_path
 //! ```
 
 #[allow(dead_code)]
