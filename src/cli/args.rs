@@ -206,7 +206,8 @@ pub enum NodesCmd {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
         /// Only nodes after this cursor (the `next` of the previous page: a node id).
-        #[arg(long, value_name = "CURSOR")]
+        /// A cursor is a base64url key and may begin with `-`: taken as a value, not a flag.
+        #[arg(long, value_name = "CURSOR", allow_hyphen_values = true)]
         after: Option<String>,
         #[command(flatten)]
         /// Target.
@@ -275,7 +276,8 @@ pub enum DevicesCmd {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
         limit: Option<u64>,
         /// Only devices after this cursor (the `next` of the previous page).
-        #[arg(long, value_name = "CURSOR")]
+        /// A cursor is a base64url key and may begin with `-`: taken as a value, not a flag.
+        #[arg(long, value_name = "CURSOR", allow_hyphen_values = true)]
         after: Option<String>,
         #[command(flatten)]
         /// Target.
@@ -547,4 +549,31 @@ pub struct DemoArgs {
     /// Milliseconds between health pings in the demo federation.
     #[arg(long, default_value_t = 500)]
     pub health_interval: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn a_cursor_beginning_with_a_hyphen_is_a_value_not_a_flag() {
+        let cli = Cli::try_parse_from(["clawmesh", "devices", "list", "--after", "-tZ1X"]).unwrap();
+        match cli.command {
+            Command::Devices(DevicesCmd::List { after, .. }) => {
+                assert_eq!(after.as_deref(), Some("-tZ1X"))
+            }
+            _ => panic!("parsed as another command"),
+        }
+        let cli = Cli::try_parse_from([
+            "clawmesh", "nodes", "status", "--all", "--limit", "2", "--after", "-x_9",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Nodes(NodesCmd::Status { after, .. }) => {
+                assert_eq!(after.as_deref(), Some("-x_9"))
+            }
+            _ => panic!("parsed as another command"),
+        }
+    }
 }
