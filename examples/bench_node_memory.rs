@@ -29,11 +29,20 @@
 //!    must show all of them. Per node = (RSS at N − RSS before any node) / N. Then every node
 //!    closes and the gateway stops. `BENCH_NODE_MEMORY_WRAP="heaptrack -o FILE"` runs the
 //!    gateway under a heap profiler (what each part costs).
+//! 3. With `BENCH_NODE_MEMORY_BASE_BIN=<another clawmesh binary>` (say, main's, copied aside),
+//!    each transport's steps run twice in the same run, first against the gateway under test
+//!    (`CLAWMESH_BIN`, else the `clawmesh` beside this example), then against the baseline,
+//!    from copies of the same seeded state dir and with the same node devices; the table
+//!    prints both, the baseline's rows labelled `(base)`. Comparing a change against main is
+//!    then one command, both sides under the same machine load. The baseline must read the
+//!    same state-dir format (any clawmesh that runs `gateway run --primary --token --port`).
 //!
 //! ```text
 //! cargo build --release --bin clawmesh --example bench_node_memory
 //! cargo run --release --example bench_node_memory                       # 1 000 / 10 000 / 50 000
 //! cargo run --release --example bench_node_memory -- --counts 1000,5000 --skip-classic
+//! BENCH_NODE_MEMORY_BASE_BIN=../main/target/release/clawmesh \
+//!   target/release/examples/bench_node_memory --counts 5000,10000 --skip-classic --concurrency 16
 //! ```
 //!
 //! Flags: `--counts A,B,C`, `--skip-classic`, `--skip-native`, `--concurrency N` (handshakes in
@@ -507,7 +516,8 @@ struct Point {
 }
 
 struct Side {
-    transport: &'static str,
+    /// The transport, plus ` (base)` for the baseline binary's rows.
+    label: String,
     base: Point,
     points: Vec<Point>,
 }
@@ -528,24 +538,40 @@ fn point(pid: i32, nodes: usize, gauge: usize, open_secs: f64, dropped: usize) -
     })
 }
 
+/// Which gateway binary a side runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Build {
+    /// The binary under test.
+    Tested,
+    /// `BENCH_NODE_MEMORY_BASE_BIN`.
+    Base,
+}
+
 async fn run_side(
     transport: &'static str,
+    build: Build,
     bin: &Path,
     seed_dir: &Path,
     root: &Path,
     ids: &Arc<Vec<DeviceIdentity>>,
     o: &Opts,
 ) -> Result<Side> {
-    let dir = root.join(transport);
+    let (label, dir_name) = match build {
+        Build::Tested => (transport.to_string(), transport.to_string()),
+        Build::Base => (format!("{transport} (base)"), format!("{transport}-base")),
+    };
+    let dir = root.join(&dir_name);
     copy_dir(seed_dir, &dir)?;
-    let mut gw = start_gateway(bin, &dir, &root.join(format!("{transport}.log"))).await?;
+    let mut gw = start_gateway(bin, &dir, &root.join(format!("{dir_name}.log"))).await?;
     let pid = gw.pid;
     // The consensus forms in a moment on a lone primary; let the start-up settle.
     sleep(Duration::from_secs(3)).await?;
     let base = point(pid, 0, attached_gauge(gw.ws, transport).await?, 0.0, 0)?;
     eprintln!(
-        "{transport}: gateway at {} before any node",
-        mb(base.rss_kb)
+        "{label}: gateway {} at {} before any node (load average {})",
+        bin.display(),
+        mb(base.rss_kb),
+        loadavg3()
     );
     let mut held = match transport {
         "ws" => Held::Classic {
@@ -592,7 +618,7 @@ async fn run_side(
             p.gauge = attached_gauge(gw.ws, transport).await?;
         }
         eprintln!(
-            "{transport}: {n} nodes opened in {open_secs:.1} s, gauge {}, gateway {} ({:.1} KB/node)",
+            "{label}: {n} nodes opened in {open_secs:.1} s, gauge {}, gateway {} ({:.1} KB/node)",
             p.gauge,
             mb(p.rss_kb),
             per_node(&base, &p)
@@ -613,7 +639,7 @@ async fn run_side(
     }
     gw.proc.stop(Duration::from_secs(10));
     Ok(Side {
-        transport,
+        label,
         base,
         points,
     })
@@ -632,7 +658,7 @@ fn report(sides: &[Side]) {
         let b = &s.base;
         println!(
             "| {} | 0 | {} | {} | – | – | – | {} | {} | {} | {} | – | – | {} |",
-            s.transport,
+            s.label,
             b.gauge,
             mb(b.rss_kb),
             mb(b.anon_kb),
@@ -647,7 +673,7 @@ fn report(sides: &[Side]) {
                 / (p.nodes - prev.nodes).max(1) as f64;
             println!(
                 "| {} | {} | {} | {} | +{} | **{:.1} KB** | {:.1} KB | {} | {} | {} | {} | {:.1} s | {} | {} |",
-                s.transport,
+                s.label,
                 p.nodes,
                 p.gauge,
                 mb(p.rss_kb),
@@ -679,6 +705,14 @@ async fn run(mut o: Opts) -> Result<()> {
     println!("- open-files limit (bench and gateway): {nofile}");
     println!("- counts: {:?}", o.counts);
     let bin = clawmesh_bin()?;
+    println!("- gateway under test: {}", bin.display());
+    let base_bin = std::env::var_os(bench_env("BASE_BIN")).map(PathBuf::from);
+    if let Some(b) = &base_bin {
+        if !b.is_file() {
+            bail!("{}={}: no such file", bench_env("BASE_BIN"), b.display());
+        }
+        println!("- baseline gateway (rows `(base)`): {}", b.display());
+    }
     let tmp = tempfile::Builder::new().prefix(BENCH).tempdir()?;
     let root: PathBuf = tmp.path().to_path_buf();
     let t = Instant::now();
@@ -694,13 +728,15 @@ async fn run(mut o: Opts) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     let mut sides = Vec::new();
-    if o.classic {
-        sides.push(run_side("ws", &bin, &seed_dir, &root, &ids, &o).await?);
-    }
-    if o.native {
-        sides.push(run_side("quic", &bin, &seed_dir, &root, &ids, &o).await?);
+    let transports = [("ws", o.classic), ("quic", o.native)];
+    for transport in transports.iter().filter(|t| t.1).map(|t| t.0) {
+        sides.push(run_side(transport, Build::Tested, &bin, &seed_dir, &root, &ids, &o).await?);
+        if let Some(b) = &base_bin {
+            sides.push(run_side(transport, Build::Base, b, &seed_dir, &root, &ids, &o).await?);
+        }
     }
     report(&sides);
+    println!("\n- load average at the end: {}", loadavg3());
     Ok(())
 }
 

@@ -88,6 +88,16 @@ pub struct TransportOptions {
     /// connection, most of an idle node's cost on its gateway (docs/BENCHMARKS.md, "Memory per
     /// idle node").
     pub accept_bidi_streams: u32,
+    /// Whether connections a peer dials to us discover their path MTU and batch datagrams
+    /// with segmentation offload (GSO), as dialed connections always do. Off by default: an
+    /// accepted connection then keeps QUIC's minimum 1 200-byte datagrams, one per send, so
+    /// quinn's per-connection send buffer stays one 1 200-byte datagram instead of growing to
+    /// a discovered MTU times the GSO batch (about 1.2 of an idle node's ≈ 37 KB on its
+    /// gateway; docs/BENCHMARKS.md, "Memory per idle node"). The price: bulk data this side
+    /// sends to a peer that dialed it (a gateway answering a gateway that dialed it) goes in
+    /// about 17 % more packets than at a 1 452-byte MTU; the dialing side's own sends still
+    /// discover their MTU.
+    pub accept_full_mtu: bool,
 }
 
 impl Default for TransportOptions {
@@ -105,6 +115,10 @@ impl Default for TransportOptions {
             // 8 leaves room for an overlap or two. A gateway or operator is raised to
             // `max_bidi_streams` right after its hello is admitted, before any request.
             accept_bidi_streams: 8,
+            // Nodes dial their gateway and send little (pings, vitals, one `node.logs` batch
+            // at a time): the memory of thousands of idle node connections outweighs the
+            // packets saved on the few gateway links a peer dialed to us.
+            accept_full_mtu: false,
         }
     }
 }
@@ -119,8 +133,31 @@ pub fn grant_streams(conn: &Connection) {
     conn.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_BIDI_STREAMS));
 }
 
-fn transport(opts: &TransportOptions, bidi: u32) -> Result<Arc<TransportConfig>, EndpointError> {
+/// Which side of the handshake a transport configuration is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Connections we dial.
+    Dialed,
+    /// Connections a peer dials to us.
+    Accepted,
+}
+
+fn transport(
+    opts: &TransportOptions,
+    bidi: u32,
+    side: Side,
+) -> Result<Arc<TransportConfig>, EndpointError> {
     let mut t = TransportConfig::default();
+    if side == Side::Accepted && !opts.accept_full_mtu {
+        // Most accepted connections are idle nodes (see `TransportOptions::accept_full_mtu`):
+        // stay at the 1 200-byte minimum every QUIC path carries (quinn's default
+        // `initial_mtu`), never probe for more, and send one datagram at a time, so the
+        // connection's send buffer is one minimum datagram. The peer's own MTU discovery is
+        // unaffected: what it may send us is bounded by our endpoint's `max_udp_payload_size`,
+        // not by this.
+        t.mtu_discovery_config(None);
+        t.enable_segmentation_offload(false);
+    }
     t.max_idle_timeout(Some(
         opts.idle_timeout
             .try_into()
@@ -166,12 +203,16 @@ pub fn configs(
         QuicServerConfig::try_from(server).map_err(|e| EndpointError::Tls(e.to_string()))?,
     ));
     // Who dialed us is known only after the hello: start every accepted connection at the
-    // small limit ([`grant_streams`] raises gateways and operators).
+    // small limit ([`grant_streams`] raises gateways and operators) and, unless
+    // `accept_full_mtu`, at the minimum MTU. quinn gives every connection this endpoint
+    // accepts the server config's transport, and every connection it dials the client
+    // config's, so the two sides are tuned apart with no per-connection `accept_with`.
     server_config.transport_config(transport(
         opts,
         opts.accept_bidi_streams.min(opts.max_bidi_streams),
+        Side::Accepted,
     )?);
-    let transport = transport(opts, opts.max_bidi_streams)?;
+    let transport = transport(opts, opts.max_bidi_streams, Side::Dialed)?;
     let mut client_config = ClientConfig::new(Arc::new(
         QuicClientConfig::try_from(client).map_err(|e| EndpointError::Tls(e.to_string()))?,
     ));
@@ -370,5 +411,74 @@ mod tests {
             held.len()
         );
         drop((held, extra));
+    }
+
+    /// Dials `server` from `client`; returns (the dialed connection, the accepted one).
+    async fn pair(server: &Endpoint, client: &Endpoint) -> (Connection, Connection) {
+        let addr = server.local_addr().unwrap();
+        let accepting = {
+            let server = server.clone();
+            tokio::spawn(async move { accept(server.accept().await.unwrap()).await.unwrap() })
+        };
+        let dialed = dial(client, addr, Duration::from_secs(10)).await.unwrap();
+        (dialed, accepting.await.unwrap())
+    }
+
+    /// Waits until `conn`'s path MTU rises above QUIC's minimum; the MTU it reached.
+    async fn discovered_mtu(conn: &Connection) -> Option<u16> {
+        // Generous for a loaded CI machine: on loopback the probes take a few round trips.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            let mtu = conn.stats().path.current_mtu;
+            if mtu > MIN_MTU {
+                return Some(mtu);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// QUIC's minimum datagram size (RFC 9000 section 14), quinn's default initial MTU.
+    const MIN_MTU: u16 = 1200;
+
+    #[tokio::test]
+    async fn accepted_connections_keep_the_minimum_mtu_while_dialed_ones_discover_theirs() {
+        let opts = TransportOptions::default();
+        assert!(!opts.accept_full_mtu);
+        let (a, b) = (DeviceIdentity::ephemeral(), DeviceIdentity::ephemeral());
+        let server = bind(&a, "127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        let client = bind(&b, "127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        let (dialed, accepted) = pair(&server, &client).await;
+
+        // The dialing side (a gateway dialing a gateway, a node dialing its gateway) probes
+        // its way up from the minimum: loopback carries quinn's upper bound, 1 452 bytes.
+        let mtu = discovered_mtu(&dialed)
+            .await
+            .expect("the dialed connection never discovered a larger MTU");
+        assert!(mtu > MIN_MTU, "{mtu}");
+        // Some round trips later, the accepting side still sends minimum-size datagrams.
+        let (mut send, mut recv) = accepted.open_bi().await.unwrap();
+        send.write_all(&[7u8; 16 * 1024]).await.unwrap();
+        send.finish().unwrap();
+        let (mut back_send, mut back_recv) = dialed.accept_bi().await.unwrap();
+        let got = back_recv.read_to_end(64 * 1024).await.unwrap();
+        assert_eq!(got.len(), 16 * 1024);
+        back_send.write_all(b"ok").await.unwrap();
+        back_send.finish().unwrap();
+        assert_eq!(recv.read_to_end(16).await.unwrap(), b"ok");
+        assert_eq!(accepted.stats().path.current_mtu, MIN_MTU);
+        assert_eq!(dialed.stats().path.current_mtu, mtu);
+
+        // With `accept_full_mtu` an accepted connection discovers its MTU too.
+        let full = TransportOptions {
+            accept_full_mtu: true,
+            ..TransportOptions::default()
+        };
+        let server = bind(&a, "127.0.0.1:0".parse().unwrap(), &full).unwrap();
+        let (_dialed, accepted) = pair(&server, &client).await;
+        let mtu = discovered_mtu(&accepted)
+            .await
+            .expect("accept_full_mtu: the accepted connection never discovered a larger MTU");
+        assert!(mtu > MIN_MTU, "{mtu}");
     }
 }
