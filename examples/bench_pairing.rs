@@ -38,7 +38,7 @@
 //! ```text
 //! cargo build --release --bin clawmesh --example bench_pairing
 //! cargo run --release --example bench_pairing            # ≈ 2 min
-//! #   BENCH_PAIRING_DEVICES=100000 BENCH_PAIRING_N=50 BENCH_PAIRING_SELECT_N=20
+//! #   BENCH_PAIRING_DEVICES=100000 BENCH_PAIRING_N=50 BENCH_PAIRING_SELECT_N=20 (0: none)
 //! #   BENCH_PAIRING_NODE_ALERTS=off: the alert rules set to those that read no node
 //! #     (gateway-offline, no-quorum), so the primary's alert duty reads no node rows
 //! ```
@@ -609,7 +609,8 @@ async fn run() -> Result<()> {
         });
     let fleet = env_usize("BENCH_PAIRING_DEVICES", 100_000).max(20);
     let n = env_usize("BENCH_PAIRING_N", 50).max(1);
-    let k = env_usize("BENCH_PAIRING_SELECT_N", 20).max(1);
+    // 0 skips the selector samples (and the node they use).
+    let k = env_usize("BENCH_PAIRING_SELECT_N", 20);
     let alerts_off = std::env::var("BENCH_PAIRING_NODE_ALERTS").is_ok_and(|v| v == "off");
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
@@ -667,9 +668,14 @@ async fn run() -> Result<()> {
     round_header();
     seed(&mut hub, &peer, &keys[..10], 0).await?;
     round(&hub, &ep, "at-10", 10, n).await?;
-    let (node_id, node_conn, node_task) = attach_node(&hub, &ep).await?;
-    select_header();
-    selectors(&hub, &node_id, 10, k, "seed-7").await?;
+    let node = match k {
+        0 => None,
+        _ => Some(attach_node(&hub, &ep).await?),
+    };
+    if let Some((node_id, _, _)) = &node {
+        select_header();
+        selectors(&hub, node_id, 10, k, "seed-7").await?;
+    }
 
     let rss = |hub: &Hub| {
         let f = |k: &str| support::mb(support::status_field(hub.proc.pid(), k).unwrap_or(0));
@@ -685,8 +691,10 @@ async fn run() -> Result<()> {
     let after_seed = rss(&hub);
     round_header();
     round(&hub, &ep, &format!("at-{fleet}"), fleet, n).await?;
-    select_header();
-    selectors(&hub, &node_id, fleet, k, &format!("seed-{}", fleet - 7)).await?;
+    if let Some((node_id, _, _)) = &node {
+        select_header();
+        selectors(&hub, node_id, fleet, k, &format!("seed-{}", fleet - 7)).await?;
+    }
     let after_selectors = rss(&hub);
     println!(
         "\n{} pairing records sent by the peer gateway and merged by the gateway in {:.1} s ({:.0} records/s)",
@@ -700,19 +708,19 @@ async fn run() -> Result<()> {
         t.as_secs_f64() * 1000.0
     );
     // The bench's own node is paired too.
-    if paired != fleet + 1 {
-        bail!(
-            "the gateway lists {paired} paired devices, not {}",
-            fleet + 1
-        );
+    let want = fleet + usize::from(node.is_some());
+    if paired != want {
+        bail!("the gateway lists {paired} paired devices, not {}", want);
     }
     println!(
         "gateway VmRSS: {before_seed} before the seeding, {after_seed} after it, {after_selectors} after the selector samples, {} after the listing; VmHWM (peak) {}",
         rss(&hub),
         support::mb(support::status_field(hub.proc.pid(), "VmHWM").unwrap_or(0))
     );
-    node_conn.close(0u32.into(), b"benchmark done");
-    node_task.abort();
+    if let Some((_, conn, task)) = node {
+        conn.close(0u32.into(), b"benchmark done");
+        task.abort();
+    }
     hub.client.close().await;
     let mut proc = hub.proc;
     proc.stop(Duration::from_secs(10));
