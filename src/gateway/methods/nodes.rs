@@ -1129,3 +1129,50 @@ impl Drop for AuditGuard {
         self.write(Outcome::Cancelled, None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-place comparison matches a row exactly when `registry::resolve` would: id
+    /// prefix (6 or more, lower-case hex as written), exact id, IP, name without case.
+    #[test]
+    fn a_selector_compared_in_place_matches_as_the_rows_would() {
+        for seed in 0u8..20 {
+            let id = DeviceId([seed.wrapping_mul(37).wrapping_add(11); 32].map(|b| b ^ seed));
+            let hex = id.to_string();
+            for n in 0..=hex.len() {
+                assert!(id_starts_with(&id, &hex[..n]), "{hex} {n}");
+            }
+            assert!(!id_starts_with(&id, &format!("{hex}0")));
+            let w = Wanted::new(&hex[..6]);
+            assert!(w.matches(&id, "x", "1.2.3.4"));
+            assert!(!Wanted::new(&hex[..5]).matches(&id, "x", "1.2.3.4"));
+            assert!(Wanted::new(&hex).matches(&id, "x", ""));
+        }
+        let id = DeviceId([0xab; 32]);
+        for (sel, name, ip, want) in [
+            ("web-1", "WEB-1", "", true),
+            (" Web-1 ", "web-1", "", true),
+            ("web-1", " web-1", "", true),
+            ("web", "web-1", "", false),
+            ("ÉTÉ", "été", "", true),
+            ("été", "ÉTÉ", "", true),
+            ("ete", "été", "", false),
+            ("10.0.0.7", "n", "10.0.0.7", true),
+            ("10.0.0.7", "n", "10.0.0.70", false),
+            ("ababab", "n", "", true),
+            ("ABABAB", "n", "", false),
+            ("abab", "n", "", false),
+        ] {
+            let row = json!({"nodeId": id.to_string(), "displayName": name, "remoteIp": ip});
+            let resolved = registry::resolve(sel, std::slice::from_ref(&row)).is_ok();
+            assert_eq!(
+                Wanted::new(sel).matches(&id, name, ip),
+                want,
+                "{sel:?} {name:?}"
+            );
+            assert_eq!(resolved, want, "resolve {sel:?} {name:?}");
+        }
+    }
+}
