@@ -21,6 +21,16 @@
 //!   (QUIC handshake, TLS, hello, the gateway's key lookup, attach);
 //! - **revoke**: `device.pair.remove` (`clawmesh devices revoke`), by device id.
 //!
+//! Then, `BENCH_PAIRING_SELECT_N` samples each (default 20) of naming one node by selector, as
+//! `clawmesh nodes describe SEL` and `clawmesh nodes invoke --node SEL` call the gateway
+//! (`node.describe`, `node.invoke`, over the same client connection):
+//! - **describe by name** and **by id prefix** (12 hex characters) of a node attached to the
+//!   gateway (this process, over QUIC, answering its requests);
+//! - **describe a paired device by name** attached nowhere (one of the seeded devices, the
+//!   name in upper case: names are matched without case);
+//! - **invoke by name**, **by id prefix** and, for reference, **by id** (`system.which` on the
+//!   attached node: the whole round trip, node included).
+//!
 //! The round with 10 paired devices is the baseline; the same gateway then receives 99 990
 //! more and the round is repeated. The dial cost (QUIC + TLS handshake) is the same in both
 //! rounds, so a difference is the lookups'.
@@ -28,10 +38,14 @@
 //! ```text
 //! cargo build --release --bin clawmesh --example bench_pairing
 //! cargo run --release --example bench_pairing            # ≈ 2 min
-//! #   BENCH_PAIRING_DEVICES=100000 BENCH_PAIRING_N=50
+//! #   BENCH_PAIRING_DEVICES=100000 BENCH_PAIRING_N=50 BENCH_PAIRING_SELECT_N=20 (0: none)
+//! #   BENCH_PAIRING_NODE_ALERTS=off: the alert rules set to those that read no node
+//! #     (gateway-offline, no-quorum), so the primary's alert duty reads no node rows
 //! ```
 //!
-//! `CLAWMESH_BIN=/path/to/clawmesh` selects another binary. Everything runs on 127.0.0.1.
+//! `CLAWMESH_BIN=/path/to/clawmesh` selects another binary (a baseline beside this one: the
+//! same benchmark, the other gateway). The gateway's VmHWM (peak resident memory) is printed
+//! at the end. Everything runs on 127.0.0.1.
 
 #[path = "support/mod.rs"]
 #[allow(dead_code)]
@@ -77,6 +91,26 @@ const PAGE: usize = 10_000;
 
 /// Longest wait for the gateway to merge what was sent: far above the seconds it takes.
 const MERGE_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Name of the node this process attaches to the gateway for the selector samples.
+const SEL_NODE: &str = "sel-node";
+
+/// The attached node's answer to `system.which`: what a node host says for `sh`.
+struct WhichNode;
+
+impl Handler for WhichNode {
+    fn handle(&self, _caller: Caller, req: Request) -> BoxFuture<Result<String, WireError>> {
+        Box::pin(async move {
+            match req.method.as_str() {
+                "system.which" => Ok(json!({"bins": {"sh": "/bin/sh"}}).to_string()),
+                other => Err(WireError::new(
+                    "INVALID_REQUEST",
+                    format!("{other} is not served by the benchmark's node"),
+                )),
+            }
+        })
+    }
+}
 
 struct NoMethods;
 
@@ -233,7 +267,8 @@ fn before(k: &PublicKey) -> String {
 /// that comes up later gets them in the link-up exchange; then published over its links) and
 /// waits until the gateway's own listing shows the last one. Returns the time from the first
 /// decision.
-async fn seed(hub: &mut Hub, peer: &Peer, keys: &[PublicKey]) -> Result<Duration> {
+/// The devices are named `seed-N`, N counted from `first`.
+async fn seed(hub: &mut Hub, peer: &Peer, keys: &[PublicKey], first: usize) -> Result<Duration> {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)?
         .as_millis() as u64;
@@ -246,7 +281,7 @@ async fn seed(hub: &mut Hub, peer: &Peer, keys: &[PublicKey]) -> Result<Duration
                 key: *k,
                 approved: true,
                 changed_at_ms: now,
-                name: format!("seed-{}", c * CHUNK + i),
+                name: format!("seed-{}", first + c * CHUNK + i),
                 role: "node".into(),
                 platform: "linux".into(),
                 meta: json!({"deviceFamily": "", "clientId": "clawmesh-node", "clientMode": "node", "region": "sim"})
@@ -356,6 +391,134 @@ fn request_id(r: &Refusal) -> Result<String> {
         .collect())
 }
 
+/// Pairs a node named [`SEL_NODE`] (ask, approve) and keeps it attached: it answers the
+/// gateway's requests and pings it, as a node host does. Returns its device id and connection.
+async fn attach_node(
+    hub: &Hub,
+    ep: &quinn::Endpoint,
+) -> Result<(String, Connection, tokio::task::JoinHandle<()>)> {
+    let id = DeviceIdentity::ephemeral();
+    let refusal = match dial(ep, hub.quic, &id, SEL_NODE).await? {
+        Ok(_) => bail!("{SEL_NODE} was admitted unpaired"),
+        Err(r) => r,
+    };
+    hub.call(
+        "device.pair.approve",
+        json!({"requestId": request_id(&refusal)?}),
+    )
+    .await?;
+    let conn = match dial(ep, hub.quic, &id, SEL_NODE).await? {
+        Ok(c) => c,
+        Err(r) => bail!("{SEL_NODE} refused after approval: {}", r.message),
+    };
+    let caller = Caller {
+        key: None,
+        kind: CallerKind::Gateway { name: "hub".into() },
+        remote: hub.quic,
+    };
+    let serve = tokio::spawn({
+        let conn = conn.clone();
+        async move {
+            // Pings at half the gateway's interval, as `clawmesh node run` does.
+            let health = HealthConfig {
+                interval: HEALTH / 2,
+                unhealthy_threshold: 3,
+            };
+            tokio::join!(
+                clawmesh_federation::rpc::serve(conn.clone(), caller, Arc::new(WhichNode)),
+                clawmesh_federation::liveness::monitor(conn, health, Default::default(), None),
+            );
+        }
+    });
+    Ok((id.public_key().device_id().to_string(), conn, serve))
+}
+
+/// `k` samples of each selector call (see the module doc): one table row.
+async fn selectors(hub: &Hub, node_id: &str, paired: usize, k: usize, seeded: &str) -> Result<()> {
+    let prefix = &node_id[..12];
+    let describe = |sel: String| {
+        let hub = &hub;
+        async move {
+            let t = Instant::now();
+            let d = hub.call("node.describe", json!({"nodeId": sel})).await?;
+            let took = t.elapsed();
+            if d["nodeId"].as_str().is_none() {
+                bail!("node.describe {sel}: {d}");
+            }
+            Ok::<_, anyhow::Error>((took, d))
+        }
+    };
+    let invoke = |sel: String| {
+        let hub = &hub;
+        async move {
+            let t = Instant::now();
+            let r = hub
+                .call(
+                    "node.invoke",
+                    json!({"nodeId": sel, "command": "system.which",
+                           "params": {"bins": ["sh"]},
+                           "idempotencyKey": clawmesh_federation::pairing::uuid_v4()}),
+                )
+                .await?;
+            let took = t.elapsed();
+            if r["payload"]["bins"]["sh"] != "/bin/sh" {
+                bail!("node.invoke {sel}: {r}");
+            }
+            Ok::<_, anyhow::Error>(took)
+        }
+    };
+    let (mut by_name, mut by_prefix, mut seeded_name) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut inv_name, mut inv_prefix, mut inv_id) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..k {
+        let (t, d) = describe(SEL_NODE.to_string()).await?;
+        if d["nodeId"] != node_id {
+            bail!("{SEL_NODE} described as {}", d["nodeId"]);
+        }
+        by_name.push(t);
+        by_prefix.push(describe(prefix.to_string()).await?.0);
+        let (t, d) = describe(seeded.to_uppercase()).await?;
+        if d["connected"] != false || d["displayName"] != seeded {
+            bail!("{seeded} described as {d}");
+        }
+        seeded_name.push(t);
+        inv_name.push(invoke(SEL_NODE.to_string()).await?);
+        inv_prefix.push(invoke(prefix.to_string()).await?);
+        inv_id.push(invoke(node_id.to_string()).await?);
+    }
+    println!(
+        "| {paired} | {} | {} | {} | {} | {} | {} |",
+        p50_90(&mut by_name)?,
+        p50_90(&mut by_prefix)?,
+        p50_90(&mut seeded_name)?,
+        p50_90(&mut inv_name)?,
+        p50_90(&mut inv_prefix)?,
+        p50_90(&mut inv_id)?,
+    );
+    Ok(())
+}
+
+/// Sets the alert rules to those that read no node row (`BENCH_PAIRING_NODE_ALERTS=off`), as
+/// an operator would (`clawmesh config set alerts.rules ...`); retried while the consensus
+/// starts.
+async fn node_alerts_off(hub: &Hub) -> Result<()> {
+    let rules =
+        json!([{"kind": "gateway-offline", "for": "30s"}, {"kind": "no-quorum", "for": "30s"}]);
+    let t = Instant::now();
+    loop {
+        match hub
+            .call("config.set", json!({"key": "alerts.rules", "value": rules}))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            // The consensus elects its first leader within seconds of the start.
+            Err(_) if t.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Milliseconds with two decimals.
 fn ms(v: f64) -> String {
     format!("{v:.2}")
@@ -446,14 +609,21 @@ async fn run() -> Result<()> {
         });
     let fleet = env_usize("BENCH_PAIRING_DEVICES", 100_000).max(20);
     let n = env_usize("BENCH_PAIRING_N", 50).max(1);
+    // 0 skips the selector samples (and the node they use).
+    let k = env_usize("BENCH_PAIRING_SELECT_N", 20);
+    let alerts_off = std::env::var("BENCH_PAIRING_NODE_ALERTS").is_ok_and(|v| v == "off");
     let tmp = tempfile::tempdir()?;
     let root = tmp.path();
     println!(
-        "{BENCH}: {}, {fleet} paired devices, n = {n} per operation, load average {} at the start",
+        "{BENCH}: {}, {fleet} paired devices, n = {n} per operation, {k} per selector call, node alerts {}, load average {} at the start",
         bin.display(),
+        if alerts_off { "off" } else { "on (default rules)" },
         support::loadavg3()
     );
     let mut hub = start_hub(&bin, root).await?;
+    if alerts_off {
+        node_alerts_off(&hub).await?;
+    }
     let peer = start_peer(root, hub.quic).await?;
     let t = Instant::now();
     loop {
@@ -487,10 +657,25 @@ async fn run() -> Result<()> {
         t.elapsed().as_secs_f64()
     );
 
-    println!("\n| paired devices | approve p50 / p90 (ms) | revoke p50 / p90 | admit, paired key: dial to welcome p50 / p90 | admit, new key: dial to pending p50 / p90 | reject p50 / p90 |");
-    println!("|---|---|---|---|---|---|");
-    seed(&mut hub, &peer, &keys[..10]).await?;
+    let select_header = || {
+        println!("\n| paired devices | describe by name p50 / p90 (ms) | describe by id prefix | describe a paired device attached nowhere, by name | invoke by name | invoke by id prefix | invoke by id (reference) |");
+        println!("|---|---|---|---|---|---|---|");
+    };
+    let round_header = || {
+        println!("\n| paired devices | approve p50 / p90 (ms) | revoke p50 / p90 | admit, paired key: dial to welcome p50 / p90 | admit, new key: dial to pending p50 / p90 | reject p50 / p90 |");
+        println!("|---|---|---|---|---|---|");
+    };
+    round_header();
+    seed(&mut hub, &peer, &keys[..10], 0).await?;
     round(&hub, &ep, "at-10", 10, n).await?;
+    let node = match k {
+        0 => None,
+        _ => Some(attach_node(&hub, &ep).await?),
+    };
+    if let Some((node_id, _, _)) = &node {
+        select_header();
+        selectors(&hub, node_id, 10, k, "seed-7").await?;
+    }
 
     let rss = |hub: &Hub| {
         let f = |k: &str| support::mb(support::status_field(hub.proc.pid(), k).unwrap_or(0));
@@ -502,9 +687,15 @@ async fn run() -> Result<()> {
         )
     };
     let before_seed = rss(&hub);
-    let took = seed(&mut hub, &peer, &keys[10..]).await?;
+    let took = seed(&mut hub, &peer, &keys[10..], 10).await?;
     let after_seed = rss(&hub);
+    round_header();
     round(&hub, &ep, &format!("at-{fleet}"), fleet, n).await?;
+    if let Some((node_id, _, _)) = &node {
+        select_header();
+        selectors(&hub, node_id, fleet, k, &format!("seed-{}", fleet - 7)).await?;
+    }
+    let after_selectors = rss(&hub);
     println!(
         "\n{} pairing records sent by the peer gateway and merged by the gateway in {:.1} s ({:.0} records/s)",
         fleet - 10,
@@ -516,13 +707,20 @@ async fn run() -> Result<()> {
         "`device.pair.list` read whole: {paired} paired + {revoked} revoked in {pages} pages of at most {PAGE}, {:.0} ms (each device once)",
         t.as_secs_f64() * 1000.0
     );
-    if paired != fleet {
-        bail!("the gateway lists {paired} paired devices, not {fleet}");
+    // The bench's own node is paired too.
+    let want = fleet + usize::from(node.is_some());
+    if paired != want {
+        bail!("the gateway lists {paired} paired devices, not {}", want);
     }
     println!(
-        "gateway VmRSS: {before_seed} before the seeding, {after_seed} after it, {} after the listing",
-        rss(&hub)
+        "gateway VmRSS: {before_seed} before the seeding, {after_seed} after it, {after_selectors} after the selector samples, {} after the listing; VmHWM (peak) {}",
+        rss(&hub),
+        support::mb(support::status_field(hub.proc.pid(), "VmHWM").unwrap_or(0))
     );
+    if let Some((_, conn, task)) = node {
+        conn.close(0u32.into(), b"benchmark done");
+        task.abort();
+    }
     hub.client.close().await;
     let mut proc = hub.proc;
     proc.stop(Duration::from_secs(10));

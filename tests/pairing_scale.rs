@@ -72,7 +72,8 @@ fn a_joining_gateway_hands_over_more_devices_than_a_frame_and_the_list_pages_the
     std::fs::create_dir_all(&peer_dir).unwrap();
     let store = Store::open(&peer_dir).unwrap();
     let registry = Registry::open(store.clone()).unwrap();
-    let keys: Vec<PublicKey> = (0..DEVICES)
+    // Two more, paired under one name: a selector by that name is ambiguous.
+    let keys: Vec<PublicKey> = (0..DEVICES + 2)
         .map(|_| DeviceIdentity::ephemeral().public_key())
         .collect();
     let records: Vec<PairingRecord> = keys
@@ -80,9 +81,13 @@ fn a_joining_gateway_hands_over_more_devices_than_a_frame_and_the_list_pages_the
         .enumerate()
         .map(|(i, k)| PairingRecord {
             key: *k,
-            approved: i % 10 != 0,
+            approved: i % 10 != 0 || i >= DEVICES,
             changed_at_ms: 1_700_000_000_000,
-            name: format!("dev-{i}"),
+            name: if i >= DEVICES {
+                "twin".into()
+            } else {
+                format!("dev-{i}")
+            },
             role: "node".into(),
             platform: "linux".into(),
             meta: "{}".into(),
@@ -174,6 +179,40 @@ fn a_joining_gateway_hands_over_more_devices_than_a_frame_and_the_list_pages_the
     assert!(first["next"].is_string());
     let out = cli(&gw_dir, &["devices", "list", "--limit", "0"]);
     assert!(!out.status.success());
+
+    // Selectors among the paired devices, by index at the gateway: a name without regard to
+    // case, an id prefix, the full id; a revoked device is no node; a name two devices share
+    // is an error naming both, never one of them picked.
+    let id7 = keys[7].device_id().to_string();
+    for sel in ["dev-7", "DEV-7", &id7[..16], id7.as_str()] {
+        let d = cli_json(&gw_dir, &["nodes", "describe", sel, "--json"]);
+        assert_eq!(d["nodeId"], id7.as_str(), "{sel}");
+        assert_eq!(d["displayName"], "dev-7", "{sel}");
+        assert_eq!(
+            (d["paired"].as_bool(), d["connected"].as_bool()),
+            (Some(true), Some(false))
+        );
+    }
+    let out = cli(&gw_dir, &["nodes", "describe", "dev-10"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("unknown node"),
+        "{err}"
+    );
+    let out = cli(&gw_dir, &["nodes", "describe", "TWIN"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("ambiguous"), "{err}");
+    for k in &keys[DEVICES..] {
+        let id = k.device_id().to_string();
+        assert!(err.contains(&id[..12]), "{id} not named: {err}");
+    }
+    // An invoke by name reaches the device's row: paired, attached nowhere.
+    let out = nodes_invoke(&gw_dir, "Dev-7", "system.which", r#"{"bins":["sh"]}"#, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("paired but not attached"),
+        "{err}"
+    );
     drop(rt);
     let _ = &mut gw;
 }

@@ -683,6 +683,28 @@ impl Mesh {
             .collect()
     }
 
+    /// The ids of the nodes other gateways announced for which `wanted` holds, each once, in
+    /// id order: what resolving a node by name or IP needs (the directories have no name
+    /// index). One pass under the state lock over the announced nodes, comparing in place:
+    /// nothing is copied but the ids that match.
+    pub fn remote_node_ids_where(&self, wanted: impl Fn(&NodeSummary) -> bool) -> Vec<DeviceId> {
+        let st = self.state();
+        let mut out: Vec<DeviceId> = st
+            .membership
+            .members
+            .iter()
+            .filter(|m| m.key != self.inner.key)
+            .filter_map(|m| st.peers.get(&m.key))
+            .flat_map(|p| p.nodes.nodes())
+            .filter(|n| wanted(n))
+            .map(|n| n.id)
+            .collect();
+        drop(st);
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// The host vitals other gateways relayed for their nodes: (gateway, node, node name,
     /// reading), for nodes still in that gateway's directory.
     pub fn remote_node_vitals(&self) -> Vec<(String, DeviceId, String, Received)> {

@@ -26,6 +26,14 @@ pub const PENDING_TTL: Duration = Duration::from_secs(300);
 /// beyond this the oldest request is dropped.
 pub const MAX_PENDING: usize = 1024;
 
+/// Shortest id prefix that selects a device (`nodes invoke --node 3fa2c1`): shorter ones
+/// would match many devices of a large fleet, and collide with short names.
+pub const MIN_ID_PREFIX: usize = 6;
+
+/// Most paired devices [`Registry::paired_selected`] returns per kind of match (exact name,
+/// id prefix): an ambiguous selector's error lists them; more would only lengthen it.
+pub const SELECTED_MAX: usize = 16;
+
 /// Most records taken from one exchange: far above any real fleet's devices; a peer cannot
 /// make us write without bound.
 pub const MAX_SYNC_RECORDS: usize = 100_000;
@@ -331,6 +339,8 @@ CREATE INDEX IF NOT EXISTS pending_by_key ON pending_devices(public_key, role);
 CREATE INDEX IF NOT EXISTS paired_by_name ON paired_devices(name);
 CREATE INDEX IF NOT EXISTS pending_by_device ON pending_devices(device_id);
 CREATE INDEX IF NOT EXISTS pending_by_name ON pending_devices(name);
+CREATE INDEX IF NOT EXISTS paired_by_name_nocase ON paired_devices(name COLLATE NOCASE);
+CREATE INDEX IF NOT EXISTS pending_by_refreshed ON pending_devices(refreshed_at_ms);
 CREATE INDEX IF NOT EXISTS paired_by_tailnet_node ON paired_devices(
     CASE WHEN json_valid(meta) THEN json_extract(meta, '$.tailnet.nodeId') END);
 CREATE TABLE IF NOT EXISTS paired_generation (
@@ -419,6 +429,21 @@ type PendingRow = (
     i64,
     String,
 );
+
+/// Reads a [`PendingRow`] (the columns of `pending_cols!`, in that order).
+fn pending_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PendingRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
+}
 
 fn meta_json(m: &DeviceMeta) -> String {
     let mut v = serde_json::json!({
@@ -536,6 +561,48 @@ const PAIRED_PREFIX: &str =
 /// Another paired device under name `?1` (`paired_by_name`).
 const NAME_CLASH: &str =
     "SELECT public_key FROM paired_devices WHERE name = ?1 AND device_id != ?2 LIMIT 1";
+
+/// Expired pending requests (`pending_by_refreshed`: a range, not a scan).
+const PENDING_EXPIRE: &str = "DELETE FROM pending_devices WHERE refreshed_at_ms < ?1";
+
+/// A key's pending request for a role (`pending_by_key`).
+const PENDING_OF_KEY: &str =
+    "SELECT request_id FROM pending_devices WHERE public_key = ?1 AND role = ?2";
+
+/// A device's retry: the request's time and what it says about itself (primary key).
+const PENDING_REFRESH: &str = "UPDATE pending_devices SET refreshed_at_ms = ?2, name = ?3, addr = ?4, platform = ?5, meta = ?6
+     WHERE request_id = ?1";
+
+/// A new pending request.
+const PENDING_INSERT: &str = "INSERT INTO pending_devices(request_id, public_key, device_id, name, role, addr, platform, requested_at_ms, refreshed_at_ms, meta)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)";
+
+/// The requests beyond the newest `?1` ([`MAX_PENDING`]): `pending_by_refreshed` walked from
+/// the newest, so it reads at most [`MAX_PENDING`] + 1 index entries and sorts nothing.
+const PENDING_TRIM: &str = "DELETE FROM pending_devices WHERE request_id IN (
+     SELECT request_id FROM pending_devices ORDER BY refreshed_at_ms DESC LIMIT -1 OFFSET ?1)";
+
+/// One pending request (primary key).
+const PENDING_BY_ID: &str = concat!(
+    "SELECT ",
+    pending_cols!(),
+    " FROM pending_devices WHERE request_id = ?1"
+);
+
+/// A device's token for one role (primary key).
+const TOKEN_OF_ROLE: &str =
+    "SELECT token, created_at_ms FROM device_tokens WHERE device_id = ?1 AND role = ?2";
+
+/// Whether a device id is paired (unique index).
+const IS_PAIRED: &str = "SELECT 1 FROM paired_devices WHERE device_id = ?1";
+
+/// A paired device by device id (unique index).
+const PAIRED_BY_ID: &str = "SELECT public_key FROM paired_devices WHERE device_id = ?1";
+
+/// Paired devices a node selector `?1` names exactly: its device id (unique index) or its
+/// name compared without ASCII case (`paired_by_name_nocase`), at most `?2`.
+const PAIRED_SELECTED: &str = "SELECT public_key FROM paired_devices WHERE device_id = ?1
+     UNION SELECT public_key FROM paired_devices WHERE name = ?1 COLLATE NOCASE LIMIT ?2";
 
 /// A paired device's federation record by key, with its token (primary keys).
 const RECORD_BY_KEY: &str = "SELECT p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.token, t.created_at_ms
@@ -718,12 +785,9 @@ impl Registry {
     ) -> Result<Option<(String, u64)>, PairingError> {
         let id = device_id.to_string();
         let row: Option<(String, i64)> = self.store.with_conn(|c| {
-            c.query_row(
-                "SELECT token, created_at_ms FROM device_tokens WHERE device_id = ?1 AND role = ?2",
-                params![id, role],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
+            c.prepare_cached(TOKEN_OF_ROLE)?
+                .query_row(params![id, role], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
         })?;
         Ok(row.map(|(t, at)| (t, at.max(0) as u64)))
     }
@@ -764,45 +828,35 @@ impl Registry {
         let cutoff = now.saturating_sub(PENDING_TTL.as_millis() as u64) as i64;
         let kb = key.0.to_vec();
         let device_id = key.device_id().to_string();
+        // Every statement of this path is prepared once per connection (`prepare_cached`) and
+        // is an index search (`pending_by_refreshed`, `pending_by_key`, primary keys): a new
+        // key costs the same at 10 or 100 000 paired devices.
         let row = self.store.with_conn(|c| {
             let tx = c.transaction()?;
-            tx.execute("DELETE FROM pending_devices WHERE refreshed_at_ms < ?1", [cutoff])?;
+            tx.prepare_cached(PENDING_EXPIRE)?.execute([cutoff])?;
             let existing: Option<String> = tx
-                .query_row(
-                    "SELECT request_id FROM pending_devices WHERE public_key = ?1 AND role = ?2",
-                    params![kb, role],
-                    |r| r.get(0),
-                )
+                .prepare_cached(PENDING_OF_KEY)?
+                .query_row(params![kb, role], |r| r.get(0))
                 .optional()?;
             let request_id = match existing {
                 Some(id) => {
-                    tx.execute(
-                        "UPDATE pending_devices SET refreshed_at_ms = ?2, name = ?3, addr = ?4, platform = ?5, meta = ?6 WHERE request_id = ?1",
-                        params![id, now as i64, name, addr, platform, meta],
-                    )?;
+                    tx.prepare_cached(PENDING_REFRESH)?
+                        .execute(params![id, now as i64, name, addr, platform, meta])?;
                     id
                 }
                 None => {
                     let id = uuid_v4();
-                    tx.execute(
-                        "INSERT INTO pending_devices(request_id, public_key, device_id, name, role, addr, platform, requested_at_ms, refreshed_at_ms, meta)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
-                        params![id, kb, device_id, name, role, addr, platform, now as i64, meta],
-                    )?;
-                    tx.execute(
-                        "DELETE FROM pending_devices WHERE request_id IN (
-                            SELECT request_id FROM pending_devices ORDER BY refreshed_at_ms DESC LIMIT -1 OFFSET ?1)",
-                        [MAX_PENDING as i64],
-                    )?;
+                    tx.prepare_cached(PENDING_INSERT)?.execute(params![
+                        id, kb, device_id, name, role, addr, platform, now as i64, meta
+                    ])?;
+                    tx.prepare_cached(PENDING_TRIM)?
+                        .execute([MAX_PENDING as i64])?;
                     id
                 }
             };
-            let row = tx.query_row(
-                "SELECT request_id, public_key, name, role, addr, platform, requested_at_ms, refreshed_at_ms, meta
-                 FROM pending_devices WHERE request_id = ?1",
-                [&request_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)),
-            )?;
+            let row = tx
+                .prepare_cached(PENDING_BY_ID)?
+                .query_row([&request_id], pending_row)?;
             tx.commit()?;
             Ok(row)
         })?;
@@ -815,10 +869,11 @@ impl Registry {
     pub fn paired(&self, key: &PublicKey) -> Result<Option<PairedDevice>, PairingError> {
         let kb = key.0.to_vec();
         let row: Option<(String, String, String, i64, String)> = self.store.with_conn(|c| {
-            c.query_row(PAIRED_BY_KEY, [kb], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
-            .optional()
+            c.prepare_cached(PAIRED_BY_KEY)?
+                .query_row([kb], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .optional()
         })?;
         match row {
             Some((name, role, platform, at, meta)) => {
@@ -1100,19 +1155,7 @@ impl Registry {
         // device and request ids (index ranges): enough rows to say "ambiguous".
         const CANDIDATES: i64 = 8;
         let rows: Vec<PendingRow> = self.store.with_conn(|c| {
-            let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<PendingRow> {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                    r.get(8)?,
-                ))
-            };
+            let row = pending_row;
             let exact = c
                 .prepare_cached(PENDING_EXACT)?
                 .query_map(params![sel, cutoff, CANDIDATES], row)?
@@ -1178,6 +1221,79 @@ impl Registry {
             |p| p.device_id.starts_with(sel),
             |p| format!("{} ({})", p.name, &p.device_id[..12]),
         )
+    }
+
+    /// The paired device with device id `device_id` (hex), if any: one search of the unique
+    /// index, whatever the number of paired devices.
+    pub fn paired_by_id(&self, device_id: &str) -> Result<Option<PairedDevice>, PairingError> {
+        let key: Option<Vec<u8>> = self.store.with_conn(|c| {
+            c.prepare_cached(PAIRED_BY_ID)?
+                .query_row([device_id], |r| r.get(0))
+                .optional()
+        })?;
+        match key.as_deref().and_then(Self::key_of) {
+            Some(k) => self.paired(&k),
+            None => Ok(None),
+        }
+    }
+
+    /// The paired devices a node selector (`clawmesh nodes invoke --node SEL`, `node.describe`)
+    /// could mean: the device whose id is `selector`; those whose name is `selector` without
+    /// regard to case; and, for a selector of at least [`MIN_ID_PREFIX`] characters, those
+    /// whose id starts with it. At most [`SELECTED_MAX`] of each kind (enough to name the
+    /// candidates of an ambiguous selector), by index searches: the cost does not grow with
+    /// the number of paired devices. The caller picks among them (the gateway's node
+    /// resolution: id, then IP, then name, then prefix, connected nodes first).
+    ///
+    /// Names are compared by `paired_by_name_nocase` (SQLite's `NOCASE`: ASCII letters
+    /// only). A selector with non-ASCII characters is compared by Unicode lower case against
+    /// the cached brief of every paired device instead (one pass over it; rebuilt only when
+    /// the paired devices changed), so `ÉTÉ` still finds `été`.
+    pub fn paired_selected(&self, selector: &str) -> Result<Vec<PairedDevice>, PairingError> {
+        let sel = selector.trim();
+        if sel.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut keys: Vec<Vec<u8>> = self.store.with_conn(|c| {
+            let mut keys = c
+                .prepare_cached(PAIRED_SELECTED)?
+                .query_map(params![sel, SELECTED_MAX as i64 + 1], |r| r.get(0))?
+                .collect::<Result<Vec<Vec<u8>>, _>>()?;
+            if sel.len() >= MIN_ID_PREFIX {
+                let upper = format!("{sel}{}", char::MAX);
+                let hits = c
+                    .prepare_cached(PAIRED_PREFIX)?
+                    .query_map(params![sel, upper, SELECTED_MAX as i64], |r| r.get(0))?
+                    .collect::<Result<Vec<Vec<u8>>, _>>()?;
+                keys.extend(hits);
+            }
+            Ok(keys)
+        })?;
+        let mut out = Vec::new();
+        if !sel.is_ascii() {
+            let want = sel.to_lowercase();
+            let brief = self.paired_brief()?;
+            let ids: Vec<&str> = brief
+                .devices
+                .iter()
+                .filter(|d| d.name.trim().to_lowercase() == want)
+                .take(SELECTED_MAX)
+                .map(|d| d.device_id.as_str())
+                .collect();
+            for id in ids {
+                out.extend(self.paired_by_id(id)?);
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        for k in keys {
+            if let Some(d) = Self::key_of(&k).map(|k| self.paired(&k)).transpose()? {
+                out.extend(d);
+            }
+        }
+        out.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+        out.dedup_by(|a, b| a.device_id == b.device_id);
+        Ok(out)
     }
 
     /// A paired device named `name` other than `device_id`, if any (indexed; for refusing a
@@ -1318,12 +1434,9 @@ impl Registry {
         Ok(self
             .store
             .with_conn(|c| {
-                c.query_row(
-                    "SELECT 1 FROM paired_devices WHERE device_id = ?1",
-                    [s],
-                    |_| Ok(()),
-                )
-                .optional()
+                c.prepare_cached(IS_PAIRED)?
+                    .query_row([s], |_| Ok(()))
+                    .optional()
             })?
             .is_some())
     }
@@ -1591,6 +1704,14 @@ mod tests {
             ("paired prefix", PAIRED_PREFIX),
             ("name clash", NAME_CLASH),
             ("record", RECORD_BY_KEY),
+            ("pending expiry", PENDING_EXPIRE),
+            ("pending of key", PENDING_OF_KEY),
+            ("pending refresh", PENDING_REFRESH),
+            ("pending by id", PENDING_BY_ID),
+            ("token of role", TOKEN_OF_ROLE),
+            ("is paired", IS_PAIRED),
+            ("paired by id", PAIRED_BY_ID),
+            ("paired selected", PAIRED_SELECTED),
         ];
         store
             .with_conn(|c| {
@@ -1616,6 +1737,20 @@ mod tests {
                     assert!(!p.is_empty(), "{what}: no plan");
                     assert!(!reads_all(&p), "{what} reads a whole table or sorts: {p:?}");
                 }
+                // The name of a node selector goes through the case-blind index.
+                let p = plan(PAIRED_SELECTED)?;
+                assert!(
+                    p.iter().any(|s| s.contains("paired_by_name_nocase")),
+                    "{p:?}"
+                );
+                // Trimming to MAX_PENDING walks the time index from the newest (at most
+                // MAX_PENDING + 1 entries, whatever else the database holds) and sorts nothing.
+                let p = plan(PENDING_TRIM)?;
+                assert!(
+                    p.iter().all(|s| !s.contains("TEMP B-TREE")
+                        && (!s.starts_with("SCAN") || s.contains("pending_by_refreshed"))),
+                    "pending trim: {p:?}"
+                );
                 Ok(())
             })
             .unwrap();
@@ -1947,6 +2082,134 @@ mod tests {
             .unwrap();
         reg.revoke(&k2.device_id().to_string()).unwrap();
         assert_eq!(reg.revocation(&k2).unwrap().unwrap().0, "operator");
+    }
+
+    /// What a node selector means among the paired devices, by index, is what a read of
+    /// every paired device says: exact id, name without case (ASCII by the index, beyond
+    /// ASCII by the brief), id prefixes of at least 6 characters; twins come back together.
+    #[test]
+    fn paired_selected_answers_as_a_full_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(Store::open(dir.path()).unwrap()).unwrap();
+        let names: Vec<String> = (0..40)
+            .map(|i| match i {
+                0 | 1 => "Twin".to_string(),
+                2 => "Été-box".to_string(),
+                i => format!("Web-{i}"),
+            })
+            .collect();
+        for n in &names {
+            let Admission::Pending(p) = reg
+                .admit(&DeviceIdentity::ephemeral().public_key(), &meta(n, "x"))
+                .unwrap()
+            else {
+                panic!()
+            };
+            reg.approve(&p.request_id).unwrap();
+        }
+        let all = reg.paired_all().unwrap();
+        let id5 = all[5].device_id.clone();
+        let mut selectors: Vec<String> = vec![
+            "twin".into(),
+            "TWIN".into(),
+            " web-7 ".into(),
+            "WEB-12".into(),
+            "été-BOX".into(),
+            "ÉTÉ-box".into(),
+            "web".into(),
+            "nobody".into(),
+            id5.clone(),
+            id5[..6].to_string(),
+            id5[..5].to_string(),
+            id5[..20].to_string(),
+        ];
+        selectors.extend(all.iter().map(|d| d.device_id[..1].to_string()));
+        selectors.extend(all.iter().map(|d| d.device_id[..7].to_string()));
+        for sel in &selectors {
+            let t = sel.trim();
+            let mut want: Vec<&str> = all
+                .iter()
+                .filter(|d| {
+                    d.device_id == t
+                        || d.name.to_lowercase() == t.to_lowercase()
+                        || (t.len() >= MIN_ID_PREFIX && d.device_id.starts_with(t))
+                })
+                .map(|d| d.device_id.as_str())
+                .collect();
+            want.sort();
+            let got = reg.paired_selected(sel).unwrap();
+            let got: Vec<&str> = got.iter().map(|d| d.device_id.as_str()).collect();
+            assert_eq!(got, want, "{sel:?}");
+        }
+        assert_eq!(reg.paired_selected("twin").unwrap().len(), 2);
+        assert_eq!(reg.paired_selected("été-box").unwrap()[0].name, "Été-box");
+        assert_eq!(reg.paired_by_id(&id5).unwrap().as_ref(), Some(&all[5]));
+        assert!(reg.paired_by_id("00").unwrap().is_none());
+    }
+
+    /// A state dir written before the selector and expiry indexes opens: they are added, and
+    /// lookups use them.
+    #[test]
+    fn a_database_without_the_new_indexes_opens_and_gains_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let k = DeviceIdentity::ephemeral().public_key();
+        let old_schema = SCHEMA
+            .replace(
+                "CREATE INDEX IF NOT EXISTS paired_by_name_nocase ON paired_devices(name COLLATE NOCASE);",
+                "",
+            )
+            .replace(
+                "CREATE INDEX IF NOT EXISTS pending_by_refreshed ON pending_devices(refreshed_at_ms);",
+                "",
+            );
+        assert_ne!(old_schema, SCHEMA);
+        store
+            .with_conn(|c| {
+                c.execute_batch(&old_schema)?;
+                c.execute(
+                    "INSERT INTO paired_devices(public_key, device_id, name, role, platform, approved_at_ms)
+                     VALUES (?1, ?2, 'Old-Node', 'node', 'linux', 5)",
+                    params![k.0.to_vec(), k.device_id().to_string()],
+                )?;
+                c.execute(
+                    "INSERT INTO pending_devices(request_id, public_key, device_id, name, role, addr, platform, requested_at_ms, refreshed_at_ms)
+                     VALUES ('r1', x'00', 'd', 'n', 'node', 'a', 'p', 1, 1)",
+                    [],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+        let count = |s: &Store| -> i64 {
+            s.with_conn(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'index'
+                     AND name IN ('paired_by_name_nocase', 'pending_by_refreshed')",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap()
+        };
+        assert_eq!(count(&store), 0);
+        let reg = Registry::open(store.clone()).unwrap();
+        assert_eq!(count(&store), 2);
+        let found = reg.paired_selected("old-node").unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].device_id, k.device_id().to_string());
+        // The long-expired request goes on the next admission; the device is still paired.
+        let Admission::Pending(_) = reg
+            .admit(&DeviceIdentity::ephemeral().public_key(), &meta("new", "x"))
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(reg.pending().unwrap().len(), 1);
+        assert!(reg.is_paired(&k.device_id()).unwrap());
+        // Opening again changes nothing.
+        drop(reg);
+        Registry::open(store.clone()).unwrap();
+        assert_eq!(count(&store), 2);
     }
 
     #[test]

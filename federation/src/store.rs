@@ -47,6 +47,9 @@ pub enum StoreError {
     },
 }
 
+/// Prepared statements kept per connection (see [`Store::open`]).
+const STATEMENT_CACHE: usize = 128;
+
 /// Handle to the state database; cheap to clone, safe to share.
 #[derive(Clone)]
 pub struct Store {
@@ -96,6 +99,11 @@ impl Store {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
             .map_err(corrupt)?;
         conn.execute_batch(SCHEMA).map_err(corrupt)?;
+        // Statements kept prepared (`prepare_cached`), least recently used dropped: rusqlite's
+        // default of 16 is fewer than the modules sharing this connection prepare on their hot
+        // paths (pairing admission alone uses a dozen), so they would evict each other and be
+        // compiled again on every call. Each is a few KB.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Store {
             inner: Arc::new(Mutex::new(conn)),
             path,

@@ -255,6 +255,23 @@ impl NodeRegistry {
         (quic, nodes.len() - quic)
     }
 
+    /// The ids of the attached nodes for which `wanted` holds: resolving a selector by name,
+    /// IP or id prefix compares in place and copies no node's description.
+    pub fn ids_where(&self, wanted: impl Fn(&NodeInfo) -> bool) -> Vec<DeviceId> {
+        self.lock()
+            .values()
+            .filter(|e| wanted(&e.info))
+            .map(|e| e.info.node_id)
+            .collect()
+    }
+
+    /// One attached node's description and transport, if it is attached.
+    pub fn info(&self, node: &DeviceId) -> Option<(NodeInfo, &'static str)> {
+        self.lock()
+            .get(node)
+            .map(|e| (e.info.clone(), e.link.transport()))
+    }
+
     /// Every connected node.
     pub fn list(&self) -> Vec<(NodeInfo, &'static str)> {
         self.lock()

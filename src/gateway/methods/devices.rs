@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use clawmesh_federation::pairing::{parse_cursor, PairingError, MAX_PAGE};
+use clawmesh_federation::pairing::{parse_cursor, Page, PairingError, MAX_PAGE};
 use clawmesh_federation::rpc::{Caller, CallerKind};
 use clawmesh_federation::wire::WireError;
 use serde_json::{json, Value};
@@ -54,6 +54,72 @@ fn page_params(params: &Value) -> Result<(usize, Option<[u8; 32]>), WireError> {
     Ok((limit, after))
 }
 
+/// One answer of `device.pair.list`: the pending requests, one page of the paired and revoked
+/// devices (none when another gateway asked), and the gateways that did not answer (first
+/// page only).
+#[derive(Clone)]
+struct PairListing {
+    pending: Vec<Value>,
+    page: Option<Page>,
+    unreachable: Option<Vec<String>>,
+}
+
+impl PairListing {
+    /// The answer as a JSON value (the WebSocket front door embeds one).
+    fn into_value(self) -> Value {
+        let (paired, revoked, next) = match self.page {
+            Some(p) => (json!(p.paired), json!(p.revoked), p.next),
+            None => (json!([]), json!([]), None),
+        };
+        let mut v = json!({"pending": self.pending, "paired": paired, "revoked": revoked});
+        if let Some(n) = next {
+            v["next"] = json!(n);
+        }
+        if let Some(u) = self.unreachable {
+            v["unreachable"] = json!(u);
+        }
+        v
+    }
+
+    /// The same answer written as text directly from the records (see
+    /// [`Methods::pair_list_text`]).
+    fn to_text(&self) -> Result<String, WireError> {
+        let fail = |e: serde_json::Error| {
+            WireError::new("UNAVAILABLE", format!("cannot encode the device list: {e}"))
+        };
+        // About 700 bytes a paired device (see `MAX_PAGE`): one allocation for most pages.
+        let rows = self
+            .page
+            .as_ref()
+            .map_or(0, |p| p.paired.len() + p.revoked.len());
+        let mut out: Vec<u8> = Vec::with_capacity(256 + rows * 768);
+        out.extend_from_slice(b"{\"pending\":");
+        serde_json::to_writer(&mut out, &self.pending).map_err(fail)?;
+        out.extend_from_slice(b",\"paired\":");
+        match &self.page {
+            Some(p) => serde_json::to_writer(&mut out, &p.paired).map_err(fail)?,
+            None => out.extend_from_slice(b"[]"),
+        }
+        out.extend_from_slice(b",\"revoked\":");
+        match &self.page {
+            Some(p) => serde_json::to_writer(&mut out, &p.revoked).map_err(fail)?,
+            None => out.extend_from_slice(b"[]"),
+        }
+        if let Some(next) = self.page.as_ref().and_then(|p| p.next.as_ref()) {
+            out.extend_from_slice(b",\"next\":");
+            serde_json::to_writer(&mut out, next).map_err(fail)?;
+        }
+        if let Some(u) = &self.unreachable {
+            out.extend_from_slice(b",\"unreachable\":");
+            serde_json::to_writer(&mut out, u).map_err(fail)?;
+        }
+        out.push(b'}');
+        String::from_utf8(out).map_err(|e| {
+            WireError::new("UNAVAILABLE", format!("cannot encode the device list: {e}"))
+        })
+    }
+}
+
 impl Methods {
     /// `device.pair.list|approve|reject|remove`: the pairing registry, for operators.
     pub(super) async fn devices_method(
@@ -65,7 +131,10 @@ impl Methods {
         // A request from another gateway is about this gateway's own requests only.
         let forwarded = matches!(caller.kind, CallerKind::Gateway { .. });
         match method {
-            "device.pair.list" => self.pair_list(caller, forwarded, &params).await,
+            "device.pair.list" => Ok(self
+                .pair_listing(caller, forwarded, &params)
+                .await?
+                .into_value()),
             "device.pair.approve" | "device.pair.reject" if !forwarded => {
                 match self.devices_local(caller, method, &params) {
                     // Not waiting here: where it waits, it is decided.
@@ -77,19 +146,33 @@ impl Methods {
         }
     }
 
+    /// `device.pair.list` as response text, for the QUIC front door: the page's devices are
+    /// written straight from their records, never held as a JSON tree (a page of 10 000
+    /// devices as a tree is tens of MB of small allocations; as text, about 7 MB).
+    pub(super) async fn pair_list_text(
+        &self,
+        caller: &Caller,
+        params: &Value,
+    ) -> Result<String, WireError> {
+        let forwarded = matches!(caller.kind, CallerKind::Gateway { .. });
+        self.pair_listing(caller, forwarded, params)
+            .await?
+            .to_text()
+    }
+
     /// Every pending request of the federation (this gateway's and every reachable one's,
     /// each with `gateway`: where it waits) and one page of the paired and revoked devices
     /// (`limit`, at most [`MAX_PAGE`], the default; `after`: the previous page's `next`). The
     /// pending requests come with the first page only, so paging lists every request and
     /// device once; a gateway asked by another answers with its pending requests only.
-    async fn pair_list(
+    async fn pair_listing(
         &self,
         caller: &Caller,
         forwarded: bool,
         params: &Value,
-    ) -> Result<Value, WireError> {
+    ) -> Result<PairListing, WireError> {
         let me = self.gateway_name();
-        let pending = |first: bool| -> Result<Value, WireError> {
+        let pending = |first: bool| -> Result<Vec<Value>, WireError> {
             let mut pending = if first {
                 serde_json::to_value(self.inner.pairing.pending().map_err(pairing_err)?)
                     .map_err(|e| WireError::new("UNAVAILABLE", e.to_string()))?
@@ -99,10 +182,17 @@ impl Methods {
             for p in pending.as_array_mut().into_iter().flatten() {
                 p["gateway"] = json!(me);
             }
-            Ok(pending)
+            Ok(match pending {
+                Value::Array(a) => a,
+                _ => Vec::new(),
+            })
         };
         if forwarded {
-            return Ok(json!({"pending": pending(true)?, "paired": [], "revoked": []}));
+            return Ok(PairListing {
+                pending: pending(true)?,
+                page: None,
+                unreachable: None,
+            });
         }
         let (limit, after) = page_params(params)?;
         let page = self
@@ -110,14 +200,11 @@ impl Methods {
             .pairing
             .page(after.as_ref(), limit)
             .map_err(pairing_err)?;
-        let mut listing = json!({
-            "pending": pending(after.is_none())?,
-            "paired": page.paired,
-            "revoked": page.revoked,
-        });
-        if let Some(next) = page.next {
-            listing["next"] = json!(next);
-        }
+        let mut listing = PairListing {
+            pending: pending(after.is_none())?,
+            page: Some(page),
+            unreachable: None,
+        };
         if after.is_some() {
             return Ok(listing);
         }
@@ -138,18 +225,20 @@ impl Methods {
             match answer {
                 Ok(v) => {
                     let theirs = v["pending"].as_array().cloned().unwrap_or_default();
-                    if let Some(pending) = listing["pending"].as_array_mut() {
-                        for p in theirs {
-                            if !pending.iter().any(|q| q["requestId"] == p["requestId"]) {
-                                pending.push(p);
-                            }
+                    for p in theirs {
+                        if !listing
+                            .pending
+                            .iter()
+                            .any(|q| q["requestId"] == p["requestId"])
+                        {
+                            listing.pending.push(p);
                         }
                     }
                 }
                 Err(_) => unreachable.push(g.clone()),
             }
         }
-        listing["unreachable"] = json!(unreachable);
+        listing.unreachable = Some(unreachable);
         Ok(listing)
     }
 
@@ -323,5 +412,54 @@ mod tests {
             page_params(&json!({"limit": 3, "after": cursor})).unwrap(),
             (3, Some(key))
         );
+    }
+
+    /// The listing written as text is the listing as a value, for every shape of answer.
+    #[test]
+    fn the_listing_as_text_is_the_listing_as_a_value() {
+        use clawmesh_federation::identity::DeviceIdentity;
+        use clawmesh_federation::pairing::{Admission, DeviceMeta, Registry};
+        let dir = tempfile::tempdir().unwrap();
+        let reg =
+            Registry::open(clawmesh_federation::store::Store::open(dir.path()).unwrap()).unwrap();
+        for i in 0..5 {
+            let meta = DeviceMeta {
+                name: format!("n{i} \"quoted\" é"),
+                role: "node".into(),
+                ..Default::default()
+            };
+            let key = DeviceIdentity::ephemeral().public_key();
+            let Admission::Pending(p) = reg.admit(&key, &meta).unwrap() else {
+                panic!()
+            };
+            reg.approve(&p.request_id).unwrap();
+            if i == 2 {
+                reg.revoke(&key.device_id().to_string()).unwrap();
+            }
+        }
+        let pending = vec![json!({"requestId": "r", "gateway": "g"})];
+        let first = reg.page(None, 3).unwrap();
+        assert!(first.next.is_some());
+        let last = reg.page(None, 10).unwrap();
+        for listing in [
+            PairListing {
+                pending: pending.clone(),
+                page: Some(first),
+                unreachable: Some(vec!["far".into()]),
+            },
+            PairListing {
+                pending: Vec::new(),
+                page: Some(last),
+                unreachable: None,
+            },
+            PairListing {
+                pending,
+                page: None,
+                unreachable: None,
+            },
+        ] {
+            let text: Value = serde_json::from_str(&listing.to_text().unwrap()).unwrap();
+            assert_eq!(text, listing.clone().into_value());
+        }
     }
 }

@@ -538,6 +538,11 @@ impl Handler for Methods {
                 Self::check_access(&caller, &req.method)?;
                 return this.node_list_text(&params);
             }
+            if req.method == "device.pair.list" {
+                // The same for a page of up to 10 000 paired devices.
+                Self::check_access(&caller, &req.method)?;
+                return this.pair_list_text(&caller, &params).await;
+            }
             let out = this.dispatch(&caller, &req.method, params).await?;
             Ok(out.to_string())
         })

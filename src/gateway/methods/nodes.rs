@@ -4,9 +4,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use clawmesh_federation::directory::{self, Claim};
+use clawmesh_federation::directory::{self, Claim, NodeSummary};
+use clawmesh_federation::health::Status;
 use clawmesh_federation::identity::DeviceId;
 use clawmesh_federation::logs::record::{Audit, Outcome};
+use clawmesh_federation::pairing::{PairedDevice, MIN_ID_PREFIX};
 use clawmesh_federation::rpc::{CallError, Caller, CallerKind};
 use clawmesh_federation::wire::WireError;
 use futures_util::StreamExt as _;
@@ -16,7 +18,7 @@ use super::{
     bad, now_ms, pairing_err, str_param, Methods, DEFAULT_INVOKE_TIMEOUT, FORWARD_MARGIN,
     MAX_INVOKE_TIMEOUT,
 };
-use crate::gateway::registry::{self, NodeLink};
+use crate::gateway::registry::{self, NodeInfo, NodeLink};
 use crate::node_protocol::{wall_ns, TIMING_KEY};
 
 /// Invokes in flight during a fan-out (`node.invoke` with `all`): enough to reach 100 nodes in
@@ -41,7 +43,7 @@ impl Methods {
             }
             "node.describe" => {
                 let sel = str_param(&params, "nodeId", method)?;
-                let entries = self.node_entries(true)?;
+                let entries = self.selector_entries(sel, true)?;
                 let mut e = registry::resolve(sel, &entries)?.clone();
                 e["ts"] = json!(now_ms());
                 Ok(e)
@@ -78,23 +80,11 @@ impl Methods {
     }
 
     /// Every claim on a node this gateway knows (its own sessions, and every other gateway's
-    /// announcement), as listing rows; `only` keeps one node's. Labels are the node's own, with
-    /// `region` from `paired_region` (the region of the gateway where it was paired, from its
-    /// pairing record) when it has none: failing over does not change it.
-    fn node_claims(
-        &self,
-        only: Option<&DeviceId>,
-        paired_region: &HashMap<String, String>,
-    ) -> Vec<Claim<Value>> {
+    /// announcement), as listing rows. Labels are the node's own, with `region` from
+    /// `paired_region` (the region of the gateway where it was paired, from its pairing
+    /// record) when it has none: failing over does not change it.
+    fn node_claims(&self, paired_region: &HashMap<String, String>) -> Vec<Claim<Value>> {
         let gateway = self.gateway_name();
-        let labels_of = |id: &str, own: &[(String, String)]| -> serde_json::Map<String, Value> {
-            let mut labels: serde_json::Map<String, Value> =
-                own.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-            if let Some(r) = paired_region.get(id) {
-                labels.entry("region").or_insert_with(|| json!(r));
-            }
-            labels
-        };
         let mut claims = Vec::new();
         let vitals: HashMap<DeviceId, _> = self
             .inner
@@ -104,44 +94,9 @@ impl Methods {
             .map(|(id, _, v)| (id, v))
             .collect();
         for (info, transport) in self.inner.nodes.list() {
-            if only.is_some_and(|o| *o != info.node_id) {
-                continue;
-            }
-            let id = info.node_id.to_string();
-            let labels = labels_of(&id, &info.labels);
-            let row = json!({
-                "nodeId": id,
-                "displayName": info.name,
-                "platform": info.platform,
-                "version": info.version,
-                "caps": info.caps,
-                "commands": info.commands,
-                "clientId": info.client_id,
-                "clientMode": info.client_mode,
-                "deviceFamily": info.device_family,
-                "pathEnv": info.path_env,
-                "remoteIp": registry::ip_of(&info.remote),
-                "paired": true,
-                "connected": true,
-                "connectedAtMs": info.connected_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
-                "transport": transport,
-                "gateway": gateway,
-                "gatewayStatus": "healthy",
-                "gatewayLatencyMs": 0.0,
-                "local": true,
-                "attach": info.attach.to_string(),
-                "labels": labels,
-                "approvalState": "approved",
-                "vitals": vitals.get(&info.node_id).map(|v| v.to_json()),
-            });
-            claims.push(Claim {
-                node: info.node_id,
-                gateway: gateway.clone(),
-                live: true,
-                local: true,
-                order: info.attach,
-                item: row,
-            });
+            let region = paired_region.get(&info.node_id.to_string());
+            let v = vitals.get(&info.node_id).map(|v| v.to_json());
+            claims.push(local_claim(&info, transport, &gateway, region, v));
         }
         let Some(mesh) = self.inner.mesh.get() else {
             return claims;
@@ -153,38 +108,16 @@ impl Methods {
             .map(|g| (g.name.clone(), g.latency.map(|d| d.as_secs_f64() * 1000.0)))
             .collect();
         for r in mesh.remote_nodes() {
-            let live = r.status != clawmesh_federation::health::Status::Offline;
-            for n in r.nodes.iter().filter(|n| only.is_none_or(|o| *o == n.id)) {
-                let id = n.id.to_string();
-                let row = json!({
-                    "nodeId": id,
-                    "displayName": n.name,
-                    "platform": n.platform,
-                    "version": n.version,
-                    "caps": [],
-                    "commands": n.commands,
-                    "remoteIp": n.ip,
-                    "paired": true,
-                    "connected": live,
-                    "transport": n.transport,
-                    "gateway": r.gateway,
-                    "gatewayStatus": r.status.as_str(),
-                    "gatewayLastSeen": r.last_seen.map(|t| humantime::format_rfc3339_millis(t).to_string()),
-                    "gatewayLatencyMs": latency.get(&r.gateway).cloned().flatten(),
-                    "local": false,
-                    "attach": n.attach.to_string(),
-                    "labels": labels_of(&id, &n.labels),
-                    "approvalState": "approved",
-                    "vitals": r.vitals.get(&n.id).map(|v| v.to_json()),
-                });
-                claims.push(Claim {
-                    node: n.id,
-                    gateway: r.gateway.clone(),
-                    live,
-                    local: false,
-                    order: n.attach,
-                    item: row,
-                });
+            let at = Holder {
+                gateway: &r.gateway,
+                status: r.status,
+                last_seen: r.last_seen,
+                latency: latency.get(&r.gateway).cloned().flatten(),
+            };
+            for n in &r.nodes {
+                let region = paired_region.get(&n.id.to_string());
+                let v = r.vitals.get(&n.id).map(|v| v.to_json());
+                claims.push(remote_claim(n, &at, region, v));
             }
         }
         claims
@@ -194,7 +127,8 @@ impl Methods {
     /// node N" ([`directory::resolve`]: a live gateway's claim over an offline one's, then the
     /// newest attachment). With `federation`, every node of the federation; without, the nodes
     /// paired with the federation and those attached here, a node attached elsewhere shown
-    /// there.
+    /// there. Reads every node and every paired device: for label selectors and fan-outs; a
+    /// selector by id, IP, name or id prefix takes [`Self::selector_entries`].
     pub(super) fn node_entries(&self, federation: bool) -> Result<Vec<Value>, WireError> {
         let gateway = self.gateway_name();
         let paired = self.inner.pairing.paired_all().map_err(pairing_err)?;
@@ -205,7 +139,7 @@ impl Methods {
         let paired_ids: HashSet<&str> = paired.iter().map(|p| p.device_id.as_str()).collect();
         let mut out = Vec::new();
         let mut seen = HashSet::new();
-        for c in directory::resolve(self.node_claims(None, &paired_region)) {
+        for c in directory::resolve(self.node_claims(&paired_region)) {
             let mut row = c.item;
             let id = c.node.to_string();
             // Without `federation`: nodes attached here, and paired nodes wherever they are.
@@ -220,42 +154,133 @@ impl Methods {
             if seen.contains(&p.device_id) {
                 continue;
             }
-            let mut labels = serde_json::Map::new();
-            if let Some(r) = &p.region {
-                labels.insert("region".into(), json!(r));
-            }
-            out.push(json!({
-                "nodeId": p.device_id,
-                "displayName": p.name,
-                "platform": p.platform,
-                "clientId": p.client_id,
-                "clientMode": p.client_mode,
-                "deviceFamily": p.device_family,
-                "caps": [],
-                "commands": [],
-                "paired": true,
-                "connected": false,
-                "transport": null,
-                "gateway": if federation { Value::Null } else { json!(gateway) },
-                "local": false,
-                "labels": labels,
-                "approvedAt": p.approved_at,
-                "approvalState": "approved",
-            }));
+            out.push(paired_row(p, federation, &gateway));
         }
         // How each paired node was admitted (pairing records are federation-wide, so this
         // also covers nodes attached to other gateways).
         let admitted: HashMap<&str, _> = paired.iter().map(|p| (p.device_id.as_str(), p)).collect();
         for row in &mut out {
-            let Some(p) = row["nodeId"].as_str().and_then(|id| admitted.get(id)) else {
-                continue;
-            };
-            row["approvedBy"] = json!(p.approved_by);
-            if let Some(t) = &p.tailnet {
-                row["tailnet"] = t.clone();
-            }
+            let p = row["nodeId"]
+                .as_str()
+                .and_then(|id| admitted.get(id))
+                .copied();
+            admitted_by(row, p);
         }
         Ok(out)
+    }
+
+    /// The rows [`Self::node_entries`] has for the nodes selector `sel` can mean by exact id,
+    /// IP, name (without case) or id prefix, and no others: what [`registry::resolve`] needs
+    /// to pick one, or to say which ones make `sel` ambiguous. The paired devices come from
+    /// the pairing registry's indexes ([`Registry::paired_selected`](clawmesh_federation::pairing::Registry::paired_selected),
+    /// `paired_by_id`), the nodes attached here and announced by other gateways are compared
+    /// in place; each candidate's row is then built alone, by id. So `node.describe` and
+    /// `node.invoke` by name or prefix cost the same at 10 or 100 000 paired devices (before,
+    /// every paired device was read and turned into a row, 2 to 9 s at 100 000).
+    pub(super) fn selector_entries(
+        &self,
+        sel: &str,
+        federation: bool,
+    ) -> Result<Vec<Value>, WireError> {
+        let sel = sel.trim();
+        let wanted = Wanted::new(sel);
+        let mut ids: Vec<DeviceId> = self
+            .inner
+            .nodes
+            .ids_where(|i| wanted.matches(&i.node_id, &i.name, &registry::ip_of(&i.remote)));
+        let mesh = self.inner.mesh.get();
+        if let Some(m) = mesh {
+            ids.extend(m.remote_node_ids_where(|n| wanted.matches(&n.id, &n.name, &n.ip)));
+        }
+        let mut paired: HashMap<String, PairedDevice> = self
+            .inner
+            .pairing
+            .paired_selected(sel)
+            .map_err(pairing_err)?
+            .into_iter()
+            .map(|p| (p.device_id.clone(), p))
+            .collect();
+        ids.extend(paired.keys().filter_map(|id| DeviceId::parse(id)));
+        ids.sort_unstable();
+        ids.dedup();
+        let gateway = self.gateway_name();
+        // The other gateways' last-seen times and latencies, read once if a candidate is
+        // announced by one of them.
+        let mut gateways: Option<HashMap<String, Seen>> = None;
+        let mut out = Vec::new();
+        for id in ids {
+            let hex = id.to_string();
+            let p = match paired.remove(&hex) {
+                Some(p) => Some(p),
+                None => self.inner.pairing.paired_by_id(&hex).map_err(pairing_err)?,
+            };
+            let region = p.as_ref().and_then(|p| p.region.as_ref());
+            let mut claims = Vec::new();
+            if let Some((info, transport)) = self.inner.nodes.info(&id) {
+                let v = self.inner.nodes.vitals_of(&[id]).pop().flatten();
+                claims.push(local_claim(
+                    &info,
+                    transport,
+                    &gateway,
+                    region,
+                    v.map(|v| v.to_json()),
+                ));
+            }
+            if let Some(m) = mesh {
+                for (g, status, n) in m.remote_claims_of(&id) {
+                    let known = gateways.get_or_insert_with(|| {
+                        m.status()
+                            .gateways
+                            .iter()
+                            .map(|s| {
+                                let latency = s.latency.map(|d| d.as_secs_f64() * 1000.0);
+                                (s.name.clone(), (s.last_seen, latency))
+                            })
+                            .collect()
+                    });
+                    let (last_seen, latency) = known.get(&g).copied().unwrap_or_default();
+                    let at = Holder {
+                        gateway: &g,
+                        status,
+                        last_seen,
+                        latency,
+                    };
+                    let v = m.relayed_vitals(&g, &[id]).pop().flatten();
+                    claims.push(remote_claim(&n, &at, region, v.map(|v| v.to_json())));
+                }
+            }
+            let mut row = match directory::resolve(claims).into_iter().next() {
+                Some(c) => {
+                    // Without `federation`: nodes attached here, and paired nodes wherever
+                    // they are (as in `node_entries`).
+                    if !federation && !c.local && p.is_none() {
+                        continue;
+                    }
+                    let mut row = c.item;
+                    row["paired"] = json!(p.is_some() || !c.local);
+                    row
+                }
+                None => match p.as_ref().filter(|p| p.role == "node") {
+                    Some(p) => paired_row(p, federation, &gateway),
+                    None => continue,
+                },
+            };
+            admitted_by(&mut row, p.as_ref());
+            out.push(row);
+        }
+        Ok(out)
+    }
+
+    /// The rows [`Self::select`] needs for `sel`: only the candidates of an id, IP, name or id
+    /// prefix ([`Self::selector_entries`], by index); every node for a label selector,
+    /// `gateway/name`, or `*` ([`Self::node_entries`]).
+    fn entries_for(&self, sel: &str, all: bool, federation: bool) -> Result<Vec<Value>, WireError> {
+        let sel = sel.trim();
+        if (all && sel == "*") || sel.contains('=') || sel.contains('/') {
+            self.node_entries(federation)
+        } else {
+            self.selector_entries(sel, federation)
+        }
     }
 
     /// The nodes a selector means: `id`, `name`, `ip`, id prefix, `gateway/name`, or
@@ -418,7 +443,7 @@ impl Methods {
                 .filter_map(|id| self.exact_entry(id, true))
                 .collect(),
             _ => {
-                let entries = self.node_entries(!forwarded)?;
+                let entries = self.entries_for(&sel, all, !forwarded)?;
                 self.select(&sel, &entries, all)?
                     .into_iter()
                     .cloned()
@@ -500,7 +525,7 @@ impl Methods {
         timeout: Duration,
         idempotency_key: &str,
     ) -> Result<Value, WireError> {
-        let entries = self.node_entries(true)?;
+        let entries = self.entries_for(sel, false, true)?;
         let target = self
             .select(sel, &entries, false)?
             .into_iter()
@@ -832,6 +857,190 @@ impl Methods {
     }
 }
 
+/// What a node selector compares, prepared once: every attached and announced node is tested
+/// in place (no copy), as [`registry::resolve`] would match its row: exact id, IP, name
+/// without case, id prefix of at least [`MIN_ID_PREFIX`] characters.
+struct Wanted<'a> {
+    sel: &'a str,
+    /// `sel` in lower case, for a selector beyond ASCII (an ASCII one is compared without
+    /// allocating).
+    lower: Option<String>,
+}
+
+impl<'a> Wanted<'a> {
+    fn new(sel: &'a str) -> Self {
+        let sel = sel.trim();
+        Wanted {
+            sel,
+            lower: (!sel.is_ascii()).then(|| sel.to_lowercase()),
+        }
+    }
+
+    fn matches(&self, id: &DeviceId, name: &str, ip: &str) -> bool {
+        // An exact id is the longest prefix.
+        let by_id = self.sel.len() >= MIN_ID_PREFIX && id_starts_with(id, self.sel);
+        let name = name.trim();
+        let by_name = match &self.lower {
+            None => name.eq_ignore_ascii_case(self.sel),
+            Some(lower) => name.to_lowercase() == *lower,
+        };
+        by_id || by_name || ip == self.sel
+    }
+}
+
+/// Whether `id`'s hex form starts with `prefix`, without writing it out.
+fn id_starts_with(id: &DeviceId, prefix: &str) -> bool {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    prefix.len() <= 2 * id.0.len()
+        && prefix.bytes().enumerate().all(|(i, c)| {
+            let b = id.0[i / 2];
+            let nibble = if i % 2 == 0 { b >> 4 } else { b & 0x0f };
+            HEX[usize::from(nibble)] == c
+        })
+}
+
+/// When another gateway last answered, and its latency in ms (`gatewayLastSeen`,
+/// `gatewayLatencyMs` of its nodes' rows).
+type Seen = (Option<SystemTime>, Option<f64>);
+
+/// The gateway holding a remote claim, as a row shows it.
+struct Holder<'a> {
+    gateway: &'a str,
+    status: Status,
+    last_seen: Option<SystemTime>,
+    latency: Option<f64>,
+}
+
+/// A node's labels: its own, with `region` (where it was paired) when it has none.
+fn labels_of(own: &[(String, String)], region: Option<&String>) -> serde_json::Map<String, Value> {
+    let mut labels: serde_json::Map<String, Value> =
+        own.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    if let Some(r) = region {
+        labels.entry("region").or_insert_with(|| json!(r));
+    }
+    labels
+}
+
+/// The claim of a node attached here, as its listing row.
+fn local_claim(
+    info: &NodeInfo,
+    transport: &str,
+    gateway: &str,
+    region: Option<&String>,
+    vitals: Option<Value>,
+) -> Claim<Value> {
+    let row = json!({
+        "nodeId": info.node_id.to_string(),
+        "displayName": info.name,
+        "platform": info.platform,
+        "version": info.version,
+        "caps": info.caps,
+        "commands": info.commands,
+        "clientId": info.client_id,
+        "clientMode": info.client_mode,
+        "deviceFamily": info.device_family,
+        "pathEnv": info.path_env,
+        "remoteIp": registry::ip_of(&info.remote),
+        "paired": true,
+        "connected": true,
+        "connectedAtMs": info.connected_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        "transport": transport,
+        "gateway": gateway,
+        "gatewayStatus": "healthy",
+        "gatewayLatencyMs": 0.0,
+        "local": true,
+        "attach": info.attach.to_string(),
+        "labels": labels_of(&info.labels, region),
+        "approvalState": "approved",
+        "vitals": vitals,
+    });
+    Claim {
+        node: info.node_id,
+        gateway: gateway.to_string(),
+        live: true,
+        local: true,
+        order: info.attach,
+        item: row,
+    }
+}
+
+/// Another gateway's claim on node `n`, as its listing row.
+fn remote_claim(
+    n: &NodeSummary,
+    at: &Holder<'_>,
+    region: Option<&String>,
+    vitals: Option<Value>,
+) -> Claim<Value> {
+    let live = at.status != Status::Offline;
+    let row = json!({
+        "nodeId": n.id.to_string(),
+        "displayName": n.name,
+        "platform": n.platform,
+        "version": n.version,
+        "caps": [],
+        "commands": n.commands,
+        "remoteIp": n.ip,
+        "paired": true,
+        "connected": live,
+        "transport": n.transport,
+        "gateway": at.gateway,
+        "gatewayStatus": at.status.as_str(),
+        "gatewayLastSeen": at.last_seen.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        "gatewayLatencyMs": at.latency,
+        "local": false,
+        "attach": n.attach.to_string(),
+        "labels": labels_of(&n.labels, region),
+        "approvalState": "approved",
+        "vitals": vitals,
+    });
+    Claim {
+        node: n.id,
+        gateway: at.gateway.to_string(),
+        live,
+        local: false,
+        order: n.attach,
+        item: row,
+    }
+}
+
+/// The row of a paired node attached nowhere (`gateway` is this one's name without
+/// `federation`, as the classic listing shows it).
+fn paired_row(p: &PairedDevice, federation: bool, gateway: &str) -> Value {
+    let mut labels = serde_json::Map::new();
+    if let Some(r) = &p.region {
+        labels.insert("region".into(), json!(r));
+    }
+    json!({
+        "nodeId": p.device_id,
+        "displayName": p.name,
+        "platform": p.platform,
+        "clientId": p.client_id,
+        "clientMode": p.client_mode,
+        "deviceFamily": p.device_family,
+        "caps": [],
+        "commands": [],
+        "paired": true,
+        "connected": false,
+        "transport": null,
+        "gateway": if federation { Value::Null } else { json!(gateway) },
+        "local": false,
+        "labels": labels,
+        "approvedAt": p.approved_at,
+        "approvalState": "approved",
+    })
+}
+
+/// Adds how a paired node was admitted (`approvedBy`, and the tailnet identity) to its row.
+fn admitted_by(row: &mut Value, p: Option<&PairedDevice>) {
+    let Some(p) = p else {
+        return;
+    };
+    row["approvedBy"] = json!(p.approved_by);
+    if let Some(t) = &p.tailnet {
+        row["tailnet"] = t.clone();
+    }
+}
+
 /// Who is behind an invoke, carried to the gateway that runs it.
 pub(super) struct Who {
     caller: String,
@@ -918,5 +1127,52 @@ impl AuditGuard {
 impl Drop for AuditGuard {
     fn drop(&mut self) {
         self.write(Outcome::Cancelled, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The in-place comparison matches a row exactly when `registry::resolve` would: id
+    /// prefix (6 or more, lower-case hex as written), exact id, IP, name without case.
+    #[test]
+    fn a_selector_compared_in_place_matches_as_the_rows_would() {
+        for seed in 0u8..20 {
+            let id = DeviceId([seed.wrapping_mul(37).wrapping_add(11); 32].map(|b| b ^ seed));
+            let hex = id.to_string();
+            for n in 0..=hex.len() {
+                assert!(id_starts_with(&id, &hex[..n]), "{hex} {n}");
+            }
+            assert!(!id_starts_with(&id, &format!("{hex}0")));
+            let w = Wanted::new(&hex[..6]);
+            assert!(w.matches(&id, "x", "1.2.3.4"));
+            assert!(!Wanted::new(&hex[..5]).matches(&id, "x", "1.2.3.4"));
+            assert!(Wanted::new(&hex).matches(&id, "x", ""));
+        }
+        let id = DeviceId([0xab; 32]);
+        for (sel, name, ip, want) in [
+            ("web-1", "WEB-1", "", true),
+            (" Web-1 ", "web-1", "", true),
+            ("web-1", " web-1", "", true),
+            ("web", "web-1", "", false),
+            ("ÉTÉ", "été", "", true),
+            ("été", "ÉTÉ", "", true),
+            ("ete", "été", "", false),
+            ("10.0.0.7", "n", "10.0.0.7", true),
+            ("10.0.0.7", "n", "10.0.0.70", false),
+            ("ababab", "n", "", true),
+            ("ABABAB", "n", "", false),
+            ("abab", "n", "", false),
+        ] {
+            let row = json!({"nodeId": id.to_string(), "displayName": name, "remoteIp": ip});
+            let resolved = registry::resolve(sel, std::slice::from_ref(&row)).is_ok();
+            assert_eq!(
+                Wanted::new(sel).matches(&id, name, ip),
+                want,
+                "{sel:?} {name:?}"
+            );
+            assert_eq!(resolved, want, "resolve {sel:?} {name:?}");
+        }
     }
 }
