@@ -33,6 +33,11 @@
 //! cargo run --release --example bench_fleet
 //! ```
 //!
+//! `BENCH_FLEET_PART=directory` runs only step 1, twice on the same gateways: announced as
+//! the whole list each time (`Mesh::set_local_nodes`, a gateway before its registry's change
+//! log), then per change (`Mesh::apply_local_changes`, a gateway now), with what one
+//! announcement cost (≈ 1 min).
+//!
 //! `CLAWMESH_BIN=/path/to/clawmesh` selects another binary. `BENCH_FLEET_PART=listing` runs
 //! only the listing at 100 002 nodes (≈ 2 min a binary), and with it
 //! `BENCH_FLEET_BASE_BIN=/path/to/old/clawmesh` measures that baseline binary first, in the
@@ -62,7 +67,7 @@ use clawmesh_federation::directory::{AttachOrder, LocalDirectory, NodeSummary};
 use clawmesh_federation::endpoint::{self, TransportOptions};
 use clawmesh_federation::frame::{self, MAX_FRAME};
 use clawmesh_federation::health::HealthConfig;
-use clawmesh_federation::identity::{DeviceIdentity, PublicKey};
+use clawmesh_federation::identity::{DeviceId, DeviceIdentity, PublicKey};
 use clawmesh_federation::mesh::{Admission, Mesh, MeshConfig};
 use clawmesh_federation::pairing::Registry;
 use clawmesh_federation::rpc::{BoxFuture, Caller, CallerKind, Handler};
@@ -687,6 +692,131 @@ async fn run_listing(bin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How a simulated gateway announces its nodes during the churn.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Announce {
+    /// The whole list, diffed against the last announcement (`Mesh::set_local_nodes`): what a
+    /// gateway did before its registry kept a change log.
+    FullList,
+    /// Only the nodes that changed since the last announcement
+    /// (`Mesh::apply_local_changes`): what a gateway does now.
+    Changes,
+}
+
+/// Step 1: 100 attach/detach a second for 5 s spread over the simulated gateways, announced
+/// every 50 ms as `how` says; prints bytes per change and what one announcement cost.
+async fn churn(hub: &Hub, sims: &mut [Sim], how: Announce, snapshot_bytes: usize) -> Result<()> {
+    let before: Vec<_> = sims.iter().map(|s| s.mesh.directory_stats()).collect();
+    let churn = Duration::from_secs(5);
+    let t0 = Instant::now();
+    let mut changes = 0u64;
+    let mut parked: Vec<Vec<NodeSummary>> = vec![Vec::new(); SIMS];
+    let mut announce_us: Vec<f64> = Vec::new();
+    // 100 changes a second, announced every 50 ms as a gateway does (it coalesces its
+    // registry's changes over 50 ms): 5 changes a tick, spread over the three.
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut k = 0usize;
+    while t0.elapsed() < churn {
+        tick.tick().await;
+        let mut changed: Vec<Vec<(DeviceId, Option<NodeSummary>)>> = vec![Vec::new(); SIMS];
+        for _ in 0..5 {
+            let i = k % SIMS;
+            k += 1;
+            let s = &mut sims[i];
+            // Alternate: a node leaves, then it (a newer attachment) comes back.
+            if let Some(mut n) = parked[i].pop() {
+                n.attach.attach += 1;
+                changed[i].push((n.id, Some(n.clone())));
+                s.nodes.push(n);
+            } else {
+                let at = (k * 7919) % s.nodes.len();
+                let n = s.nodes.swap_remove(at);
+                changed[i].push((n.id, None));
+                parked[i].push(n);
+            }
+            changes += 1;
+        }
+        for (s, c) in sims.iter().zip(changed) {
+            let t = Instant::now();
+            match how {
+                Announce::FullList => s.mesh.set_local_nodes(s.nodes.clone()),
+                Announce::Changes => s.mesh.apply_local_changes(c),
+            }
+            announce_us.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let took = t0.elapsed();
+    let t = wait_listed(hub, sims, Duration::from_secs(30)).await?;
+    let mut delta_bytes = 0;
+    let mut deltas = 0;
+    let mut snapshots = 0;
+    let mut resyncs = 0;
+    for (s, b) in sims.iter().zip(&before) {
+        let a = s.mesh.directory_stats();
+        delta_bytes += a.delta_bytes - b.delta_bytes;
+        deltas += a.deltas_sent - b.deltas_sent;
+        snapshots += a.snapshots_sent - b.snapshots_sent;
+        resyncs += a.resyncs_asked - b.resyncs_asked;
+    }
+    println!("\n### Directory ({how:?}): 3 simulated gateways x 10 000 nodes, {changes} attach/detach in {:.1} s\n", took.as_secs_f64());
+    println!("| measure | value |");
+    println!("|---|---|");
+    // Each simulated gateway has SIMS links (the hub and the other two).
+    println!(
+        "| bytes per change per link (delta bytes written / (changes x {SIMS} links)) | {:.0} B ({delta_bytes} B in {deltas} delta frames) |",
+        delta_bytes as f64 / (changes * SIMS as u64).max(1) as f64
+    );
+    println!(
+        "| baseline: the whole directory, what every change re-sent before (10 000 nodes) | {snapshot_bytes} B |"
+    );
+    println!(
+        "| one announcement by a simulated gateway (its directory's diff and queueing), median / max | {:.0} µs / {:.0} µs (n = {}) |",
+        median(announce_us.clone()),
+        announce_us.iter().cloned().fold(0.0, f64::max),
+        announce_us.len()
+    );
+    println!("| snapshots sent during the churn | {snapshots} |");
+    println!("| resyncs asked during the churn | {resyncs} |");
+    println!(
+        "| hub lists exactly the simulated nodes, after the last change (upper bound: includes one full paged listing) | {} ms (health interval {} ms) |",
+        ms(t),
+        HEALTH.as_millis()
+    );
+    Ok(())
+}
+
+/// `BENCH_FLEET_PART=directory`: only step 1, announced both ways in the same run (the whole
+/// list first, then per change), on the same gateways.
+async fn run_directory(bin: &Path) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (hub, mut sims) = start_fleet(bin, tmp.path()).await?;
+    let mut next = 0u64;
+    for s in sims.iter_mut() {
+        s.nodes = (next..next + 10_000).map(summary).collect();
+        next += 10_000;
+        s.mesh.set_local_nodes(s.nodes.clone());
+    }
+    let t = wait_listed(&hub, &sims, Duration::from_secs(60)).await?;
+    println!(
+        "\n30 000 simulated nodes listed at the hub {} ms after they were announced",
+        ms(t)
+    );
+    let snapshot_bytes = {
+        let mut d = LocalDirectory::new(1);
+        d.update(sims[0].nodes.clone());
+        frame::encode(&Event::NodeDirectory(d.snapshot()), MAX_FRAME)?.len()
+    };
+    churn(&hub, &mut sims, Announce::FullList, snapshot_bytes).await?;
+    churn(&hub, &mut sims, Announce::Changes, snapshot_bytes).await?;
+    hub.client.close().await;
+    let mut hub_proc = hub.proc;
+    hub_proc.stop(Duration::from_secs(10));
+    for s in &sims {
+        s.mesh.shutdown("benchmark done").await;
+    }
+    Ok(())
+}
+
 async fn run() -> Result<()> {
     let bin = std::env::var_os("CLAWMESH_BIN")
         .map(PathBuf::from)
@@ -702,6 +832,9 @@ async fn run() -> Result<()> {
     );
     if std::env::var(support::bench_env("PART")).as_deref() == Ok("listing") {
         return run_listing(&bin).await;
+    }
+    if std::env::var(support::bench_env("PART")).as_deref() == Ok("directory") {
+        return run_directory(&bin).await;
     }
     let (hub, mut sims) = start_fleet(&bin, root).await?;
 
@@ -736,67 +869,7 @@ async fn run() -> Result<()> {
         d.update(sims[0].nodes.clone());
         frame::encode(&Event::NodeDirectory(d.snapshot()), MAX_FRAME)?.len()
     };
-    let before: Vec<_> = sims.iter().map(|s| s.mesh.directory_stats()).collect();
-    let churn = Duration::from_secs(5);
-    let t0 = Instant::now();
-    let mut changes = 0u64;
-    let mut parked: Vec<Vec<NodeSummary>> = vec![Vec::new(); SIMS];
-    // 100 changes a second, announced every 50 ms as a gateway does (it coalesces its
-    // registry's changes over 50 ms): 5 changes a tick, spread over the three.
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    let mut k = 0usize;
-    while t0.elapsed() < churn {
-        tick.tick().await;
-        for _ in 0..5 {
-            let i = k % SIMS;
-            k += 1;
-            let s = &mut sims[i];
-            // Alternate: a node leaves, then it (a newer attachment) comes back.
-            if let Some(mut n) = parked[i].pop() {
-                n.attach.attach += 1;
-                s.nodes.push(n);
-            } else {
-                let at = (k * 7919) % s.nodes.len();
-                parked[i].push(s.nodes.swap_remove(at));
-            }
-            changes += 1;
-        }
-        for s in sims.iter() {
-            s.mesh.set_local_nodes(s.nodes.clone());
-        }
-    }
-    let took = t0.elapsed();
-    let t = wait_listed(&hub, &sims, Duration::from_secs(30)).await?;
-    let mut delta_bytes = 0;
-    let mut deltas = 0;
-    let mut snapshots = 0;
-    let mut resyncs = 0;
-    for (s, b) in sims.iter().zip(&before) {
-        let a = s.mesh.directory_stats();
-        delta_bytes += a.delta_bytes - b.delta_bytes;
-        deltas += a.deltas_sent - b.deltas_sent;
-        snapshots += a.snapshots_sent - b.snapshots_sent;
-        resyncs += a.resyncs_asked - b.resyncs_asked;
-    }
-    println!("\n### Directory: 3 simulated gateways x 10 000 nodes, {changes} attach/detach in {:.1} s\n", took.as_secs_f64());
-    println!("| measure | value |");
-    println!("|---|---|");
-    // Each simulated gateway has SIMS links (the hub and the other two).
-    println!(
-        "| bytes per change per link (delta bytes written / (changes x {SIMS} links)) | {:.0} B ({delta_bytes} B in {deltas} delta frames) |",
-        delta_bytes as f64 / (changes * SIMS as u64).max(1) as f64
-    );
-    println!(
-        "| baseline: the whole directory, what every change re-sent before (10 000 nodes) | {snapshot_bytes} B |"
-    );
-    println!("| snapshots sent during the churn | {snapshots} |");
-    println!("| resyncs asked during the churn | {resyncs} |");
-    println!(
-        "| hub lists exactly the simulated nodes, after the last change (upper bound: includes one full paged listing) | {} ms (health interval {} ms) |",
-        ms(t),
-        HEALTH.as_millis()
-    );
-
+    churn(&hub, &mut sims, Announce::Changes, snapshot_bytes).await?;
     // 2: listing at 100 002 nodes.
     println!("\n### `node.list {{\"all\":true}}` (all pages n = 3, one page n = 5, after a change n = 3; medians)\n");
     listing_header();

@@ -367,3 +367,76 @@ fn the_duty_fails_over_with_the_primary_without_a_second_notice() {
     assert_eq!(count(&receiver, "resolved", "gateway-offline/tokyo"), 1);
     assert_eq!(count(&receiver, "firing", "memory/tokyo"), 2);
 }
+
+/// `/metrics` of the gateway on `port` (loopback may read it).
+fn metrics(port: u16) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The value of a series without labels in a `/metrics` body.
+fn series(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Node rules read the alert rows kept per change: a node attached to the evaluator and one
+/// attached to another gateway (its vitals relayed) fire their memory alerts; when the local
+/// node is killed, its memory alert resolves and `node-disconnected` fires for it (a paired
+/// node attached nowhere). The rows were read in full once (the first evaluation), then per
+/// change.
+#[test]
+fn node_rules_follow_attaches_detaches_and_vitals() {
+    let t = Trio::start(300);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let receiver = Receiver::start(listener);
+    config_set(
+        t.dir(0),
+        "alerts.webhooks",
+        &format!(r#"["http://127.0.0.1:{port}/json"]"#),
+    );
+    let mut here = t.node(0, "n-here", &[]);
+    let _there = t.node(1, "n-there", &[]);
+    // Memory above 0 % holds on every host that sends vitals.
+    config_set(
+        t.dir(0),
+        "alerts.rules",
+        r#"[{"kind": "memory", "above": 0}, {"kind": "node-disconnected"}]"#,
+    );
+    let both = wait_until(Duration::from_secs(30), || {
+        count(&receiver, "firing", "memory/tokyo/n-here") == 1
+            && count(&receiver, "firing", "memory/beijing/n-there") == 1
+    });
+    assert!(both, "{:?}\n{}", notices(&receiver), t.report());
+    assert_eq!(count(&receiver, "firing", "node-disconnected/n-here"), 0);
+
+    here.kill9();
+    let gone = wait_until(Duration::from_secs(30), || {
+        count(&receiver, "resolved", "memory/tokyo/n-here") == 1
+            && count(&receiver, "firing", "node-disconnected/n-here") == 1
+    });
+    assert!(gone, "{:?}\n{}", notices(&receiver), t.report());
+    assert_eq!(count(&receiver, "resolved", "memory/beijing/n-there"), 0);
+    assert_eq!(count(&receiver, "firing", "node-disconnected/n-there"), 0);
+
+    // One full read of the rows and one full diff of the directory (each consumer's first
+    // read); after that, per change.
+    let body = metrics(t.port(0));
+    assert_eq!(
+        series(&body, "clawmesh_alert_full_reads_total"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        series(&body, "clawmesh_directory_full_diffs_total"),
+        Some(1.0),
+        "{body}"
+    );
+}

@@ -227,6 +227,60 @@ impl LocalDirectory {
         })
     }
 
+    /// Applies `changes` (per node: its summary now, or `None`: it left) and returns what
+    /// differs from what was announced last as the next delta, or `None` when nothing does
+    /// (the version stays). The cost is per change, not per node held: the caller passes
+    /// only the nodes that changed (the registry's change log), not the whole list as
+    /// [`Self::update`] takes. A node id given twice counts once, its last entry. A new node
+    /// past [`MAX_NODES_PER_GATEWAY`] is not announced (as with `update`; it is announced at
+    /// its next change once there is room, or at the next full `update`).
+    pub fn apply(
+        &mut self,
+        changes: impl IntoIterator<Item = (DeviceId, Option<NodeSummary>)>,
+    ) -> Option<DirectoryDelta> {
+        let last: BTreeMap<DeviceId, Option<NodeSummary>> = changes.into_iter().collect();
+        let mut upserts = Vec::new();
+        let mut removed = Vec::new();
+        for (id, now) in last {
+            match now {
+                Some(n) => {
+                    let known = self.nodes.get(&id);
+                    if known == Some(&n)
+                        || (known.is_none() && self.nodes.len() >= MAX_NODES_PER_GATEWAY)
+                    {
+                        continue;
+                    }
+                    self.nodes.insert(id, n.clone());
+                    upserts.push(n);
+                }
+                None => {
+                    if self.nodes.remove(&id).is_some() {
+                        removed.push(id);
+                    }
+                }
+            }
+        }
+        if upserts.is_empty() && removed.is_empty() {
+            return None;
+        }
+        self.at.version += 1;
+        Some(DirectoryDelta {
+            at: self.at,
+            upserts,
+            removed,
+        })
+    }
+
+    /// How many nodes are announced.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether no node is announced.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
     /// The whole directory at its current version.
     pub fn snapshot(&self) -> NodeDirectory {
         NodeDirectory {
@@ -519,6 +573,63 @@ mod tests {
         let snap = local.snapshot();
         assert_eq!(snap.at, d.at);
         assert_eq!(snap.nodes.len(), 200);
+    }
+
+    #[test]
+    fn applying_changes_announces_only_what_differs() {
+        let mut local = LocalDirectory::new(7);
+        let all: Vec<NodeSummary> = (0..200).map(|i| summary(i, &format!("n{i}"))).collect();
+        local.update(all.clone()).unwrap();
+        // A change set naming nodes that did not change (a reattach with the same summary, a
+        // detach of a node never announced): nothing to announce, the version stays.
+        let same = vec![
+            (DeviceId([3; 32]), Some(summary(3, "n3"))),
+            (DeviceId([240; 32]), None),
+        ];
+        assert!(local.apply(same).is_none());
+        assert_eq!(local.at().version, 1);
+        // One leaves, one attaches, one reattaches, one is named twice (its last entry wins):
+        // the delta holds exactly those, whatever the directory's size.
+        let mut n10 = summary(10, "n10");
+        n10.attach.attach = 2;
+        let changes = vec![
+            (DeviceId([5; 32]), None),
+            (DeviceId([250; 32]), Some(summary(250, "new"))),
+            (DeviceId([10; 32]), Some(n10.clone())),
+            (DeviceId([20; 32]), None),
+            (DeviceId([20; 32]), Some(summary(20, "n20"))),
+        ];
+        let d = local.apply(changes).unwrap();
+        assert_eq!(d.at.version, 2);
+        assert_eq!(d.removed, vec![DeviceId([5; 32])]);
+        let mut up: Vec<&str> = d.upserts.iter().map(|n| n.name.as_str()).collect();
+        up.sort();
+        assert_eq!(up, vec!["n10", "new"]);
+        // The same state as a full update to the same nodes would reach.
+        let mut full = LocalDirectory::new(7);
+        let mut next = all;
+        next.retain(|n| n.id != DeviceId([5; 32]) && n.id != DeviceId([10; 32]));
+        next.push(summary(250, "new"));
+        next.push(n10);
+        full.update(next);
+        assert_eq!(local.snapshot().nodes, full.snapshot().nodes);
+        assert_eq!(local.len(), 200);
+        // And a remote following the deltas ends up there too.
+        let mut remote = RemoteDirectory::default();
+        let mut fresh = LocalDirectory::new(9);
+        remote.apply_snapshot(fresh.snapshot());
+        let d1 = fresh
+            .apply(vec![(DeviceId([1; 32]), Some(summary(1, "a")))])
+            .unwrap();
+        let d2 = fresh
+            .apply(vec![
+                (DeviceId([2; 32]), Some(summary(2, "b"))),
+                (DeviceId([1; 32]), None),
+            ])
+            .unwrap();
+        assert_eq!(remote.apply_delta(d1), Applied::Applied);
+        assert_eq!(remote.apply_delta(d2), Applied::Applied);
+        assert_eq!(names(&remote), vec!["b"]);
     }
 
     #[test]

@@ -25,6 +25,18 @@ pub const CLOSE_UNRESPONSIVE: u32 = 4002;
 pub struct Liveness {
     inner: Arc<Mutex<PeerHealth>>,
     vitals: Arc<Mutex<Option<Received>>>,
+    hook: Option<VitalsHook>,
+}
+
+/// Called with every reading of the peer's vitals as it arrives (see
+/// [`Liveness::with_vitals_hook`]).
+#[derive(Clone)]
+struct VitalsHook(Arc<dyn Fn(Received) + Send + Sync>);
+
+impl std::fmt::Debug for VitalsHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VitalsHook")
+    }
 }
 
 impl Liveness {
@@ -41,8 +53,20 @@ impl Liveness {
         *self.vitals.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Also calls `hook` with every reading of the peer's vitals as it arrives (after it is
+    /// kept here, outside any lock of this type): a consumer that keeps its own view of many
+    /// peers' vitals (the gateway's alert rows) updates one row per reading instead of
+    /// reading every peer's vitals again.
+    pub fn with_vitals_hook(mut self, hook: impl Fn(Received) + Send + Sync + 'static) -> Self {
+        self.hook = Some(VitalsHook(Arc::new(hook)));
+        self
+    }
+
     fn set_vitals(&self, r: Received) {
         *self.vitals.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        if let Some(h) = &self.hook {
+            (h.0)(r);
+        }
     }
 }
 
@@ -131,5 +155,28 @@ pub async fn answer(conn: Connection) {
                 let _ = conn.send_datagram(b.into());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn the_vitals_hook_sees_every_reading_after_it_is_kept() {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        let live = Liveness::default();
+        let probe = live.clone();
+        let live = live.with_vitals_hook(move |_| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        let r = Received::now(crate::vitals::Vitals::default(), Duration::ZERO);
+        live.set_vitals(r);
+        live.set_vitals(r);
+        assert_eq!(seen.load(Ordering::Relaxed), 2);
+        // The reading is kept (shared with clones made before the hook was set).
+        assert_eq!(probe.vitals(), Some(r));
     }
 }

@@ -22,7 +22,9 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
-use crate::directory::{Applied, DirVersion, LocalDirectory, NodeSummary, RemoteDirectory};
+use crate::directory::{
+    Applied, DirVersion, DirectoryDelta, LocalDirectory, NodeSummary, RemoteDirectory,
+};
 use crate::endpoint::{self, EndpointError};
 use crate::frame::{self, MAX_FRAME};
 use crate::handshake::{self, HandshakeError};
@@ -565,7 +567,25 @@ impl Mesh {
         // version order and a snapshot queued on a new link is never older than a delta
         // queued after it.
         let mut st = self.state();
-        let Some(delta) = st.local_nodes.update(nodes) else {
+        let delta = st.local_nodes.update(nodes);
+        self.announce_local(&st, delta);
+    }
+
+    /// Applies changes of the nodes attached here (per node: its summary now, or `None`: it
+    /// left) and announces what differs to every gateway: the cost and the delta's bytes
+    /// follow the change, not the number of nodes (see [`LocalDirectory::apply`]).
+    pub fn apply_local_changes(
+        &self,
+        changes: impl IntoIterator<Item = (DeviceId, Option<NodeSummary>)>,
+    ) {
+        let mut st = self.state();
+        let delta = st.local_nodes.apply(changes);
+        self.announce_local(&st, delta);
+    }
+
+    /// Queues `delta` (if any) on every link, under the state lock it was made under.
+    fn announce_local(&self, st: &State, delta: Option<DirectoryDelta>) {
+        let Some(delta) = delta else {
             return;
         };
         let ev = Event::DirectoryDelta(delta);

@@ -242,10 +242,13 @@ impl Admission for GatewayAdmission {
                 }
                 info!(node = %n.name, device = %node_id.short(), remote = %caller.remote, "node attached");
                 let health = self.methods.health_settings().unwrap_or(self.health);
+                let rows = self.methods.alert_rows().clone();
                 tokio::spawn(async move {
                     // Serve the node's own requests while pinging it: a node that stops
-                    // answering is closed, which fails its pending invokes at once.
-                    let live = liveness::Liveness::default();
+                    // answering is closed, which fails its pending invokes at once. Its vitals
+                    // go to the alert rows as they arrive.
+                    let live = liveness::Liveness::default()
+                        .with_vitals_hook(move |r| rows.on_vitals(node_id, session, r));
                     registry.set_liveness(&node_id, session, live.clone());
                     tokio::join!(
                         rpc::serve(conn.clone(), caller, methods),

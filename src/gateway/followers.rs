@@ -7,9 +7,11 @@ use std::time::Duration;
 use clawmesh_federation::consensus::Replica;
 use clawmesh_federation::health::HealthConfig;
 use clawmesh_federation::mesh::Mesh;
-use tracing::{info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::gateway::methods::Methods;
+use crate::gateway::node_changes::{Changes, FullReads};
+use crate::gateway::registry::NodeInfo;
 
 use super::settings::GatewaySettings;
 use crate::gateway::otlp_export::OtlpSettings;
@@ -183,43 +185,53 @@ fn effective_health(
 pub(super) fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods) {
     let (m, registry) = (mesh.clone(), methods.nodes().clone());
     let mut changes = registry.changes();
-    tokio::spawn(async move {
-        // What the last announcement cost: listing and diffing every local node is O(nodes).
-        let mut cost = Duration::ZERO;
-        loop {
-            // Coalesce bursts (hundreds of nodes reconnecting after a restart) into one
-            // announcement per 50 ms, or per 10 times what the last one cost if that is
-            // longer: with tens of thousands of nodes attaching, announcing every 50 ms took
-            // the cores that answer the nodes' pings (missed pings closed nodes, which came
-            // back: a spiral); this keeps it near 1/10 of a core at any fleet size.
-            tokio::time::sleep(Duration::from_millis(50).max(cost * 10)).await;
-            let started = std::time::Instant::now();
-            let summaries = registry
-                .list()
-                .into_iter()
-                // The node's own labels only: its region, when it has none, is the one of the
-                // gateway where it was paired (every gateway has the pairing record).
-                .map(
-                    |(info, transport)| clawmesh_federation::directory::NodeSummary {
-                        id: info.node_id,
-                        name: info.name,
-                        labels: info.labels,
-                        commands: info.commands,
-                        transport: transport.to_string(),
-                        platform: info.platform,
-                        ip: crate::gateway::registry::ip_of(&info.remote),
-                        version: info.version,
-                        attach: info.attach,
-                    },
-                )
-                .collect();
-            m.set_local_nodes(summaries);
-            cost = started.elapsed();
-            if changes.changed().await.is_err() {
-                return;
+    let span = tracing::info_span!("directory_announcer");
+    tokio::spawn(
+        async move {
+            // What the last announcement cost: per change normally, O(nodes) after a full diff.
+            let mut cost = Duration::ZERO;
+            let mut cursor = None;
+            loop {
+                // Coalesce bursts (hundreds of nodes reconnecting after a restart) into one
+                // announcement per 50 ms, or per 10 times what the last one cost if that is
+                // longer: with tens of thousands of nodes attaching, announcing every 50 ms
+                // took the cores that answer the nodes' pings (missed pings closed nodes,
+                // which came back: a spiral); this keeps it near 1/10 of a core at any fleet
+                // size.
+                tokio::time::sleep(Duration::from_millis(50).max(cost * 10)).await;
+                let started = std::time::Instant::now();
+                let (changed, next) = registry.changes_since(cursor);
+                cursor = Some(next);
+                match changed {
+                    Changes::Ids(ids) => {
+                        // Only the nodes that changed: read each again, announce what differs.
+                        let n = ids.len();
+                        let set: Vec<_> = ids
+                            .into_iter()
+                            .map(|id| (id, registry.info_of(&id).map(summary_of)))
+                            .collect();
+                        if n > 0 {
+                            m.apply_local_changes(set);
+                            debug!(changes = n, "directory changes announced");
+                        }
+                    }
+                    Changes::Overflowed => {
+                        // The first run, or more changes than the log keeps: one full diff.
+                        FullReads::count(&registry.full_reads().directory);
+                        let summaries: Vec<_> =
+                            registry.list().into_iter().map(summary_of).collect();
+                        debug!(nodes = summaries.len(), "directory fully diffed");
+                        m.set_local_nodes(summaries);
+                    }
+                }
+                cost = started.elapsed();
+                if changes.changed().await.is_err() {
+                    return;
+                }
             }
         }
-    });
+        .instrument(span),
+    );
     let (m, registry) = (mesh.clone(), methods.nodes().clone());
     tokio::spawn(async move {
         // The nodes' vitals go on to the other gateways at the pace the nodes send them
@@ -258,6 +270,25 @@ pub(super) fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods) {
             }
         }
     });
+}
+
+/// A local node as the directory announces it: the node's own labels only (its region, when
+/// it has none, is the one of the gateway where it was paired: every gateway has the pairing
+/// record).
+fn summary_of(
+    (info, transport): (NodeInfo, &'static str),
+) -> clawmesh_federation::directory::NodeSummary {
+    clawmesh_federation::directory::NodeSummary {
+        id: info.node_id,
+        name: info.name,
+        labels: info.labels,
+        commands: info.commands,
+        transport: transport.to_string(),
+        platform: info.platform,
+        ip: crate::gateway::registry::ip_of(&info.remote),
+        version: info.version,
+        attach: info.attach,
+    }
 }
 
 /// Disconnects nodes whose revocation arrives through the replicated log (a decision made on

@@ -26,6 +26,34 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     sock.listen(TCP_BACKLOG)
 }
 
+/// The receive buffer asked for the gateway's one UDP socket, which every node's and peer's
+/// QUIC packets share. The kernel default (208 KiB, about 150 small datagrams) overflowed at
+/// 50 000 native nodes (pings, pongs, vitals and acks: tens of thousands of datagrams a
+/// second): a few ms of scheduling delay on a busy host dropped pongs by the hundred
+/// thousand, the gateway closed the nodes as unresponsive, they reconnected: a spiral.
+/// 8 MiB holds a few thousand datagrams, a few hundred ms of that traffic. The kernel caps it
+/// at `net.core.rmem_max` (the administrator's limit, not overridden); memory is used only
+/// while packets wait.
+const UDP_RECV_BUFFER: usize = 8 << 20;
+
+/// Asks for [`UDP_RECV_BUFFER`] on the QUIC socket; says so when the kernel grants less.
+fn grow_recv_buffer(udp: &std::net::UdpSocket) {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt::RcvBuf};
+    if let Err(e) = setsockopt(udp, RcvBuf, &UDP_RECV_BUFFER) {
+        tracing::warn!("cannot set the QUIC socket's receive buffer: {e}");
+        return;
+    }
+    // Linux reports twice what it grants (bookkeeping included).
+    let granted = getsockopt(udp, RcvBuf).map(|b| b / 2).unwrap_or(0);
+    if granted < UDP_RECV_BUFFER {
+        tracing::info!(
+            granted,
+            wanted = UDP_RECV_BUFFER,
+            "the QUIC socket's receive buffer is capped by net.core.rmem_max; with tens of thousands of nodes, raise it (sysctl -w net.core.rmem_max={UDP_RECV_BUFFER})"
+        );
+    }
+}
+
 /// Binds UDP (QUIC) and TCP (classic bridge) on the same port; with port 0, finds one that is
 /// free for both.
 pub(super) fn bind_both(
@@ -39,7 +67,10 @@ pub(super) fn bind_both(
             .with_context(|| format!("cannot bind UDP {ip}:{port} (QUIC)"))?;
         let p = udp.local_addr()?.port();
         match tcp_listener(SocketAddr::new(ip, p)) {
-            Ok(tcp) => return Ok((udp, tcp)),
+            Ok(tcp) => {
+                grow_recv_buffer(&udp);
+                return Ok((udp, tcp));
+            }
             Err(e) => last = Some(e),
         }
     }

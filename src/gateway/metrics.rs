@@ -19,6 +19,9 @@
 //!   `clawmesh_config_revision`; counter `clawmesh_config_writes_total{outcome}`;
 //! - `clawmesh_nodes_attached{transport}` (quic, ws); counters `clawmesh_invokes_total{command,
 //!   outcome}`, histogram `clawmesh_invoke_duration_seconds{command}`;
+//! - counters `clawmesh_directory_full_diffs_total` and `clawmesh_alert_full_reads_total`: how
+//!   often the directory announcement and the alert rows read every attached node instead of
+//!   the registry's change set (`crate::gateway::node_changes`);
 //! - `clawmesh_bridge_connections`;
 //! - `clawmesh_log_spool_records`, `clawmesh_log_spool_unacked_records` (the shipping lag),
 //!   `clawmesh_log_spool_bytes`; counters `clawmesh_log_shipped_records_total`,
@@ -301,6 +304,19 @@ impl Scrape {
             "clawmesh_nodes_attached",
             "Nodes attached to this gateway, by transport",
             [(&lq, quic as i64), (&lw, ws as i64)],
+        )?;
+        let full = self.methods.nodes().full_reads();
+        counter(
+            enc,
+            "clawmesh_directory_full_diffs",
+            "Times the local node directory was diffed in full (first run, or more node changes than the registry's change log keeps) instead of per change",
+            full.directory.load(Ordering::Relaxed),
+        )?;
+        counter(
+            enc,
+            "clawmesh_alert_full_reads",
+            "Times the alert rows read every attached node (first run, or more node changes than the registry's change log keeps) instead of per change",
+            full.alerts.load(Ordering::Relaxed),
         )?;
         gauge(
             enc,

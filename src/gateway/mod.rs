@@ -26,6 +26,7 @@ mod listen;
 mod logs;
 pub mod methods;
 pub mod metrics;
+pub mod node_changes;
 mod otlp_export;
 pub mod page;
 pub mod registry;

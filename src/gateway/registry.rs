@@ -15,6 +15,8 @@ use clawmesh_federation::rpc::{self, CallError};
 use clawmesh_federation::vitals::Received;
 use clawmesh_federation::wire::{Request, WireError};
 use quinn::{Connection, VarInt};
+
+use crate::gateway::node_changes::{ChangeLog, Changes, Cursor, FullReads};
 use serde_json::{json, Value};
 
 /// A node's transport-specific session.
@@ -101,6 +103,30 @@ pub struct NodeInfo {
     pub path_env: Option<String>,
 }
 
+/// What the alert rows keep of one attached node ([`NodeRegistry::alert_brief`]).
+#[derive(Debug, Clone)]
+pub struct AlertBrief {
+    /// Display name.
+    pub name: String,
+    /// Which of the node's attachments this session is.
+    pub attach: clawmesh_federation::directory::AttachOrder,
+    /// The session (vitals of an older session of the node are not its own).
+    pub session: u64,
+    /// Its host vitals, if it sent some.
+    pub vitals: Option<Received>,
+}
+
+impl AlertBrief {
+    fn of(e: &Entry) -> AlertBrief {
+        AlertBrief {
+            name: e.info.name.clone(),
+            attach: e.info.attach,
+            session: e.session,
+            vitals: e.live.as_ref().and_then(Liveness::vitals),
+        }
+    }
+}
+
 struct Entry {
     info: NodeInfo,
     link: NodeLink,
@@ -114,6 +140,10 @@ pub struct NodeRegistry {
     nodes: Mutex<HashMap<DeviceId, Entry>>,
     next: AtomicU64,
     changes: tokio::sync::watch::Sender<u64>,
+    /// Which nodes changed, for consumers that work per change (see [`ChangeLog`]).
+    log: ChangeLog,
+    /// Full reads its consumers did (first reads, overflows).
+    full_reads: FullReads,
 }
 
 impl Default for NodeRegistry {
@@ -122,6 +152,8 @@ impl Default for NodeRegistry {
             nodes: Mutex::default(),
             next: AtomicU64::new(0),
             changes: tokio::sync::watch::channel(0).0,
+            log: ChangeLog::default(),
+            full_reads: FullReads::default(),
         }
     }
 }
@@ -152,13 +184,58 @@ impl NodeRegistry {
             .collect()
     }
 
-    fn changed(&self) {
+    fn changed(&self, node: DeviceId) {
+        self.log.record(node);
         self.changes.send_modify(|v| *v += 1);
+    }
+
+    /// Which nodes attached, detached or changed since `cursor` (see [`ChangeLog::since`]):
+    /// a consumer reads only those again, or every node once after [`Changes::Overflowed`].
+    pub fn changes_since(&self, cursor: Option<Cursor>) -> (Changes, Cursor) {
+        self.log.since(cursor)
+    }
+
+    /// How often the change log's consumers read every node (see [`FullReads`]).
+    pub fn full_reads(&self) -> &FullReads {
+        &self.full_reads
+    }
+
+    /// How many nodes are attached (without listing them).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no node is attached.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// One attached node's info and transport (`None`: not attached): what a consumer of the
+    /// change log reads per changed node.
+    pub fn info_of(&self, node: &DeviceId) -> Option<(NodeInfo, &'static str)> {
+        self.lock()
+            .get(node)
+            .map(|e| (e.info.clone(), e.link.transport()))
+    }
+
+    /// What the alert rows keep of an attached node: its name, attachment, session and host
+    /// vitals (`None`: not attached).
+    pub fn alert_brief(&self, node: &DeviceId) -> Option<AlertBrief> {
+        self.lock().get(node).map(AlertBrief::of)
+    }
+
+    /// [`Self::alert_brief`] of every attached node: the alert rows' full read.
+    pub fn alert_briefs(&self) -> Vec<(DeviceId, AlertBrief)> {
+        self.lock()
+            .iter()
+            .map(|(id, e)| (*id, AlertBrief::of(e)))
+            .collect()
     }
 
     /// Registers a session; a previous session of the same node is closed (superseded).
     pub fn attach(&self, info: NodeInfo, link: NodeLink) -> u64 {
         let session = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let node_id = info.node_id;
         let old = self.lock().insert(
             info.node_id,
             Entry {
@@ -171,7 +248,7 @@ impl NodeRegistry {
         if let Some(old) = old {
             old.link.close("superseded by a new session");
         }
-        self.changed();
+        self.changed(node_id);
         session
     }
 
@@ -181,7 +258,7 @@ impl NodeRegistry {
         if nodes.get(node).map(|e| e.session) == Some(session) {
             nodes.remove(node);
             drop(nodes);
-            self.changed();
+            self.changed(*node);
         }
     }
 
@@ -191,7 +268,7 @@ impl NodeRegistry {
         match removed {
             Some(e) => {
                 e.link.close(reason);
-                self.changed();
+                self.changed(*node);
                 true
             }
             None => false,

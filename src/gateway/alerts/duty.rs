@@ -115,7 +115,7 @@ pub fn spawn(methods: Methods, mesh: Mesh, book: Arc<AlertBook>) {
         let mut lags: Vec<(String, Option<f64>)> = Vec::new();
         let mut last_probe: Option<Instant> = None;
         // What reading the node rows and evaluating the rules cost last time (see
-        // EVAL_SPACING): O(nodes with vitals).
+        // EVAL_SPACING): O(changes since the last time + nodes that can fire).
         let mut cost = Duration::ZERO;
         loop {
             tokio::time::sleep(TICK.max(cost * EVAL_SPACING)).await;
@@ -196,9 +196,9 @@ pub fn spawn(methods: Methods, mesh: Mesh, book: Arc<AlertBook>) {
             });
             let started = Instant::now();
             let nodes = if needs_nodes {
-                // Only the rows a rule can fire on (at 100 000 nodes the whole listing, twice
-                // a second, would be hundreds of MB of JSON each time).
-                methods.alerting_nodes().unwrap_or_default()
+                // Only the rows a rule can fire on, kept per change (at 100 000 nodes the
+                // whole listing, twice a second, would be hundreds of MB of JSON each time).
+                methods.alerting_rows(&rules).unwrap_or_default()
             } else {
                 Value::Null
             };

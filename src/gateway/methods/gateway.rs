@@ -37,7 +37,7 @@ impl Methods {
                         }
                     }
                 }
-                doc["nodes"] = json!(self.inner.nodes.list().len());
+                doc["nodes"] = json!(self.inner.nodes.len());
                 // What the node directory sent (deltas, snapshots) and asked for (gaps).
                 let d = self.mesh()?.directory_stats();
                 doc["directory"] = json!({
@@ -252,7 +252,7 @@ impl Methods {
             "version": crate::VERSION,
             "gateways": status.gateways.len(),
             "primary": status.primary,
-            "nodes": self.inner.nodes.list().len(),
+            "nodes": self.inner.nodes.len(),
         }))
     }
 

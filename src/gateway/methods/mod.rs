@@ -28,6 +28,7 @@ use clawmesh_federation::rpc::{BoxFuture, Caller, CallerKind, Handler};
 use clawmesh_federation::wire::{Request, WireError};
 use serde_json::{json, Value};
 
+mod alerting;
 mod alerts;
 mod config;
 mod devices;
@@ -204,6 +205,8 @@ struct Inner {
     instruments: Arc<crate::gateway::instruments::Instruments>,
     /// `node.list`'s resolved, id-sorted directory between calls.
     listing: Arc<listing::ListingCache>,
+    /// The node rows the alert rules evaluate, kept per change.
+    alert_rows: Arc<alerting::AlertRows>,
 }
 
 fn bad(msg: impl Into<String>) -> WireError {
@@ -248,6 +251,7 @@ impl Methods {
                 started_at: SystemTime::now(),
                 instruments: Arc::default(),
                 listing: Arc::default(),
+                alert_rows: Arc::default(),
             }),
         }
     }
