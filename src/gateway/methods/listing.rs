@@ -27,7 +27,7 @@
 //! moment it was built; a whole listing is not a snapshot of one instant.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -55,9 +55,6 @@ pub(super) struct ListParams {
     pub limit: Option<usize>,
     /// Only nodes whose id sorts after this one (the previous page's `next`).
     pub after: Option<String>,
-    /// Only the rows an alert rule can fire on (not a `node.list` param): nodes attached
-    /// nowhere, and nodes whose host vitals are in this set.
-    pub notable: Option<HashSet<DeviceId>>,
 }
 
 impl ListParams {
@@ -84,12 +81,7 @@ impl ListParams {
                 )))
             }
         };
-        Ok(ListParams {
-            all,
-            limit,
-            after,
-            notable: None,
-        })
+        Ok(ListParams { all, limit, after })
     }
 }
 
@@ -398,11 +390,7 @@ impl Index {
         let mut picked: Vec<usize> = Vec::new();
         let mut more = false;
         for (i, it) in self.items.iter().enumerate().skip(start) {
-            let notable = match &p.notable {
-                None => true,
-                Some(with_vitals) => it.origin == Origin::Unclaimed || with_vitals.contains(&it.id),
-            };
-            if (p.all || it.mine) && notable {
+            if p.all || it.mine {
                 if picked.len() == limit {
                     more = true;
                     break;
@@ -749,31 +737,6 @@ impl Methods {
         self.node_list_page(&ListParams::parse(params)?)
     }
 
-    /// The `node.list {"all":true}` document with only the rows an alert rule can fire on:
-    /// paired nodes attached nowhere, and nodes that send host vitals. The alert duty reads
-    /// this twice a second; at 100 000 nodes the whole listing, parsed, would be hundreds of
-    /// MB each time.
-    pub fn alerting_nodes(&self) -> Result<Value, WireError> {
-        let mut with_vitals: HashSet<DeviceId> = self
-            .inner
-            .nodes
-            .vitals()
-            .into_iter()
-            .map(|(id, _, _)| id)
-            .collect();
-        if let Some(m) = self.inner.mesh.get() {
-            with_vitals.extend(m.remote_node_vitals().into_iter().map(|(_, id, _, _)| id));
-        }
-        let p = ListParams {
-            all: true,
-            limit: None,
-            after: None,
-            notable: Some(with_vitals),
-        };
-        let text = self.node_list_page(&p)?;
-        serde_json::from_str(&text).map_err(|e| bad(format!("cannot encode the node list: {e}")))
-    }
-
     /// The page `p` asks for, as response text.
     fn node_list_page(&self, p: &ListParams) -> Result<String, WireError> {
         let started = Instant::now();
@@ -848,7 +811,6 @@ impl Methods {
             index_bytes =
                 index.rows.capacity() + index.items.capacity() * std::mem::size_of::<Item>(),
             limit = p.limit.unwrap_or(0),
-            notable = p.notable.is_some(),
             "node.list built"
         );
         Ok(text)
@@ -956,7 +918,6 @@ mod tests {
             all,
             limit,
             after: after.map(str::to_string),
-            notable: None,
         };
         let live: Vec<GatewayLive> = ix
             .remotes
@@ -1049,18 +1010,6 @@ mod tests {
         assert_eq!(last["gateway"], Value::Null);
         let last_mine = mine["nodes"].as_array().unwrap().last().unwrap().clone();
         assert_eq!(last_mine["gateway"], "tokyo");
-        // The alert duty's listing: only nodes attached nowhere and nodes with vitals.
-        let (ix, _) = cache
-            .index(&w.light(), &w.paired, || Ok(w.inputs()))
-            .unwrap();
-        let p = ListParams {
-            all: true,
-            notable: Some([DeviceId([16; 32])].into_iter().collect()),
-            ..ListParams::default()
-        };
-        let none = |_: Origin, ids: &[DeviceId]| vec![None; ids.len()];
-        let notable: Value = serde_json::from_str(&ix.page(&p, &[], &none).unwrap()).unwrap();
-        assert_eq!(names(&notable), ["n16", "n21", "n22", "n23", "n24", "n25"]);
         // The ids are in order and the rows are whole JSON objects with every field.
         let ids: Vec<&str> = whole["nodes"]
             .as_array()
