@@ -216,15 +216,7 @@ impl LocalDirectory {
             .cloned()
             .collect();
         self.nodes = next;
-        if upserts.is_empty() && removed.is_empty() {
-            return None;
-        }
-        self.at.version += 1;
-        Some(DirectoryDelta {
-            at: self.at,
-            upserts,
-            removed,
-        })
+        self.next_delta(upserts, removed)
     }
 
     /// Applies `changes` (per node: its summary now, or `None`: it left) and returns what
@@ -260,6 +252,16 @@ impl LocalDirectory {
                 }
             }
         }
+        self.next_delta(upserts, removed)
+    }
+
+    /// The next delta, holding `upserts` and `removed`, or `None` when both are empty (the
+    /// version stays).
+    fn next_delta(
+        &mut self,
+        upserts: Vec<NodeSummary>,
+        removed: Vec<DeviceId>,
+    ) -> Option<DirectoryDelta> {
         if upserts.is_empty() && removed.is_empty() {
             return None;
         }

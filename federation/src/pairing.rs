@@ -1204,16 +1204,7 @@ impl Registry {
                 .collect::<Result<Vec<Vec<u8>>, _>>()?;
             Ok(hits)
         })?;
-        let mut found = Vec::new();
-        for k in keys {
-            if let Some(d) = Self::key_of(&k)
-                .map(|k| self.paired(&k))
-                .transpose()?
-                .flatten()
-            {
-                found.push(d);
-            }
-        }
+        let found = self.paired_of_keys(keys)?;
         pick(
             sel,
             found,
@@ -1221,6 +1212,18 @@ impl Registry {
             |p| p.device_id.starts_with(sel),
             |p| format!("{} ({})", p.name, &p.device_id[..12]),
         )
+    }
+
+    /// The paired devices of `keys` (public keys as stored), in that order; a key no longer
+    /// paired, or not a valid key, is skipped.
+    fn paired_of_keys(&self, keys: Vec<Vec<u8>>) -> Result<Vec<PairedDevice>, PairingError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(d) = Self::key_of(&k).map(|k| self.paired(&k)).transpose()? {
+                out.extend(d);
+            }
+        }
+        Ok(out)
     }
 
     /// The paired device with device id `device_id` (hex), if any: one search of the unique
@@ -1286,11 +1289,7 @@ impl Registry {
         }
         keys.sort_unstable();
         keys.dedup();
-        for k in keys {
-            if let Some(d) = Self::key_of(&k).map(|k| self.paired(&k)).transpose()? {
-                out.extend(d);
-            }
-        }
+        out.extend(self.paired_of_keys(keys)?);
         out.sort_by(|a, b| a.device_id.cmp(&b.device_id));
         out.dedup_by(|a, b| a.device_id == b.device_id);
         Ok(out)

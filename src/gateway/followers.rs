@@ -208,7 +208,7 @@ pub(super) fn spawn_federation_tasks(mesh: &Mesh, methods: &Methods) {
                         let n = ids.len();
                         let set: Vec<_> = ids
                             .into_iter()
-                            .map(|id| (id, registry.info_of(&id).map(summary_of)))
+                            .map(|id| (id, registry.info(&id).map(summary_of)))
                             .collect();
                         if n > 0 {
                             m.apply_local_changes(set);

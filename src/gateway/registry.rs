@@ -210,14 +210,6 @@ impl NodeRegistry {
         self.lock().is_empty()
     }
 
-    /// One attached node's info and transport (`None`: not attached): what a consumer of the
-    /// change log reads per changed node.
-    pub fn info_of(&self, node: &DeviceId) -> Option<(NodeInfo, &'static str)> {
-        self.lock()
-            .get(node)
-            .map(|e| (e.info.clone(), e.link.transport()))
-    }
-
     /// What the alert rows keep of an attached node: its name, attachment, session and host
     /// vitals (`None`: not attached).
     pub fn alert_brief(&self, node: &DeviceId) -> Option<AlertBrief> {
@@ -342,7 +334,8 @@ impl NodeRegistry {
             .collect()
     }
 
-    /// One attached node's description and transport, if it is attached.
+    /// One attached node's description and transport, if it is attached: what resolving a
+    /// selector and a consumer of the change log read per node.
     pub fn info(&self, node: &DeviceId) -> Option<(NodeInfo, &'static str)> {
         self.lock()
             .get(node)

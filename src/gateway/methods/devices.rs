@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use clawmesh_federation::pairing::{parse_cursor, Page, PairingError, MAX_PAGE};
+use clawmesh_federation::pairing::{
+    parse_cursor, Page, PairedDevice, PairingError, RevokedDevice, MAX_PAGE,
+};
 use clawmesh_federation::rpc::{Caller, CallerKind};
 use clawmesh_federation::wire::WireError;
 use serde_json::{json, Value};
@@ -64,60 +66,44 @@ struct PairListing {
     unreachable: Option<Vec<String>>,
 }
 
+/// The wire shape of a [`PairListing`]: one definition for both the value and the text.
+#[derive(serde::Serialize)]
+struct PairListingWire<'a> {
+    pending: &'a [Value],
+    paired: &'a [PairedDevice],
+    revoked: &'a [RevokedDevice],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<&'a String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unreachable: Option<&'a Vec<String>>,
+}
+
 impl PairListing {
+    fn wire(&self) -> PairListingWire<'_> {
+        let page = self.page.as_ref();
+        PairListingWire {
+            pending: &self.pending,
+            paired: page.map_or(&[], |p| &p.paired),
+            revoked: page.map_or(&[], |p| &p.revoked),
+            next: page.and_then(|p| p.next.as_ref()),
+            unreachable: self.unreachable.as_ref(),
+        }
+    }
+
     /// The answer as a JSON value (the WebSocket front door embeds one).
-    fn into_value(self) -> Value {
-        let (paired, revoked, next) = match self.page {
-            Some(p) => (json!(p.paired), json!(p.revoked), p.next),
-            None => (json!([]), json!([]), None),
-        };
-        let mut v = json!({"pending": self.pending, "paired": paired, "revoked": revoked});
-        if let Some(n) = next {
-            v["next"] = json!(n);
-        }
-        if let Some(u) = self.unreachable {
-            v["unreachable"] = json!(u);
-        }
-        v
+    fn into_value(self) -> Result<Value, WireError> {
+        serde_json::to_value(self.wire()).map_err(encode_err)
     }
 
     /// The same answer written as text directly from the records (see
     /// [`Methods::pair_list_text`]).
     fn to_text(&self) -> Result<String, WireError> {
-        let fail = |e: serde_json::Error| {
-            WireError::new("UNAVAILABLE", format!("cannot encode the device list: {e}"))
-        };
-        // About 700 bytes a paired device (see `MAX_PAGE`): one allocation for most pages.
-        let rows = self
-            .page
-            .as_ref()
-            .map_or(0, |p| p.paired.len() + p.revoked.len());
-        let mut out: Vec<u8> = Vec::with_capacity(256 + rows * 768);
-        out.extend_from_slice(b"{\"pending\":");
-        serde_json::to_writer(&mut out, &self.pending).map_err(fail)?;
-        out.extend_from_slice(b",\"paired\":");
-        match &self.page {
-            Some(p) => serde_json::to_writer(&mut out, &p.paired).map_err(fail)?,
-            None => out.extend_from_slice(b"[]"),
-        }
-        out.extend_from_slice(b",\"revoked\":");
-        match &self.page {
-            Some(p) => serde_json::to_writer(&mut out, &p.revoked).map_err(fail)?,
-            None => out.extend_from_slice(b"[]"),
-        }
-        if let Some(next) = self.page.as_ref().and_then(|p| p.next.as_ref()) {
-            out.extend_from_slice(b",\"next\":");
-            serde_json::to_writer(&mut out, next).map_err(fail)?;
-        }
-        if let Some(u) = &self.unreachable {
-            out.extend_from_slice(b",\"unreachable\":");
-            serde_json::to_writer(&mut out, u).map_err(fail)?;
-        }
-        out.push(b'}');
-        String::from_utf8(out).map_err(|e| {
-            WireError::new("UNAVAILABLE", format!("cannot encode the device list: {e}"))
-        })
+        serde_json::to_string(&self.wire()).map_err(encode_err)
     }
+}
+
+fn encode_err(e: serde_json::Error) -> WireError {
+    WireError::new("UNAVAILABLE", format!("cannot encode the device list: {e}"))
 }
 
 impl Methods {
@@ -131,10 +117,10 @@ impl Methods {
         // A request from another gateway is about this gateway's own requests only.
         let forwarded = matches!(caller.kind, CallerKind::Gateway { .. });
         match method {
-            "device.pair.list" => Ok(self
+            "device.pair.list" => self
                 .pair_listing(caller, forwarded, &params)
                 .await?
-                .into_value()),
+                .into_value(),
             "device.pair.approve" | "device.pair.reject" if !forwarded => {
                 match self.devices_local(caller, method, &params) {
                     // Not waiting here: where it waits, it is decided.
@@ -459,7 +445,7 @@ mod tests {
             },
         ] {
             let text: Value = serde_json::from_str(&listing.to_text().unwrap()).unwrap();
-            assert_eq!(text, listing.clone().into_value());
+            assert_eq!(text, listing.clone().into_value().unwrap());
         }
     }
 }
