@@ -29,7 +29,20 @@
 //!    must show all of them. Per node = (RSS at N − RSS before any node) / N. Then every node
 //!    closes and the gateway stops. `BENCH_NODE_MEMORY_WRAP="heaptrack -o FILE"` runs the
 //!    gateway under a heap profiler (what each part costs).
-//! 3. With `BENCH_NODE_MEMORY_BASE_BIN=<another clawmesh binary>` (say, main's, copied aside),
+//! 3. **The floor: a bare quinn server** (`raw quic` rows, `--skip-raw` leaves them out): this
+//!    program started again as a server process (`BENCH_NODE_MEMORY_ROLE=raw-server`) on the
+//!    gateway's runtime (`multi_thread`, 2 workers) with the product's QUIC settings and TLS
+//!    (`clawmesh_federation::endpoint::bind` with `TransportOptions::default()`, ed25519 raw
+//!    public keys, TLS 1.3, mutual authentication). Per connection it does only what quinn
+//!    needs to hold it: accept the node's one bidirectional stream, read it to its end (a
+//!    real encoded `NodeHello` frame), answer 256 bytes (a welcome's size) and finish, then
+//!    one task echoing the node's datagrams. Each raw node dials with the node's own client
+//!    config, sends the hello bytes, reads the answer, then sends a 16-byte datagram every
+//!    half health interval (5 s; every 6th one 128 bytes, a vitals reading's size). What the
+//!    gateway costs per node beyond these rows is clawmesh's own (registry, liveness, alert
+//!    rows, directory, request server) plus the datagrams the gateway itself sends; what the
+//!    raw rows cost is quinn's and rustls's per-connection state with those settings.
+//! 4. With `BENCH_NODE_MEMORY_BASE_BIN=<another clawmesh binary>` (say, main's, copied aside),
 //!    each transport's steps run twice in the same run, first against the gateway under test
 //!    (`CLAWMESH_BIN`, else the `clawmesh` beside this example), then against the baseline,
 //!    from copies of the same seeded state dir and with the same node devices; the table
@@ -45,7 +58,7 @@
 //!   target/release/examples/bench_node_memory --counts 5000,10000 --skip-classic --concurrency 16
 //! ```
 //!
-//! Flags: `--counts A,B,C`, `--skip-classic`, `--skip-native`, `--concurrency N` (handshakes in
+//! Flags: `--counts A,B,C`, `--skip-classic`, `--skip-native`, `--skip-raw`, `--concurrency N` (handshakes in
 //! flight, default 64). The bench raises its open-files limit (soft and, as root, hard) to
 //! 4 × the largest count + 1 024 before it starts the gateway, which inherits it: 50 000
 //! classic nodes take 50 000 descriptors on each side. Progress on stderr, results as Markdown
@@ -80,6 +93,23 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Retries of one node's attach (a loaded machine may let a handshake time out).
 const RETRIES: usize = 5;
 
+/// Set to `raw-server` in the bare quinn server process this program starts of itself.
+const ROLE_ENV: &str = "BENCH_NODE_MEMORY_ROLE";
+
+/// What the bare quinn server answers a hello with: about a real welcome's encoded size.
+const RAW_WELCOME: usize = 256;
+
+/// A raw node's ping datagram and its every-6th vitals-sized one (the product's are a
+/// sequence number and a timestamp, and a host reading of a dozen numbers).
+const RAW_PING: usize = 16;
+const RAW_VITALS: usize = 128;
+
+/// The raw node pings at half the gateway's default health interval, as a node does.
+const RAW_PING_EVERY: Duration = Duration::from_secs(5);
+
+/// Largest hello the bare server reads (a real one is a few hundred bytes).
+const RAW_MAX_HELLO: usize = 64 * 1024;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -106,6 +136,8 @@ struct Opts {
     counts: Vec<usize>,
     classic: bool,
     native: bool,
+    /// The bare quinn server beside the native rows (the per-connection floor).
+    raw: bool,
     concurrency: usize,
     /// The open-files soft limit in force (set in `run`).
     nofile: u64,
@@ -117,6 +149,7 @@ fn parse_opts() -> Result<Opts> {
         counts: vec![1_000, 10_000, 50_000],
         classic: true,
         native: true,
+        raw: true,
         concurrency: 64,
         nofile: 0,
     };
@@ -139,6 +172,7 @@ fn parse_opts() -> Result<Opts> {
             }
             "--skip-classic" => o.classic = false,
             "--skip-native" => o.native = false,
+            "--skip-raw" => o.raw = false,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -193,7 +227,8 @@ struct Gateway {
     /// The gateway's own pid (from `gateway.json`: under a wrapper it is not `proc`'s).
     pid: i32,
     quic: SocketAddr,
-    ws: SocketAddr,
+    /// The gateway's HTTP/WebSocket listener (`/metrics`); none for the bare quinn server.
+    ws: Option<SocketAddr>,
 }
 
 async fn start_gateway(bin: &Path, dir: &Path, log: &Path) -> Result<Gateway> {
@@ -258,8 +293,148 @@ async fn start_gateway(bin: &Path, dir: &Path, log: &Path) -> Result<Gateway> {
         proc,
         pid,
         quic,
-        ws,
+        ws: Some(ws),
     })
+}
+
+/// Starts this program as the bare quinn server (`raw-server` role) and waits for its
+/// address.
+async fn start_raw_server(dir: &Path, log: &Path) -> Result<Gateway> {
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.env(ROLE_ENV, "raw-server").arg(dir);
+    let mut proc = Proc::spawn("raw quinn server", cmd, log)?;
+    // It binds in milliseconds; 20 s covers a loaded machine.
+    let quic: SocketAddr = poll(
+        "raw server address",
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || {
+            let a = std::fs::read_to_string(dir.join("addr"))
+                .ok()
+                .and_then(|a| a.parse().ok());
+            async move { Ok(a) }
+        },
+    )
+    .await?;
+    proc.ensure_running()?;
+    let pid = proc.pid();
+    Ok(Gateway {
+        proc,
+        pid,
+        quic,
+        ws: None,
+    })
+}
+
+/// The bare quinn server process: the gateway's runtime, the product's QUIC settings and TLS,
+/// and per connection only the hello exchange and a datagram echo (module doc, item 3).
+fn raw_server() -> Result<()> {
+    let dir = PathBuf::from(std::env::args().nth(1).context("state dir")?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("raw-server")
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let id = DeviceIdentity::ephemeral();
+        let ep = endpoint::bind(
+            &id,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &TransportOptions::default(),
+        )?;
+        std::fs::write(dir.join("addr"), ep.local_addr()?.to_string())?;
+        while let Some(inc) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = endpoint::accept(inc).await else {
+                    return;
+                };
+                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                    return;
+                };
+                if recv.read_to_end(RAW_MAX_HELLO).await.is_err() {
+                    return;
+                }
+                if send.write_all(&[b'w'; RAW_WELCOME]).await.is_err() {
+                    return;
+                }
+                let _ = send.finish();
+                while let Ok(d) = conn.read_datagram().await {
+                    let _ = conn.send_datagram(d);
+                }
+            });
+        }
+        Ok(())
+    })
+}
+
+/// One raw node: dials with the node's client config, sends `hello` (the bytes of a real
+/// node hello frame), reads the answer, then pings as a node does (module doc, item 3).
+async fn attach_raw_node(
+    ep: &quinn::Endpoint,
+    server: SocketAddr,
+    id: &DeviceIdentity,
+    hello: &[u8],
+) -> Result<quinn::Connection> {
+    let (_, cc) = endpoint::configs(id, &TransportOptions::default())?;
+    let conn = tokio::time::timeout(
+        STEP_TIMEOUT,
+        ep.connect_with(cc, server, endpoint::SERVER_NAME)?,
+    )
+    .await??;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(hello).await?;
+    send.finish()?;
+    tokio::time::timeout(STEP_TIMEOUT, recv.read_to_end(RAW_WELCOME)).await??;
+    let c = conn.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RAW_PING_EVERY);
+        let mut sent = 0u64;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let size = if sent.is_multiple_of(6) { RAW_VITALS } else { RAW_PING };
+                    sent += 1;
+                    if c.send_datagram(vec![b'p'; size].into()).is_err() {
+                        return;
+                    }
+                }
+                echo = c.read_datagram() => {
+                    if echo.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(conn)
+}
+
+/// The bytes of a real node hello frame, as `handshake::send_hello` writes them.
+fn node_hello_bytes() -> Result<Vec<u8>> {
+    use clawmesh_federation::wire::{HelloRole, NodeHello};
+    let hello = clawmesh_federation::handshake::hello(
+        clawmesh::VERSION,
+        0,
+        HelloRole::Node(NodeHello {
+            name: node_name(0),
+            token: None,
+            commands: vec!["system.which".into()],
+            labels: Vec::new(),
+            platform: "linux".into(),
+            attach: clawmesh_federation::directory::AttachOrder { boot: 1, attach: 1 },
+        }),
+    );
+    Ok(clawmesh_federation::frame::encode(&hello, RAW_MAX_HELLO)?)
+}
+
+/// How many nodes the server holds: the gateway's gauge, or for the bare quinn server (no
+/// `/metrics`) the raw nodes whose connection is still open.
+async fn gauge(gw: &Gateway, transport: &str, held: Option<&Held>) -> Result<usize> {
+    match gw.ws {
+        Some(ws) => attached_gauge(ws, transport).await,
+        None => Ok(held.map_or(0, |h| h.len() - h.dropped())),
+    }
 }
 
 /// `clawmesh_nodes_attached{transport="…"}` from the gateway's `/metrics`.
@@ -382,20 +557,26 @@ enum Held {
         conns: Vec<quinn::Connection>,
         sampler: VitalsSampler,
     },
+    /// Nodes of the bare quinn server: `hello` is the bytes each sends first.
+    Raw {
+        eps: Vec<quinn::Endpoint>,
+        conns: Vec<quinn::Connection>,
+        hello: Arc<Vec<u8>>,
+    },
 }
 
 impl Held {
     fn len(&self) -> usize {
         match self {
             Held::Classic { tasks, .. } => tasks.len(),
-            Held::Native { conns, .. } => conns.len(),
+            Held::Native { conns, .. } | Held::Raw { conns, .. } => conns.len(),
         }
     }
 
     fn dropped(&self) -> usize {
         match self {
             Held::Classic { dropped, .. } => dropped.load(Ordering::Relaxed),
-            Held::Native { conns, .. } => {
+            Held::Native { conns, .. } | Held::Raw { conns, .. } => {
                 conns.iter().filter(|c| c.close_reason().is_some()).count()
             }
         }
@@ -404,7 +585,7 @@ impl Held {
     fn close(self) {
         match self {
             Held::Classic { tasks, .. } => tasks.iter().for_each(|t| t.abort()),
-            Held::Native { conns, eps, .. } => {
+            Held::Native { conns, eps, .. } | Held::Raw { conns, eps, .. } => {
                 for c in &conns {
                     c.close(0u32.into(), b"bench done");
                 }
@@ -424,7 +605,7 @@ impl Held {
         let from = self.len();
         match self {
             Held::Classic { tasks, dropped } => {
-                let addr = gw.ws;
+                let addr = gw.ws.ok_or_else(|| anyhow!("no WebSocket listener"))?;
                 let opened = futures_util::stream::iter(from..to)
                     .map(|i| {
                         let ids = ids.clone();
@@ -471,6 +652,29 @@ impl Held {
                             })
                             .await
                         }
+                    })
+                    .buffer_unordered(conc)
+                    .collect::<Vec<_>>()
+                    .await;
+                for c in opened {
+                    conns.push(c?);
+                }
+            }
+            Held::Raw { eps, conns, hello } => {
+                let addr = gw.quic;
+                while eps.len() < to.div_ceil(NODES_PER_SOCKET) {
+                    eps.push(endpoint::client(
+                        &ids[0],
+                        addr,
+                        &TransportOptions::default(),
+                    )?);
+                }
+                let eps = eps.clone();
+                let opened = futures_util::stream::iter(from..to)
+                    .map(|i| {
+                        let (ids, hello) = (ids.clone(), hello.clone());
+                        let ep = eps[i / NODES_PER_SOCKET].clone();
+                        async move { retry(|| attach_raw_node(&ep, addr, &ids[i], &hello)).await }
                     })
                     .buffer_unordered(conc)
                     .collect::<Vec<_>>()
@@ -557,16 +761,21 @@ async fn run_side(
     o: &Opts,
 ) -> Result<Side> {
     let (label, dir_name) = match build {
+        Build::Tested if transport == "raw" => ("raw quinn (floor)".into(), transport.to_string()),
         Build::Tested => (transport.to_string(), transport.to_string()),
         Build::Base => (format!("{transport} (base)"), format!("{transport}-base")),
     };
     let dir = root.join(&dir_name);
     copy_dir(seed_dir, &dir)?;
-    let mut gw = start_gateway(bin, &dir, &root.join(format!("{dir_name}.log"))).await?;
+    let log = root.join(format!("{dir_name}.log"));
+    let mut gw = match transport {
+        "raw" => start_raw_server(&dir, &log).await?,
+        _ => start_gateway(bin, &dir, &log).await?,
+    };
     let pid = gw.pid;
     // The consensus forms in a moment on a lone primary; let the start-up settle.
     sleep(Duration::from_secs(3)).await?;
-    let base = point(pid, 0, attached_gauge(gw.ws, transport).await?, 0.0, 0)?;
+    let base = point(pid, 0, gauge(&gw, transport, None).await?, 0.0, 0)?;
     eprintln!(
         "{label}: gateway {} at {} before any node (load average {})",
         bin.display(),
@@ -577,6 +786,11 @@ async fn run_side(
         "ws" => Held::Classic {
             tasks: Vec::new(),
             dropped: Arc::default(),
+        },
+        "raw" => Held::Raw {
+            eps: Vec::new(),
+            conns: Vec::new(),
+            hello: Arc::new(node_hello_bytes()?),
         },
         _ => Held::Native {
             eps: Vec::new(),
@@ -611,11 +825,11 @@ async fn run_side(
         gw.proc.ensure_running().context("the gateway died")?;
         let mut p = point(pid, n, 0, open_secs, held.dropped())?;
         let deadline = Instant::now() + ATTACH_DEADLINE;
-        p.gauge = attached_gauge(gw.ws, transport).await?;
+        p.gauge = gauge(&gw, transport, Some(&held)).await?;
         while p.gauge < n && Instant::now() < deadline {
             gw.proc.ensure_running().context("the gateway died")?;
             sleep(Duration::from_millis(500)).await?;
-            p.gauge = attached_gauge(gw.ws, transport).await?;
+            p.gauge = gauge(&gw, transport, Some(&held)).await?;
         }
         eprintln!(
             "{label}: {n} nodes opened in {open_secs:.1} s, gauge {}, gateway {} ({:.1} KB/node)",
@@ -693,6 +907,27 @@ fn report(sides: &[Side]) {
     }
 }
 
+/// Per count: the native gateway's cost per node beside the bare quinn server's, and the
+/// difference (what clawmesh itself adds per node).
+fn floor_summary(sides: &[Side]) {
+    let find = |label: &str| sides.iter().find(|s| s.label == label);
+    let (Some(native), Some(raw)) = (find("quic"), find("raw quinn (floor)")) else {
+        return;
+    };
+    println!();
+    for p in &native.points {
+        if let Some(r) = raw.points.iter().find(|r| r.nodes == p.nodes) {
+            let (n, f) = (per_node(&native.base, p), per_node(&raw.base, r));
+            println!(
+                "- {} nodes: gateway {n:.1} KB per node, bare quinn server {f:.1} KB per connection: clawmesh's own {:.1} KB per node ({:.0} % of the gateway's)",
+                p.nodes,
+                n - f,
+                100.0 * (n - f) / n
+            );
+        }
+    }
+}
+
 async fn run(mut o: Opts) -> Result<()> {
     install_ctrl_c();
     let max = *o.counts.last().ok_or_else(|| anyhow!("no counts"))?;
@@ -728,19 +963,23 @@ async fn run(mut o: Opts) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     let mut sides = Vec::new();
-    let transports = [("ws", o.classic), ("quic", o.native)];
+    let transports = [("ws", o.classic), ("quic", o.native), ("raw", o.raw)];
     for transport in transports.iter().filter(|t| t.1).map(|t| t.0) {
         sides.push(run_side(transport, Build::Tested, &bin, &seed_dir, &root, &ids, &o).await?);
-        if let Some(b) = &base_bin {
+        if let (Some(b), false) = (&base_bin, transport == "raw") {
             sides.push(run_side(transport, Build::Base, b, &seed_dir, &root, &ids, &o).await?);
         }
     }
     report(&sides);
+    floor_summary(&sides);
     println!("\n- load average at the end: {}", loadavg3());
     Ok(())
 }
 
 fn main() -> Result<()> {
+    if std::env::var(ROLE_ENV).as_deref() == Ok("raw-server") {
+        return raw_server();
+    }
     let o = parse_opts()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -190,6 +190,10 @@ pub fn configs(
         .with_client_cert_verifier(raw_key::verifier())
         .with_cert_resolver(Arc::new(raw_key::DeviceKeyResolver::new(key.clone())));
     server.alpn_protocols = vec![ALPN.to_vec()];
+    // No session tickets: every dial is a full handshake that proves the device key (nothing
+    // resumes a session), so tickets would only cost each handshake two more messages, their
+    // encryption and a slot in rustls's session cache.
+    server.send_tls13_tickets = 0;
     let mut client = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
