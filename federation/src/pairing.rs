@@ -339,7 +339,9 @@ CREATE INDEX IF NOT EXISTS pending_by_key ON pending_devices(public_key, role);
 CREATE INDEX IF NOT EXISTS paired_by_name ON paired_devices(name);
 CREATE INDEX IF NOT EXISTS pending_by_device ON pending_devices(device_id);
 CREATE INDEX IF NOT EXISTS pending_by_name ON pending_devices(name);
-CREATE INDEX IF NOT EXISTS paired_by_name_nocase ON paired_devices(name COLLATE NOCASE);
+DROP INDEX IF EXISTS paired_by_name_nocase;
+CREATE INDEX IF NOT EXISTS paired_by_trimmed_name ON paired_devices(
+    trim(name, char(32, 9, 10, 11, 12, 13)) COLLATE NOCASE);
 CREATE INDEX IF NOT EXISTS pending_by_refreshed ON pending_devices(refreshed_at_ms);
 CREATE INDEX IF NOT EXISTS paired_by_tailnet_node ON paired_devices(
     CASE WHEN json_valid(meta) THEN json_extract(meta, '$.tailnet.nodeId') END);
@@ -599,10 +601,13 @@ const IS_PAIRED: &str = "SELECT 1 FROM paired_devices WHERE device_id = ?1";
 /// A paired device by device id (unique index).
 const PAIRED_BY_ID: &str = "SELECT public_key FROM paired_devices WHERE device_id = ?1";
 
-/// Paired devices a node selector `?1` names exactly: its device id (unique index) or its
-/// name compared without ASCII case (`paired_by_name_nocase`), at most `?2`.
+/// Paired devices a node selector `?1` (trimmed) names exactly: its device id (unique index)
+/// or its name without ASCII whitespace at either end, compared without ASCII case
+/// (`paired_by_trimmed_name`, an index on that very expression: a name stored as `" box "`
+/// is found by `box`, as the gateway's other selector paths trim names), at most `?2`.
 const PAIRED_SELECTED: &str = "SELECT public_key FROM paired_devices WHERE device_id = ?1
-     UNION SELECT public_key FROM paired_devices WHERE name = ?1 COLLATE NOCASE LIMIT ?2";
+     UNION SELECT public_key FROM paired_devices
+     WHERE trim(name, char(32, 9, 10, 11, 12, 13)) = ?1 COLLATE NOCASE LIMIT ?2";
 
 /// A paired device's federation record by key, with its token (primary keys).
 const RECORD_BY_KEY: &str = "SELECT p.name, p.role, p.platform, p.approved_at_ms, p.meta, t.token, t.created_at_ms
@@ -1248,8 +1253,8 @@ impl Registry {
     /// the number of paired devices. The caller picks among them (the gateway's node
     /// resolution: id, then IP, then name, then prefix, connected nodes first).
     ///
-    /// Names are compared by `paired_by_name_nocase` (SQLite's `NOCASE`: ASCII letters
-    /// only). A selector with non-ASCII characters is compared by Unicode lower case against
+    /// Names are compared without ASCII whitespace at either end, by `paired_by_trimmed_name`
+    /// (SQLite's `NOCASE`: ASCII letters only). A selector with non-ASCII characters is compared by Unicode lower case against
     /// the cached brief of every paired device instead (one pass over it; rebuilt only when
     /// the paired devices changed), so `ÉTÉ` still finds `été`.
     pub fn paired_selected(&self, selector: &str) -> Result<Vec<PairedDevice>, PairingError> {
@@ -1736,10 +1741,10 @@ mod tests {
                     assert!(!p.is_empty(), "{what}: no plan");
                     assert!(!reads_all(&p), "{what} reads a whole table or sorts: {p:?}");
                 }
-                // The name of a node selector goes through the case-blind index.
+                // The name of a node selector goes through the trimmed, case-blind index.
                 let p = plan(PAIRED_SELECTED)?;
                 assert!(
-                    p.iter().any(|s| s.contains("paired_by_name_nocase")),
+                    p.iter().any(|s| s.contains("paired_by_trimmed_name")),
                     "{p:?}"
                 );
                 // Trimming to MAX_PENDING walks the time index from the newest (at most
@@ -2094,6 +2099,9 @@ mod tests {
             .map(|i| match i {
                 0 | 1 => "Twin".to_string(),
                 2 => "Été-box".to_string(),
+                // Stored with whitespace at the ends: found by the trimmed name.
+                3 => "  Padded-Box\t".to_string(),
+                4 => " Été-pad ".to_string(),
                 i => format!("Web-{i}"),
             })
             .collect();
@@ -2115,6 +2123,9 @@ mod tests {
             "WEB-12".into(),
             "été-BOX".into(),
             "ÉTÉ-box".into(),
+            "padded-box".into(),
+            " PADDED-BOX ".into(),
+            "été-PAD".into(),
             "web".into(),
             "nobody".into(),
             id5.clone(),
@@ -2130,7 +2141,7 @@ mod tests {
                 .iter()
                 .filter(|d| {
                     d.device_id == t
-                        || d.name.to_lowercase() == t.to_lowercase()
+                        || d.name.trim().to_lowercase() == t.to_lowercase()
                         || (t.len() >= MIN_ID_PREFIX && d.device_id.starts_with(t))
                 })
                 .map(|d| d.device_id.as_str())
@@ -2141,6 +2152,10 @@ mod tests {
             assert_eq!(got, want, "{sel:?}");
         }
         assert_eq!(reg.paired_selected("twin").unwrap().len(), 2);
+        assert_eq!(
+            reg.paired_selected("padded-box").unwrap()[0].name,
+            "  Padded-Box\t"
+        );
         assert_eq!(reg.paired_selected("été-box").unwrap()[0].name, "Été-box");
         assert_eq!(reg.paired_by_id(&id5).unwrap().as_ref(), Some(&all[5]));
         assert!(reg.paired_by_id("00").unwrap().is_none());
@@ -2155,8 +2170,8 @@ mod tests {
         let k = DeviceIdentity::ephemeral().public_key();
         let old_schema = SCHEMA
             .replace(
+                "CREATE INDEX IF NOT EXISTS paired_by_trimmed_name ON paired_devices(\n    trim(name, char(32, 9, 10, 11, 12, 13)) COLLATE NOCASE);",
                 "CREATE INDEX IF NOT EXISTS paired_by_name_nocase ON paired_devices(name COLLATE NOCASE);",
-                "",
             )
             .replace(
                 "CREATE INDEX IF NOT EXISTS pending_by_refreshed ON pending_devices(refreshed_at_ms);",
@@ -2183,16 +2198,29 @@ mod tests {
             s.with_conn(|c| {
                 c.query_row(
                     "SELECT count(*) FROM sqlite_master WHERE type = 'index'
-                     AND name IN ('paired_by_name_nocase', 'pending_by_refreshed')",
+                     AND name IN ('paired_by_trimmed_name', 'pending_by_refreshed')",
                     [],
                     |r| r.get(0),
                 )
             })
             .unwrap()
         };
+        let has_old_index = |s: &Store| -> bool {
+            s.with_conn(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE name = 'paired_by_name_nocase'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .unwrap()
+                == 1
+        };
         assert_eq!(count(&store), 0);
+        assert!(has_old_index(&store), "the session-7 index is there before");
         let reg = Registry::open(store.clone()).unwrap();
         assert_eq!(count(&store), 2);
+        assert!(!has_old_index(&store), "the index it replaces is dropped");
         let found = reg.paired_selected("old-node").unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].device_id, k.device_id().to_string());
