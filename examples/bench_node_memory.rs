@@ -29,7 +29,7 @@
 //!    must show all of them. Per node = (RSS at N − RSS before any node) / N. Then every node
 //!    closes and the gateway stops. `BENCH_NODE_MEMORY_WRAP="heaptrack -o FILE"` runs the
 //!    gateway under a heap profiler (what each part costs).
-//! 3. **The floor: a bare quinn server** (`raw quic` rows, `--skip-raw` leaves them out): this
+//! 3. **The floor: a bare quinn server** (`raw quinn (floor)` rows, `--skip-raw` leaves them out): this
 //!    program started again as a server process (`BENCH_NODE_MEMORY_ROLE=raw-server`) on the
 //!    gateway's runtime (`multi_thread`, 2 workers) with the product's QUIC settings and TLS
 //!    (`clawmesh_federation::endpoint::bind` with `TransportOptions::default()`, ed25519 raw
@@ -57,6 +57,9 @@
 //! BENCH_NODE_MEMORY_BASE_BIN=../main/target/release/clawmesh \
 //!   target/release/examples/bench_node_memory --counts 5000,10000 --skip-classic --concurrency 16
 //! ```
+//!
+//! `BENCH_NODE_MEMORY_HOLD_SECS=N` keeps the nodes idle N s more after each count's reading
+//! and reads the memory again (does an idle node's cost grow with time?).
 //!
 //! Flags: `--counts A,B,C`, `--skip-classic`, `--skip-native`, `--skip-raw`, `--concurrency N` (handshakes in
 //! flight, default 64). The bench raises its open-files limit (soft and, as root, hard) to
@@ -776,9 +779,12 @@ async fn run_side(
     // The consensus forms in a moment on a lone primary; let the start-up settle.
     sleep(Duration::from_secs(3)).await?;
     let base = point(pid, 0, gauge(&gw, transport, None).await?, 0.0, 0)?;
+    let server = match gw.ws {
+        Some(_) => format!("gateway {}", bin.display()),
+        None => "bare quinn server".to_string(),
+    };
     eprintln!(
-        "{label}: gateway {} at {} before any node (load average {})",
-        bin.display(),
+        "{label}: {server} at {} before any node (load average {})",
         mb(base.rss_kb),
         loadavg3()
     );
@@ -837,6 +843,21 @@ async fn run_side(
             mb(p.rss_kb),
             per_node(&base, &p)
         );
+        if let Some(hold) = hold() {
+            // `BENCH_NODE_MEMORY_HOLD_SECS`: does an idle node keep costing the same, or does
+            // something grow with time (histories, in-flight state)?
+            sleep(hold).await?;
+            gw.proc.ensure_running().context("the gateway died")?;
+            let later = point(pid, n, p.gauge, open_secs, held.dropped())?;
+            println!(
+                "- {label}, {n} nodes, {} s later: gateway VmRSS {} ({:.1} KB per node, was {:.1}), {} closed",
+                hold.as_secs(),
+                mb(later.rss_kb),
+                per_node(&base, &later),
+                per_node(&base, &p),
+                later.dropped
+            );
+        }
         points.push(p);
     }
     held.close();
@@ -857,6 +878,15 @@ async fn run_side(
         base,
         points,
     })
+}
+
+/// `BENCH_NODE_MEMORY_HOLD_SECS=N`: after each count's reading, keep the nodes idle N s more
+/// and read the memory again.
+fn hold() -> Option<Duration> {
+    std::env::var(bench_env("HOLD_SECS"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
 }
 
 /// (RSS at the point − RSS before any node) / nodes, in KB (1 000 bytes, as `mb` prints MB).
