@@ -352,8 +352,9 @@ const NODE_LOG_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 struct NodeLogs {
     handoff: clawmesh_federation::logs::layer::Handoff,
-    records:
-        Arc<std::sync::Mutex<std::sync::mpsc::Receiver<clawmesh_federation::logs::record::Entry>>>,
+    records: Arc<
+        std::sync::Mutex<std::sync::mpsc::Receiver<Box<clawmesh_federation::logs::record::Entry>>>,
+    >,
     /// Entries lost (queue full, or a send that failed) not yet reported to a gateway.
     lost: Arc<std::sync::atomic::AtomicU64>,
 }

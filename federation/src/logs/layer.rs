@@ -22,8 +22,12 @@ use tracing_subscriber::Layer;
 use super::record::{now_ms, Entry, Level};
 use super::spool::{origin_of, Spool};
 
-/// Entries queued between the callers and the writer at most: 65 536 (about 10 MB) absorbs a
-/// burst of a quarter second at the benchmark's rate while the disk catches up.
+/// Entries queued between the callers and the writer at most: 65 536 absorbs a burst of a
+/// quarter second at the benchmark's rate while the disk catches up. The channel holds boxed
+/// entries: std's bounded channel allocates and writes every slot when it is made, so a slot
+/// of a whole [`Entry`] (about 270 bytes, its audit record inline) cost every gateway 17 MB
+/// of resident memory before any log line; a box is 8 bytes (1 MB for the slots), and the
+/// entries themselves take memory only while they wait.
 pub const HANDOFF_CAPACITY: usize = 65_536;
 
 /// Entries the writer appends per transaction at most: large enough that the fsync-free WAL
@@ -39,7 +43,7 @@ struct Overflow {
 /// The sending side of the hand-off; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Handoff {
-    tx: SyncSender<Entry>,
+    tx: SyncSender<Box<Entry>>,
     overflow: Arc<Overflow>,
     offered: Arc<AtomicU64>,
 }
@@ -48,7 +52,7 @@ impl Handoff {
     /// Offers one entry without waiting; a full channel counts it against its origin.
     pub fn offer(&self, e: Entry) {
         self.offered.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(e) {
+        match self.tx.try_send(Box::new(e)) {
             Ok(()) => {}
             Err(TrySendError::Full(e)) | Err(TrySendError::Disconnected(e)) => match e.node {
                 None => {
@@ -102,8 +106,8 @@ impl Handoff {
 
 /// A hand-off without a spool: what callers offer waits in the returned receiver (a node
 /// host drains it and sends the entries to its gateway).
-pub fn channel(capacity: usize) -> (Handoff, mpsc::Receiver<Entry>) {
-    let (tx, rx) = mpsc::sync_channel::<Entry>(capacity);
+pub fn channel(capacity: usize) -> (Handoff, mpsc::Receiver<Box<Entry>>) {
+    let (tx, rx) = mpsc::sync_channel::<Box<Entry>>(capacity);
     (
         Handoff {
             tx,
@@ -117,7 +121,7 @@ pub fn channel(capacity: usize) -> (Handoff, mpsc::Receiver<Entry>) {
 /// Starts the writer thread for `spool`, numbering entries under `gateway`; returns the
 /// hand-off that callers (the [`SpoolLayer`], node sessions, the audit trail) offer to.
 pub fn start_writer(spool: Spool, gateway: &str, capacity: usize) -> std::io::Result<Handoff> {
-    let (tx, rx) = mpsc::sync_channel::<Entry>(capacity);
+    let (tx, rx) = mpsc::sync_channel::<Box<Entry>>(capacity);
     let overflow = Arc::new(Overflow::default());
     let ov = overflow.clone();
     let gateway = gateway.to_string();
@@ -128,13 +132,13 @@ pub fn start_writer(spool: Spool, gateway: &str, capacity: usize) -> std::io::Re
             loop {
                 // Wake at least once a second so overflow counts reach the spool while idle.
                 match rx.recv_timeout(Duration::from_secs(1)) {
-                    Ok(e) => buf.push(e),
+                    Ok(e) => buf.push(*e),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => break,
                 }
                 while buf.len() < WRITE_BATCH {
                     match rx.try_recv() {
-                        Ok(e) => buf.push(e),
+                        Ok(e) => buf.push(*e),
                         Err(_) => break,
                     }
                 }
