@@ -555,40 +555,42 @@ enum Held {
         tasks: Vec<tokio::task::JoinHandle<()>>,
         dropped: Arc<AtomicUsize>,
     },
-    Native {
+    /// QUIC nodes, of the gateway or of the bare quinn server.
+    Quic {
         eps: Vec<quinn::Endpoint>,
         conns: Vec<quinn::Connection>,
-        sampler: VitalsSampler,
+        node: QuicNode,
     },
-    /// Nodes of the bare quinn server: `hello` is the bytes each sends first.
-    Raw {
-        eps: Vec<quinn::Endpoint>,
-        conns: Vec<quinn::Connection>,
-        hello: Arc<Vec<u8>>,
-    },
+}
+
+/// How one QUIC node attaches (`Held::Quic`).
+#[derive(Clone)]
+enum QuicNode {
+    /// A clawmesh node: hello, welcome, the node host's health loop.
+    Native(VitalsSampler),
+    /// A node of the bare quinn server: these hello bytes, then pings.
+    Raw(Arc<Vec<u8>>),
 }
 
 impl Held {
     fn len(&self) -> usize {
         match self {
             Held::Classic { tasks, .. } => tasks.len(),
-            Held::Native { conns, .. } | Held::Raw { conns, .. } => conns.len(),
+            Held::Quic { conns, .. } => conns.len(),
         }
     }
 
     fn dropped(&self) -> usize {
         match self {
             Held::Classic { dropped, .. } => dropped.load(Ordering::Relaxed),
-            Held::Native { conns, .. } | Held::Raw { conns, .. } => {
-                conns.iter().filter(|c| c.close_reason().is_some()).count()
-            }
+            Held::Quic { conns, .. } => conns.iter().filter(|c| c.close_reason().is_some()).count(),
         }
     }
 
     fn close(self) {
         match self {
             Held::Classic { tasks, .. } => tasks.iter().for_each(|t| t.abort()),
-            Held::Native { conns, eps, .. } | Held::Raw { conns, eps, .. } => {
+            Held::Quic { conns, eps, .. } => {
                 for c in &conns {
                     c.close(0u32.into(), b"bench done");
                 }
@@ -624,11 +626,7 @@ impl Held {
                     tasks.push(hold_classic(ws?, dropped.clone()));
                 }
             }
-            Held::Native {
-                eps,
-                conns,
-                sampler,
-            } => {
+            Held::Quic { eps, conns, node } => {
                 let addr = gw.quic;
                 while eps.len() < to.div_ceil(NODES_PER_SOCKET) {
                     eps.push(endpoint::client(
@@ -640,44 +638,29 @@ impl Held {
                 let eps = eps.clone();
                 let opened = futures_util::stream::iter(from..to)
                     .map(|i| {
-                        let (ids, sampler) = (ids.clone(), sampler.clone());
+                        let (ids, node) = (ids.clone(), node.clone());
                         let ep = eps[i / NODES_PER_SOCKET].clone();
                         async move {
-                            retry(|| {
-                                attach_native_node(
-                                    &ep,
-                                    addr,
-                                    &ids[i],
-                                    node_name(i),
-                                    &sampler,
-                                    STEP_TIMEOUT,
-                                )
+                            retry(|| async {
+                                match &node {
+                                    QuicNode::Native(sampler) => {
+                                        attach_native_node(
+                                            &ep,
+                                            addr,
+                                            &ids[i],
+                                            node_name(i),
+                                            sampler,
+                                            STEP_TIMEOUT,
+                                        )
+                                        .await
+                                    }
+                                    QuicNode::Raw(hello) => {
+                                        attach_raw_node(&ep, addr, &ids[i], hello).await
+                                    }
+                                }
                             })
                             .await
                         }
-                    })
-                    .buffer_unordered(conc)
-                    .collect::<Vec<_>>()
-                    .await;
-                for c in opened {
-                    conns.push(c?);
-                }
-            }
-            Held::Raw { eps, conns, hello } => {
-                let addr = gw.quic;
-                while eps.len() < to.div_ceil(NODES_PER_SOCKET) {
-                    eps.push(endpoint::client(
-                        &ids[0],
-                        addr,
-                        &TransportOptions::default(),
-                    )?);
-                }
-                let eps = eps.clone();
-                let opened = futures_util::stream::iter(from..to)
-                    .map(|i| {
-                        let (ids, hello) = (ids.clone(), hello.clone());
-                        let ep = eps[i / NODES_PER_SOCKET].clone();
-                        async move { retry(|| attach_raw_node(&ep, addr, &ids[i], &hello)).await }
                     })
                     .buffer_unordered(conc)
                     .collect::<Vec<_>>()
@@ -793,15 +776,15 @@ async fn run_side(
             tasks: Vec::new(),
             dropped: Arc::default(),
         },
-        "raw" => Held::Raw {
+        "raw" => Held::Quic {
             eps: Vec::new(),
             conns: Vec::new(),
-            hello: Arc::new(node_hello_bytes()?),
+            node: QuicNode::Raw(Arc::new(node_hello_bytes()?)),
         },
-        _ => Held::Native {
+        _ => Held::Quic {
             eps: Vec::new(),
             conns: Vec::new(),
-            sampler: VitalsSampler::new(root),
+            node: QuicNode::Native(VitalsSampler::new(root)),
         },
     };
     let mut points = Vec::new();

@@ -340,6 +340,8 @@ CREATE INDEX IF NOT EXISTS paired_by_name ON paired_devices(name);
 CREATE INDEX IF NOT EXISTS pending_by_device ON pending_devices(device_id);
 CREATE INDEX IF NOT EXISTS pending_by_name ON pending_devices(name);
 DROP INDEX IF EXISTS paired_by_name_nocase;
+-- The expression must stay the very one PAIRED_SELECTED compares, or the index goes unused
+-- (a test reads the query plan).
 CREATE INDEX IF NOT EXISTS paired_by_trimmed_name ON paired_devices(
     trim(name, char(32, 9, 10, 11, 12, 13)) COLLATE NOCASE);
 CREATE INDEX IF NOT EXISTS pending_by_refreshed ON pending_devices(refreshed_at_ms);
@@ -1254,9 +1256,10 @@ impl Registry {
     /// resolution: id, then IP, then name, then prefix, connected nodes first).
     ///
     /// Names are compared without ASCII whitespace at either end, by `paired_by_trimmed_name`
-    /// (SQLite's `NOCASE`: ASCII letters only). A selector with non-ASCII characters is compared by Unicode lower case against
-    /// the cached brief of every paired device instead (one pass over it; rebuilt only when
-    /// the paired devices changed), so `ÉTÉ` still finds `été`.
+    /// (SQLite's `NOCASE`: ASCII letters only). A selector with non-ASCII characters is
+    /// compared by Unicode lower case against the cached brief of every paired device instead
+    /// (one pass over it; rebuilt only when the paired devices changed), so `ÉTÉ` still finds
+    /// `été`.
     pub fn paired_selected(&self, selector: &str) -> Result<Vec<PairedDevice>, PairingError> {
         let sel = selector.trim();
         if sel.is_empty() {
