@@ -225,12 +225,15 @@ fn openclaw_agents_use_a_node_behind_the_remote_clawmesh_gateway() {
     let stranger = rt.block_on(stranger_asks_to_pair(&url));
     step("openclaw ready");
 
-    // `openclaw nodes status` lists it, paired and connected, with where it is.
+    // `openclaw nodes status` lists it, paired and connected, with where it is. OpenClaw may
+    // list the row a moment before it records the node's declared commands (seen once:
+    // `"commands":[]` right after approval), so wait for those too; asserted below.
     let mut row = None;
     let listed = wait_until(Duration::from_secs(90), || {
         row = oc_node(&bin, &cli_home, &url, "sg-box");
-        row.as_ref()
-            .is_some_and(|r| r["connected"] == true && r["paired"] == true)
+        row.as_ref().is_some_and(|r| {
+            r["connected"] == true && r["paired"] == true && r.to_string().contains("system.run")
+        })
     });
     assert!(
         listed,
